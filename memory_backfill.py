@@ -1,0 +1,1132 @@
+#!/usr/bin/env python3
+"""memory-backfill: copy legacy agent memories into the memory plugin.
+
+Reads every row of the platform's legacy ``agent_memories`` table (read only)
+and writes it to the memory plugin over HTTP exactly as the live platform
+would have: same namespace (scope mapping), same secret redaction, the row's
+UUID as the idempotency key, so a re-run never duplicates anything.
+
+Usage:
+    memory-backfill -dry-run [options]   decide everything, write nothing
+    memory-backfill -apply   [options]   copy the rows into the plugin
+    memory-backfill -verify  [options]   prove the plugin holds what it should
+
+Configuration comes from DATABASE_URL and MEMORY_PLUGIN_URL (or
+--database-url / --plugin-url).  Run with --help for every option and the
+exit statuses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import IntEnum
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
+from uuid import UUID
+
+__version__ = "0.1.0"
+
+PROG = "memory-backfill"
+MIN_PYTHON = (3, 9)
+
+DEFAULT_VERIFY_SAMPLE = 50
+DEFAULT_SEED = 20261126
+DEFAULT_TIMEOUT = 10.0
+DEFAULT_RETRIES = 5
+MAX_PARENT_HOPS = 50
+SEARCH_CAP = 100  # the plugin returns at most this many rows per search
+SEARCH_QUERY_CHARS = 2000  # cap on the text of a targeted verify search
+PREVIEW_CHARS = 80  # at most this much (redacted) content in a mismatch line
+FETCH_ROWS = 1000  # rows per FETCH from the server-side cursor
+SHOWN_PROBLEMS = 20  # per-row errors / mismatches listed in the text summary
+RETRY_STATUSES = (429, 502, 503, 504)
+HEALTH_RETRIES = 2  # a plugin that is down at the start should fail the run fast
+
+SCOPES = ("LOCAL", "TEAM", "GLOBAL")
+
+# Skip reasons: the rows -apply will not write, and why.
+SKIP_NO_WORKSPACE = "workspace_id is NULL"
+SKIP_WORKSPACE_NOT_FOUND = "workspace not found"
+SKIP_CYCLE = "parent chain longer than 50 hops (cycle or corrupt data)"
+SKIP_UNKNOWN_SCOPE = "unknown scope"
+SKIP_GLOBAL_NOT_ROOT = "GLOBAL memory on a non-root workspace (no writable namespace)"
+SKIP_EMPTY_CONTENT = "content is empty after trimming whitespace"
+
+# REFERENCE §5 (SAFE-T1201), applied in this order, each over the output of
+# the previous one.  The platform's patterns are RE2: its \b, \s, \w are
+# ASCII-only, hence re.ASCII.
+_I = re.IGNORECASE
+REDACTION_PATTERNS: Tuple[Tuple[str, str, int], ...] = (
+    ("API_KEY", r"\b[A-Z][A-Z0-9_]*_API_KEY\s*=\s*\S+", _I),
+    ("TOKEN", r"\b[A-Z][A-Z0-9_]*_TOKEN\s*=\s*\S+", _I),
+    ("SECRET", r"\b[A-Z][A-Z0-9_]*_SECRET\s*=\s*\S+", _I),
+    ("BEARER_TOKEN", r"Bearer\s+\S+", 0),
+    ("OPENSSH_PRIVATE_KEY",
+     r"-----BEGIN OPENSSH PRIVATE KEY-----[\s\S]*?-----END OPENSSH PRIVATE KEY-----", 0),
+    ("PRIVATE_KEY", r"-----BEGIN[ A-Z]+PRIVATE KEY-----[\s\S]*?-----END[ A-Z]+PRIVATE KEY-----", 0),
+    ("DB_URL_WITH_CREDENTIALS",
+     r"\b(?:postgres(?:ql)?|mysql|mongodb(?:\+srv)?|redis|amqp|amqps)://"
+     r"(?:[^\s/@:]*:[^\s/@]+)@[^\s/]+", _I),
+    ("GITHUB_PAT", r"\bghp_[A-Za-z0-9]{16,}", 0),
+    ("GITHUB_OAUTH", r"\bgho_[A-Za-z0-9]{16,}", 0),
+    ("GITHUB_APP_SERVER_TOKEN", r"\bghs_[A-Za-z0-9]{16,}", 0),
+    ("GITHUB_USER_TOKEN", r"\bghu_[A-Za-z0-9]{16,}", 0),
+    ("GITHUB_REFRESH_TOKEN", r"\bghr_[A-Za-z0-9]{16,}", 0),
+    ("GITHUB_FINEGRAINED_PAT", r"\bgithub_pat_[A-Za-z0-9_]{16,}", 0),
+    ("VERCEL_TOKEN", r"\bvc_[A-Za-z0-9]{16,}", 0),
+    ("AWS_ACCESS_KEY_ID", r"\bAKIA[A-Z0-9]{16}", 0),
+    ("PERPLEXITY_API_KEY", r"\bpplx-[A-Za-z0-9]{20,}", 0),
+    ("SK_TOKEN", r"sk-[A-Za-z0-9\-_]{16,}", 0),
+    ("CTX7_TOKEN", r"ctx7_[A-Za-z0-9]+", 0),
+    ("BASE64_BLOB", r"[A-Za-z0-9+/]{33,}={0,2}", 0),
+)
+REDACTION_RULES = tuple(
+    (label, re.compile(pattern, flags | re.ASCII), "[REDACTED:%s]" % label)
+    for label, pattern, flags in REDACTION_PATTERNS
+)
+
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+HELP_EPILOG = """\
+configuration:
+  DATABASE_URL       the platform's PostgreSQL, libpq style:
+                     postgres://USER:PASSWORD@HOST:PORT/DB?sslmode=prefer
+                     (opened read-only; -dry-run and -verify need it too)
+  MEMORY_PLUGIN_URL  the memory plugin, normally http://localhost:9100
+                     (not needed by -dry-run; checked when set)
+
+exit statuses:
+  0  done: every row copied (or would be), or everything verified
+  1  finished, but some rows failed or -verify found mismatches
+  2  usage or configuration error (nothing was touched)
+  3  a dependency is unusable: database or plugin unreachable, login
+     refused, agent_memories missing, plugin not healthy
+
+examples:
+  memory-backfill -dry-run
+  memory-backfill -apply -workspace 3f2c...-uuid -limit 100
+  memory-backfill -verify -verify-sample 0 --json
+"""
+
+
+# ---------------------------------------------------------------------------
+# Errors and exit statuses
+# ---------------------------------------------------------------------------
+
+class ExitStatus(IntEnum):
+    OK = 0
+    INCOMPLETE = 1  # finished, but rows failed or verification found problems
+    USAGE = 2  # usage or configuration error
+    UNAVAILABLE = 3  # a dependency (database, plugin) is unusable
+
+
+class BackfillError(Exception):
+    """An error that ends the run; its text is the one sentence shown."""
+
+    status = ExitStatus.UNAVAILABLE
+
+
+class UsageError(BackfillError):
+    status = ExitStatus.USAGE
+
+
+class DependencyError(BackfillError):
+    status = ExitStatus.UNAVAILABLE
+
+
+class RowFailed(Exception):
+    """One row could not be written; the run goes on."""
+
+
+class PluginRejected(RowFailed):
+    """The plugin answered a single request with an error status."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__("HTTP %d: %s" % (status, message))
+        self.status = status
+        self.message = message
+
+
+# ---------------------------------------------------------------------------
+# Data types
+# ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    """A parsed DATABASE_URL.  The password never appears in repr()."""
+
+    user: str
+    host: str
+    port: int
+    database: str
+    password: Optional[str] = field(default=None, repr=False)
+    sslmode: str = "prefer"
+    sslrootcert: Optional[str] = None
+    connect_timeout: Optional[float] = None
+    application_name: str = PROG
+    startup_params: Dict[str, str] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        """Where the database is, for messages: never includes the password."""
+        host = "[%s]" % self.host if ":" in self.host else self.host
+        return "%s@%s:%d/%s" % (self.user, host, self.port, self.database)
+
+
+@dataclass(frozen=True)
+class Settings:
+    mode: str  # "dry-run", "apply" or "verify"
+    database: DatabaseConfig
+    plugin_url: Optional[str]
+    workspace: Optional[str] = None
+    limit: Optional[int] = None
+    verify_sample: int = DEFAULT_VERIFY_SAMPLE
+    seed: int = DEFAULT_SEED
+    redact: bool = True
+    timeout: float = DEFAULT_TIMEOUT
+    retries: int = DEFAULT_RETRIES
+    json_output: bool = False
+    verbose: bool = False
+
+
+@dataclass(frozen=True)
+class LegacyRow:
+    id: str
+    workspace_id: Optional[str]
+    content: str
+    scope: str
+    legacy: Dict[str, object]  # what goes to propagation["legacy"]
+    embedding: Optional[List[float]] = None
+
+
+@dataclass(frozen=True)
+class Target:
+    namespace: str
+    kind: str  # workspace | team | org
+
+
+@dataclass(frozen=True)
+class PlannedWrite:
+    row: LegacyRow
+    target: Target
+    body: Dict[str, object]  # the MemoryWrite sent to the plugin
+    redactions: Counter
+
+
+@dataclass(frozen=True)
+class Skipped:
+    row: LegacyRow
+    reason: str
+
+
+Outcome = Union[PlannedWrite, Skipped]
+
+
+@dataclass
+class BackfillReport:
+    mode: str
+    redact: bool = True
+    scanned: int = 0
+    copied: int = 0
+    skipped: int = 0
+    errors: int = 0
+    by_scope: Counter = field(default_factory=Counter)
+    by_kind: Counter = field(default_factory=Counter)
+    skip_reasons: Counter = field(default_factory=Counter)
+    redactions: Counter = field(default_factory=Counter)
+    namespaces: set = field(default_factory=set)
+    problems: List[str] = field(default_factory=list)  # "id: message", capped
+    plugin_status: Optional[str] = None
+
+    def exit_status(self) -> ExitStatus:
+        return ExitStatus.INCOMPLETE if self.errors else ExitStatus.OK
+
+    def to_json(self) -> Dict[str, object]:
+        return {
+            "mode": self.mode, "scanned": self.scanned, "copied": self.copied,
+            "skipped": self.skipped, "errors": self.errors, "redaction": self.redact,
+            "rows_by_scope": dict(self.by_scope), "rows_by_namespace_kind": dict(self.by_kind),
+            "namespaces": len(self.namespaces), "skipped_by_reason": dict(self.skip_reasons),
+            "redactions_by_label": dict(self.redactions), "error_rows": self.problems,
+            "plugin": self.plugin_status, "exit_status": int(self.exit_status()),
+        }
+
+
+@dataclass
+class VerifyReport:
+    workspaces_sampled: int = 0
+    matches: int = 0
+    mismatches: int = 0
+    unverifiable: int = 0
+    plugin_errors: int = 0
+    problems: List[str] = field(default_factory=list)
+
+    @property
+    def errors(self) -> int:
+        return self.unverifiable + self.plugin_errors
+
+    def exit_status(self) -> ExitStatus:
+        return ExitStatus.INCOMPLETE if self.mismatches or self.errors else ExitStatus.OK
+
+    def to_json(self) -> Dict[str, object]:
+        return {
+            "mode": "verify", "workspaces_sampled": self.workspaces_sampled,
+            "matches": self.matches, "mismatches": self.mismatches, "errors": self.errors,
+            "unverifiable": self.unverifiable, "problems": self.problems,
+            "exit_status": int(self.exit_status()),
+        }
+
+
+# ---------------------------------------------------------------------------
+# Configuration parsing (pure)
+# ---------------------------------------------------------------------------
+
+def parse_database_url(url: Optional[str]) -> DatabaseConfig:
+    """Parse a libpq-style postgres:// URL; raise UsageError if it is not one."""
+    if not url:
+        raise UsageError("DATABASE_URL is not set; set it (or pass --database-url) to "
+                         "the platform's PostgreSQL URL, postgres://USER:PASSWORD@HOST/DB.")
+    # Never echo the URL: it may hold the password.
+    bad = "DATABASE_URL is malformed: %s; expected postgres://USER:PASSWORD@HOST:PORT/DB."
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise UsageError(bad % _strip_secrets(str(exc), url)) from None
+    if parts.scheme not in ("postgres", "postgresql"):
+        raise UsageError(bad % "the scheme must be postgres:// or postgresql://")
+    params = dict(parse_qsl(parts.query, keep_blank_values=True))
+    # libpq also accepts these as query parameters; the URL's own parts win.
+    host = unquote(parts.hostname or "") or params.pop("host", "")
+    user = unquote(parts.username or "") or params.pop("user", "")
+    password = unquote(parts.password) if parts.password is not None else params.pop("password", None)
+    database = unquote(parts.path.lstrip("/")) or params.pop("dbname", "") or user
+    port_text = params.pop("port", None)
+    for key in ("host", "user", "password", "dbname"):
+        params.pop(key, None)
+    if not host:
+        raise UsageError(bad % "it names no host")
+    if not user:
+        raise UsageError(bad % "it names no user")
+    if port is None and port_text is not None:
+        port = _whole_number(port_text, "the DATABASE_URL port", 1)
+    sslmode = params.pop("sslmode", "prefer")
+    if sslmode not in SSL_MODES:
+        raise UsageError(bad % ("sslmode must be one of " + ", ".join(SSL_MODES)))
+    timeout = params.pop("connect_timeout", None)
+    try:
+        connect_timeout = float(timeout) if timeout and float(timeout) > 0 else None
+    except ValueError:
+        raise UsageError(bad % "connect_timeout must be a number of seconds") from None
+    return DatabaseConfig(
+        user=user, host=host, port=port or 5432, database=database, password=password,
+        sslmode=sslmode, sslrootcert=params.pop("sslrootcert", None),
+        connect_timeout=connect_timeout,
+        application_name=params.pop("application_name", PROG),
+        startup_params=params,
+    )
+
+
+def _strip_secrets(text: str, url: str) -> str:
+    """Remove anything of the URL's userinfo from a parser's message."""
+    userinfo = urlsplit(url).netloc.rpartition("@")[0] if "@" in url else ""
+    for secret in filter(None, (userinfo, *userinfo.split(":"))):
+        text = text.replace(secret, "***")
+    return text
+
+
+def parse_plugin_url(url: Optional[str]) -> str:
+    """Return the plugin's base URL without a trailing slash."""
+    if not url:
+        raise UsageError("MEMORY_PLUGIN_URL is not set; set it (or pass --plugin-url) to "
+                         "the memory plugin, normally http://localhost:9100.")
+    try:
+        parts = urlsplit(url.strip())
+        parts.port  # noqa: B018 - validates the port
+    except ValueError:
+        raise UsageError("MEMORY_PLUGIN_URL is malformed: the port is not a number; "
+                         "expected http://HOST:PORT.") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError("MEMORY_PLUGIN_URL is malformed: expected http://HOST:PORT "
+                         "(for example http://localhost:9100).")
+    return url.strip().rstrip("/")
+
+
+def parse_uuid(value: str) -> str:
+    try:
+        return str(UUID(value))
+    except ValueError:
+        raise UsageError("-workspace must be a workspace UUID, not %r." % value[:60]) from None
+
+
+def parse_embedding(text: Optional[str]) -> Optional[List[float]]:
+    """pgvector's '[1,2,3]' (or an array's '{1,2,3}') as a list of numbers."""
+    if text is None:
+        return None
+    inner = text.strip()[1:-1].strip()
+    return [float(x) for x in inner.split(",")] if inner else []
+
+
+# ---------------------------------------------------------------------------
+# Scope mapping (pure): REFERENCE §3
+# ---------------------------------------------------------------------------
+
+class WorkspaceTree:
+    """All workspaces of the tenant, read once, with each one's chain resolved."""
+
+    def __init__(self, workspaces: Iterable[Tuple[str, Optional[str], Optional[str]]]):
+        self.parent: Dict[str, Optional[str]] = {}
+        self.status: Dict[str, Optional[str]] = {}
+        for workspace_id, parent_id, status in workspaces:
+            self.parent[workspace_id] = parent_id
+            self.status[workspace_id] = status
+        self._roots: Dict[str, Union[str, Exception]] = {}
+
+    def __contains__(self, workspace_id: str) -> bool:
+        return workspace_id in self.parent
+
+    def is_removed(self, workspace_id: str) -> bool:
+        return self.status.get(workspace_id) == "removed"
+
+    def root_of(self, workspace_id: str) -> str:
+        """The root of the chain; raises RowSkipped for a missing or cyclic chain."""
+        if workspace_id not in self._roots:
+            self._roots[workspace_id] = self._walk(workspace_id)
+        root = self._roots[workspace_id]
+        if isinstance(root, RowSkipped):
+            raise root
+        return root
+
+    def _walk(self, workspace_id: str) -> Union[str, Exception]:
+        current = workspace_id
+        for _ in range(MAX_PARENT_HOPS + 1):
+            if current not in self.parent:
+                return RowSkipped(SKIP_WORKSPACE_NOT_FOUND)
+            parent = self.parent[current]
+            if parent is None:
+                return current
+            current = parent
+        return RowSkipped(SKIP_CYCLE)
+
+    def readable_namespaces(self, workspace_id: str) -> List[str]:
+        """The workspace:, team: and org: namespaces a workspace can read."""
+        root = self.root_of(workspace_id)
+        team = self.parent[workspace_id] or workspace_id
+        return ["workspace:" + workspace_id, "team:" + team, "org:" + root]
+
+
+class RowSkipped(Exception):
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def resolve_target(workspace_id: Optional[str], scope: str, tree: WorkspaceTree) -> Target:
+    """The namespace the live platform writes a memory of this scope to."""
+    if workspace_id is None:
+        raise RowSkipped(SKIP_NO_WORKSPACE)
+    root = tree.root_of(workspace_id)
+    parent = tree.parent[workspace_id]
+    if scope == "LOCAL":
+        return Target("workspace:" + workspace_id, "workspace")
+    if scope == "TEAM":
+        return Target("team:" + (parent or workspace_id), "team")
+    if scope == "GLOBAL":
+        if parent is not None:
+            raise RowSkipped(SKIP_GLOBAL_NOT_ROOT)
+        return Target("org:" + root, "org")
+    raise RowSkipped(SKIP_UNKNOWN_SCOPE)
+
+
+# ---------------------------------------------------------------------------
+# Redaction (pure): REFERENCE §5
+# ---------------------------------------------------------------------------
+
+def redact(text: str) -> Tuple[str, Counter]:
+    """Apply SAFE-T1201; return the redacted text and the matches per label."""
+    counts: Counter = Counter()
+    for label, pattern, replacement in REDACTION_RULES:
+        text, n = pattern.subn(replacement, text)
+        if n:
+            counts[label] += n
+    return text, counts
+
+
+def preview(text: str) -> str:
+    """At most PREVIEW_CHARS of redacted text, quoted with control characters escaped."""
+    return json.dumps(redact(text)[0][:PREVIEW_CHARS], ensure_ascii=False)
+
+
+# ---------------------------------------------------------------------------
+# Planning (pure): what -apply writes for one legacy row
+# ---------------------------------------------------------------------------
+
+def plan_row(row: LegacyRow, tree: WorkspaceTree, redaction: bool = True) -> Outcome:
+    try:
+        target = resolve_target(row.workspace_id, row.scope, tree)
+    except RowSkipped as skip:
+        return Skipped(row, skip.reason)
+    if not row.content.strip():
+        return Skipped(row, SKIP_EMPTY_CONTENT)
+    content, counts = redact(row.content) if redaction else (row.content, Counter())
+    body: Dict[str, object] = {
+        "id": row.id, "content": content, "kind": "fact", "source": "agent",
+        "propagation": {"legacy": row.legacy},
+    }
+    if row.embedding is not None:
+        body["embedding"] = row.embedding
+    return PlannedWrite(row, target, body, counts)
+
+
+def search_query(content: str) -> str:
+    """Text for a full-text search that the record with this content must match.
+
+    The plugin ANDs every word of the query, so the row's own words (cut at a
+    whitespace boundary, never mid-word) always find it.
+    """
+    text = content.strip()
+    if len(text) > SEARCH_QUERY_CHARS:
+        cut = text[:SEARCH_QUERY_CHARS].rsplit(None, 1)[0]
+        text = cut if len(cut) < SEARCH_QUERY_CHARS else text
+    return text
+
+
+def sample_workspaces(candidates: Iterable[str], size: int, seed: int) -> List[str]:
+    """A deterministic sample (size 0 = all), in sorted order."""
+    ordered = sorted(candidates)
+    if size == 0 or size >= len(ordered):
+        return ordered
+    return sorted(random.Random(seed).sample(ordered, size))
+
+
+# ---------------------------------------------------------------------------
+# Legacy database adapter (pg8000, read only)
+# ---------------------------------------------------------------------------
+
+OPTIONAL_COLUMNS = ("namespace", "updated_at", "embedding")
+
+
+class LegacyDatabase:
+    """A read-only session on the platform's PostgreSQL."""
+
+    def __init__(self, config: DatabaseConfig):
+        self.config = config
+        self.connection = None
+        self.columns: Tuple[str, ...] = ()
+
+    def __enter__(self) -> "LegacyDatabase":
+        self.connection = _connect(self.config)
+        with self._errors():
+            # One snapshot for the whole run; the session refuses writes.
+            self.connection.run("START TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            found = self.connection.run(
+                "SELECT a.attname FROM pg_attribute a "
+                "WHERE a.attrelid = to_regclass('agent_memories') "
+                "AND a.attnum > 0 AND NOT a.attisdropped")
+        if not found:
+            raise DependencyError(
+                "The legacy table agent_memories does not exist in %s (already migrated, "
+                "or the wrong database); check DATABASE_URL." % self.config.describe())
+        self.columns = tuple(name for (name,) in found)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.connection is not None:
+            try:
+                self.connection.close()
+            except Exception:  # noqa: BLE001 - closing a broken connection
+                pass
+
+    def _errors(self):
+        return _database_errors(self.config)
+
+    def read_workspaces(self) -> WorkspaceTree:
+        with self._errors():
+            has_status = self.connection.run(
+                "SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('workspaces') "
+                "AND attname = 'status' AND NOT attisdropped")
+            status = "status::text" if has_status else "NULL"
+            return WorkspaceTree(self.connection.run(
+                "SELECT id::text, parent_id::text, %s FROM workspaces" % status))
+
+    def _row_query(self, workspace: Optional[str], limit: Optional[int]) -> Tuple[str, Dict]:
+        select = ["id::text", "workspace_id::text", "content", "scope::text", "created_at"]
+        select += [
+            ("embedding::text" if name == "embedding" else name)
+            if name in self.columns else "NULL" for name in OPTIONAL_COLUMNS
+        ]
+        sql = "SELECT %s FROM agent_memories" % ", ".join(select)
+        params: Dict[str, object] = {}
+        if workspace is not None:
+            sql += " WHERE workspace_id = CAST(:workspace AS uuid)"
+            params["workspace"] = workspace
+        sql += " ORDER BY created_at ASC NULLS FIRST, id"
+        if limit is not None:
+            sql += " LIMIT :limit"
+            params["limit"] = limit
+        return sql, params
+
+    def rows(self, workspace: Optional[str] = None, limit: Optional[int] = None) -> Iterator[LegacyRow]:
+        """Stream rows oldest first through a server-side cursor."""
+        sql, params = self._row_query(workspace, limit)
+        with self._errors():
+            self.connection.run("DECLARE legacy_rows NO SCROLL CURSOR FOR " + sql, **params)
+        while True:
+            with self._errors():
+                batch = self.connection.run("FETCH FORWARD %d FROM legacy_rows" % FETCH_ROWS)
+            for record in batch:
+                yield self._legacy_row(record)
+            if len(batch) < FETCH_ROWS:
+                break
+        with self._errors():
+            self.connection.run("CLOSE legacy_rows")
+
+    def _legacy_row(self, record: Sequence) -> LegacyRow:
+        row_id, workspace_id, content, scope, created_at, namespace, updated_at, embedding = record
+        legacy: Dict[str, object] = {
+            "workspace_id": workspace_id, "scope": scope, "created_at": _iso(created_at),
+        }
+        if "updated_at" in self.columns:
+            legacy["updated_at"] = _iso(updated_at)
+        if "namespace" in self.columns:
+            legacy["namespace"] = namespace
+        return LegacyRow(row_id, workspace_id, content, scope, legacy, parse_embedding(embedding))
+
+    def workspaces_with_rows(self) -> List[str]:
+        with self._errors():
+            return [w for (w,) in self.connection.run(
+                "SELECT DISTINCT workspace_id::text FROM agent_memories "
+                "WHERE workspace_id IS NOT NULL")]
+
+    def has_search_words(self, text: str) -> bool:
+        """Whether PostgreSQL's English full-text parser finds any word in text."""
+        with self._errors():
+            [[count]] = self.connection.run(
+                "SELECT numnode(plainto_tsquery('english', :text))", text=text)
+        return count > 0
+
+
+def _iso(value: Optional[datetime]) -> Optional[str]:
+    return value.isoformat() if value is not None else None
+
+
+def _ssl_context(config: DatabaseConfig):
+    """pg8000's ssl_context for a libpq sslmode (None = try TLS, else plain)."""
+    import ssl
+
+    mode = config.sslmode
+    if mode == "require" and config.sslrootcert:
+        mode = "verify-ca"  # libpq: require with a root certificate verifies it
+    if mode in ("disable", "allow"):
+        return False
+    if mode == "prefer":
+        return None
+    if mode == "require":
+        return True
+    context = ssl.create_default_context(cafile=config.sslrootcert)
+    context.check_hostname = mode == "verify-full"
+    return context
+
+
+def _connect(config: DatabaseConfig):
+    import pg8000.native
+
+    params = dict(config.startup_params)
+    params["default_transaction_read_only"] = "on"  # the session refuses writes
+    unix_sock = None
+    if config.host.startswith("/"):
+        unix_sock = "%s/.s.PGSQL.%d" % (config.host, config.port)
+    kwargs = dict(
+        user=config.user, host=config.host, port=config.port, database=config.database,
+        password=config.password, unix_sock=unix_sock, timeout=config.connect_timeout,
+        application_name=config.application_name, startup_params=params,
+    )
+    with _database_errors(config):
+        try:
+            return pg8000.native.Connection(ssl_context=_ssl_context(config), **kwargs)
+        except pg8000.native.DatabaseError as exc:
+            # sslmode=allow: plain first, TLS when the server insists on it.
+            if config.sslmode != "allow" or _sqlstate(exc) != "28000":
+                raise
+            return pg8000.native.Connection(ssl_context=True, **kwargs)
+
+
+def _sqlstate(exc: Exception) -> str:
+    details = exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {}
+    return details.get("C", "")
+
+
+class _database_errors:
+    """Turn pg8000 and socket errors into one clear DependencyError sentence."""
+
+    def __init__(self, config: DatabaseConfig):
+        self.config = config
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc is None or isinstance(exc, (BackfillError, GeneratorExit)):
+            return False
+        import pg8000.exceptions
+
+        where = self.config.describe()
+        if isinstance(exc, pg8000.exceptions.DatabaseError):
+            code = _sqlstate(exc)
+            message = exc.args[0].get("M", "") if isinstance(exc.args[0], dict) else str(exc)
+            if code in ("28P01", "28000"):
+                raise DependencyError(
+                    "The legacy database refused the login for %s (%s); check the user and "
+                    "password in DATABASE_URL." % (where, message)) from None
+            if code == "3D000":
+                raise DependencyError(
+                    "The legacy database %s does not exist; check the database name in "
+                    "DATABASE_URL." % where) from None
+            raise DependencyError(
+                "The legacy database %s failed (SQLSTATE %s: %s); the run stopped, nothing "
+                "further was written." % (where, code, message)) from None
+        if isinstance(exc, (pg8000.exceptions.InterfaceError, OSError)):
+            cause = exc.__cause__ or exc
+            raise DependencyError(
+                "Cannot reach the legacy database %s (%s); check that it is running and "
+                "that DATABASE_URL is right." % (where, cause)) from None
+        return False
+
+
+# ---------------------------------------------------------------------------
+# Plugin adapter (urllib3, JSON over HTTP): REFERENCE §4
+# ---------------------------------------------------------------------------
+
+class PluginClient:
+    """The memory plugin's HTTP API, over one pool of keep-alive connections.
+
+    Connection errors, timeouts and 429/502/503/504 are retried by urllib3's
+    Retry with exponential backoff (honouring Retry-After); every request is
+    safe to repeat because each write carries the row's id.
+    """
+
+    def __init__(self, base_url: str, timeout: float = DEFAULT_TIMEOUT,
+                 retries: int = DEFAULT_RETRIES, connections: int = 1):
+        import urllib3
+
+        self.base_url = base_url
+        self.retry = retry = urllib3.Retry(
+            total=retries, backoff_factor=0.2, backoff_max=5, backoff_jitter=0.1,
+            status_forcelist=RETRY_STATUSES, allowed_methods=None,
+            respect_retry_after_header=True, raise_on_status=False,
+        )
+        self.pool = urllib3.PoolManager(
+            num_pools=2, maxsize=connections, retries=retry,
+            timeout=urllib3.Timeout(total=timeout),
+            headers={"Content-Type": "application/json", "User-Agent": PROG + "/" + __version__},
+        )
+
+    def _request(self, method: str, path: str, body: Optional[Dict] = None, retries=None):
+        import urllib3
+
+        payload = None if body is None else json.dumps(body, allow_nan=False).encode("utf-8")
+        try:
+            response = self.pool.request(method, self.base_url + path, body=payload,
+                                         retries=retries)
+        except urllib3.exceptions.HTTPError as exc:
+            reason = getattr(exc, "reason", None) or exc
+            raise DependencyError(
+                "Cannot reach the memory plugin at %s (%s); check that it is running and "
+                "that MEMORY_PLUGIN_URL is right." % (self.base_url, _short(reason))) from None
+        try:
+            data = json.loads(response.data.decode("utf-8")) if response.data else None
+        except ValueError:
+            data = None
+        if response.status >= 400:
+            message = data.get("message") if isinstance(data, dict) else None
+            raise PluginRejected(response.status, _short(message or response.reason or ""))
+        return data
+
+    def check_health(self) -> str:
+        """Raise DependencyError unless /v1/health says ok; return its version."""
+        try:
+            data = self._request("GET", "/v1/health", retries=self.retry.new(
+                total=min(HEALTH_RETRIES, self.retry.total)))
+        except PluginRejected as exc:
+            raise DependencyError(
+                "The memory plugin at %s is not healthy (%s); fix the plugin, then run "
+                "again." % (self.base_url, exc)) from None
+        if not isinstance(data, dict) or data.get("status") != "ok":
+            raise DependencyError(
+                "The memory plugin at %s did not report status ok on /v1/health; fix the "
+                "plugin, then run again." % self.base_url)
+        return str(data.get("version", "unknown"))
+
+    def put_namespace(self, name: str, kind: str) -> None:
+        self._request("PUT", "/v1/namespaces/" + quote(name, safe=""), {"kind": kind})
+
+    def write_memory(self, namespace: str, body: Dict[str, object]) -> None:
+        if any(x != x or x in (float("inf"), float("-inf")) for x in body.get("embedding") or ()):
+            raise RowFailed("the embedding holds NaN or Infinity, which JSON cannot carry")
+        self._request("POST", "/v1/namespaces/%s/memories" % quote(namespace, safe=""), body)
+
+    def search(self, namespaces: List[str], query: Optional[str] = None,
+               limit: int = SEARCH_CAP) -> List[Dict]:
+        body: Dict[str, object] = {"namespaces": namespaces, "limit": limit}
+        if query:
+            body["query"] = query
+        data = self._request("POST", "/v1/search", body)
+        return (data or {}).get("memories") or []  # the plugin may send null
+
+
+def _short(value: object, limit: int = 200) -> str:
+    text = " ".join(str(value).split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+# ---------------------------------------------------------------------------
+# The three modes
+# ---------------------------------------------------------------------------
+
+def backfill(settings: Settings, log) -> BackfillReport:
+    """-dry-run (settings.mode == 'dry-run') and -apply."""
+    report = BackfillReport(settings.mode, redact=settings.redact)
+    plugin = None
+    if settings.mode == "apply":
+        plugin = PluginClient(settings.plugin_url, settings.timeout, settings.retries)
+        report.plugin_status = "ok (version %s)" % plugin.check_health()
+    elif settings.plugin_url:
+        try:
+            version = PluginClient(settings.plugin_url, settings.timeout, 0).check_health()
+            report.plugin_status = "ok (version %s): -apply could start" % version
+        except DependencyError as exc:
+            report.plugin_status = "NOT ready, -apply would stop: %s" % exc
+    created: set = set()
+    with LegacyDatabase(settings.database) as database:
+        tree = database.read_workspaces()
+        for row in database.rows(settings.workspace, settings.limit):
+            report.scanned += 1
+            outcome = plan_row(row, tree, settings.redact)
+            if isinstance(outcome, Skipped):
+                report.skipped += 1
+                report.skip_reasons[outcome.reason] += 1
+                log("skip %s: %s" % (row.id, outcome.reason))
+                continue
+            target = outcome.target
+            if plugin is not None:
+                try:
+                    if target.namespace not in created:
+                        plugin.put_namespace(target.namespace, target.kind)
+                        created.add(target.namespace)
+                    plugin.write_memory(target.namespace, outcome.body)
+                except RowFailed as exc:
+                    report.errors += 1
+                    if len(report.problems) < SHOWN_PROBLEMS:
+                        report.problems.append("%s: %s" % (row.id, exc))
+                    log("error %s: %s" % (row.id, exc))
+                    continue
+            report.copied += 1
+            report.by_scope[row.scope] += 1
+            report.by_kind[target.kind] += 1
+            report.namespaces.add(target.namespace)
+            report.redactions.update(outcome.redactions)
+            log("%s %s -> %s" % ("copy" if plugin else "would copy", row.id, target.namespace))
+    return report
+
+
+def verify(settings: Settings, log) -> VerifyReport:
+    report = VerifyReport()
+    plugin = PluginClient(settings.plugin_url, settings.timeout, settings.retries)
+    plugin.check_health()
+    with LegacyDatabase(settings.database) as database:
+        tree = database.read_workspaces()
+        if settings.workspace:
+            sample = [settings.workspace]
+        else:
+            candidates = [w for w in database.workspaces_with_rows()
+                          if w in tree and not tree.is_removed(w)]
+            sample = sample_workspaces(candidates, settings.verify_sample, settings.seed)
+        for workspace in sample:
+            report.workspaces_sampled += 1
+            expected = [outcome for outcome in (
+                plan_row(row, tree, settings.redact) for row in database.rows(workspace))
+                if isinstance(outcome, PlannedWrite)]
+            try:
+                verify_workspace(plugin, database, tree, workspace, expected, report, log)
+            except PluginRejected as exc:
+                report.plugin_errors += 1
+                report.problems.append("workspace %s: the plugin refused a search: %s"
+                                       % (workspace, exc))
+    return report
+
+
+def verify_workspace(plugin: PluginClient, database: LegacyDatabase, tree: WorkspaceTree,
+                     workspace: str, expected: List[PlannedWrite], report: VerifyReport,
+                     log) -> None:
+    """Find every expected row in the plugin by id; count matches and mismatches.
+
+    The plugin has no lookup by id and caps a search at 100 rows, so each
+    namespace is first listed newest-first; rows not among those are looked up
+    with a full-text search on their own words.  Absence is only reported as
+    "missing" when a search that must have returned the row came back complete
+    (fewer than 100 rows); otherwise the row is unverifiable.
+    """
+    if not expected:
+        return
+    found: Dict[str, Dict] = {}
+    complete_namespaces = set()
+    for namespace in sorted({p.target.namespace for p in expected}):
+        listed = plugin.search([namespace])
+        found.update((m["id"], m) for m in listed if m.get("id") not in found)
+        if len(listed) < SEARCH_CAP:
+            complete_namespaces.add(namespace)
+    readable = sorted(set(tree.readable_namespaces(workspace))
+                      | {p.target.namespace for p in expected})
+    for planned in expected:
+        row_id, content = planned.row.id, planned.body["content"]
+        record = found.get(row_id)
+        complete = planned.target.namespace in complete_namespaces
+        if record is None:
+            query = search_query(content)
+            results = plugin.search(readable, query)
+            found.update((m["id"], m) for m in results if m.get("id") not in found)
+            record = found.get(row_id)
+            complete = complete or (len(results) < SEARCH_CAP and (
+                len(query) < 2 or database.has_search_words(query)))
+        problem = None
+        if record is None:
+            if not complete:
+                report.unverifiable += 1
+                _note(report, "unverifiable %s (workspace %s): not among the newest %d of %s "
+                      "and its content has no searchable words or matches too many records"
+                      % (row_id, workspace, SEARCH_CAP, planned.target.namespace), log)
+                continue
+            problem = "missing from %s" % planned.target.namespace
+        elif record.get("namespace") != planned.target.namespace:
+            problem = "wrong namespace: expected %s, found in %s" % (
+                planned.target.namespace, record.get("namespace"))
+        elif record.get("content") != content:
+            problem = "content differs: expected %s, found %s" % (
+                preview(content), preview(str(record.get("content"))))
+        if problem is None:
+            report.matches += 1
+            log("match %s" % row_id)
+        else:
+            report.mismatches += 1
+            _note(report, "mismatch %s (workspace %s): %s" % (row_id, workspace, problem), log)
+
+
+def _note(report: VerifyReport, line: str, log) -> None:
+    if len(report.problems) < SHOWN_PROBLEMS:
+        report.problems.append(line)
+    log(line)
+
+
+# ---------------------------------------------------------------------------
+# Reporting
+# ---------------------------------------------------------------------------
+
+def format_backfill(report: BackfillReport) -> List[str]:
+    def counts(counter: Counter) -> str:
+        return ", ".join("%s=%d" % item for item in sorted(counter.items())) or "none"
+
+    verb = "copied" if report.mode == "apply" else "would copy"
+    lines = ["memory-backfill -%s" % report.mode]
+    if report.plugin_status:
+        lines.append("plugin: %s" % report.plugin_status)
+    lines.append("rows %s by scope: %s" % (verb, counts(report.by_scope)))
+    lines.append("rows %s by namespace kind: %s (%d namespaces)"
+                 % (verb, counts(report.by_kind), len(report.namespaces)))
+    lines.append("skipped: %s" % ("none" if not report.skipped else ""))
+    for reason, count in sorted(report.skip_reasons.items()):
+        lines.append("  %6d  %s" % (count, reason))
+    if report.redact:
+        lines.append("redactions by label: %s" % counts(report.redactions))
+    else:
+        lines.append("redaction: OFF (--no-redact): contents are copied unredacted")
+    if report.errors:
+        lines.append("errors (first %d):" % SHOWN_PROBLEMS)
+        lines.extend("  " + problem for problem in report.problems)
+    lines.append("Backfill complete: scanned=%d copied=%d skipped=%d errors=%d"
+                 % (report.scanned, report.copied, report.skipped, report.errors))
+    return lines
+
+
+def format_verify(report: VerifyReport) -> List[str]:
+    lines = ["memory-backfill -verify"]
+    if report.problems:
+        lines.append("problems (first %d):" % SHOWN_PROBLEMS)
+        lines.extend("  " + problem for problem in report.problems)
+    lines.append("unverifiable rows (counted as errors): %d" % report.unverifiable)
+    lines.append("Verify complete: workspaces_sampled=%d matches=%d mismatches=%d errors=%d"
+                 % (report.workspaces_sampled, report.matches, report.mismatches, report.errors))
+    return lines
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+class HelpShown(Exception):
+    """--help was printed; the run ends with status 0."""
+
+
+class _Parser(argparse.ArgumentParser):
+    # argparse would call sys.exit itself; we raise, so main() decides.
+    def error(self, message: str):
+        raise UsageError("%s; run with --help for usage." % message.rstrip("."))
+
+    def exit(self, status: int = 0, message: Optional[str] = None):
+        raise HelpShown()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Copy the legacy agent_memories table into the memory plugin, "
+                    "exactly as the live platform would have written it.\n"
+                    "Choose exactly one mode; every option also works with one or two "
+                    "dashes and as -name=value.",
+        epilog=HELP_EPILOG,
+    )
+    modes = parser.add_argument_group("modes (exactly one)")
+    for name, text in (("dry-run", "read and decide everything, write nothing"),
+                       ("apply", "copy the rows into the plugin (safe to re-run)"),
+                       ("verify", "check the plugin against the legacy table")):
+        modes.add_argument("-" + name, "--" + name, dest="modes", action="append_const",
+                           const=name, help=text)
+    options = parser.add_argument_group("options")
+    options.add_argument("-workspace", "--workspace", metavar="UUID",
+                         help="only this workspace's rows")
+    options.add_argument("-limit", "--limit", metavar="N", help="at most N rows this run")
+    options.add_argument("-verify-sample", "--verify-sample", metavar="N",
+                         default=str(DEFAULT_VERIFY_SAMPLE),
+                         help="workspaces -verify checks (default %(default)s; 0 = all)")
+    options.add_argument("-seed", "--seed", metavar="N", default=str(DEFAULT_SEED),
+                         help="seed of the -verify sample (default fixed: %(default)s)")
+    options.add_argument("-database-url", "--database-url", metavar="URL",
+                         help="overrides DATABASE_URL")
+    options.add_argument("-plugin-url", "--plugin-url", metavar="URL",
+                         help="overrides MEMORY_PLUGIN_URL")
+    options.add_argument("-no-redact", "--no-redact", action="store_true",
+                         help="copy contents without secret redaction (said in the summary)")
+    options.add_argument("-timeout", "--timeout", metavar="SECONDS", default=str(DEFAULT_TIMEOUT),
+                         help="per-request timeout for the plugin (default %(default)s)")
+    options.add_argument("-json", "--json", action="store_true",
+                         help="print the final report as one JSON object on stdout")
+    options.add_argument("-v", "-verbose", "--verbose", action="store_true",
+                         help="one line per row on stderr (ids only, never content)")
+    options.add_argument("-version", "--version", action="store_true",
+                         help="print the version and the vendored library versions")
+    return parser
+
+
+def _whole_number(text: str, option: str, minimum: int) -> int:
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        value = minimum - 1
+    if value < minimum:
+        kind = "a positive whole number" if minimum > 0 else "a whole number, 0 or more"
+        raise UsageError("%s must be %s, not %r." % (option, kind, str(text)[:40]))
+    return value
+
+
+def parse_settings(argv: Optional[Sequence[str]], environ: Dict[str, str]) -> Settings:
+    """Turn the command line and environment into Settings, or raise UsageError."""
+    args = build_parser().parse_args(argv)
+    modes = args.modes or []
+    if len(modes) != 1:
+        raise UsageError("Choose exactly one mode: -dry-run, -apply or -verify%s."
+                         % (" (got %s)" % " and ".join("-" + m for m in modes) if modes else ""))
+    mode = modes[0]
+    try:
+        timeout = float(args.timeout)
+    except ValueError:
+        timeout = 0
+    if not timeout > 0:
+        raise UsageError("--timeout must be a positive number of seconds, not %r."
+                         % args.timeout[:40])
+    database = parse_database_url(args.database_url or environ.get("DATABASE_URL"))
+    plugin_url = args.plugin_url or environ.get("MEMORY_PLUGIN_URL")
+    if mode != "dry-run" or plugin_url:
+        plugin_url = parse_plugin_url(plugin_url)
+    return Settings(
+        mode=mode, database=database, plugin_url=plugin_url,
+        workspace=parse_uuid(args.workspace) if args.workspace is not None else None,
+        limit=_whole_number(args.limit, "-limit", 1) if args.limit is not None else None,
+        verify_sample=_whole_number(args.verify_sample, "-verify-sample", 0),
+        seed=_whole_number(args.seed, "--seed", 0),
+        redact=not args.no_redact, timeout=timeout,
+        json_output=args.json, verbose=args.verbose,
+    )
+
+
+def version_text() -> str:
+    """The tool's version and the vendored libraries', read from their metadata."""
+    from importlib import metadata
+
+    def installed(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "missing"
+
+    return "%s %s (pg8000 %s, urllib3 %s, Python %s)" % (
+        PROG, __version__, installed("pg8000"), installed("urllib3"),
+        ".".join(map(str, sys.version_info[:3])))
+
+
+def run(argv: Optional[Sequence[str]] = None, environ: Optional[Dict[str, str]] = None,
+        stdout=None, stderr=None) -> int:
+    """Run the tool; return 0 or 1, raise BackfillError for anything that stops it."""
+    import os
+
+    stdout = stdout or sys.stdout
+    stderr = stderr or sys.stderr
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--version" in argv or "-version" in argv:
+        print(version_text(), file=stdout)
+        return ExitStatus.OK
+    try:
+        settings = parse_settings(argv, dict(os.environ if environ is None else environ))
+    except HelpShown:
+        return ExitStatus.OK
+
+    def log(line: str) -> None:
+        if settings.verbose:
+            print(line, file=stderr, flush=True)
+
+    if settings.mode == "verify":
+        report = verify(settings, log)
+        lines = format_verify(report)
+    else:
+        report = backfill(settings, log)
+        lines = format_backfill(report)
+    if settings.json_output:
+        print(json.dumps(report.to_json(), sort_keys=True), file=stdout)
+    else:
+        print("\n".join(lines), file=stdout)
+    return report.exit_status()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point: run(), with every error mapped to its exit status here."""
+    if sys.version_info < MIN_PYTHON:
+        print("%s: needs Python %d.%d or newer, this is %s; run it with a newer python3."
+              % (PROG, *MIN_PYTHON, sys.version.split()[0]), file=sys.stderr)
+        return ExitStatus.USAGE
+    try:
+        return int(run(argv))
+    except BackfillError as exc:
+        print("%s: %s" % (PROG, exc), file=sys.stderr)
+        return int(exc.status)
+    except KeyboardInterrupt:
+        print("%s: interrupted; re-run the same command to continue (writes are "
+              "idempotent)." % PROG, file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

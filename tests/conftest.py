@@ -1,0 +1,333 @@
+"""Fixtures: a throwaway PostgreSQL cluster, legacy databases, the test plugin.
+
+The cluster is started once per test session with initdb + pg_ctl on a free
+port in a temporary directory (as the `postgres` system user when the tests
+run as root, since initdb refuses root).  Set MEMORY_BACKFILL_TEST_DSN to a
+superuser URL to use an existing server instead.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from urllib.parse import quote, urlsplit
+
+import pg8000.native
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from plugin_server import PluginServer  # noqa: E402
+
+SUPERUSER = "backfill_admin"
+SUPERUSER_PASSWORD = "admin-pw"
+APP_USER = "backfill_app"
+# Every URL-special character, to prove percent-decoding and that the password
+# never shows up in output.
+APP_PASSWORD = "s3cr3t p@ss:w/rd%?#&="
+
+LEGACY_SCHEMA = """
+CREATE TABLE workspaces (
+    id uuid PRIMARY KEY, name text NOT NULL,
+    parent_id uuid NULL REFERENCES workspaces(id) DEFERRABLE INITIALLY DEFERRED,
+    status text NOT NULL DEFAULT 'active');
+CREATE TABLE agent_memories (
+    id uuid PRIMARY KEY,
+    workspace_id uuid NULL REFERENCES workspaces(id),
+    content text NOT NULL,
+    scope varchar(10) NOT NULL {scope_check},
+    namespace varchar(50) NOT NULL DEFAULT 'general',
+    created_at timestamptz NULL DEFAULT now(),
+    updated_at timestamptz NULL DEFAULT now(),
+    embedding real[] NULL);
+"""
+SCOPE_CHECK = "CHECK (scope IN ('LOCAL','TEAM','GLOBAL'))"
+
+
+# --- the PostgreSQL server -----------------------------------------------------
+
+def _pg_bindir() -> Path:
+    initdb = shutil.which("initdb")
+    if initdb:
+        return Path(os.path.realpath(initdb)).parent
+    pg_config = shutil.which("pg_config")
+    if pg_config:
+        bindir = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True).stdout
+        if (Path(bindir.strip()) / "initdb").exists():
+            return Path(bindir.strip())
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if found:
+        return found[-1].parent
+    pytest.exit("PostgreSQL server binaries (initdb) not found; install postgresql "
+                "or set MEMORY_BACKFILL_TEST_DSN", returncode=3)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Cluster:
+    host: str
+    port: int
+    user: str
+    password: str
+
+    def connect(self, database: str = "postgres", **kwargs) -> pg8000.native.Connection:
+        return pg8000.native.Connection(user=self.user, password=self.password, host=self.host,
+                                        port=self.port, database=database, **kwargs)
+
+    def url(self, database: str, user: str = APP_USER, password: str = APP_PASSWORD,
+            host: str = None, query: str = "sslmode=disable") -> str:
+        host = host or self.host
+        return "postgres://%s:%s@%s:%d/%s%s" % (
+            quote(user, safe=""), quote(password, safe=""), host, self.port, database,
+            "?" + query if query else "")
+
+
+def _start_cluster(workdir: Path) -> Cluster:
+    bindir = _pg_bindir()
+    as_root = os.geteuid() == 0
+    run_as = {}
+    if as_root:
+        postgres = pwd.getpwnam("postgres")
+        os.chown(workdir, postgres.pw_uid, postgres.pw_gid)
+        run_as = {"user": postgres.pw_uid, "group": postgres.pw_gid}
+    data = workdir / "data"
+    pwfile = workdir / "pw"
+    pwfile.write_text(SUPERUSER_PASSWORD + "\n")
+    if as_root:
+        os.chown(pwfile, run_as["user"], run_as["group"])
+    subprocess.run([str(bindir / "initdb"), "-D", str(data), "-U", SUPERUSER,
+                    "--pwfile", str(pwfile), "--auth-local=trust", "--auth-host=scram-sha-256",
+                    "-E", "UTF8", "--locale=C.UTF-8"],
+                   check=True, capture_output=True, cwd=workdir, **run_as)
+    port = free_port()
+    ipv6 = socket.has_ipv6 and _can_bind_ipv6()
+    options = ("-c listen_addresses='127.0.0.1%s' -p %d -c unix_socket_directories='%s' "
+               "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
+               "-c max_connections=200" % (",::1" if ipv6 else "", port, workdir))
+    subprocess.run([str(bindir / "pg_ctl"), "-D", str(data), "-l", str(workdir / "log"),
+                    "-o", options, "-w", "-t", "60", "start"],
+                   check=True, capture_output=True, cwd=workdir, **run_as)
+    return Cluster("127.0.0.1", port, SUPERUSER, SUPERUSER_PASSWORD)
+
+
+def _can_bind_ipv6() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    dsn = os.environ.get("MEMORY_BACKFILL_TEST_DSN")
+    if dsn:
+        parts = urlsplit(dsn)
+        yield Cluster(parts.hostname, parts.port or 5432, parts.username, parts.password or "")
+        return
+    workdir = Path(tempfile.mkdtemp(prefix="memory-backfill-pg-"))
+    os.chmod(workdir, 0o755)
+    started = _start_cluster(workdir)
+    try:
+        admin = started.connect()
+        admin.run("CREATE ROLE %s LOGIN PASSWORD '%s'" % (APP_USER, APP_PASSWORD.replace("'", "''")))
+        admin.run("GRANT pg_read_all_data TO %s" % APP_USER)
+        admin.close()
+        yield started
+    finally:
+        run_as = {}
+        if os.geteuid() == 0:
+            postgres = pwd.getpwnam("postgres")
+            run_as = {"user": postgres.pw_uid, "group": postgres.pw_gid}
+        subprocess.run([str(_pg_bindir() / "pg_ctl"), "-D", str(workdir / "data"), "-m",
+                        "immediate", "stop"], capture_output=True, cwd=workdir, **run_as)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+_database_numbers = itertools.count(1)
+
+
+def create_database(cluster: Cluster, prefix: str) -> str:
+    name = "%s_%d_%d" % (prefix, os.getpid(), next(_database_numbers))
+    admin = cluster.connect()
+    admin.run("CREATE DATABASE %s" % name)
+    admin.close()
+    return name
+
+
+# --- the legacy database -------------------------------------------------------
+
+class Legacy:
+    """A fresh legacy database with helpers to build a workspace tree and rows."""
+
+    BASE_TIME = datetime(2024, 1, 1, tzinfo=timezone.utc)
+
+    def __init__(self, cluster: Cluster, name: str):
+        self.cluster = cluster
+        self.name = name
+        self.db = cluster.connect(name)
+        self._clock = itertools.count()
+
+    @property
+    def url(self) -> str:
+        return self.cluster.url(self.name)
+
+    def create_schema(self, drop_columns=(), scope_check=True) -> "Legacy":
+        sql = LEGACY_SCHEMA.format(scope_check=SCOPE_CHECK if scope_check else "")
+        for statement in sql.split(";"):
+            if statement.strip():
+                self.db.run(statement)
+        for column in drop_columns:
+            self.db.run("ALTER TABLE agent_memories DROP COLUMN %s" % column)
+        return self
+
+    def workspace(self, parent=None, status="active", workspace_id=None) -> str:
+        workspace_id = workspace_id or str(uuid.uuid4())
+        self.db.run("INSERT INTO workspaces (id, name, parent_id, status) "
+                    "VALUES (CAST(:id AS uuid), :name, CAST(:parent AS uuid), :status)",
+                    id=workspace_id, name="ws-" + workspace_id[:8], parent=parent, status=status)
+        return workspace_id
+
+    def chain(self, length: int) -> list:
+        """A root followed by `length` descendants, each the parent of the next."""
+        ids = [self.workspace()]
+        for _ in range(length):
+            ids.append(self.workspace(parent=ids[-1]))
+        return ids
+
+    def memory(self, workspace_id, content="a memory about deployment", scope="LOCAL",
+               created_at=None, memory_id=None, **columns) -> str:
+        memory_id = memory_id or str(uuid.uuid4())
+        if created_at is None:
+            created_at = self.BASE_TIME + timedelta(seconds=next(self._clock))
+        names = ["id", "workspace_id", "content", "scope", "created_at", *columns]
+        values = ["CAST(:id AS uuid)", "CAST(:workspace_id AS uuid)", ":content", ":scope",
+                  ":created_at", *(":" + c for c in columns)]
+        self.db.run("INSERT INTO agent_memories (%s) VALUES (%s)" % (", ".join(names), ", ".join(values)),
+                    id=memory_id, workspace_id=workspace_id, content=content, scope=scope,
+                    created_at=created_at, **columns)
+        return memory_id
+
+    def many(self, workspace_id, count: int, scope="LOCAL", words=("alpha",)) -> list:
+        """`count` rows with distinct, searchable contents, inserted in one statement."""
+        rows = self.db.run(
+            "INSERT INTO agent_memories (id, workspace_id, content, scope, created_at) "
+            "SELECT gen_random_uuid(), CAST(:ws AS uuid), "
+            "'note ' || g || ' about ' || :words || ' item' || g, :scope, "
+            "CAST(:base AS timestamptz) + g * interval '1 second' "
+            "FROM generate_series(1, CAST(:count AS int)) g RETURNING id::text",
+            ws=workspace_id, words=" ".join(words), scope=scope, count=count,
+            base=self.BASE_TIME + timedelta(days=1))
+        return [r[0] for r in rows]
+
+    def snapshot(self) -> list:
+        """Every legacy row, byte for byte, to prove runs never change them."""
+        return self.db.run("SELECT m::text FROM agent_memories m ORDER BY id") + \
+            self.db.run("SELECT w::text FROM workspaces w ORDER BY id")
+
+    def close(self) -> None:
+        self.db.close()
+
+
+@pytest.fixture
+def legacy(cluster):
+    database = Legacy(cluster, create_database(cluster, "legacy"))
+    yield database
+    database.close()
+
+
+# --- the plugin ----------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def plugin_server(cluster):
+    name = create_database(cluster, "plugin")
+    server = PluginServer(dict(user=cluster.user, password=cluster.password, host=cluster.host,
+                               port=cluster.port, database=name)).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def plugin(plugin_server):
+    plugin_server.reset()
+    yield plugin_server
+    plugin_server.reset()
+
+
+@pytest.fixture
+def env(legacy, plugin, monkeypatch):
+    """DATABASE_URL and MEMORY_PLUGIN_URL pointing at this test's databases."""
+    monkeypatch.setenv("DATABASE_URL", legacy.url)
+    monkeypatch.setenv("MEMORY_PLUGIN_URL", plugin.url)
+    return {"DATABASE_URL": legacy.url, "MEMORY_PLUGIN_URL": plugin.url}
+
+
+# --- running the tool ----------------------------------------------------------
+
+@dataclass
+class Result:
+    status: int
+    stdout: str
+    stderr: str
+
+    @property
+    def last_line(self) -> str:
+        lines = self.stdout.strip().splitlines()
+        return lines[-1] if lines else ""
+
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+def build_zipapp(target: Path) -> Path:
+    subprocess.run(["bash", str(ROOT / "build_zipapp.sh"), str(target)], check=True,
+                   capture_output=True, cwd=ROOT)
+    return target
+
+
+@pytest.fixture(scope="session")
+def zipapp_file(tmp_path_factory) -> Path:
+    """dist/memory-backfill built once for this session (in a temp folder)."""
+    return build_zipapp(tmp_path_factory.mktemp("zipapp") / "memory-backfill")
+
+
+@pytest.fixture(params=["module", "zipapp"])
+def cli(request, capsys):
+    """Run the tool in-process (module) or as the built file (zipapp)."""
+    import memory_backfill
+
+    if request.param == "zipapp":
+        path = request.getfixturevalue("zipapp_file")
+
+        def run_zipapp(*args, timeout=120):
+            done = subprocess.run([sys.executable, str(path), *args], capture_output=True,
+                                  text=True, timeout=timeout)
+            return Result(done.returncode, done.stdout, done.stderr)
+
+        return run_zipapp
+
+    def run_module(*args, timeout=None):
+        capsys.readouterr()
+        status = memory_backfill.main(list(args))
+        captured = capsys.readouterr()
+        return Result(status, captured.out, captured.err)
+
+    return run_module

@@ -1,0 +1,337 @@
+"""A stand-in for the memory plugin, faithful to REFERENCE §4 (test fixture only).
+
+Same routes, validation, status codes and error envelope as the real plugin,
+including its awkward parts: namespaces are not auto-created (a write to one
+that was never PUT is a 500), an id that exists is replaced (upsert), search
+returns at most 100 rows and sends {"memories": null} when nothing matched.
+Records live in a PostgreSQL database of their own, so newest-first listing,
+full-text search and substring search behave as they do in production.
+
+It also counts requests, for tests that assert how the backfill used it.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import re
+import threading
+import uuid
+from collections import Counter
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import unquote
+
+import pg8000.native
+
+NAMESPACE_NAME = re.compile(r"^[a-z]+:[A-Za-z0-9_:.\-]+$")
+NAMESPACE_KINDS = {"workspace", "team", "org", "custom"}
+MEMORY_KINDS = {"fact", "summary", "checkpoint"}
+SOURCES = {"agent", "runtime", "user"}
+SEARCH_CAP = 100
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS namespaces (
+    name text PRIMARY KEY, kind text NOT NULL, expires_at timestamptz,
+    metadata jsonb, updated_at timestamptz NOT NULL DEFAULT clock_timestamp());
+CREATE TABLE IF NOT EXISTS memories (
+    id uuid PRIMARY KEY, namespace text NOT NULL REFERENCES namespaces(name),
+    content text NOT NULL, kind text NOT NULL, source text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    expires_at timestamptz, propagation jsonb, pin boolean NOT NULL DEFAULT false,
+    embedding jsonb);
+"""
+
+MEMORY_COLUMNS = ("id::text, namespace, content, kind, source, created_at, expires_at, "
+                  "propagation, pin")
+
+
+class BadRequest(Exception):
+    pass
+
+
+class PluginServer:
+    """Serve the plugin API on 127.0.0.1:<free port>, storing into PostgreSQL."""
+
+    def __init__(self, connect_kwargs: dict, connections: int = 8):
+        self.connect_kwargs = connect_kwargs
+        self.pool: "queue.Queue[pg8000.native.Connection]" = queue.Queue()
+        for _ in range(connections):
+            self.pool.put(pg8000.native.Connection(**connect_kwargs))
+        with self.connection() as db:
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    db.run(statement)
+        self.requests: Counter = Counter()  # (method, route) -> count
+        self.namespace_puts: Counter = Counter()  # namespace -> PUT count
+        self.first_writes: list = []  # row ids in the order they first arrived
+        self.degraded = False
+        self.reject_ids: set = set()  # writes of these ids get a 400
+        self.lock = threading.Lock()
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self.httpd.server_address[:2]
+        return "http://%s:%d" % (host, port)
+
+    def start(self) -> "PluginServer":
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        while not self.pool.empty():
+            self.pool.get().close()
+
+    def reset(self) -> None:
+        """Empty the store and the counters (between tests)."""
+        with self.connection() as db:
+            db.run("TRUNCATE memories, namespaces")
+        self.requests.clear()
+        self.namespace_puts.clear()
+        self.first_writes.clear()
+        self.degraded = False
+        self.reject_ids.clear()
+
+    @contextmanager
+    def connection(self):
+        db = self.pool.get()
+        try:
+            yield db
+        finally:
+            self.pool.put(db)
+
+    # --- helpers for tests ---------------------------------------------------
+
+    def records(self) -> dict:
+        """Every stored memory by id, as the plugin holds it."""
+        with self.connection() as db:
+            rows = db.run("SELECT %s, embedding FROM memories" % MEMORY_COLUMNS)
+        return {row[0]: _memory(row[:-1]) | {"embedding": row[-1]} for row in rows}
+
+    def count(self) -> int:
+        with self.connection() as db:
+            return db.run("SELECT count(*) FROM memories")[0][0]
+
+    def namespaces(self) -> dict:
+        with self.connection() as db:
+            return dict(db.run("SELECT name, kind FROM namespaces"))
+
+    def execute(self, sql: str, **params):
+        with self.connection() as db:
+            return db.run(sql, **params)
+
+    # --- the API -------------------------------------------------------------
+
+    def health(self):
+        if self.degraded:
+            return 503, {"status": "degraded", "version": "test", "capabilities": []}
+        return 200, {"status": "ok", "version": "test-plugin",
+                     "capabilities": ["fts", "embeddings"]}
+
+    def put_namespace(self, name: str, body):
+        _check_namespace_name(name)
+        if not isinstance(body, dict) or body.get("kind") not in NAMESPACE_KINDS:
+            raise BadRequest("kind must be one of workspace, team, org, custom")
+        expires_at = _optional(body, "expires_at", str)
+        metadata = _optional(body, "metadata", dict)
+        with self.lock:
+            self.namespace_puts[name] += 1
+        with self.connection() as db:
+            db.run("INSERT INTO namespaces (name, kind, expires_at, metadata) "
+                   "VALUES (:name, :kind, CAST(:expires_at AS timestamptz), CAST(:metadata AS jsonb)) "
+                   "ON CONFLICT (name) DO UPDATE SET kind = excluded.kind, "
+                   "expires_at = excluded.expires_at, metadata = excluded.metadata, "
+                   "updated_at = clock_timestamp()",
+                   name=name, kind=body["kind"], expires_at=expires_at,
+                   metadata=None if metadata is None else json.dumps(metadata))
+        return 200, {"name": name, "kind": body["kind"], "expires_at": expires_at,
+                     "metadata": metadata}
+
+    def write_memory(self, namespace: str, body):
+        _check_namespace_name(namespace)
+        if not isinstance(body, dict):
+            raise BadRequest("body must be a JSON object")
+        content = body.get("content")
+        if not isinstance(content, str) or not content.strip():
+            raise BadRequest("content is required and must not be empty")
+        if body.get("kind") not in MEMORY_KINDS:
+            raise BadRequest("kind must be one of fact, summary, checkpoint")
+        if body.get("source") not in SOURCES:
+            raise BadRequest("source must be one of agent, runtime, user")
+        memory_id = _optional(body, "id", str)
+        if memory_id is not None:
+            try:
+                memory_id = str(uuid.UUID(memory_id))
+            except ValueError:
+                raise BadRequest("id must be a UUID") from None
+        else:
+            memory_id = str(uuid.uuid4())
+        if memory_id in self.reject_ids:
+            raise BadRequest("rejected by the test")
+        expires_at = _optional(body, "expires_at", str)
+        propagation = _optional(body, "propagation", dict)
+        pin = _optional(body, "pin", bool) or False
+        embedding = _optional(body, "embedding", list)
+        if embedding is not None and not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) for x in embedding):
+            raise BadRequest("embedding must be an array of numbers")
+        with self.connection() as db:
+            try:
+                db.run("INSERT INTO memories (id, namespace, content, kind, source, expires_at, "
+                       "propagation, pin, embedding) VALUES (CAST(:id AS uuid), :namespace, "
+                       ":content, :kind, :source, CAST(:expires_at AS timestamptz), "
+                       "CAST(:propagation AS jsonb), :pin, CAST(:embedding AS jsonb)) "
+                       "ON CONFLICT (id) DO UPDATE SET namespace = excluded.namespace, "
+                       "content = excluded.content, kind = excluded.kind, "
+                       "source = excluded.source, created_at = clock_timestamp(), "
+                       "expires_at = excluded.expires_at, propagation = excluded.propagation, "
+                       "pin = excluded.pin, embedding = excluded.embedding",
+                       id=memory_id, namespace=namespace, content=content, kind=body["kind"],
+                       source=body["source"], expires_at=expires_at,
+                       propagation=None if propagation is None else json.dumps(propagation),
+                       pin=pin, embedding=None if embedding is None else json.dumps(embedding))
+            except pg8000.native.DatabaseError as exc:
+                # The real plugin does not auto-create namespaces: a foreign-key
+                # failure surfaces as an internal error.
+                return 500, {"code": "internal", "message": "store write failed: %s"
+                             % exc.args[0].get("M", "")}
+        with self.lock:
+            if memory_id not in self.first_writes:
+                self.first_writes.append(memory_id)
+        return 201, {"id": memory_id, "namespace": namespace}
+
+    def search(self, body):
+        if not isinstance(body, dict):
+            raise BadRequest("body must be a JSON object")
+        namespaces = body.get("namespaces")
+        if (not isinstance(namespaces, list) or not namespaces
+                or not all(isinstance(n, str) for n in namespaces)):
+            raise BadRequest("namespaces must be a non-empty array of names")
+        limit = body.get("limit") or 20
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= SEARCH_CAP:
+            raise BadRequest("limit must be between 1 and 100")
+        query = _optional(body, "query", str) or ""
+        kinds = _optional(body, "kinds", list)
+        where = ["namespace = ANY(CAST(:namespaces AS text[]))",
+                 "(expires_at IS NULL OR expires_at > now())"]
+        params = {"namespaces": namespaces, "limit": limit}
+        if kinds:
+            where.append("kind = ANY(CAST(:kinds AS text[]))")
+            params["kinds"] = kinds
+        score = "NULL"
+        order = "pin DESC, created_at DESC"
+        if len(query) >= 2:
+            where.append("to_tsvector('english', content) @@ plainto_tsquery('english', :q)")
+            score = "ts_rank(to_tsvector('english', content), plainto_tsquery('english', :q))"
+            order = "score DESC, created_at DESC"
+            params["q"] = query
+        elif query:
+            where.append("strpos(lower(content), lower(:q)) > 0")
+            order = "created_at DESC"
+            params["q"] = query
+        with self.connection() as db:
+            rows = db.run("SELECT %s, %s AS score FROM memories WHERE %s ORDER BY %s LIMIT :limit"
+                          % (MEMORY_COLUMNS, score, " AND ".join(where), order), **params)
+        memories = [_memory(row[:-1], score=row[-1]) for row in rows]
+        return 200, {"memories": memories or None}
+
+
+def _memory(row, score=None) -> dict:
+    memory_id, namespace, content, kind, source, created_at, expires_at, propagation, pin = row
+    memory = {"id": memory_id, "namespace": namespace, "content": content, "kind": kind,
+              "source": source, "created_at": created_at.isoformat(), "pin": pin}
+    if expires_at is not None:
+        memory["expires_at"] = expires_at.isoformat()
+    if propagation is not None:
+        memory["propagation"] = propagation
+    if score is not None:
+        memory["score"] = float(score)
+    return memory
+
+
+def _optional(body: dict, key: str, kind: type):
+    value = body.get(key)
+    if value is not None and not isinstance(value, kind):
+        raise BadRequest("%s has the wrong type" % key)
+    return value
+
+
+def _reject_constant(name: str):
+    raise ValueError("%s is not JSON" % name)  # strict JSON, as Go's decoder
+
+
+def _check_namespace_name(name: str) -> None:
+    if len(name) > 256 or not NAMESPACE_NAME.match(name):
+        raise BadRequest("invalid namespace name")
+
+
+def _handler_for(plugin: PluginServer):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as the real plugin
+        disable_nagle_algorithm = True  # headers and body go out as two writes
+
+        def log_message(self, *args):
+            pass
+
+        def _send(self, status: int, payload) -> None:
+            data = json.dumps(payload).encode("utf-8")
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _body(self):
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length) if length else b""
+            try:
+                return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant) if raw else None
+            except ValueError:
+                raise BadRequest("body is not valid JSON") from None
+
+        def _dispatch(self, method: str) -> None:
+            path = self.path.split("?", 1)[0]
+            parts = path.split("/")
+            try:
+                if method == "GET" and path == "/v1/health":
+                    route, call = "health", plugin.health
+                elif method == "PUT" and len(parts) == 4 and parts[:3] == ["", "v1", "namespaces"]:
+                    body = self._body()
+                    route, call = "put_namespace", lambda: plugin.put_namespace(
+                        unquote(parts[3]), body)
+                elif (method == "POST" and len(parts) == 5 and parts[:3] == ["", "v1", "namespaces"]
+                      and parts[4] == "memories"):
+                    body = self._body()
+                    route, call = "write_memory", lambda: plugin.write_memory(
+                        unquote(parts[3]), body)
+                elif method == "POST" and path == "/v1/search":
+                    body = self._body()
+                    route, call = "search", lambda: plugin.search(body)
+                else:
+                    self._body()
+                    self._send(404, {"code": "not_found", "message": "no such route"})
+                    return
+                with plugin.lock:
+                    plugin.requests[route] += 1
+                status, payload = call()
+            except BadRequest as exc:
+                status, payload = 400, {"code": "bad_request", "message": str(exc)}
+            except Exception as exc:  # noqa: BLE001 - the envelope of any failure
+                status, payload = 500, {"code": "internal", "message": str(exc)[:200]}
+            self._send(status, payload)
+
+        def do_GET(self):
+            self._dispatch("GET")
+
+        def do_PUT(self):
+            self._dispatch("PUT")
+
+        def do_POST(self):
+            self._dispatch("POST")
+
+    return Handler

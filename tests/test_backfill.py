@@ -1,0 +1,447 @@
+"""End to end: the tool against a real PostgreSQL and the test plugin over HTTP.
+
+Every test runs twice: in-process (memory_backfill.main) and as the built
+zipapp in a subprocess (see the `cli` fixture).
+"""
+
+import json
+import re
+import uuid
+
+import pytest
+
+import memory_backfill as mb
+from conftest import APP_PASSWORD, free_port
+
+LAST_BACKFILL = re.compile(r"^Backfill complete: scanned=(\d+) copied=(\d+) skipped=(\d+) errors=(\d+)$")
+LAST_VERIFY = re.compile(
+    r"^Verify complete: workspaces_sampled=(\d+) matches=(\d+) mismatches=(\d+) errors=(\d+)$")
+
+
+def counts(result, pattern=LAST_BACKFILL):
+    match = pattern.match(result.last_line)
+    assert match, "unexpected last line: %r" % result.last_line
+    return tuple(int(n) for n in match.groups())
+
+
+def assert_clean(result):
+    """No password, and no stack trace, in anything the tool printed."""
+    assert APP_PASSWORD not in result.output()
+    assert "Traceback" not in result.output()
+
+
+@pytest.fixture
+def tree(legacy):
+    """root -> child -> grandchild -> great-grandchild, plus a second root."""
+    legacy.create_schema()
+    root, child, grandchild, great = legacy.chain(3)
+    return {"root": root, "child": child, "grandchild": grandchild, "great": great,
+            "other_root": legacy.workspace()}
+
+
+# --- -apply ----------------------------------------------------------------------------
+
+def test_apply_maps_every_scope_on_a_deep_tree(cli, legacy, tree, plugin, env):
+    expected = {}
+    for name in ("root", "child", "grandchild", "great"):
+        w = tree[name]
+        expected[legacy.memory(w, "local note of %s" % name, "LOCAL")] = "workspace:" + w
+    expected[legacy.memory(tree["root"], "team note of root", "TEAM")] = "team:" + tree["root"]
+    expected[legacy.memory(tree["child"], "team note of child", "TEAM")] = "team:" + tree["root"]
+    expected[legacy.memory(tree["grandchild"], "team of gc", "TEAM")] = "team:" + tree["child"]
+    expected[legacy.memory(tree["great"], "team of great", "TEAM")] = "team:" + tree["grandchild"]
+    expected[legacy.memory(tree["root"], "org wide fact", "GLOBAL")] = "org:" + tree["root"]
+    expected[legacy.memory(tree["other_root"], "other org", "GLOBAL")] = "org:" + tree["other_root"]
+
+    result = cli("-apply")
+
+    assert result.status == 0, result.output()
+    assert counts(result) == (10, 10, 0, 0)
+    records = plugin.records()
+    assert {i: r["namespace"] for i, r in records.items()} == expected
+    assert all(r["kind"] == "fact" and r["source"] == "agent" for r in records.values())
+    kinds = plugin.namespaces()
+    assert kinds["org:" + tree["root"]] == "org" and kinds["team:" + tree["child"]] == "team"
+    assert kinds["workspace:" + tree["great"]] == "workspace"
+    assert set(plugin.namespace_puts.values()) == {1}  # one PUT per namespace per run
+    assert "rows copied by scope: GLOBAL=2, LOCAL=4, TEAM=4" in result.stdout
+    assert "rows copied by namespace kind: org=2, team=4, workspace=4 (9 namespaces)" in result.stdout
+    assert_clean(result)
+
+
+def test_apply_keeps_legacy_fields_in_propagation_and_sends_embeddings(cli, legacy, tree, plugin, env):
+    row = legacy.memory(tree["child"], "with embedding", "TEAM", embedding=[0.25, -1.5, 3.0])
+    plain = legacy.memory(tree["child"], "no embedding", "LOCAL")
+    legacy.db.run("UPDATE agent_memories SET namespace = 'ops', updated_at = '2024-02-03T04:05:06Z' "
+                  "WHERE id = CAST(:id AS uuid)", id=row)
+
+    assert cli("-apply").status == 0
+
+    records = plugin.records()
+    assert records[row]["propagation"] == {"legacy": {
+        "workspace_id": tree["child"], "scope": "TEAM", "namespace": "ops",
+        "created_at": "2024-01-01T00:00:00+00:00", "updated_at": "2024-02-03T04:05:06+00:00"}}
+    assert records[row]["embedding"] == [0.25, -1.5, 3.0]
+    assert records[plain]["embedding"] is None
+
+
+def test_apply_copies_oldest_first(cli, legacy, tree, plugin, env):
+    from datetime import datetime, timezone
+    newer = legacy.memory(tree["root"], "newer", created_at=datetime(2025, 1, 1, tzinfo=timezone.utc))
+    older = legacy.memory(tree["root"], "older", created_at=datetime(2023, 1, 1, tzinfo=timezone.utc))
+    undated = legacy.memory(tree["root"], "undated")
+    legacy.db.run("UPDATE agent_memories SET created_at = NULL WHERE id = CAST(:id AS uuid)", id=undated)
+
+    assert cli("-apply").status == 0
+    assert plugin.first_writes == [undated, older, newer]
+
+
+def test_every_skip_reason_is_named_and_nothing_skipped_is_written(cli, legacy, plugin, env):
+    legacy.create_schema(scope_check=False)
+    root, child = legacy.chain(1)
+    a, b = str(uuid.uuid4()), str(uuid.uuid4())
+    legacy.db.run("SET session_replication_role = replica")  # let the bad rows in
+    legacy.workspace(parent=b, workspace_id=a)
+    legacy.workspace(parent=a, workspace_id=b)
+    legacy.memory(None, "orphan")
+    legacy.memory(str(uuid.uuid4()), "lost workspace")
+    legacy.memory(a, "in a cycle")
+    legacy.memory(root, "strange scope", "PRIVATE")
+    legacy.memory(child, "global from a child", "GLOBAL")
+    legacy.memory(root, " \n\t ")
+    good = legacy.memory(root, "the one good row")
+
+    result = cli("-apply")
+
+    assert result.status == 0, result.output()
+    assert counts(result) == (7, 1, 6, 0)
+    for reason in (mb.SKIP_NO_WORKSPACE, mb.SKIP_WORKSPACE_NOT_FOUND, mb.SKIP_CYCLE,
+                   mb.SKIP_UNKNOWN_SCOPE, mb.SKIP_GLOBAL_NOT_ROOT, mb.SKIP_EMPTY_CONTENT):
+        assert re.search(r"^\s+1  %s$" % re.escape(reason), result.stdout, re.M), reason
+    assert list(plugin.records()) == [good]
+
+
+def test_apply_redacts_and_reports_counts_not_secrets(cli, legacy, tree, plugin, env):
+    secret = "ghp_" + "Z" * 30
+    row = legacy.memory(tree["root"], "deploy key %s and Bearer tok123 done" % secret)
+
+    result = cli("-apply", "-v")
+
+    assert result.status == 0
+    content = plugin.records()[row]["content"]
+    assert content == "deploy key [REDACTED:GITHUB_PAT] and [REDACTED:BEARER_TOKEN] done"
+    assert "redactions by label: BEARER_TOKEN=1, GITHUB_PAT=1" in result.stdout
+    assert secret not in result.output() and "tok123" not in result.output()
+    assert "deploy key" not in result.output()  # verbose lines carry ids, never content
+    assert ("copy %s -> workspace:%s" % (row, tree["root"])) in result.stderr
+
+
+def test_no_redact_copies_verbatim_and_says_so(cli, legacy, tree, plugin, env):
+    row = legacy.memory(tree["root"], "Bearer keepme")
+    result = cli("-apply", "--no-redact")
+    assert result.status == 0
+    assert plugin.records()[row]["content"] == "Bearer keepme"
+    assert "redaction: OFF (--no-redact)" in result.stdout
+
+
+def test_rerunning_apply_changes_nothing(cli, legacy, tree, plugin, env):
+    ids = legacy.many(tree["child"], 30, scope="TEAM")
+    legacy.memory(tree["root"], "GLOBAL fact", "GLOBAL")
+    assert cli("-apply").status == 0
+    first = plugin.records()
+
+    second_run = cli("-apply")
+
+    assert second_run.status == 0 and counts(second_run) == (31, 31, 0, 0)
+    again = plugin.records()
+    assert plugin.count() == 31 and set(again) == set(first) and set(ids) <= set(again)
+    for key in ("namespace", "content", "kind", "source", "propagation", "embedding"):
+        assert {i: r[key] for i, r in again.items()} == {i: r[key] for i, r in first.items()}
+
+
+def test_limit_and_workspace_filters(cli, legacy, tree, plugin, env):
+    legacy.many(tree["root"], 5)
+    mine = legacy.many(tree["grandchild"], 4)
+
+    result = cli("-apply", "-limit", "3")
+    assert counts(result) == (3, 3, 0, 0) and plugin.count() == 3
+
+    plugin.reset()
+    result = cli("--apply", "--workspace=" + tree["grandchild"])
+    assert counts(result) == (4, 4, 0, 0)
+    assert sorted(plugin.records()) == sorted(mine)
+
+    plugin.reset()
+    result = cli("-apply", "-workspace", tree["grandchild"], "-limit=2")
+    assert counts(result) == (2, 2, 0, 0) and set(plugin.records()) <= set(mine)
+
+
+def test_a_row_the_plugin_rejects_is_an_error_and_the_run_goes_on(cli, legacy, tree, plugin, env):
+    rejected = legacy.memory(tree["root"], "the plugin says no")
+    nan = legacy.memory(tree["root"], "not a number inside", embedding=[float("nan")])
+    good = legacy.memory(tree["root"], "fine row")
+    plugin.reject_ids.add(rejected)
+
+    result = cli("-apply")
+
+    assert result.status == 1
+    assert counts(result) == (3, 1, 0, 2)
+    assert list(plugin.records()) == [good]
+    assert re.search(r"^  %s: HTTP 400: rejected by the test$" % rejected, result.stdout, re.M)
+    assert re.search(r"^  %s: the embedding holds NaN or Infinity, which JSON cannot carry$" % nan,
+                     result.stdout, re.M)
+
+
+def test_json_report(cli, legacy, tree, plugin, env):
+    legacy.memory(tree["root"], "x1 Bearer abc")
+    legacy.memory(None, "orphan")
+    result = cli("-apply", "--json")
+    report = json.loads(result.stdout)
+    assert report["scanned"] == 2 and report["copied"] == 1 and report["skipped"] == 1
+    assert report["skipped_by_reason"] == {mb.SKIP_NO_WORKSPACE: 1}
+    assert report["redactions_by_label"] == {"BEARER_TOKEN": 1}
+    assert report["exit_status"] == 0 == result.status
+
+
+def test_missing_optional_columns(cli, legacy, plugin, env):
+    legacy.create_schema(drop_columns=("namespace", "updated_at", "embedding"))
+    root = legacy.workspace()
+    row = legacy.memory(root, "old tenant row")
+
+    result = cli("-apply")
+
+    assert result.status == 0, result.output()
+    assert plugin.records()[row]["propagation"] == {"legacy": {
+        "workspace_id": root, "scope": "LOCAL", "created_at": "2024-01-01T00:00:00+00:00"}}
+    assert "embedding" not in plugin.records()[row] or plugin.records()[row]["embedding"] is None
+
+
+# --- -dry-run --------------------------------------------------------------------------
+
+def test_dry_run_writes_nothing_anywhere(cli, legacy, tree, plugin, env):
+    legacy.many(tree["root"], 10)
+    legacy.memory(tree["child"], "GLOBAL from child", "GLOBAL")
+    before = legacy.snapshot()
+
+    result = cli("-dry-run")
+
+    assert result.status == 0
+    assert counts(result) == (11, 10, 1, 0)
+    assert plugin.count() == 0 and plugin.namespaces() == {}
+    assert plugin.requests["put_namespace"] == plugin.requests["write_memory"] == 0
+    assert plugin.requests["health"] == 1
+    assert "plugin: ok (version test-plugin): -apply could start" in result.stdout
+    assert "rows would copy by scope: LOCAL=10" in result.stdout
+    assert legacy.snapshot() == before
+
+
+def test_dry_run_without_plugin_and_with_a_broken_one(cli, legacy, tree, monkeypatch):
+    monkeypatch.setenv("DATABASE_URL", legacy.url)
+    monkeypatch.delenv("MEMORY_PLUGIN_URL", raising=False)
+    legacy.memory(tree["root"], "one")
+    result = cli("-dry-run")
+    assert result.status == 0 and counts(result) == (1, 1, 0, 0)
+    assert "plugin:" not in result.stdout
+
+    result = cli("-dry-run", "--plugin-url", "http://127.0.0.1:%d" % free_port())
+    assert result.status == 0
+    assert "plugin: NOT ready, -apply would stop: Cannot reach the memory plugin" in result.stdout
+
+
+def test_the_database_session_refuses_writes(cluster, legacy):
+    legacy.create_schema()
+    config = mb.parse_database_url(cluster.url(legacy.name, cluster.user, cluster.password))
+    connection = mb._connect(config)  # even a superuser's session
+    try:
+        with pytest.raises(Exception, match="read-only transaction"):
+            connection.run("CREATE TABLE intruder (x int)")
+    finally:
+        connection.close()
+
+
+# --- -verify ---------------------------------------------------------------------------
+
+def test_verify_passes_after_apply_and_fails_after_tampering(cli, legacy, tree, plugin, env):
+    ids = [legacy.memory(tree[name], "%s fact number %d" % (name, i), scope)
+           for i, (name, scope) in enumerate([("root", "GLOBAL"), ("child", "TEAM"),
+                                              ("great", "LOCAL"), ("great", "TEAM")])]
+    assert cli("-apply").status == 0
+
+    result = cli("-verify")
+    assert result.status == 0, result.output()
+    assert counts(result, LAST_VERIFY) == (3, 4, 0, 0)
+
+    plugin.execute("DELETE FROM memories WHERE id = CAST(:id AS uuid)", id=ids[0])
+    plugin.execute("UPDATE memories SET content = 'tampered' WHERE id = CAST(:id AS uuid)", id=ids[1])
+    plugin.execute("UPDATE memories SET namespace = 'workspace:' || :w WHERE id = CAST(:id AS uuid)",
+                   id=ids[3], w=tree["great"])
+
+    result = cli("-verify")
+    assert result.status == 1
+    assert counts(result, LAST_VERIFY) == (3, 1, 3, 0)
+    assert "mismatch %s (workspace %s): missing from org:%s" % (ids[0], tree["root"], tree["root"]) \
+        in result.stdout
+    assert ('mismatch %s (workspace %s): content differs: expected "child fact number 1", '
+            'found "tampered"' % (ids[1], tree["child"])) in result.stdout
+    assert "mismatch %s (workspace %s): wrong namespace: expected team:%s, found in workspace:%s" % (
+        ids[3], tree["great"], tree["grandchild"], tree["great"]) in result.stdout
+
+
+def test_verify_a_workspace_with_250_memories(cli, legacy, tree, plugin, env):
+    ids = legacy.many(tree["child"], 250, words=("kubernetes", "rollout"))
+    assert cli("-apply").status == 0
+
+    result = cli("-verify", "-workspace", tree["child"])
+    assert result.status == 0, result.output()
+    assert counts(result, LAST_VERIFY) == (1, 250, 0, 0)
+
+    # One of the 150 older rows (not in the newest-100 listing) goes missing.
+    plugin.execute("DELETE FROM memories WHERE id = CAST(:id AS uuid)", id=ids[10])
+    result = cli("-verify", "-workspace", tree["child"])
+    assert result.status == 1
+    assert counts(result, LAST_VERIFY) == (1, 249, 1, 0)
+    assert "mismatch %s" % ids[10] in result.stdout
+
+
+def test_verify_calls_an_unsearchable_old_row_unverifiable_never_a_match(cli, legacy, tree, plugin, env):
+    stopwords = legacy.memory(tree["root"], "the and of")  # no searchable words
+    legacy.many(tree["root"], 120)
+    assert cli("-apply").status == 0
+
+    result = cli("-verify")
+    assert result.status == 1
+    assert counts(result, LAST_VERIFY) == (1, 120, 0, 1)
+    assert "unverifiable %s" % stopwords in result.stdout
+
+
+def test_verify_samples_deterministically_and_skips_removed_workspaces(cli, legacy, plugin, env):
+    legacy.create_schema()
+    workspaces = [legacy.workspace() for _ in range(6)]
+    removed = legacy.workspace(status="removed")
+    for w in workspaces + [removed]:
+        legacy.memory(w, "fact for " + w)
+    assert cli("-apply").status == 0
+
+    first = cli("-verify", "-verify-sample", "3", "--json")
+    again = cli("-verify", "-verify-sample=3", "--json")
+    everything = cli("-verify", "-verify-sample", "0", "--json")
+
+    assert json.loads(first.stdout)["workspaces_sampled"] == 3
+    assert first.stdout == again.stdout
+    assert json.loads(everything.stdout)["matches"] == 6  # not the removed workspace's row
+
+
+# --- exit statuses and their sentences ---------------------------------------------
+
+def test_usage_errors_exit_2_before_connecting(cli, monkeypatch):
+    monkeypatch.setenv("DATABASE_URL", "postgres://u:pw@127.0.0.1:%d/d" % free_port())
+    monkeypatch.setenv("MEMORY_PLUGIN_URL", "http://127.0.0.1:9")
+    for argv, sentence in [
+        ((), "memory-backfill: Choose exactly one mode: -dry-run, -apply or -verify."),
+        (("-apply", "-verify"), "Choose exactly one mode: -dry-run, -apply or -verify (got -apply and -verify)."),
+        (("-apply", "-limit", "0"), "-limit must be a positive whole number, not '0'."),
+        (("-apply", "-workspace", "42"), "-workspace must be a workspace UUID, not '42'."),
+    ]:
+        result = cli(*argv)
+        assert result.status == 2, argv
+        assert result.stdout == ""
+        assert result.stderr.strip().endswith(sentence), result.stderr
+
+
+def test_missing_or_malformed_configuration_exits_2(cli, monkeypatch):
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.setenv("MEMORY_PLUGIN_URL", "http://127.0.0.1:9")
+    result = cli("-apply")
+    assert result.status == 2 and "DATABASE_URL is not set" in result.stderr
+
+    monkeypatch.setenv("DATABASE_URL", "postgres://u:%s@h:port/d" % "hunter2")
+    result = cli("-apply")
+    assert result.status == 2 and "DATABASE_URL is malformed" in result.stderr
+    assert "hunter2" not in result.output()
+
+    monkeypatch.setenv("DATABASE_URL", "postgres://u:pw@h/d")
+    monkeypatch.setenv("MEMORY_PLUGIN_URL", "localhost:9100")
+    result = cli("-verify")
+    assert result.status == 2 and "MEMORY_PLUGIN_URL is malformed" in result.stderr
+
+
+def test_database_unreachable_exits_3(cli, plugin, monkeypatch):
+    monkeypatch.setenv("DATABASE_URL", "postgres://u:%s@127.0.0.1:%d/d?connect_timeout=5"
+                       % ("hunter2", free_port()))
+    monkeypatch.setenv("MEMORY_PLUGIN_URL", plugin.url)
+    result = cli("-apply")
+    assert result.status == 3
+    assert result.stderr.startswith("memory-backfill: Cannot reach the legacy database u@127.0.0.1:")
+    assert "hunter2" not in result.output() and result.stderr.count("\n") == 1
+
+
+def test_login_refused_exits_3_without_the_password(cli, cluster, legacy, plugin, monkeypatch):
+    legacy.create_schema()
+    monkeypatch.setenv("DATABASE_URL", cluster.url(legacy.name, password="wrong-" + APP_PASSWORD))
+    monkeypatch.setenv("MEMORY_PLUGIN_URL", plugin.url)
+    result = cli("-dry-run")
+    assert result.status == 3
+    assert "The legacy database refused the login for backfill_app@" in result.stderr
+    assert "check the user and password in DATABASE_URL" in result.stderr
+    assert "wrong-" not in result.output() and APP_PASSWORD not in result.output()
+
+
+def test_missing_agent_memories_exits_3(cli, legacy, plugin, env):
+    legacy.db.run("CREATE TABLE workspaces (id uuid PRIMARY KEY, name text, parent_id uuid)")
+    result = cli("-verify")
+    assert result.status == 3
+    assert "The legacy table agent_memories does not exist" in result.stderr
+    assert_clean(result)
+
+
+def test_plugin_unreachable_or_unhealthy_exits_3(cli, legacy, tree, plugin, env, monkeypatch):
+    legacy.memory(tree["root"], "x")
+    monkeypatch.setenv("MEMORY_PLUGIN_URL", "http://127.0.0.1:%d" % free_port())
+    result = cli("-apply", "--timeout", "2")
+    assert result.status == 3 and "Cannot reach the memory plugin at http://127.0.0.1:" in result.stderr
+
+    monkeypatch.setenv("MEMORY_PLUGIN_URL", plugin.url)
+    plugin.degraded = True
+    for mode in ("-apply", "-verify"):
+        result = cli(mode)
+        assert result.status == 3
+        assert "The memory plugin at %s is not healthy (HTTP 503" % plugin.url in result.stderr
+    assert plugin.count() == 0
+
+
+# --- connection settings ---------------------------------------------------------------
+
+def test_ipv6_search_path_and_sslmode_prefer_falls_back_to_plain(cli, cluster, legacy, plugin, monkeypatch):
+    legacy.create_schema()
+    legacy.db.run("CREATE SCHEMA tenant")
+    legacy.db.run("ALTER TABLE agent_memories SET SCHEMA tenant")
+    legacy.db.run("ALTER TABLE workspaces SET SCHEMA tenant")
+    legacy.db.run("SET search_path = tenant")
+    root = legacy.workspace()
+    row = legacy.memory(root, "found through search_path")
+    host = "[::1]" if _ipv6_listening(cluster) else "127.0.0.1"
+    monkeypatch.setenv("DATABASE_URL", cluster.url(
+        legacy.name, host=host, query="sslmode=prefer&search_path=tenant&application_name=ops"))
+    monkeypatch.setenv("MEMORY_PLUGIN_URL", plugin.url + "/")
+
+    result = cli("-apply")
+
+    assert result.status == 0, result.output()
+    assert list(plugin.records()) == [row]
+
+
+def test_sslmode_require_against_a_server_without_tls_exits_3(cli, cluster, legacy, plugin, monkeypatch):
+    legacy.create_schema()
+    monkeypatch.setenv("DATABASE_URL", cluster.url(legacy.name, query="sslmode=require"))
+    monkeypatch.setenv("MEMORY_PLUGIN_URL", plugin.url)
+    result = cli("-dry-run")
+    assert result.status == 3 and "Server refuses SSL" in result.stderr
+
+
+def _ipv6_listening(cluster) -> bool:
+    import socket
+    try:
+        socket.create_connection(("::1", cluster.port), timeout=2).close()
+        return True
+    except OSError:
+        return False
