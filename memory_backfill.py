@@ -19,17 +19,18 @@ exit statuses.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import random
 import re
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime
 from enum import IntEnum
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
-from uuid import UUID
+
+if TYPE_CHECKING:
+    from datetime import datetime
 
 __version__ = "0.1.0"
 
@@ -87,10 +88,7 @@ REDACTION_PATTERNS: Tuple[Tuple[str, str, int], ...] = (
     ("CTX7_TOKEN", r"ctx7_[A-Za-z0-9]+", 0),
     ("BASE64_BLOB", r"[A-Za-z0-9+/]{33,}={0,2}", 0),
 )
-REDACTION_RULES = tuple(
-    (label, re.compile(pattern, flags | re.ASCII), "[REDACTED:%s]" % label)
-    for label, pattern, flags in REDACTION_PATTERNS
-)
+
 
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 
@@ -359,6 +357,8 @@ def parse_plugin_url(url: Optional[str]) -> str:
 
 
 def parse_uuid(value: str) -> str:
+    from uuid import UUID
+
     try:
         return str(UUID(value))
     except ValueError:
@@ -448,10 +448,17 @@ def resolve_target(workspace_id: Optional[str], scope: str, tree: WorkspaceTree)
 # Redaction (pure): REFERENCE §5
 # ---------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=None)
+def redaction_rules() -> Tuple[Tuple[str, "re.Pattern", str], ...]:
+    """The compiled patterns (compiled on first use: --help need not pay for them)."""
+    return tuple((label, re.compile(pattern, flags | re.ASCII), "[REDACTED:%s]" % label)
+                 for label, pattern, flags in REDACTION_PATTERNS)
+
+
 def redact(text: str) -> Tuple[str, Counter]:
     """Apply SAFE-T1201; return the redacted text and the matches per label."""
     counts: Counter = Counter()
-    for label, pattern, replacement in REDACTION_RULES:
+    for label, pattern, replacement in redaction_rules():
         text, n = pattern.subn(replacement, text)
         if n:
             counts[label] += n
@@ -499,6 +506,8 @@ def search_query(content: str) -> str:
 
 def sample_workspaces(candidates: Iterable[str], size: int, seed: int) -> List[str]:
     """A deterministic sample (size 0 = all), in sorted order."""
+    import random
+
     ordered = sorted(candidates)
     if size == 0 or size >= len(ordered):
         return ordered
@@ -520,7 +529,7 @@ class LegacyDatabase:
         self.connection = None
         self.columns: Tuple[str, ...] = ()
 
-    def __enter__(self) -> "LegacyDatabase":
+    def __enter__(self) -> LegacyDatabase:
         self.connection = _connect(self.config)
         with self._errors():
             # One snapshot for the whole run; the session refuses writes.
@@ -553,7 +562,7 @@ class LegacyDatabase:
                 "AND attname = 'status' AND NOT attisdropped")
             status = "status::text" if has_status else "NULL"
             return WorkspaceTree(self.connection.run(
-                "SELECT id::text, parent_id::text, %s FROM workspaces" % status))
+                "SELECT id::text, parent_id::text, %s FROM workspaces" % status))  # noqa: S608
 
     def _row_query(self, workspace: Optional[str], limit: Optional[int]) -> Tuple[str, Dict]:
         select = ["id::text", "workspace_id::text", "content", "scope::text", "created_at"]
@@ -561,7 +570,8 @@ class LegacyDatabase:
             ("embedding::text" if name == "embedding" else name)
             if name in self.columns else "NULL" for name in OPTIONAL_COLUMNS
         ]
-        sql = "SELECT %s FROM agent_memories" % ", ".join(select)
+        # Only fixed column expressions are spliced in; every value is bound.
+        sql = "SELECT %s FROM agent_memories" % ", ".join(select)  # noqa: S608
         params: Dict[str, object] = {}
         if workspace is not None:
             sql += " WHERE workspace_id = CAST(:workspace AS uuid)"
@@ -931,14 +941,14 @@ def format_backfill(report: BackfillReport) -> List[str]:
     def counts(counter: Counter) -> str:
         return ", ".join("%s=%d" % item for item in sorted(counter.items())) or "none"
 
-    verb = "copied" if report.mode == "apply" else "would copy"
+    verb = "copied" if report.mode == "apply" else "to copy"
     lines = ["memory-backfill -%s" % report.mode]
     if report.plugin_status:
         lines.append("plugin: %s" % report.plugin_status)
     lines.append("rows %s by scope: %s" % (verb, counts(report.by_scope)))
     lines.append("rows %s by namespace kind: %s (%d namespaces)"
                  % (verb, counts(report.by_kind), len(report.namespaces)))
-    lines.append("skipped: %s" % ("none" if not report.skipped else ""))
+    lines.append("skipped by reason:" if report.skipped else "skipped: none")
     for reason, count in sorted(report.skip_reasons.items()):
         lines.append("  %6d  %s" % (count, reason))
     if report.redact:

@@ -10,33 +10,22 @@ from __future__ import annotations
 
 import itertools
 import os
-import pwd
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
-import pg8000.native
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from pg_cluster import APP_PASSWORD, Cluster, ensure_app_role, free_port, start_cluster  # noqa: E402, F401
 from plugin_server import PluginServer  # noqa: E402
-
-SUPERUSER = "backfill_admin"
-SUPERUSER_PASSWORD = "admin-pw"
-APP_USER = "backfill_app"
-# Every URL-special character, to prove percent-decoding and that the password
-# never shows up in output.
-APP_PASSWORD = "s3cr3t p@ss:w/rd%?#&="
 
 LEGACY_SCHEMA = """
 CREATE TABLE workspaces (
@@ -58,119 +47,30 @@ SCOPE_CHECK = "CHECK (scope IN ('LOCAL','TEAM','GLOBAL'))"
 
 # --- the PostgreSQL server -----------------------------------------------------
 
-def _pg_bindir() -> Path:
-    initdb = shutil.which("initdb")
-    if initdb:
-        return Path(os.path.realpath(initdb)).parent
-    pg_config = shutil.which("pg_config")
-    if pg_config:
-        bindir = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True).stdout
-        if (Path(bindir.strip()) / "initdb").exists():
-            return Path(bindir.strip())
-    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-    if found:
-        return found[-1].parent
-    pytest.exit("PostgreSQL server binaries (initdb) not found; install postgresql "
-                "or set MEMORY_BACKFILL_TEST_DSN", returncode=3)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@dataclass
-class Cluster:
-    host: str
-    port: int
-    user: str
-    password: str
-
-    def connect(self, database: str = "postgres", **kwargs) -> pg8000.native.Connection:
-        return pg8000.native.Connection(user=self.user, password=self.password, host=self.host,
-                                        port=self.port, database=database, **kwargs)
-
-    def url(self, database: str, user: str = APP_USER, password: str = APP_PASSWORD,
-            host: str = None, query: str = "sslmode=disable") -> str:
-        host = host or self.host
-        return "postgres://%s:%s@%s:%d/%s%s" % (
-            quote(user, safe=""), quote(password, safe=""), host, self.port, database,
-            "?" + query if query else "")
-
-
-def _start_cluster(workdir: Path) -> Cluster:
-    bindir = _pg_bindir()
-    as_root = os.geteuid() == 0
-    run_as = {}
-    if as_root:
-        postgres = pwd.getpwnam("postgres")
-        os.chown(workdir, postgres.pw_uid, postgres.pw_gid)
-        run_as = {"user": postgres.pw_uid, "group": postgres.pw_gid}
-    data = workdir / "data"
-    pwfile = workdir / "pw"
-    pwfile.write_text(SUPERUSER_PASSWORD + "\n")
-    if as_root:
-        os.chown(pwfile, run_as["user"], run_as["group"])
-    subprocess.run([str(bindir / "initdb"), "-D", str(data), "-U", SUPERUSER,
-                    "--pwfile", str(pwfile), "--auth-local=trust", "--auth-host=scram-sha-256",
-                    "-E", "UTF8", "--locale=C.UTF-8"],
-                   check=True, capture_output=True, cwd=workdir, **run_as)
-    port = free_port()
-    ipv6 = socket.has_ipv6 and _can_bind_ipv6()
-    options = ("-c listen_addresses='127.0.0.1%s' -p %d -c unix_socket_directories='%s' "
-               "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
-               "-c max_connections=200" % (",::1" if ipv6 else "", port, workdir))
-    subprocess.run([str(bindir / "pg_ctl"), "-D", str(data), "-l", str(workdir / "log"),
-                    "-o", options, "-w", "-t", "60", "start"],
-                   check=True, capture_output=True, cwd=workdir, **run_as)
-    return Cluster("127.0.0.1", port, SUPERUSER, SUPERUSER_PASSWORD)
-
-
-def _can_bind_ipv6() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as sock:
-            sock.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="session")
 def cluster():
     dsn = os.environ.get("MEMORY_BACKFILL_TEST_DSN")
     if dsn:
         parts = urlsplit(dsn)
-        yield Cluster(parts.hostname, parts.port or 5432, parts.username, parts.password or "")
+        external = Cluster(parts.hostname, parts.port or 5432, parts.username, parts.password or "")
+        ensure_app_role(external)
+        yield external
         return
-    workdir = Path(tempfile.mkdtemp(prefix="memory-backfill-pg-"))
-    os.chmod(workdir, 0o755)
-    started = _start_cluster(workdir)
     try:
-        admin = started.connect()
-        admin.run("CREATE ROLE %s LOGIN PASSWORD '%s'" % (APP_USER, APP_PASSWORD.replace("'", "''")))
-        admin.run("GRANT pg_read_all_data TO %s" % APP_USER)
-        admin.close()
+        started = start_cluster()
+    except RuntimeError as exc:
+        pytest.exit(str(exc), returncode=3)
+    try:
         yield started
     finally:
-        run_as = {}
-        if os.geteuid() == 0:
-            postgres = pwd.getpwnam("postgres")
-            run_as = {"user": postgres.pw_uid, "group": postgres.pw_gid}
-        subprocess.run([str(_pg_bindir() / "pg_ctl"), "-D", str(workdir / "data"), "-m",
-                        "immediate", "stop"], capture_output=True, cwd=workdir, **run_as)
-        shutil.rmtree(workdir, ignore_errors=True)
+        started.stop()
 
 
 _database_numbers = itertools.count(1)
 
 
 def create_database(cluster: Cluster, prefix: str) -> str:
-    name = "%s_%d_%d" % (prefix, os.getpid(), next(_database_numbers))
-    admin = cluster.connect()
-    admin.run("CREATE DATABASE %s" % name)
-    admin.close()
-    return name
+    return cluster.create_database("%s_%d_%d" % (prefix, os.getpid(), next(_database_numbers)))
 
 
 # --- the legacy database -------------------------------------------------------
@@ -190,7 +90,7 @@ class Legacy:
     def url(self) -> str:
         return self.cluster.url(self.name)
 
-    def create_schema(self, drop_columns=(), scope_check=True) -> "Legacy":
+    def create_schema(self, drop_columns=(), scope_check=True) -> Legacy:
         sql = LEGACY_SCHEMA.format(scope_check=SCOPE_CHECK if scope_check else "")
         for statement in sql.split(";"):
             if statement.strip():

@@ -55,7 +55,7 @@ class PluginServer:
 
     def __init__(self, connect_kwargs: dict, connections: int = 8):
         self.connect_kwargs = connect_kwargs
-        self.pool: "queue.Queue[pg8000.native.Connection]" = queue.Queue()
+        self.pool: queue.Queue[pg8000.native.Connection] = queue.Queue()
         for _ in range(connections):
             self.pool.put(pg8000.native.Connection(**connect_kwargs))
         with self.connection() as db:
@@ -77,7 +77,7 @@ class PluginServer:
         host, port = self.httpd.server_address[:2]
         return "http://%s:%d" % (host, port)
 
-    def start(self) -> "PluginServer":
+    def start(self) -> PluginServer:
         self.thread.start()
         return self
 

@@ -9,9 +9,9 @@ import re
 import uuid
 
 import pytest
+from conftest import APP_PASSWORD, free_port
 
 import memory_backfill as mb
-from conftest import APP_PASSWORD, free_port
 
 LAST_BACKFILL = re.compile(r"^Backfill complete: scanned=(\d+) copied=(\d+) skipped=(\d+) errors=(\d+)$")
 LAST_VERIFY = re.compile(
@@ -231,7 +231,7 @@ def test_dry_run_writes_nothing_anywhere(cli, legacy, tree, plugin, env):
     assert plugin.requests["put_namespace"] == plugin.requests["write_memory"] == 0
     assert plugin.requests["health"] == 1
     assert "plugin: ok (version test-plugin): -apply could start" in result.stdout
-    assert "rows would copy by scope: LOCAL=10" in result.stdout
+    assert "rows to copy by scope: LOCAL=10" in result.stdout
     assert legacy.snapshot() == before
 
 
@@ -338,7 +338,8 @@ def test_usage_errors_exit_2_before_connecting(cli, monkeypatch):
     monkeypatch.setenv("MEMORY_PLUGIN_URL", "http://127.0.0.1:9")
     for argv, sentence in [
         ((), "memory-backfill: Choose exactly one mode: -dry-run, -apply or -verify."),
-        (("-apply", "-verify"), "Choose exactly one mode: -dry-run, -apply or -verify (got -apply and -verify)."),
+        (("-apply", "-verify"),
+         "Choose exactly one mode: -dry-run, -apply or -verify (got -apply and -verify)."),
         (("-apply", "-limit", "0"), "-limit must be a positive whole number, not '0'."),
         (("-apply", "-workspace", "42"), "-workspace must be a workspace UUID, not '42'."),
     ]:
