@@ -448,8 +448,8 @@ def resolve_target(workspace_id: Optional[str], scope: str, tree: WorkspaceTree)
 # Redaction (pure): REFERENCE §5
 # ---------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
-def redaction_rules() -> Tuple[Tuple[str, "re.Pattern", str], ...]:
+@functools.cache
+def redaction_rules() -> Tuple[Tuple[str, re.Pattern, str], ...]:
     """The compiled patterns (compiled on first use: --help need not pay for them)."""
     return tuple((label, re.compile(pattern, flags | re.ASCII), "[REDACTED:%s]" % label)
                  for label, pattern, flags in REDACTION_PATTERNS)

@@ -14,9 +14,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import memory_backfill  # noqa: E402
 from pg_cluster import start_cluster  # noqa: E402
 from plugin_server import PluginServer  # noqa: E402
+
+import memory_backfill  # noqa: E402
 
 SCHEMA = """
 CREATE TABLE workspaces (id uuid PRIMARY KEY, name text NOT NULL,
