@@ -23,6 +23,7 @@ import functools
 import json
 import re
 import sys
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -41,6 +42,7 @@ DEFAULT_VERIFY_SAMPLE = 50
 DEFAULT_SEED = 20261126
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_RETRIES = 5
+DEFAULT_CONCURRENCY = 8
 MAX_PARENT_HOPS = 50
 SEARCH_CAP = 100  # the plugin returns at most this many rows per search
 SEARCH_QUERY_CHARS = 2000  # cap on the text of a targeted verify search
@@ -189,6 +191,7 @@ class Settings:
     redact: bool = True
     timeout: float = DEFAULT_TIMEOUT
     retries: int = DEFAULT_RETRIES
+    concurrency: int = DEFAULT_CONCURRENCY
     json_output: bool = False
     verbose: bool = False
 
@@ -241,6 +244,18 @@ class BackfillReport:
     namespaces: set = field(default_factory=set)
     problems: List[str] = field(default_factory=list)  # "id: message", capped
     plugin_status: Optional[str] = None
+
+    def count_copy(self, planned: PlannedWrite) -> None:
+        self.copied += 1
+        self.by_scope[planned.row.scope] += 1
+        self.by_kind[planned.target.kind] += 1
+        self.namespaces.add(planned.target.namespace)
+        self.redactions.update(planned.redactions)
+
+    def count_error(self, row_id: str, error: Exception) -> None:
+        self.errors += 1
+        if len(self.problems) < SHOWN_PROBLEMS:
+            self.problems.append("%s: %s" % (row_id, error))
 
     def exit_status(self) -> ExitStatus:
         return ExitStatus.INCOMPLETE if self.errors else ExitStatus.OK
@@ -732,7 +747,7 @@ class PluginClient:
             respect_retry_after_header=True, raise_on_status=False,
         )
         self.pool = urllib3.PoolManager(
-            num_pools=2, maxsize=connections, retries=retry,
+            num_pools=2, maxsize=connections, block=True, retries=retry,
             timeout=urllib3.Timeout(total=timeout),
             headers={"Content-Type": "application/json", "User-Agent": PROG + "/" + __version__},
         )
@@ -802,47 +817,109 @@ def _short(value: object, limit: int = 200) -> str:
 def backfill(settings: Settings, log) -> BackfillReport:
     """-dry-run (settings.mode == 'dry-run') and -apply."""
     report = BackfillReport(settings.mode, redact=settings.redact)
-    plugin = None
+    writers = None
     if settings.mode == "apply":
-        plugin = PluginClient(settings.plugin_url, settings.timeout, settings.retries)
+        plugin = PluginClient(settings.plugin_url, settings.timeout, settings.retries,
+                              connections=settings.concurrency)
         report.plugin_status = "ok (version %s)" % plugin.check_health()
+        writers = Writers(plugin, settings.concurrency, report, log)
     elif settings.plugin_url:
         try:
             version = PluginClient(settings.plugin_url, settings.timeout, 0).check_health()
             report.plugin_status = "ok (version %s): -apply could start" % version
         except DependencyError as exc:
             report.plugin_status = "NOT ready, -apply would stop: %s" % exc
-    created: set = set()
-    with LegacyDatabase(settings.database) as database:
-        tree = database.read_workspaces()
-        for row in database.rows(settings.workspace, settings.limit):
-            report.scanned += 1
-            outcome = plan_row(row, tree, settings.redact)
-            if isinstance(outcome, Skipped):
-                report.skipped += 1
-                report.skip_reasons[outcome.reason] += 1
-                log("skip %s: %s" % (row.id, outcome.reason))
-                continue
-            target = outcome.target
-            if plugin is not None:
-                try:
-                    if target.namespace not in created:
-                        plugin.put_namespace(target.namespace, target.kind)
-                        created.add(target.namespace)
-                    plugin.write_memory(target.namespace, outcome.body)
-                except RowFailed as exc:
-                    report.errors += 1
-                    if len(report.problems) < SHOWN_PROBLEMS:
-                        report.problems.append("%s: %s" % (row.id, exc))
-                    log("error %s: %s" % (row.id, exc))
-                    continue
-            report.copied += 1
-            report.by_scope[row.scope] += 1
-            report.by_kind[target.kind] += 1
-            report.namespaces.add(target.namespace)
-            report.redactions.update(outcome.redactions)
-            log("%s %s -> %s" % ("copy" if plugin else "would copy", row.id, target.namespace))
+    try:
+        with LegacyDatabase(settings.database) as database:
+            tree = database.read_workspaces()
+            for row in database.rows(settings.workspace, settings.limit):
+                report.scanned += 1
+                outcome = plan_row(row, tree, settings.redact)
+                if isinstance(outcome, Skipped):
+                    report.skipped += 1
+                    report.skip_reasons[outcome.reason] += 1
+                    log("skip %s: %s" % (row.id, outcome.reason))
+                elif writers is not None:
+                    writers.submit(outcome)
+                else:
+                    report.count_copy(outcome)
+                    log("would copy %s -> %s" % (row.id, outcome.target.namespace))
+    finally:
+        if writers is not None:
+            writers.close()  # drains the writes in flight; re-raises a fatal error
     return report
+
+
+class Writers:
+    """--concurrency threads writing planned rows to the plugin.
+
+    At most 2 x concurrency rows are in flight (so memory stays flat whatever
+    the table size), rows are handed out oldest first, and each namespace is
+    upserted once per run, before its first write, without holding up the
+    writers of other namespaces.  A dependency failure (the plugin gone after
+    retries) stops new work; close() lets in-flight writes finish, then raises it.
+    """
+
+    def __init__(self, plugin: PluginClient, concurrency: int, report: BackfillReport, log):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.plugin = plugin
+        self.report = report
+        self.log = log
+        self.lock = threading.Lock()
+        self.slots = threading.BoundedSemaphore(2 * concurrency)
+        self.executor = ThreadPoolExecutor(concurrency, thread_name_prefix="writer")
+        self.namespaces: Dict[str, object] = {}  # name -> Future of its PUT
+        self.fatal: Optional[BaseException] = None
+
+    def submit(self, planned: PlannedWrite) -> None:
+        if self.fatal is not None:
+            raise self.fatal
+        self.slots.acquire()
+        future = self.executor.submit(self._write, planned)
+        future.add_done_callback(lambda _: self.slots.release())
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
+        if self.fatal is not None:
+            raise self.fatal
+
+    def _write(self, planned: PlannedWrite) -> None:
+        if self.fatal is not None:
+            return
+        try:
+            self._ensure_namespace(planned.target)
+            self.plugin.write_memory(planned.target.namespace, planned.body)
+        except RowFailed as exc:
+            with self.lock:
+                self.report.count_error(planned.row.id, exc)
+            self.log("error %s: %s" % (planned.row.id, exc))
+            return
+        except BaseException as exc:  # noqa: BLE001 - handed to the reader thread
+            with self.lock:
+                self.fatal = self.fatal or exc
+            return
+        with self.lock:
+            self.report.count_copy(planned)
+        self.log("copy %s -> %s" % (planned.row.id, planned.target.namespace))
+
+    def _ensure_namespace(self, target: Target) -> None:
+        from concurrent.futures import Future
+
+        with self.lock:
+            future = self.namespaces.get(target.namespace)
+            owner = future is None
+            if owner:
+                future = self.namespaces[target.namespace] = Future()
+        if owner:
+            try:
+                self.plugin.put_namespace(target.namespace, target.kind)
+                future.set_result(None)
+            except BaseException as exc:
+                with self.lock:  # let the next row of this namespace try again
+                    del self.namespaces[target.namespace]
+                future.set_exception(exc)
+        future.result()
 
 
 def verify(settings: Settings, log) -> VerifyReport:
@@ -1023,6 +1100,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="copy contents without secret redaction (said in the summary)")
     options.add_argument("-timeout", "--timeout", metavar="SECONDS", default=str(DEFAULT_TIMEOUT),
                          help="per-request timeout for the plugin (default %(default)s)")
+    options.add_argument("-concurrency", "--concurrency", metavar="N",
+                         default=str(DEFAULT_CONCURRENCY),
+                         help="parallel writes to the plugin (default %(default)s)")
     options.add_argument("-json", "--json", action="store_true",
                          help="print the final report as one JSON object on stdout")
     options.add_argument("-v", "-verbose", "--verbose", action="store_true",
@@ -1068,6 +1148,7 @@ def parse_settings(argv: Optional[Sequence[str]], environ: Dict[str, str]) -> Se
         limit=_whole_number(args.limit, "-limit", 1) if args.limit is not None else None,
         verify_sample=_whole_number(args.verify_sample, "-verify-sample", 0),
         seed=_whole_number(args.seed, "--seed", 0),
+        concurrency=_whole_number(args.concurrency, "--concurrency", 1),
         redact=not args.no_redact, timeout=timeout,
         json_output=args.json, verbose=args.verbose,
     )

@@ -50,6 +50,11 @@ class BadRequest(Exception):
     pass
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128  # the default 5 refuses bursts of concurrent connects
+
+
 class PluginServer:
     """Serve the plugin API on 127.0.0.1:<free port>, storing into PostgreSQL."""
 
@@ -68,8 +73,7 @@ class PluginServer:
         self.degraded = False
         self.reject_ids: set = set()  # writes of these ids get a 400
         self.lock = threading.Lock()
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
-        self.httpd.daemon_threads = True
+        self.httpd = _Server(("127.0.0.1", 0), _handler_for(self))
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     @property
