@@ -915,7 +915,7 @@ class Writers:
             try:
                 self.plugin.put_namespace(target.namespace, target.kind)
                 future.set_result(None)
-            except BaseException as exc:
+            except BaseException as exc:  # noqa: BLE001 - re-raised below via the future
                 with self.lock:  # let the next row of this namespace try again
                     del self.namespaces[target.namespace]
                 future.set_exception(exc)
