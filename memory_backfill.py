@@ -19,11 +19,13 @@ exit statuses.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import re
 import sys
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -49,6 +51,8 @@ SEARCH_QUERY_CHARS = 2000  # cap on the text of a targeted verify search
 PREVIEW_CHARS = 80  # at most this much (redacted) content in a mismatch line
 FETCH_ROWS = 1000  # rows per FETCH from the server-side cursor
 SHOWN_PROBLEMS = 20  # per-row errors / mismatches listed in the text summary
+PROGRESS_TTY_SECONDS = 0.5  # refresh of the self-updating progress line
+PROGRESS_LOG_SECONDS = 5.0  # at most one plain progress line this often otherwise
 RETRY_STATUSES = (429, 502, 503, 504)
 HEALTH_RETRIES = 2  # a plugin that is down at the start should fail the run fast
 
@@ -192,8 +196,10 @@ class Settings:
     timeout: float = DEFAULT_TIMEOUT
     retries: int = DEFAULT_RETRIES
     concurrency: int = DEFAULT_CONCURRENCY
+    max_rate: float = 0  # writes per second across all writers; 0 = no cap
     json_output: bool = False
     verbose: bool = False
+    quiet: bool = False
 
 
 @dataclass(frozen=True)
@@ -470,9 +476,22 @@ def redaction_rules() -> Tuple[Tuple[str, re.Pattern, str], ...]:
                  for label, pattern, flags in REDACTION_PATTERNS)
 
 
+# Every match of every pattern above contains one of these; text with none of
+# them (most memories) is left as it is after a single scan.
+REDACTION_PREFILTER = (r"(?i:_api_key|_token|_secret|://)|Bearer|-----BEGIN|gh[pousr]_|github_pat_"
+                       r"|vc_|AKIA|pplx-|sk-|ctx7_|[A-Za-z0-9+/]{33}")
+
+
+@functools.cache
+def redaction_prefilter() -> re.Pattern:
+    return re.compile(REDACTION_PREFILTER, re.ASCII)
+
+
 def redact(text: str) -> Tuple[str, Counter]:
     """Apply SAFE-T1201; return the redacted text and the matches per label."""
     counts: Counter = Counter()
+    if redaction_prefilter().search(text) is None:
+        return text, counts
     for label, pattern, replacement in redaction_rules():
         text, n = pattern.subn(replacement, text)
         if n:
@@ -596,6 +615,16 @@ class LegacyDatabase:
             sql += " LIMIT :limit"
             params["limit"] = limit
         return sql, params
+
+    def count_rows(self, workspace: Optional[str] = None, limit: Optional[int] = None) -> int:
+        """How many rows rows() will yield (same snapshot, so exact)."""
+        sql, params = "SELECT count(*) FROM agent_memories", {}
+        if workspace is not None:
+            sql += " WHERE workspace_id = CAST(:workspace AS uuid)"
+            params["workspace"] = workspace
+        with self._errors():
+            [[count]] = self.connection.run(sql, **params)
+        return count if limit is None else min(count, limit)
 
     def rows(self, workspace: Optional[str] = None, limit: Optional[int] = None) -> Iterator[LegacyRow]:
         """Stream rows oldest first through a server-side cursor."""
@@ -811,43 +840,130 @@ def _short(value: object, limit: int = 200) -> str:
 
 
 # ---------------------------------------------------------------------------
+# Progress and pacing
+# ---------------------------------------------------------------------------
+
+class RateLimiter:
+    """Spaces writes evenly so that all writers together stay under `rate`/s."""
+
+    def __init__(self, rate: float):
+        self.interval = 1.0 / rate
+        self.lock = threading.Lock()
+        self.next_slot = 0.0
+        self.last_wait = 0.0  # when a writer last had to wait for the cap
+
+    def wait(self) -> None:
+        with self.lock:
+            now = time.monotonic()
+            slot = max(now, self.next_slot)
+            self.next_slot = slot + self.interval
+            if slot > now:
+                self.last_wait = now
+        if slot > now:
+            time.sleep(slot - now)
+
+    def limiting(self) -> bool:
+        return time.monotonic() - self.last_wait < 2.0
+
+
+class Progress:
+    """Rows done / total, rows per second, ETA and errors, on stderr.
+
+    On a terminal: one line that rewrites itself; otherwise a plain line at
+    most every PROGRESS_LOG_SECONDS.  Runs in its own thread.
+    """
+
+    def __init__(self, report: BackfillReport, total: int, stream, limiter=None):
+        self.report = report
+        self.total = total
+        self.stream = stream
+        self.limiter = limiter
+        self.tty = bool(getattr(stream, "isatty", lambda: False)())
+        self.started = time.monotonic()
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="progress", daemon=True)
+
+    def __enter__(self) -> Progress:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stopped.set()
+        self.thread.join()
+        if self.tty:
+            self.stream.write("\r%s\n" % self.line())
+            self.stream.flush()
+
+    def line(self) -> str:
+        report = self.report
+        done = report.copied + report.skipped + report.errors
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        rate = done / elapsed
+        eta = "%ds" % ((self.total - done) / rate) if rate > 0 and done < self.total else "-"
+        percent = 100.0 * done / self.total if self.total else 100.0
+        capped = ", capped by --max-rate" if self.limiter and self.limiter.limiting() else ""
+        return "%d/%d rows (%.0f%%), %.0f rows/s, ETA %s, errors %d%s" % (
+            done, self.total, percent, rate, eta, report.errors, capped)
+
+    def _run(self) -> None:
+        interval = PROGRESS_TTY_SECONDS if self.tty else PROGRESS_LOG_SECONDS
+        while not self.stopped.wait(interval):
+            if self.tty:
+                self.stream.write("\r\x1b[K" + self.line())
+            else:
+                self.stream.write("progress: %s\n" % self.line())
+            self.stream.flush()
+
+
+# ---------------------------------------------------------------------------
 # The three modes
 # ---------------------------------------------------------------------------
 
-def backfill(settings: Settings, log) -> BackfillReport:
+def backfill(settings: Settings, log, stderr=None) -> BackfillReport:
     """-dry-run (settings.mode == 'dry-run') and -apply."""
     report = BackfillReport(settings.mode, redact=settings.redact)
-    writers = None
+    writers = limiter = None
     if settings.mode == "apply":
         plugin = PluginClient(settings.plugin_url, settings.timeout, settings.retries,
                               connections=settings.concurrency)
         report.plugin_status = "ok (version %s)" % plugin.check_health()
-        writers = Writers(plugin, settings.concurrency, report, log)
+        limiter = RateLimiter(settings.max_rate) if settings.max_rate else None
+        writers = Writers(plugin, settings.concurrency, report, log, limiter)
     elif settings.plugin_url:
         try:
             version = PluginClient(settings.plugin_url, settings.timeout, 0).check_health()
             report.plugin_status = "ok (version %s): -apply could start" % version
         except DependencyError as exc:
             report.plugin_status = "NOT ready, -apply would stop: %s" % exc
+    with LegacyDatabase(settings.database) as database:
+        tree = database.read_workspaces()
+        total = database.count_rows(settings.workspace, settings.limit)
+        progress = Progress(report, total, stderr or sys.stderr, limiter)
+        if settings.quiet or settings.verbose:
+            progress = contextlib.nullcontext()
+        with progress:
+            _plan_and_write(database, tree, settings, report, writers, log)
+    return report
+
+
+def _plan_and_write(database: LegacyDatabase, tree: WorkspaceTree, settings: Settings,
+                    report: BackfillReport, writers: Optional[Writers], log) -> None:
     try:
-        with LegacyDatabase(settings.database) as database:
-            tree = database.read_workspaces()
-            for row in database.rows(settings.workspace, settings.limit):
-                report.scanned += 1
-                outcome = plan_row(row, tree, settings.redact)
-                if isinstance(outcome, Skipped):
-                    report.skipped += 1
-                    report.skip_reasons[outcome.reason] += 1
-                    log("skip %s: %s" % (row.id, outcome.reason))
-                elif writers is not None:
-                    writers.submit(outcome)
-                else:
-                    report.count_copy(outcome)
-                    log("would copy %s -> %s" % (row.id, outcome.target.namespace))
+        for row in database.rows(settings.workspace, settings.limit):
+            report.scanned += 1
+            outcome = plan_row(row, tree, settings.redact)
+            if isinstance(outcome, Skipped):
+                report.skipped += 1
+                report.skip_reasons[outcome.reason] += 1
+                log("skip %s: %s" % (row.id, outcome.reason))
+            elif writers is not None:
+                writers.submit(outcome)
+            else:
+                report.count_copy(outcome)
+                log("would copy %s -> %s" % (row.id, outcome.target.namespace))
     finally:
         if writers is not None:
             writers.close()  # drains the writes in flight; re-raises a fatal error
-    return report
 
 
 class Writers:
@@ -860,10 +976,12 @@ class Writers:
     retries) stops new work; close() lets in-flight writes finish, then raises it.
     """
 
-    def __init__(self, plugin: PluginClient, concurrency: int, report: BackfillReport, log):
+    def __init__(self, plugin: PluginClient, concurrency: int, report: BackfillReport, log,
+                 limiter: Optional[RateLimiter] = None):
         from concurrent.futures import ThreadPoolExecutor
 
         self.plugin = plugin
+        self.limiter = limiter
         self.report = report
         self.log = log
         self.lock = threading.Lock()
@@ -889,6 +1007,8 @@ class Writers:
             return
         try:
             self._ensure_namespace(planned.target)
+            if self.limiter is not None:
+                self.limiter.wait()
             self.plugin.write_memory(planned.target.namespace, planned.body)
         except RowFailed as exc:
             with self.lock:
@@ -1103,6 +1223,10 @@ def build_parser() -> argparse.ArgumentParser:
     options.add_argument("-concurrency", "--concurrency", metavar="N",
                          default=str(DEFAULT_CONCURRENCY),
                          help="parallel writes to the plugin (default %(default)s)")
+    options.add_argument("-max-rate", "--max-rate", metavar="N", default="0",
+                         help="at most N writes per second across all writers (default 0 = no cap)")
+    options.add_argument("-q", "-quiet", "--quiet", action="store_true",
+                         help="no progress line on stderr")
     options.add_argument("-json", "--json", action="store_true",
                          help="print the final report as one JSON object on stdout")
     options.add_argument("-v", "-verbose", "--verbose", action="store_true",
@@ -1149,8 +1273,9 @@ def parse_settings(argv: Optional[Sequence[str]], environ: Dict[str, str]) -> Se
         verify_sample=_whole_number(args.verify_sample, "-verify-sample", 0),
         seed=_whole_number(args.seed, "--seed", 0),
         concurrency=_whole_number(args.concurrency, "--concurrency", 1),
+        max_rate=_whole_number(args.max_rate, "--max-rate", 0),
         redact=not args.no_redact, timeout=timeout,
-        json_output=args.json, verbose=args.verbose,
+        json_output=args.json, verbose=args.verbose, quiet=args.quiet,
     )
 
 
@@ -1193,7 +1318,7 @@ def run(argv: Optional[Sequence[str]] = None, environ: Optional[Dict[str, str]] 
         report = verify(settings, log)
         lines = format_verify(report)
     else:
-        report = backfill(settings, log)
+        report = backfill(settings, log, stderr)
         lines = format_backfill(report)
     if settings.json_output:
         print(json.dumps(report.to_json(), sort_keys=True), file=stdout)

@@ -473,3 +473,63 @@ def _ipv6_listening(cluster) -> bool:
         return True
     except OSError:
         return False
+
+
+# --- progress and pacing -------------------------------------------------------------
+
+def test_max_rate_caps_writes_per_second(cli, legacy, tree, plugin, env):
+    import time
+    legacy.many(tree["root"], 1000)
+    started = time.monotonic()
+    result = cli("-apply", "--max-rate", "200", "--concurrency", "16")
+    elapsed = time.monotonic() - started
+    assert result.status == 0 and plugin.count() == 1000
+    assert elapsed >= 4.5  # 1,000 writes at 200/s: a lower bound only, never flaky
+
+
+def _run_on_a_terminal(args, env):
+    """Run the module with stderr on a pseudo-terminal; return (status, what the terminal saw)."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen([sys.executable, str(ROOT / "memory_backfill.py"), *args],
+                               stdout=subprocess.DEVNULL, stderr=terminal, env={**os.environ, **env})
+    os.close(terminal)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(controller, 4096)
+        except OSError:  # the other side closed
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(controller)
+    return process.wait(timeout=60), seen.decode("utf-8", "replace")
+
+
+def test_progress_line_on_a_terminal_and_none_with_quiet(legacy, tree, plugin, env):
+    legacy.many(tree["root"], 300)
+    status, seen = _run_on_a_terminal(["-apply", "--max-rate", "200"], env)
+    assert status == 0
+    assert "\r" in seen
+    assert re.search(r"\d+/300 rows \(\d+%\), \d+ rows/s, ETA \S+, errors 0, capped by --max-rate", seen)
+    assert "\r300/300 rows (100%)" in seen  # the last refresh: everything done
+
+    plugin.reset()
+    status, seen = _run_on_a_terminal(["-apply", "--max-rate", "200", "-q"], env)
+    assert status == 0 and seen == ""
+
+
+def test_progress_without_a_terminal_is_plain_and_rare(cli, legacy, tree, plugin, env):
+    legacy.many(tree["root"], 1300)
+    result = cli("-apply", "--max-rate", "200")  # about 6.5 s
+    lines = [line for line in result.stderr.splitlines() if line.startswith("progress: ")]
+    assert result.status == 0 and "\r" not in result.stderr
+    assert 1 <= len(lines) <= 2  # at most one line per 5 seconds
+    assert re.match(r"progress: \d+/1300 rows", lines[0])
