@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 PIP := $(VPY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: test lint demo zipapp size clean
+.PHONY: test lint demo zipapp size bench clean
 
 $(VENV)/installed: requirements.txt tests/requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,3 +30,6 @@ size: zipapp
 
 clean:
 	rm -rf dist .pytest_cache .ruff_cache tests/__pycache__ __pycache__ .hypothesis
+
+bench: $(VENV)/installed
+	$(VPY) bench/run.py

@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import functools
 import json
+import os
 import re
 import sys
 import threading
@@ -43,8 +44,10 @@ MIN_PYTHON = (3, 9)
 DEFAULT_VERIFY_SAMPLE = 50
 DEFAULT_SEED = 20261126
 DEFAULT_TIMEOUT = 10.0
-DEFAULT_RETRIES = 5
+DEFAULT_RETRIES = 8  # backoff 0.2 s doubling to at most 4 s: about 18 s before giving up
 DEFAULT_CONCURRENCY = 8
+DEFAULT_MAX_CONSECUTIVE_FAILURES = 20
+CHECKPOINT_SAVE_SECONDS = 1.0  # the checkpoint file is replaced at most this often
 MAX_PARENT_HOPS = 50
 SEARCH_CAP = 100  # the plugin returns at most this many rows per search
 SEARCH_QUERY_CHARS = 2000  # cap on the text of a targeted verify search
@@ -129,12 +132,15 @@ class ExitStatus(IntEnum):
     INCOMPLETE = 1  # finished, but rows failed or verification found problems
     USAGE = 2  # usage or configuration error
     UNAVAILABLE = 3  # a dependency (database, plugin) is unusable
+    INTERRUPTED = 130  # SIGINT: 128 + 2
+    TERMINATED = 143  # SIGTERM: 128 + 15
 
 
 class BackfillError(Exception):
     """An error that ends the run; its text is the one sentence shown."""
 
     status = ExitStatus.UNAVAILABLE
+    report = None  # the report so far, when -apply stopped part-way
 
 
 class UsageError(BackfillError):
@@ -143,6 +149,18 @@ class UsageError(BackfillError):
 
 class DependencyError(BackfillError):
     status = ExitStatus.UNAVAILABLE
+
+
+class Interrupted(BackfillError):
+    """SIGINT or SIGTERM: the run wound down cleanly."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        name = signal.Signals(signum).name
+        super().__init__("Interrupted by %s: stopped taking rows and finished the writes in flight; "
+                         "re-run the same command to resume." % name)
+        self.status = ExitStatus.INTERRUPTED if name == "SIGINT" else ExitStatus.TERMINATED
 
 
 class RowFailed(Exception):
@@ -197,6 +215,9 @@ class Settings:
     retries: int = DEFAULT_RETRIES
     concurrency: int = DEFAULT_CONCURRENCY
     max_rate: float = 0  # writes per second across all writers; 0 = no cap
+    max_consecutive_failures: int = DEFAULT_MAX_CONSECUTIVE_FAILURES
+    checkpoint: Optional[str] = None
+    failures: Optional[str] = None
     json_output: bool = False
     verbose: bool = False
     quiet: bool = False
@@ -250,6 +271,11 @@ class BackfillReport:
     namespaces: set = field(default_factory=set)
     problems: List[str] = field(default_factory=list)  # "id: message", capped
     plugin_status: Optional[str] = None
+    checkpoint_path: Optional[str] = None
+    resumed_from: Optional[Dict[str, object]] = None
+    failures_path: Optional[str] = None
+    stopped: Optional[str] = None  # why -apply stopped early
+    stopped_status: Optional[ExitStatus] = None
 
     def count_copy(self, planned: PlannedWrite) -> None:
         self.copied += 1
@@ -264,6 +290,8 @@ class BackfillReport:
             self.problems.append("%s: %s" % (row_id, error))
 
     def exit_status(self) -> ExitStatus:
+        if self.stopped_status is not None:
+            return self.stopped_status
         return ExitStatus.INCOMPLETE if self.errors else ExitStatus.OK
 
     def to_json(self) -> Dict[str, object]:
@@ -273,7 +301,9 @@ class BackfillReport:
             "rows_by_scope": dict(self.by_scope), "rows_by_namespace_kind": dict(self.by_kind),
             "namespaces": len(self.namespaces), "skipped_by_reason": dict(self.skip_reasons),
             "redactions_by_label": dict(self.redactions), "error_rows": self.problems,
-            "plugin": self.plugin_status, "exit_status": int(self.exit_status()),
+            "plugin": self.plugin_status, "checkpoint": self.checkpoint_path,
+            "resumed_from": self.resumed_from, "failures_file": self.failures_path,
+            "stopped": self.stopped, "exit_status": int(self.exit_status()),
         }
 
 
@@ -587,7 +617,7 @@ class LegacyDatabase:
                 pass
 
     def _errors(self):
-        return _database_errors(self.config)
+        return _database_errors(self.config, connected=True)
 
     def read_workspaces(self) -> WorkspaceTree:
         with self._errors():
@@ -598,37 +628,35 @@ class LegacyDatabase:
             return WorkspaceTree(self.connection.run(
                 "SELECT id::text, parent_id::text, %s FROM workspaces" % status))  # noqa: S608
 
-    def _row_query(self, workspace: Optional[str], limit: Optional[int]) -> Tuple[str, Dict]:
+    def _row_query(self, workspace: Optional[str], limit: Optional[int],
+                   after: Optional[Dict] = None) -> Tuple[str, Dict]:
         select = ["id::text", "workspace_id::text", "content", "scope::text", "created_at"]
         select += [
             ("embedding::text" if name == "embedding" else name)
             if name in self.columns else "NULL" for name in OPTIONAL_COLUMNS
         ]
         # Only fixed column expressions are spliced in; every value is bound.
-        sql = "SELECT %s FROM agent_memories" % ", ".join(select)  # noqa: S608
-        params: Dict[str, object] = {}
-        if workspace is not None:
-            sql += " WHERE workspace_id = CAST(:workspace AS uuid)"
-            params["workspace"] = workspace
+        where, params = _row_filter(workspace, after)
+        sql = "SELECT %s FROM agent_memories%s" % (", ".join(select), where)  # noqa: S608
         sql += " ORDER BY created_at ASC NULLS FIRST, id"
         if limit is not None:
             sql += " LIMIT :limit"
             params["limit"] = limit
         return sql, params
 
-    def count_rows(self, workspace: Optional[str] = None, limit: Optional[int] = None) -> int:
+    def count_rows(self, workspace: Optional[str] = None, limit: Optional[int] = None,
+                   after: Optional[Dict] = None) -> int:
         """How many rows rows() will yield (same snapshot, so exact)."""
-        sql, params = "SELECT count(*) FROM agent_memories", {}
-        if workspace is not None:
-            sql += " WHERE workspace_id = CAST(:workspace AS uuid)"
-            params["workspace"] = workspace
+        where, params = _row_filter(workspace, after)
+        sql = "SELECT count(*) FROM agent_memories" + where  # noqa: S608 - fixed text, bound values
         with self._errors():
             [[count]] = self.connection.run(sql, **params)
         return count if limit is None else min(count, limit)
 
-    def rows(self, workspace: Optional[str] = None, limit: Optional[int] = None) -> Iterator[LegacyRow]:
-        """Stream rows oldest first through a server-side cursor."""
-        sql, params = self._row_query(workspace, limit)
+    def rows(self, workspace: Optional[str] = None, limit: Optional[int] = None,
+             after: Optional[Dict] = None) -> Iterator[LegacyRow]:
+        """Stream rows oldest first (after a checkpoint position) through a server-side cursor."""
+        sql, params = self._row_query(workspace, limit, after)
         with self._errors():
             self.connection.run("DECLARE legacy_rows NO SCROLL CURSOR FOR " + sql, **params)
         while True:
@@ -664,6 +692,24 @@ class LegacyDatabase:
             [[count]] = self.connection.run(
                 "SELECT numnode(plainto_tsquery('english', :text))", text=text)
         return count > 0
+
+
+def _row_filter(workspace: Optional[str], after: Optional[Dict]) -> Tuple[str, Dict[str, object]]:
+    """WHERE clause for -workspace and a checkpoint position, in the read order
+    (created_at ascending with NULLs first, then id)."""
+    conditions, params = [], {}
+    if workspace is not None:
+        conditions.append("workspace_id = CAST(:workspace AS uuid)")
+        params["workspace"] = workspace
+    if after is not None:
+        conditions.append(
+            "(CASE WHEN CAST(:after_at AS timestamptz) IS NULL"
+            " THEN created_at IS NOT NULL OR id > CAST(:after_id AS uuid)"
+            " ELSE created_at > CAST(:after_at AS timestamptz)"
+            " OR (created_at = CAST(:after_at AS timestamptz) AND id > CAST(:after_id AS uuid)) END)")
+        params["after_at"] = after["created_at"]
+        params["after_id"] = after["id"]
+    return (" WHERE " + " AND ".join(conditions) if conditions else ""), params
 
 
 def _iso(value: Optional[datetime]) -> Optional[str]:
@@ -719,11 +765,17 @@ def _sqlstate(exc: Exception) -> str:
 class _database_errors:
     """Turn pg8000 and socket errors into one clear DependencyError sentence."""
 
-    def __init__(self, config: DatabaseConfig):
+    def __init__(self, config: DatabaseConfig, connected: bool = False):
         self.config = config
+        self.connected = connected
 
     def __enter__(self):
         return self
+
+    def _lost(self, detail) -> DependencyError:
+        return DependencyError(
+            "The connection to the legacy database %s was lost (%s); check that it is running, "
+            "then run the same command again." % (self.config.describe(), detail))
 
     def __exit__(self, exc_type, exc, tb):
         if exc is None or isinstance(exc, (BackfillError, GeneratorExit)):
@@ -738,6 +790,8 @@ class _database_errors:
                 raise DependencyError(
                     "The legacy database refused the login for %s (%s); check the user and "
                     "password in DATABASE_URL." % (where, message)) from None
+            if code.startswith(("57P", "08")) and self.connected:
+                raise self._lost(message) from None
             if code == "3D000":
                 raise DependencyError(
                     "The legacy database %s does not exist; check the database name in "
@@ -747,6 +801,8 @@ class _database_errors:
                 "further was written." % (where, code, message)) from None
         if isinstance(exc, (pg8000.exceptions.InterfaceError, OSError)):
             cause = exc.__cause__ or exc
+            if self.connected:
+                raise self._lost(cause) from None
             raise DependencyError(
                 "Cannot reach the legacy database %s (%s); check that it is running and "
                 "that DATABASE_URL is right." % (where, cause)) from None
@@ -771,7 +827,7 @@ class PluginClient:
 
         self.base_url = base_url
         self.retry = retry = urllib3.Retry(
-            total=retries, backoff_factor=0.2, backoff_max=5, backoff_jitter=0.1,
+            total=retries, backoff_factor=0.2, backoff_max=4, backoff_jitter=0.1,
             status_forcelist=RETRY_STATUSES, allowed_methods=None,
             respect_retry_after_header=True, raise_on_status=False,
         )
@@ -837,6 +893,116 @@ class PluginClient:
 def _short(value: object, limit: int = 200) -> str:
     text = " ".join(str(value).split())
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+# ---------------------------------------------------------------------------
+# Checkpoint and failure report (local files)
+# ---------------------------------------------------------------------------
+
+class Checkpoint:
+    """--checkpoint FILE: how far -apply got, so that a re-run resumes there.
+
+    Every row before `position` (in the read order) is durably written to the
+    plugin or skipped by design.  The file is JSON, replaced atomically
+    (temporary file + rename), and names the row set it belongs to; a run with
+    another mode, -workspace or database refuses it.
+    """
+
+    def __init__(self, path: str, identity: Dict[str, object], position: Optional[Dict] = None,
+                 rows_done: int = 0, complete: bool = False):
+        self.path = path
+        self.identity = identity
+        self.position = position
+        self.rows_done_before = rows_done
+        self.rows_done = rows_done
+        self.complete = complete
+        self.saved_at = 0.0
+
+    @classmethod
+    def open(cls, settings: Settings) -> Checkpoint:
+        identity = {"mode": settings.mode, "workspace": settings.workspace,
+                    "database": settings.database.describe()}
+        path = settings.checkpoint
+        try:
+            with open(path, encoding="utf-8") as fh:
+                text = fh.read()
+        except FileNotFoundError:
+            checkpoint = cls(path, identity)
+            checkpoint.save()  # proves the path is writable before anything is written
+            return checkpoint
+        except OSError as exc:
+            raise UsageError("Cannot read the checkpoint %s (%s); choose a readable file."
+                             % (path, exc.strerror)) from None
+        try:
+            data = json.loads(text)
+            position = data["position"]
+            if position is not None:
+                position = {"created_at": position["created_at"], "id": str(position["id"])}
+            checkpoint = cls(path, dict(data["identity"]), position, int(data["rows_done"]),
+                             bool(data["complete"]))
+        except (ValueError, KeyError, TypeError):
+            raise UsageError("The checkpoint %s is not a memory-backfill checkpoint (unreadable JSON "
+                             "or missing fields); remove it to start over." % path) from None
+        if checkpoint.identity != identity:
+            differ = sorted(k for k in identity if checkpoint.identity.get(k) != identity[k])
+            raise UsageError("The checkpoint %s belongs to another run (different %s); use the same "
+                             "options, or another checkpoint file." % (path, " and ".join(differ)))
+        return checkpoint
+
+    def advance(self, position: Tuple[Optional[str], str], rows_done_this_run: int) -> None:
+        self.position = {"created_at": position[0], "id": position[1]}
+        self.rows_done = self.rows_done_before + rows_done_this_run
+        if time.monotonic() - self.saved_at >= CHECKPOINT_SAVE_SECONDS:
+            self.save()
+
+    def save(self, complete: bool = False) -> None:
+        self.complete = complete
+        data = {"tool": PROG, "format": 1, "identity": self.identity, "position": self.position,
+                "rows_done": self.rows_done, "complete": complete}
+        temporary = self.path + ".tmp"
+        try:
+            with open(temporary, "w", encoding="utf-8") as fh:
+                json.dump(data, fh, indent=1, sort_keys=True)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(temporary, self.path)
+        except OSError as exc:
+            raise UsageError("Cannot write the checkpoint %s (%s); choose a writable path."
+                             % (self.path, exc.strerror)) from None
+        self.saved_at = time.monotonic()
+
+
+class FailureLog:
+    """--failures FILE: one JSON object per skipped or failed row, never the content."""
+
+    def __init__(self, path: Optional[str], append: bool = False):
+        self.file = None
+        self.lock = threading.Lock()
+        if path:
+            try:
+                self.file = open(path, "a" if append else "w", encoding="utf-8")
+            except OSError as exc:
+                raise UsageError("Cannot write the failures file %s (%s); choose a writable path."
+                                 % (path, exc.strerror)) from None
+
+    def record(self, row: LegacyRow, reason: Optional[str] = None, error: Optional[str] = None,
+               status: Optional[int] = None) -> None:
+        if self.file is None:
+            return
+        entry: Dict[str, object] = {"id": row.id, "workspace_id": row.workspace_id, "scope": row.scope}
+        if reason is not None:
+            entry["reason"] = reason
+        if error is not None:
+            entry["error"] = error
+        if status is not None:
+            entry["status"] = status
+        with self.lock:
+            self.file.write(json.dumps(entry, ensure_ascii=False) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
 
 
 # ---------------------------------------------------------------------------
@@ -920,50 +1086,108 @@ class Progress:
 # ---------------------------------------------------------------------------
 
 def backfill(settings: Settings, log, stderr=None) -> BackfillReport:
-    """-dry-run (settings.mode == 'dry-run') and -apply."""
+    """-dry-run (settings.mode == 'dry-run') and -apply.
+
+    -apply stops early, cleanly, on a lost dependency or a signal: the writes
+    in flight finish, the checkpoint is saved, and the error raised carries the
+    report so far.
+    """
     report = BackfillReport(settings.mode, redact=settings.redact)
-    writers = limiter = None
-    if settings.mode == "apply":
-        plugin = PluginClient(settings.plugin_url, settings.timeout, settings.retries,
-                              connections=settings.concurrency)
-        report.plugin_status = "ok (version %s)" % plugin.check_health()
-        limiter = RateLimiter(settings.max_rate) if settings.max_rate else None
-        writers = Writers(plugin, settings.concurrency, report, log, limiter)
-    elif settings.plugin_url:
+    if settings.mode != "apply":
+        if settings.plugin_url:
+            try:
+                version = PluginClient(settings.plugin_url, settings.timeout, 0).check_health()
+                report.plugin_status = "ok (version %s): -apply could start" % version
+            except DependencyError as exc:
+                report.plugin_status = "NOT ready, -apply would stop: %s" % exc
+        with LegacyDatabase(settings.database) as database:
+            _read_and_plan(database, settings, report, None, log, stderr)
+        return report
+
+    checkpoint = Checkpoint.open(settings) if settings.checkpoint else None
+    failures = FailureLog(settings.failures, append=bool(checkpoint and checkpoint.position))
+    report.failures_path = settings.failures
+    if checkpoint is not None:
+        report.checkpoint_path = settings.checkpoint
+        report.resumed_from = checkpoint.position
+        if checkpoint.complete:
+            report.plugin_status = "not contacted: the checkpoint says this backfill is complete"
+            return report
+    plugin = PluginClient(settings.plugin_url, settings.timeout, settings.retries,
+                          connections=settings.concurrency)
+    report.plugin_status = "ok (version %s)" % plugin.check_health()
+    limiter = RateLimiter(settings.max_rate) if settings.max_rate else None
+    writers = Writers(plugin, settings, report, log, limiter, checkpoint, failures)
+    stopped: Optional[BackfillError] = None
+    with _signals_stop(writers.stop) as received:
         try:
-            version = PluginClient(settings.plugin_url, settings.timeout, 0).check_health()
-            report.plugin_status = "ok (version %s): -apply could start" % version
-        except DependencyError as exc:
-            report.plugin_status = "NOT ready, -apply would stop: %s" % exc
-    with LegacyDatabase(settings.database) as database:
-        tree = database.read_workspaces()
-        total = database.count_rows(settings.workspace, settings.limit)
-        progress = Progress(report, total, stderr or sys.stderr, limiter)
-        if settings.quiet or settings.verbose:
-            progress = contextlib.nullcontext()
-        with progress:
-            _plan_and_write(database, tree, settings, report, writers, log)
+            with LegacyDatabase(settings.database) as database:
+                _read_and_plan(database, settings, report, writers, log, stderr)
+        except BackfillError as exc:
+            stopped = exc
+        finally:
+            stopped = writers.close() or stopped
+            failures.close()
+    if received:
+        stopped = Interrupted(received[0])
+    if checkpoint is not None:
+        checkpoint.save(complete=stopped is None and report.errors == 0)
+    if stopped is not None:
+        report.stopped, report.stopped_status = str(stopped), stopped.status
+        stopped.report = report
+        raise stopped
     return report
 
 
-def _plan_and_write(database: LegacyDatabase, tree: WorkspaceTree, settings: Settings,
-                    report: BackfillReport, writers: Optional[Writers], log) -> None:
-    try:
-        for row in database.rows(settings.workspace, settings.limit):
+def _read_and_plan(database: LegacyDatabase, settings: Settings, report: BackfillReport,
+                   writers: Optional[Writers], log, stderr) -> None:
+    after = writers.checkpoint.position if writers and writers.checkpoint else None
+    tree = database.read_workspaces()
+    total = database.count_rows(settings.workspace, settings.limit, after)
+    progress = Progress(report, total, stderr or sys.stderr, writers and writers.limiter)
+    with contextlib.nullcontext() if settings.quiet or settings.verbose else progress:
+        for row in database.rows(settings.workspace, settings.limit, after):
+            if writers is not None and writers.stopping():
+                break
             report.scanned += 1
             outcome = plan_row(row, tree, settings.redact)
             if isinstance(outcome, Skipped):
                 report.skipped += 1
                 report.skip_reasons[outcome.reason] += 1
                 log("skip %s: %s" % (row.id, outcome.reason))
+                if writers is not None:
+                    writers.skip(outcome)
             elif writers is not None:
                 writers.submit(outcome)
             else:
                 report.count_copy(outcome)
                 log("would copy %s -> %s" % (row.id, outcome.target.namespace))
-    finally:
         if writers is not None:
-            writers.close()  # drains the writes in flight; re-raises a fatal error
+            writers.drain()
+
+
+@contextlib.contextmanager
+def _signals_stop(stop: threading.Event):
+    """First SIGINT/SIGTERM: set `stop` (the run winds down); a second: exit at once."""
+    import signal
+
+    received: List[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handler(signum, frame):
+        if received:
+            os._exit(128 + signum)
+        received.append(signum)
+        stop.set()
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 class Writers:
@@ -972,56 +1196,121 @@ class Writers:
     At most 2 x concurrency rows are in flight (so memory stays flat whatever
     the table size), rows are handed out oldest first, and each namespace is
     upserted once per run, before its first write, without holding up the
-    writers of other namespaces.  A dependency failure (the plugin gone after
-    retries) stops new work; close() lets in-flight writes finish, then raises it.
+    writers of other namespaces.  Rows are numbered as they are read; the
+    checkpoint advances over the longest prefix of rows that are written or
+    skipped by design (a low-water mark), so every row before it is durable.
+    A dependency failure (the plugin gone after retries, or too many rows
+    refused in a row) stops new work; the writes in flight still finish.
     """
 
-    def __init__(self, plugin: PluginClient, concurrency: int, report: BackfillReport, log,
-                 limiter: Optional[RateLimiter] = None):
+    def __init__(self, plugin: PluginClient, settings: Settings, report: BackfillReport, log,
+                 limiter: Optional[RateLimiter], checkpoint: Optional[Checkpoint],
+                 failures: FailureLog):
         from concurrent.futures import ThreadPoolExecutor
 
         self.plugin = plugin
-        self.limiter = limiter
         self.report = report
         self.log = log
+        self.limiter = limiter
+        self.checkpoint = checkpoint
+        self.failures = failures
+        self.max_consecutive_failures = settings.max_consecutive_failures
         self.lock = threading.Lock()
-        self.slots = threading.BoundedSemaphore(2 * concurrency)
-        self.executor = ThreadPoolExecutor(concurrency, thread_name_prefix="writer")
+        self.slots = threading.BoundedSemaphore(2 * settings.concurrency)
+        self.executor = ThreadPoolExecutor(settings.concurrency, thread_name_prefix="writer")
         self.namespaces: Dict[str, object] = {}  # name -> Future of its PUT
-        self.fatal: Optional[BaseException] = None
+        self.stop = threading.Event()
+        self.fatal: Optional[BackfillError] = None
+        self.consecutive_failures = 0
+        self.next_number = 0
+        self.settled = set()  # row numbers done, above the low-water mark
+        self.low_water = -1  # every row numbered <= this is done
+        self.positions: Dict[int, Tuple[Optional[str], str]] = {}
+        # After a refused row the mark cannot pass it in this run: stop tracking
+        # (memory stays flat); a resume starts again at that row.
+        self.frozen = False
+
+    def stopping(self) -> bool:
+        return self.stop.is_set()
+
+    def _number(self, row: LegacyRow) -> int:
+        with self.lock:
+            number = self.next_number
+            self.next_number += 1
+            if not self.frozen:
+                self.positions[number] = (row.legacy.get("created_at"), row.id)
+        return number
+
+    def skip(self, skipped: Skipped) -> None:
+        self.failures.record(skipped.row, reason=skipped.reason)
+        number = self._number(skipped.row)
+        with self.lock:
+            self._settle(number)
 
     def submit(self, planned: PlannedWrite) -> None:
-        if self.fatal is not None:
-            raise self.fatal
+        number = self._number(planned.row)
         self.slots.acquire()
-        future = self.executor.submit(self._write, planned)
+        future = self.executor.submit(self._write, number, planned)
         future.add_done_callback(lambda _: self.slots.release())
 
-    def close(self) -> None:
+    def drain(self) -> None:
+        """Wait for every submitted write (the reader is done)."""
         self.executor.shutdown(wait=True)
-        if self.fatal is not None:
-            raise self.fatal
 
-    def _write(self, planned: PlannedWrite) -> None:
-        if self.fatal is not None:
+    def close(self) -> Optional[BackfillError]:
+        self.executor.shutdown(wait=True)
+        return self.fatal
+
+    def _write(self, number: int, planned: PlannedWrite) -> None:
+        if self.stop.is_set():
             return
+        row = planned.row
         try:
             self._ensure_namespace(planned.target)
             if self.limiter is not None:
                 self.limiter.wait()
             self.plugin.write_memory(planned.target.namespace, planned.body)
         except RowFailed as exc:
+            self.failures.record(row, error=str(exc), status=getattr(exc, "status", None))
+            self.log("error %s: %s" % (row.id, exc))
             with self.lock:
-                self.report.count_error(planned.row.id, exc)
-            self.log("error %s: %s" % (planned.row.id, exc))
+                self.report.count_error(row.id, exc)
+                self.frozen = True
+                self.settled.clear()
+                self.positions.clear()
+                self.consecutive_failures += 1
+                if self.consecutive_failures >= self.max_consecutive_failures:
+                    self._fail(DependencyError(
+                        "The plugin refused %d rows in a row (the last: %s); stopped. Fix the plugin, "
+                        "then re-run to resume." % (self.consecutive_failures, exc)))
             return
-        except BaseException as exc:  # noqa: BLE001 - handed to the reader thread
+        except BackfillError as exc:
             with self.lock:
-                self.fatal = self.fatal or exc
+                self._fail(exc)
             return
         with self.lock:
             self.report.count_copy(planned)
-        self.log("copy %s -> %s" % (planned.row.id, planned.target.namespace))
+            self.consecutive_failures = 0
+            self._settle(number)
+        self.log("copy %s -> %s" % (row.id, planned.target.namespace))
+
+    def _fail(self, error: BackfillError) -> None:
+        self.fatal = self.fatal or error
+        self.stop.set()
+
+    def _settle(self, number: int) -> None:
+        """Mark a row done and advance the low-water mark (called with the lock held)."""
+        if self.frozen:
+            return
+        self.settled.add(number)
+        advanced = False
+        while self.low_water + 1 in self.settled:
+            self.low_water += 1
+            self.settled.discard(self.low_water)
+            position = self.positions.pop(self.low_water)
+            advanced = True
+        if advanced and self.checkpoint is not None:
+            self.checkpoint.advance(position, self.low_water + 1)
 
     def _ensure_namespace(self, target: Target) -> None:
         from concurrent.futures import Future
@@ -1142,6 +1431,9 @@ def format_backfill(report: BackfillReport) -> List[str]:
     lines = ["memory-backfill -%s" % report.mode]
     if report.plugin_status:
         lines.append("plugin: %s" % report.plugin_status)
+    if report.resumed_from:
+        lines.append("resumed from checkpoint %s after row %s"
+                     % (report.checkpoint_path, report.resumed_from["id"]))
     lines.append("rows %s by scope: %s" % (verb, counts(report.by_scope)))
     lines.append("rows %s by namespace kind: %s (%d namespaces)"
                  % (verb, counts(report.by_kind), len(report.namespaces)))
@@ -1155,8 +1447,19 @@ def format_backfill(report: BackfillReport) -> List[str]:
     if report.errors:
         lines.append("errors (first %d):" % SHOWN_PROBLEMS)
         lines.extend("  " + problem for problem in report.problems)
-    lines.append("Backfill complete: scanned=%d copied=%d skipped=%d errors=%d"
-                 % (report.scanned, report.copied, report.skipped, report.errors))
+    if report.failures_path:
+        lines.append("skipped and failed rows are listed in %s" % report.failures_path)
+    if report.stopped:
+        lines.append("STOPPED EARLY: %s" % report.stopped)
+        if report.checkpoint_path:
+            lines.append("progress is saved in %s; run the same command again to resume"
+                         % report.checkpoint_path)
+        else:
+            lines.append("run the same command again: rows already copied are rewritten, "
+                         "never duplicated (use --checkpoint FILE to resume instead)")
+    lines.append("Backfill %s: scanned=%d copied=%d skipped=%d errors=%d" % (
+        "stopped" if report.stopped else "complete",
+        report.scanned, report.copied, report.skipped, report.errors))
     return lines
 
 
@@ -1223,6 +1526,17 @@ def build_parser() -> argparse.ArgumentParser:
     options.add_argument("-concurrency", "--concurrency", metavar="N",
                          default=str(DEFAULT_CONCURRENCY),
                          help="parallel writes to the plugin (default %(default)s)")
+    options.add_argument("-checkpoint", "--checkpoint", metavar="FILE",
+                         help="-apply: save progress here; if FILE exists, resume after it")
+    options.add_argument("-failures", "--failures", metavar="FILE",
+                         help="write every skipped or failed row here, one JSON object per line "
+                              "(ids and reasons, never content)")
+    options.add_argument("-max-consecutive-failures", "--max-consecutive-failures", metavar="N",
+                         default=str(DEFAULT_MAX_CONSECUTIVE_FAILURES),
+                         help="-apply stops (exit 3) after N rows in a row fail (default %(default)s)")
+    options.add_argument("-retries", "--retries", metavar="N", default=str(DEFAULT_RETRIES),
+                         help="retries of a plugin request on connection errors, timeouts and "
+                              "429/502/503/504, with exponential backoff (default %(default)s)")
     options.add_argument("-max-rate", "--max-rate", metavar="N", default="0",
                          help="at most N writes per second across all writers (default 0 = no cap)")
     options.add_argument("-q", "-quiet", "--quiet", action="store_true",
@@ -1255,6 +1569,8 @@ def parse_settings(argv: Optional[Sequence[str]], environ: Dict[str, str]) -> Se
         raise UsageError("Choose exactly one mode: -dry-run, -apply or -verify%s."
                          % (" (got %s)" % " and ".join("-" + m for m in modes) if modes else ""))
     mode = modes[0]
+    if args.checkpoint and mode != "apply":
+        raise UsageError("--checkpoint goes with -apply only.")
     try:
         timeout = float(args.timeout)
     except ValueError:
@@ -1274,6 +1590,10 @@ def parse_settings(argv: Optional[Sequence[str]], environ: Dict[str, str]) -> Se
         seed=_whole_number(args.seed, "--seed", 0),
         concurrency=_whole_number(args.concurrency, "--concurrency", 1),
         max_rate=_whole_number(args.max_rate, "--max-rate", 0),
+        max_consecutive_failures=_whole_number(args.max_consecutive_failures,
+                                               "--max-consecutive-failures", 1),
+        retries=_whole_number(args.retries, "--retries", 0),
+        checkpoint=args.checkpoint, failures=args.failures,
         redact=not args.no_redact, timeout=timeout,
         json_output=args.json, verbose=args.verbose, quiet=args.quiet,
     )
@@ -1297,8 +1617,6 @@ def version_text() -> str:
 def run(argv: Optional[Sequence[str]] = None, environ: Optional[Dict[str, str]] = None,
         stdout=None, stderr=None) -> int:
     """Run the tool; return 0 or 1, raise BackfillError for anything that stops it."""
-    import os
-
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -1314,16 +1632,21 @@ def run(argv: Optional[Sequence[str]] = None, environ: Optional[Dict[str, str]] 
         if settings.verbose:
             print(line, file=stderr, flush=True)
 
-    if settings.mode == "verify":
-        report = verify(settings, log)
-        lines = format_verify(report)
-    else:
-        report = backfill(settings, log, stderr)
-        lines = format_backfill(report)
-    if settings.json_output:
-        print(json.dumps(report.to_json(), sort_keys=True), file=stdout)
-    else:
-        print("\n".join(lines), file=stdout)
+    def show(report) -> None:
+        if settings.json_output:
+            print(json.dumps(report.to_json(), sort_keys=True), file=stdout, flush=True)
+        elif isinstance(report, VerifyReport):
+            print("\n".join(format_verify(report)), file=stdout, flush=True)
+        else:
+            print("\n".join(format_backfill(report)), file=stdout, flush=True)
+
+    try:
+        report = verify(settings, log) if settings.mode == "verify" else backfill(settings, log, stderr)
+    except BackfillError as exc:
+        if exc.report is not None:  # -apply stopped part-way: say how far it got
+            show(exc.report)
+        raise
+    show(report)
     return report.exit_status()
 
 

@@ -16,6 +16,7 @@ import json
 import queue
 import re
 import threading
+import time
 import uuid
 from collections import Counter
 from contextlib import contextmanager
@@ -70,8 +71,8 @@ class PluginServer:
         self.requests: Counter = Counter()  # (method, route) -> count
         self.namespace_puts: Counter = Counter()  # namespace -> PUT count
         self.first_writes: list = []  # row ids in the order they first arrived
-        self.degraded = False
         self.reject_ids: set = set()  # writes of these ids get a 400
+        self.clear_faults()
         self.lock = threading.Lock()
         self.httpd = _Server(("127.0.0.1", 0), _handler_for(self))
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
@@ -98,8 +99,19 @@ class PluginServer:
         self.requests.clear()
         self.namespace_puts.clear()
         self.first_writes.clear()
-        self.degraded = False
         self.reject_ids.clear()
+        self.clear_faults()
+
+    def clear_faults(self) -> None:
+        """Fault injection, for the fault-tolerance tests (all off)."""
+        self.degraded = False  # /v1/health answers 503 degraded
+        self.fail_every = 0  # every Nth request gets a 503
+        self.throttle_every = 0  # every Nth request gets a 429 with Retry-After: 1
+        self.reset_every = 0  # every Nth connection is closed in the middle of its first response
+        self.delay = 0.0  # seconds before each answer
+        self.down = False  # every connection is closed at once, unanswered
+        self.request_count = 0
+        self.connection_count = 0
 
     @contextmanager
     def connection(self):
@@ -282,9 +294,41 @@ def _handler_for(plugin: PluginServer):
         def log_message(self, *args):
             pass
 
-        def _send(self, status: int, payload) -> None:
+        def setup(self):
+            super().setup()
+            with plugin.lock:
+                plugin.connection_count += 1
+                self.reset_me = bool(plugin.reset_every) and \
+                    plugin.connection_count % plugin.reset_every == 0
+
+        def _fault(self):
+            """An injected fault's (status, payload, headers), or None; may drop the connection."""
+            if plugin.down:
+                self.close_connection = True
+                self.connection.shutdown(2)
+                return "dropped"
+            with plugin.lock:
+                plugin.request_count += 1
+                count = plugin.request_count
+            if plugin.delay:
+                time.sleep(plugin.delay)
+            if plugin.fail_every and count % plugin.fail_every == 0:
+                return 503, {"code": "unavailable", "message": "injected failure"}, {}
+            if plugin.throttle_every and count % plugin.throttle_every == 0:
+                return 429, {"code": "unavailable", "message": "slow down"}, {"Retry-After": "1"}
+            return None
+
+        def _send(self, status: int, payload, headers=()) -> None:
+            if self.reset_me:  # the work is done, the answer is lost half-way
+                self.reset_me = False
+                self.wfile.write(b"HTTP/1.1 %d X\r\nContent-Length: 100\r\n\r\n{" % status)
+                self.close_connection = True
+                self.connection.shutdown(2)
+                return
             data = json.dumps(payload).encode("utf-8")
             self.send_response(status)
+            for name, value in dict(headers).items():
+                self.send_header(name, value)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
@@ -301,6 +345,13 @@ def _handler_for(plugin: PluginServer):
         def _dispatch(self, method: str) -> None:
             path = self.path.split("?", 1)[0]
             parts = path.split("/")
+            fault = self._fault() if path != "/v1/health" or plugin.down else None
+            if fault == "dropped":
+                return
+            if fault is not None:
+                self._body()
+                self._send(*fault)
+                return
             try:
                 if method == "GET" and path == "/v1/health":
                     route, call = "health", plugin.health

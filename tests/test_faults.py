@@ -1,0 +1,321 @@
+"""Nothing lost under faults: a flaky or dying plugin, a dropped database
+connection, Ctrl-C and SIGKILL, bad checkpoint and failures files.
+
+Each test counts the records in the plugin's database at the end.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import ROOT
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+import memory_backfill as mb
+
+TOOL = [sys.executable, str(ROOT / "memory_backfill.py")]
+
+
+def start(args, env):
+    return subprocess.Popen(TOOL + list(args), env={**os.environ, **env}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.05)
+
+
+def read_checkpoint(path):
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def assert_all_present_once(legacy, plugin, ids):
+    records = plugin.records()
+    assert plugin.count() == len(ids) == len(records)
+    assert set(records) == set(ids)
+    contents = dict(legacy.db.run("SELECT id::text, content FROM agent_memories"))
+    assert {i: r["content"] for i, r in records.items()} == {i: contents[i] for i in ids}
+
+
+def assert_checkpoint_consistent(legacy, plugin, path):
+    """Every row before the checkpoint's position is in the plugin."""
+    position = read_checkpoint(path)["position"]
+    if position is None:
+        return 0
+    before = [r[0] for r in legacy.db.run(
+        "SELECT id::text FROM agent_memories WHERE (created_at, id) <= "
+        "(CAST(:at AS timestamptz), CAST(:id AS uuid))", at=position["created_at"], id=position["id"])]
+    assert set(before) <= set(plugin.records())
+    return len(before)
+
+
+@pytest.fixture
+def root(legacy):
+    legacy.create_schema()
+    return legacy.workspace()
+
+
+def test_flaky_plugin_loses_nothing_and_duplicates_nothing(legacy, root, plugin, env):
+    ids = legacy.many(root, 1000, scope="TEAM")
+    plugin.fail_every = 3
+    plugin.reset_every = 7
+
+    status = mb.main(["-apply", "-q", "--retries", "10"])
+
+    assert status == 0
+    assert_all_present_once(legacy, plugin, ids)
+    assert plugin.request_count > 1000  # the faults really happened
+
+
+def test_throttled_plugin_is_retried_after_retry_after(legacy, root, plugin, env, capsys):
+    ids = legacy.many(root, 30)
+    plugin.throttle_every = 10
+    started = time.monotonic()
+    assert mb.main(["-apply", "-q"]) == 0
+    assert time.monotonic() - started >= 1.0  # Retry-After: 1 was honoured
+    assert_all_present_once(legacy, plugin, ids)
+
+
+def test_plugin_down_from_the_start(legacy, root, plugin, env, tmp_path, capsys):
+    legacy.many(root, 500)
+    plugin.down = True
+    checkpoint = tmp_path / "cp.json"
+    started = time.monotonic()
+
+    status = mb.main(["-apply", "--checkpoint", str(checkpoint)])
+
+    assert status == 3 and time.monotonic() - started < 5
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Cannot reach the memory plugin" in err
+    data = read_checkpoint(checkpoint)
+    assert data["position"] is None and data["rows_done"] == 0 and not data["complete"]
+    plugin.down = False
+    assert plugin.count() == 0
+
+
+def test_plugin_dies_part_way_then_resume_completes(legacy, root, plugin, env, tmp_path):
+    ids = legacy.many(root, 2000)
+    checkpoint = tmp_path / "cp.json"
+    plugin.delay = 0.002
+    run = start(["-apply", "-q", "--checkpoint", str(checkpoint), "--retries", "2"], env)
+    wait_for(lambda: plugin.count() >= 800)
+    plugin.down = True
+    out, err = run.communicate(timeout=60)
+
+    assert run.returncode == 3, err
+    assert "Cannot reach the memory plugin" in err
+    assert "STOPPED EARLY" in out and out.rstrip().splitlines()[-1].startswith("Backfill stopped:")
+    done = assert_checkpoint_consistent(legacy, plugin, checkpoint)
+    assert 0 < done < 2000
+
+    plugin.down = False
+    plugin.delay = 0
+    writes_before = plugin.requests["write_memory"]
+    run = start(["-apply", "-q", "--checkpoint", str(checkpoint)], env)
+    out, err = run.communicate(timeout=120)
+
+    assert run.returncode == 0, err
+    assert "resumed from checkpoint" in out
+    assert_all_present_once(legacy, plugin, ids)
+    assert plugin.requests["write_memory"] - writes_before <= (2000 - done) + 2 * mb.DEFAULT_CONCURRENCY
+    assert read_checkpoint(checkpoint)["complete"] is True
+
+    # Resuming a completed run copies nothing and says so.
+    run = start(["-apply", "-q", "--checkpoint", str(checkpoint)], env)
+    out, _ = run.communicate(timeout=60)
+    assert run.returncode == 0 and out.rstrip().endswith("scanned=0 copied=0 skipped=0 errors=0")
+    assert plugin.count() == 2000
+
+
+def test_the_tool_killed_with_sigkill_then_resumed(legacy, root, plugin, env, tmp_path):
+    ids = legacy.many(root, 2000)
+    checkpoint = tmp_path / "cp.json"
+    plugin.delay = 0.002
+    run = start(["-apply", "-q", "--checkpoint", str(checkpoint)], env)
+    wait_for(lambda: plugin.count() >= 800 and checkpoint.exists()
+             and read_checkpoint(checkpoint)["position"] is not None)
+    run.kill()
+    run.wait(timeout=30)
+    assert run.returncode == -signal.SIGKILL
+    assert_checkpoint_consistent(legacy, plugin, checkpoint)
+
+    plugin.delay = 0
+    out, err = start(["-apply", "-q", "--checkpoint", str(checkpoint)], env).communicate(timeout=120)
+    assert "Backfill complete" in out, err
+    assert_all_present_once(legacy, plugin, ids)
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_first_signal_winds_down_then_resume_completes(legacy, root, plugin, env, tmp_path, signum, status):
+    ids = legacy.many(root, 2000)
+    checkpoint = tmp_path / "cp.json"
+    plugin.delay = 0.002
+    run = start(["-apply", "-q", "--checkpoint", str(checkpoint)], env)
+    wait_for(lambda: plugin.count() >= 500)
+    run.send_signal(signum)
+    out, err = run.communicate(timeout=60)
+
+    assert run.returncode == status
+    assert "Interrupted by %s" % signal.Signals(signum).name in err and err.count("\n") == 1
+    assert out.rstrip().splitlines()[-1].startswith("Backfill stopped:")
+    assert plugin.count() < 2000
+    assert_checkpoint_consistent(legacy, plugin, checkpoint)
+
+    plugin.delay = 0
+    run = start(["-apply", "-q", "--checkpoint", str(checkpoint)], env)
+    run.communicate(timeout=120)
+    assert run.returncode == 0
+    assert_all_present_once(legacy, plugin, ids)
+
+
+def test_database_connection_terminated_part_way(cluster, legacy, root, plugin, env, tmp_path):
+    ids = legacy.many(root, 2500)
+    checkpoint = tmp_path / "cp.json"
+    plugin.delay = 0.002
+    run = start(["-apply", "-q", "--checkpoint", str(checkpoint)], env)
+    wait_for(lambda: plugin.count() >= 300)
+    admin = cluster.connect()
+    killed = admin.run("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                       "WHERE application_name = 'memory-backfill'")
+    admin.close()
+    out, err = run.communicate(timeout=60)
+
+    assert killed and run.returncode == 3, err
+    assert err.startswith("memory-backfill: The connection to the legacy database backfill_app@")
+    assert "was lost" in err and err.count("\n") == 1
+    assert "STOPPED EARLY" in out
+    assert_checkpoint_consistent(legacy, plugin, checkpoint)
+
+    plugin.delay = 0
+    run = start(["-apply", "-q", "--checkpoint", str(checkpoint)], env)
+    run.communicate(timeout=120)
+    assert run.returncode == 0
+    assert_all_present_once(legacy, plugin, ids)
+
+
+def test_too_many_refused_rows_in_a_row_stop_the_run(legacy, root, plugin, env, capsys, tmp_path):
+    ids = legacy.many(root, 200)
+    plugin.reject_ids.update(ids[50:])
+    failures = tmp_path / "failures.jsonl"
+
+    status = mb.main(["-apply", "-q", "--concurrency", "1", "--max-consecutive-failures", "5",
+                      "--failures", str(failures)])
+
+    captured = capsys.readouterr()
+    assert status == 3
+    assert "The plugin refused 5 rows in a row" in captured.err
+    assert plugin.count() == 50
+    lines = [json.loads(line) for line in failures.read_text().splitlines()]
+    assert len(lines) == 5 and {line["status"] for line in lines} == {400}
+    assert {line["error"] for line in lines} == {"HTTP 400: rejected by the test"}
+
+
+def test_failures_file_lists_skips_and_errors_never_content(legacy, plugin, env, tmp_path, capsys):
+    legacy.create_schema()
+    root, child = legacy.chain(1)
+    skipped = legacy.memory(child, "secret plans GLOBAL", "GLOBAL")
+    refused = legacy.memory(root, "refused content")
+    legacy.memory(root, "fine")
+    plugin.reject_ids.add(refused)
+    failures = tmp_path / "failures.jsonl"
+
+    assert mb.main(["-apply", "-q", "--failures", str(failures)]) == 1
+
+    text = failures.read_text()
+    assert "secret plans" not in text and "refused content" not in text
+    entries = {e["id"]: e for e in map(json.loads, text.splitlines())}
+    assert entries[skipped] == {"id": skipped, "workspace_id": child, "scope": "GLOBAL",
+                                "reason": mb.SKIP_GLOBAL_NOT_ROOT}
+    assert entries[refused] == {"id": refused, "workspace_id": root, "scope": "LOCAL",
+                                "error": "HTTP 400: rejected by the test", "status": 400}
+    assert "skipped and failed rows are listed in %s" % failures in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content, complaint", [
+    ("{not json", "is not a memory-backfill checkpoint"),
+    (json.dumps({"identity": {"mode": "apply", "workspace": "00000000-0000-0000-0000-000000000001",
+                              "database": "x"}, "position": None, "rows_done": 0, "complete": False}),
+     "belongs to another run (different database and workspace)"),
+])
+def test_bad_checkpoint_is_refused(legacy, root, plugin, env, tmp_path, capsys, content, complaint):
+    legacy.many(root, 10)
+    checkpoint = tmp_path / "cp.json"
+    checkpoint.write_text(content)
+    assert mb.main(["-apply", "--checkpoint", str(checkpoint)]) == 2
+    err = capsys.readouterr().err
+    assert complaint in err and err.count("\n") == 1
+    assert plugin.count() == 0 and plugin.requests["health"] == 0
+
+
+def test_checkpoint_of_another_workspace_filter_is_refused(legacy, root, plugin, env, tmp_path, capsys):
+    legacy.many(root, 10)
+    checkpoint = tmp_path / "cp.json"
+    assert mb.main(["-apply", "-q", "--checkpoint", str(checkpoint), "-workspace", root]) == 0
+    plugin.reset()
+    assert mb.main(["-apply", "--checkpoint", str(checkpoint)]) == 2
+    assert "belongs to another run (different workspace)" in capsys.readouterr().err
+    assert plugin.count() == 0
+
+
+@pytest.mark.parametrize("option", ["--failures", "--checkpoint"])
+def test_unwritable_paths_are_refused(legacy, root, plugin, env, capsys, option):
+    legacy.many(root, 10)
+    assert mb.main(["-apply", option, "/proc/no-such-dir/file"]) == 2
+    err = capsys.readouterr().err
+    assert "choose a writable path" in err and err.count("\n") == 1
+    assert plugin.count() == 0
+
+
+def test_dry_run_with_checkpoint_is_a_usage_error(legacy, root, env, capsys):
+    assert mb.main(["-dry-run", "--checkpoint", "x.json"]) == 2
+    assert "--checkpoint goes with -apply only" in capsys.readouterr().err
+
+
+# --- any content arrives exactly as its redaction, and legacy is never touched ---------
+
+SECRETS = ["OPENAI_API_KEY=sk-abcdefghijklmnop1234", "Bearer abc.def", "ghp_" + "a" * 20,
+           "postgres://u:pw@host/db", "AKIA" + "B" * 16, "QUJD" * 9]
+contents = st.lists(
+    st.builds(lambda parts: "".join(parts), st.lists(
+        st.one_of(st.text(st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)),
+                          min_size=1, max_size=30),
+                  st.sampled_from(SECRETS), st.sampled_from(["\u05e9\u05dc\u05d5\u05dd", "e\u0301",
+                                                             "\U0001F600", "\u202e", "\x07\x1b[2J"])),
+        min_size=1, max_size=6)),
+    min_size=1, max_size=8)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+@given(contents)
+@example(["x" * 1_000_000 + " Bearer tail"])
+def test_any_content_arrives_as_its_redaction(cluster, plugin_server, contents):
+    from conftest import Legacy, create_database
+
+    plugin_server.reset()
+    legacy = Legacy(cluster, create_database(cluster, "prop"))
+    try:
+        legacy.create_schema()
+        root = legacy.workspace()
+        ids = [legacy.memory(root, content) for content in contents]
+        before = legacy.snapshot()
+        status = mb.run(["-apply", "-q", "--database-url", legacy.url, "--plugin-url", plugin_server.url],
+                        stdout=open(os.devnull, "w"))
+        records = plugin_server.records()
+        for row_id, content in zip(ids, contents):
+            if content.strip():
+                assert records[row_id]["content"] == mb.redact(content)[0]
+            else:
+                assert row_id not in records
+        assert status == 0
+        assert legacy.snapshot() == before
+    finally:
+        legacy.close()
