@@ -30,11 +30,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import TYPE_CHECKING, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
-
-if TYPE_CHECKING:
-    from datetime import datetime
 
 __version__ = "0.1.0"
 
@@ -282,7 +279,8 @@ class BackfillReport:
         self.by_scope[planned.row.scope] += 1
         self.by_kind[planned.target.kind] += 1
         self.namespaces.add(planned.target.namespace)
-        self.redactions.update(planned.redactions)
+        if planned.redactions:
+            self.redactions.update(planned.redactions)
 
     def count_error(self, row_id: str, error: Exception) -> None:
         self.errors += 1
@@ -506,22 +504,32 @@ def redaction_rules() -> Tuple[Tuple[str, re.Pattern, str], ...]:
                  for label, pattern, flags in REDACTION_PATTERNS)
 
 
-# Every match of every pattern above contains one of these; text with none of
-# them (most memories) is left as it is after a single scan.
-REDACTION_PREFILTER = (r"(?i:_api_key|_token|_secret|://)|Bearer|-----BEGIN|gh[pousr]_|github_pat_"
-                       r"|vc_|AKIA|pplx-|sk-|ctx7_|[A-Za-z0-9+/]{33}")
+# Every match of every pattern above contains one of these literals (the
+# first three in any case) or a run of 33 base64 characters.  Text with none
+# of them (most memories) is returned as it is, after a few cheap scans.
+PREFILTER_ANY_CASE = ("_api_key", "_token", "_secret")
+PREFILTER_LITERALS = ("://", "Bearer", "-----BEGIN", "ghp_", "gho_", "ghs_", "ghu_", "ghr_",
+                      "github_pat_", "vc_", "AKIA", "pplx-", "sk-", "ctx7_")
+NO_REDACTIONS: Counter = Counter()  # shared: never mutated
 
 
 @functools.cache
-def redaction_prefilter() -> re.Pattern:
-    return re.compile(REDACTION_PREFILTER, re.ASCII)
+def base64_run() -> re.Pattern:
+    return re.compile(r"[A-Za-z0-9+/]{33}")
+
+
+def may_hold_secret(text: str) -> bool:
+    lowered = text.lower()
+    return (any(word in lowered for word in PREFILTER_ANY_CASE)
+            or any(word in text for word in PREFILTER_LITERALS)
+            or base64_run().search(text) is not None)
 
 
 def redact(text: str) -> Tuple[str, Counter]:
     """Apply SAFE-T1201; return the redacted text and the matches per label."""
+    if not may_hold_secret(text):
+        return text, NO_REDACTIONS
     counts: Counter = Counter()
-    if redaction_prefilter().search(text) is None:
-        return text, counts
     for label, pattern, replacement in redaction_rules():
         text, n = pattern.subn(replacement, text)
         if n:
@@ -545,7 +553,7 @@ def plan_row(row: LegacyRow, tree: WorkspaceTree, redaction: bool = True) -> Out
         return Skipped(row, skip.reason)
     if not row.content.strip():
         return Skipped(row, SKIP_EMPTY_CONTENT)
-    content, counts = redact(row.content) if redaction else (row.content, Counter())
+    content, counts = redact(row.content) if redaction else (row.content, NO_REDACTIONS)
     body: Dict[str, object] = {
         "id": row.id, "content": content, "kind": "fact", "source": "agent",
         "propagation": {"legacy": row.legacy},
@@ -583,6 +591,10 @@ def sample_workspaces(candidates: Iterable[str], size: int, seed: int) -> List[s
 # ---------------------------------------------------------------------------
 
 OPTIONAL_COLUMNS = ("namespace", "updated_at", "embedding")
+# Timestamps are read as RFC 3339 text in UTC, formatted by the server:
+# parsing them into datetimes only to print them again dominated -dry-run.
+RFC3339_UTC = ("CASE WHEN isfinite({0}) THEN to_char({0} AT TIME ZONE 'UTC', "
+               "'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') ELSE {0}::text END")
 
 
 class LegacyDatabase:
@@ -630,11 +642,11 @@ class LegacyDatabase:
 
     def _row_query(self, workspace: Optional[str], limit: Optional[int],
                    after: Optional[Dict] = None) -> Tuple[str, Dict]:
-        select = ["id::text", "workspace_id::text", "content", "scope::text", "created_at"]
-        select += [
-            ("embedding::text" if name == "embedding" else name)
-            if name in self.columns else "NULL" for name in OPTIONAL_COLUMNS
-        ]
+        as_text = {"namespace": "namespace", "updated_at": RFC3339_UTC.format("updated_at"),
+                   "embedding": "embedding::text"}
+        select = ["id::text", "workspace_id::text", "content", "scope::text",
+                  RFC3339_UTC.format("created_at")]
+        select += [as_text[name] if name in self.columns else "NULL" for name in OPTIONAL_COLUMNS]
         # Only fixed column expressions are spliced in; every value is bound.
         where, params = _row_filter(workspace, after)
         sql = "SELECT %s FROM agent_memories%s" % (", ".join(select), where)  # noqa: S608
@@ -672,10 +684,10 @@ class LegacyDatabase:
     def _legacy_row(self, record: Sequence) -> LegacyRow:
         row_id, workspace_id, content, scope, created_at, namespace, updated_at, embedding = record
         legacy: Dict[str, object] = {
-            "workspace_id": workspace_id, "scope": scope, "created_at": _iso(created_at),
+            "workspace_id": workspace_id, "scope": scope, "created_at": created_at,
         }
         if "updated_at" in self.columns:
-            legacy["updated_at"] = _iso(updated_at)
+            legacy["updated_at"] = updated_at
         if "namespace" in self.columns:
             legacy["namespace"] = namespace
         return LegacyRow(row_id, workspace_id, content, scope, legacy, parse_embedding(embedding))
@@ -710,10 +722,6 @@ def _row_filter(workspace: Optional[str], after: Optional[Dict]) -> Tuple[str, D
         params["after_at"] = after["created_at"]
         params["after_id"] = after["id"]
     return (" WHERE " + " AND ".join(conditions) if conditions else ""), params
-
-
-def _iso(value: Optional[datetime]) -> Optional[str]:
-    return value.isoformat() if value is not None else None
 
 
 def _ssl_context(config: DatabaseConfig):

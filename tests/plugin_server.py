@@ -71,6 +71,7 @@ class PluginServer:
         self.requests: Counter = Counter()  # (method, route) -> count
         self.namespace_puts: Counter = Counter()  # namespace -> PUT count
         self.first_writes: list = []  # row ids in the order they first arrived
+        self.written: set = set()
         self.reject_ids: set = set()  # writes of these ids get a 400
         self.clear_faults()
         self.lock = threading.Lock()
@@ -99,6 +100,7 @@ class PluginServer:
         self.requests.clear()
         self.namespace_puts.clear()
         self.first_writes.clear()
+        self.written.clear()
         self.reject_ids.clear()
         self.clear_faults()
 
@@ -217,7 +219,8 @@ class PluginServer:
                 return 500, {"code": "internal", "message": "store write failed: %s"
                              % exc.args[0].get("M", "")}
         with self.lock:
-            if memory_id not in self.first_writes:
+            if memory_id not in self.written:
+                self.written.add(memory_id)
                 self.first_writes.append(memory_id)
         return 201, {"id": memory_id, "namespace": namespace}
 

@@ -80,7 +80,7 @@ def test_apply_keeps_legacy_fields_in_propagation_and_sends_embeddings(cli, lega
     records = plugin.records()
     assert records[row]["propagation"] == {"legacy": {
         "workspace_id": tree["child"], "scope": "TEAM", "namespace": "ops",
-        "created_at": "2024-01-01T00:00:00+00:00", "updated_at": "2024-02-03T04:05:06+00:00"}}
+        "created_at": "2024-01-01T00:00:00.000000Z", "updated_at": "2024-02-03T04:05:06.000000Z"}}
     assert records[row]["embedding"] == [0.25, -1.5, 3.0]
     assert records[plain]["embedding"] is None
 
@@ -239,7 +239,7 @@ def test_missing_optional_columns(cli, legacy, plugin, env):
 
     assert result.status == 0, result.output()
     assert plugin.records()[row]["propagation"] == {"legacy": {
-        "workspace_id": root, "scope": "LOCAL", "created_at": "2024-01-01T00:00:00+00:00"}}
+        "workspace_id": root, "scope": "LOCAL", "created_at": "2024-01-01T00:00:00.000000Z"}}
     assert "embedding" not in plugin.records()[row] or plugin.records()[row]["embedding"] is None
 
 

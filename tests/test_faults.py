@@ -58,6 +58,22 @@ def assert_checkpoint_consistent(legacy, plugin, path):
     return len(before)
 
 
+def start_slow_apply(plugin, env, checkpoint, *extra):
+    """-apply with a checkpoint against a plugin slowed down enough to be caught part-way."""
+    plugin.delay = 0.002
+    return start(["-apply", "-q", "--checkpoint", str(checkpoint), *extra], env)
+
+
+def resume_completes(legacy, plugin, env, checkpoint, ids) -> str:
+    """The same command again, against a healthy plugin: everything present once."""
+    plugin.clear_faults()
+    run = start(["-apply", "-q", "--checkpoint", str(checkpoint)], env)
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 0, err
+    assert_all_present_once(legacy, plugin, ids)
+    return out
+
+
 @pytest.fixture
 def root(legacy):
     legacy.create_schema()
@@ -105,8 +121,7 @@ def test_plugin_down_from_the_start(legacy, root, plugin, env, tmp_path, capsys)
 def test_plugin_dies_part_way_then_resume_completes(legacy, root, plugin, env, tmp_path):
     ids = legacy.many(root, 2000)
     checkpoint = tmp_path / "cp.json"
-    plugin.delay = 0.002
-    run = start(["-apply", "-q", "--checkpoint", str(checkpoint), "--retries", "2"], env)
+    run = start_slow_apply(plugin, env, checkpoint, "--retries", "2")
     wait_for(lambda: plugin.count() >= 800)
     plugin.down = True
     out, err = run.communicate(timeout=60)
@@ -117,15 +132,8 @@ def test_plugin_dies_part_way_then_resume_completes(legacy, root, plugin, env, t
     done = assert_checkpoint_consistent(legacy, plugin, checkpoint)
     assert 0 < done < 2000
 
-    plugin.down = False
-    plugin.delay = 0
     writes_before = plugin.requests["write_memory"]
-    run = start(["-apply", "-q", "--checkpoint", str(checkpoint)], env)
-    out, err = run.communicate(timeout=120)
-
-    assert run.returncode == 0, err
-    assert "resumed from checkpoint" in out
-    assert_all_present_once(legacy, plugin, ids)
+    assert "resumed from checkpoint" in resume_completes(legacy, plugin, env, checkpoint, ids)
     assert plugin.requests["write_memory"] - writes_before <= (2000 - done) + 2 * mb.DEFAULT_CONCURRENCY
     assert read_checkpoint(checkpoint)["complete"] is True
 
@@ -139,27 +147,21 @@ def test_plugin_dies_part_way_then_resume_completes(legacy, root, plugin, env, t
 def test_the_tool_killed_with_sigkill_then_resumed(legacy, root, plugin, env, tmp_path):
     ids = legacy.many(root, 2000)
     checkpoint = tmp_path / "cp.json"
-    plugin.delay = 0.002
-    run = start(["-apply", "-q", "--checkpoint", str(checkpoint)], env)
+    run = start_slow_apply(plugin, env, checkpoint)
     wait_for(lambda: plugin.count() >= 800 and checkpoint.exists()
              and read_checkpoint(checkpoint)["position"] is not None)
     run.kill()
     run.wait(timeout=30)
     assert run.returncode == -signal.SIGKILL
     assert_checkpoint_consistent(legacy, plugin, checkpoint)
-
-    plugin.delay = 0
-    out, err = start(["-apply", "-q", "--checkpoint", str(checkpoint)], env).communicate(timeout=120)
-    assert "Backfill complete" in out, err
-    assert_all_present_once(legacy, plugin, ids)
+    resume_completes(legacy, plugin, env, checkpoint, ids)
 
 
 @pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_first_signal_winds_down_then_resume_completes(legacy, root, plugin, env, tmp_path, signum, status):
     ids = legacy.many(root, 2000)
     checkpoint = tmp_path / "cp.json"
-    plugin.delay = 0.002
-    run = start(["-apply", "-q", "--checkpoint", str(checkpoint)], env)
+    run = start_slow_apply(plugin, env, checkpoint)
     wait_for(lambda: plugin.count() >= 500)
     run.send_signal(signum)
     out, err = run.communicate(timeout=60)
@@ -169,19 +171,13 @@ def test_first_signal_winds_down_then_resume_completes(legacy, root, plugin, env
     assert out.rstrip().splitlines()[-1].startswith("Backfill stopped:")
     assert plugin.count() < 2000
     assert_checkpoint_consistent(legacy, plugin, checkpoint)
-
-    plugin.delay = 0
-    run = start(["-apply", "-q", "--checkpoint", str(checkpoint)], env)
-    run.communicate(timeout=120)
-    assert run.returncode == 0
-    assert_all_present_once(legacy, plugin, ids)
+    resume_completes(legacy, plugin, env, checkpoint, ids)
 
 
 def test_database_connection_terminated_part_way(cluster, legacy, root, plugin, env, tmp_path):
     ids = legacy.many(root, 2500)
     checkpoint = tmp_path / "cp.json"
-    plugin.delay = 0.002
-    run = start(["-apply", "-q", "--checkpoint", str(checkpoint)], env)
+    run = start_slow_apply(plugin, env, checkpoint)
     wait_for(lambda: plugin.count() >= 300)
     admin = cluster.connect()
     killed = admin.run("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
@@ -194,12 +190,7 @@ def test_database_connection_terminated_part_way(cluster, legacy, root, plugin, 
     assert "was lost" in err and err.count("\n") == 1
     assert "STOPPED EARLY" in out
     assert_checkpoint_consistent(legacy, plugin, checkpoint)
-
-    plugin.delay = 0
-    run = start(["-apply", "-q", "--checkpoint", str(checkpoint)], env)
-    run.communicate(timeout=120)
-    assert run.returncode == 0
-    assert_all_present_once(legacy, plugin, ids)
+    resume_completes(legacy, plugin, env, checkpoint, ids)
 
 
 def test_too_many_refused_rows_in_a_row_stop_the_run(legacy, root, plugin, env, capsys, tmp_path):
