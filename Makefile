@@ -32,4 +32,4 @@ clean:
 	rm -rf dist .pytest_cache .ruff_cache tests/__pycache__ __pycache__ .hypothesis
 
 bench: $(VENV)/installed
-	$(VPY) bench/run.py
+	$(VPY) bench/run.py --record

@@ -107,15 +107,21 @@ configuration:
                      (not needed by -dry-run; checked when set)
 
 exit statuses:
-  0  done: every row copied (or would be), or everything verified
-  1  finished, but some rows failed or -verify found mismatches
-  2  usage or configuration error (nothing was touched)
-  3  a dependency is unusable: database or plugin unreachable, login
-     refused, agent_memories missing, plugin not healthy
+  0    done: every row copied (or would be), or everything verified
+  1    finished, but some rows failed or -verify found mismatches
+  2    usage or configuration error (nothing was touched)
+  3    a dependency is unusable: database or plugin unreachable, login
+       refused, agent_memories missing, plugin not healthy, or lost
+       mid-run (-apply stops cleanly: see --checkpoint)
+  130  interrupted by SIGINT (143: SIGTERM); -apply stops cleanly
+
+  After a stop, run the same command again: writes are idempotent, and
+  with --checkpoint FILE the run continues where it stopped.
 
 examples:
   memory-backfill -dry-run
-  memory-backfill -apply -workspace 3f2c...-uuid -limit 100
+  memory-backfill -apply -workspace 6f9619ff-8b86-d011-b42d-00cf4fc964ff -limit 100
+  memory-backfill -apply --checkpoint /tmp/backfill.json --failures /tmp/failures.jsonl
   memory-backfill -verify -verify-sample 0 --json
 """
 

@@ -103,7 +103,8 @@ def test_help_a_newcomer_can_act_on(zipapp_file):
     assert done.returncode == 0
     for text in ("-dry-run", "-apply", "-verify", "-workspace UUID", "-limit N", "-verify-sample N",
                  "--database-url", "--plugin-url", "--json", "--no-redact", "DATABASE_URL",
-                 "MEMORY_PLUGIN_URL", "exit statuses:", "  3  a dependency is unusable"):
+                 "MEMORY_PLUGIN_URL", "exit statuses:", "  3    a dependency is unusable",
+                 "--checkpoint FILE", "--failures FILE", "--max-rate N", "--concurrency N"):
         assert text in done.stdout, text
 
 
