@@ -851,7 +851,8 @@ class PluginClient:
             headers={"Content-Type": "application/json", "User-Agent": PROG + "/" + __version__},
         )
 
-    def _request(self, method: str, path: str, body: Optional[Dict] = None, retries=None):
+    def _request(self, method: str, path: str, body: Optional[Dict] = None, retries=None,
+                 want_body: bool = True):
         import urllib3
 
         payload = None if body is None else json.dumps(body, allow_nan=False).encode("utf-8")
@@ -863,6 +864,8 @@ class PluginClient:
             raise DependencyError(
                 "Cannot reach the memory plugin at %s (%s); check that it is running and "
                 "that MEMORY_PLUGIN_URL is right." % (self.base_url, _short(reason))) from None
+        if response.status < 400 and not want_body:
+            return None
         try:
             data = json.loads(response.data.decode("utf-8")) if response.data else None
         except ValueError:
@@ -893,7 +896,8 @@ class PluginClient:
     def write_memory(self, namespace: str, body: Dict[str, object]) -> None:
         if any(x != x or x in (float("inf"), float("-inf")) for x in body.get("embedding") or ()):
             raise RowFailed("the embedding holds NaN or Infinity, which JSON cannot carry")
-        self._request("POST", "/v1/namespaces/%s/memories" % quote(namespace, safe=""), body)
+        self._request("POST", "/v1/namespaces/%s/memories" % quote(namespace, safe=""), body,
+                      want_body=False)
 
     def search(self, namespaces: List[str], query: Optional[str] = None,
                limit: int = SEARCH_CAP) -> List[Dict]:
@@ -1168,14 +1172,14 @@ def _read_and_plan(database: LegacyDatabase, settings: Settings, report: Backfil
             if isinstance(outcome, Skipped):
                 report.skipped += 1
                 report.skip_reasons[outcome.reason] += 1
-                log("skip %s: %s" % (row.id, outcome.reason))
+                log("skip %s: %s", row.id, outcome.reason)
                 if writers is not None:
                     writers.skip(outcome)
             elif writers is not None:
                 writers.submit(outcome)
             else:
                 report.count_copy(outcome)
-                log("would copy %s -> %s" % (row.id, outcome.target.namespace))
+                log("would copy %s -> %s", row.id, outcome.target.namespace)
         if writers is not None:
             writers.drain()
 
@@ -1286,7 +1290,7 @@ class Writers:
             self.plugin.write_memory(planned.target.namespace, planned.body)
         except RowFailed as exc:
             self.failures.record(row, error=str(exc), status=getattr(exc, "status", None))
-            self.log("error %s: %s" % (row.id, exc))
+            self.log("error %s: %s", row.id, exc)
             with self.lock:
                 self.report.count_error(row.id, exc)
                 self.frozen = True
@@ -1306,7 +1310,7 @@ class Writers:
             self.report.count_copy(planned)
             self.consecutive_failures = 0
             self._settle(number)
-        self.log("copy %s -> %s" % (row.id, planned.target.namespace))
+        self.log("copy %s -> %s", row.id, planned.target.namespace)
 
     def _fail(self, error: BackfillError) -> None:
         self.fatal = self.fatal or error
@@ -1421,7 +1425,7 @@ def verify_workspace(plugin: PluginClient, database: LegacyDatabase, tree: Works
                 preview(content), preview(str(record.get("content"))))
         if problem is None:
             report.matches += 1
-            log("match %s" % row_id)
+            log("match %s", row_id)
         else:
             report.mismatches += 1
             _note(report, "mismatch %s (workspace %s): %s" % (row_id, workspace, problem), log)
@@ -1642,9 +1646,9 @@ def run(argv: Optional[Sequence[str]] = None, environ: Optional[Dict[str, str]] 
     except HelpShown:
         return ExitStatus.OK
 
-    def log(line: str) -> None:
+    def log(line: str, *args) -> None:  # formats only when shown: it runs once per row
         if settings.verbose:
-            print(line, file=stderr, flush=True)
+            print(line % args if args else line, file=stderr, flush=True)
 
     def show(report) -> None:
         if settings.json_output:

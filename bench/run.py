@@ -6,7 +6,9 @@ hold a secret), starts the test plugin (threaded HTTP server, pool of 8
 database connections) and measures, each against a fresh plugin database:
 
 - -apply at several sizes and --concurrency values: wall seconds, rows/s and
-  the peak RSS of the backfill process (from the OS, via wait4);
+  the peak RSS of the backfill process (from the OS: its VmHWM); the
+  20,000-row runs are repeated (tool and raw client alternately) and the best
+  of each kept, since one run on this shared 2-core machine varies by ~10 %;
 - the plugin's own ceiling: a minimal client (bench/run.py --raw-client) that
   only POSTs pre-built memories with the same concurrency;
 - -dry-run over the largest size against a bare SELECT of the same rows
@@ -26,6 +28,7 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +40,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 TOOL = [sys.executable, str(ROOT / "memory_backfill.py")]
 SWEEP = (1, 2, 4, 8, 16)
+REPEAT = 2  # 20,000-row runs are repeated and the best kept: this machine is noisy
 DEFAULT_CONCURRENCY = 8
 CONTENT = ("Deploys for the %s service go through staging first; rollback with the "
            "previous image tag if error rates rise above two percent (note %s).")
@@ -87,13 +91,34 @@ def seed(cluster, rows: int) -> str:
 # --- measuring -------------------------------------------------------------------
 
 def run_measured(argv, env) -> tuple:
-    """(wall seconds, peak RSS MB, exit status, stdout) of one fresh process."""
+    """(wall seconds, peak RSS MB, exit status, stdout) of one fresh process.
+
+    The peak is the kernel's high-water mark of the process's own memory
+    (VmHWM), sampled until it exits: rusage's ru_maxrss would also count the
+    memory of this (large) process, which a forked child inherits.
+    """
     started = time.perf_counter()
     process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    peak = [0]
+
+    def sample():
+        while process.poll() is None:
+            try:
+                with open("/proc/%d/status" % process.pid) as status_file:
+                    for line in status_file:
+                        if line.startswith("VmHWM:"):
+                            peak[0] = max(peak[0], int(line.split()[1]))
+            except OSError:
+                pass
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     out = process.stdout.read()
-    _, status, usage = os.wait4(process.pid, 0)
+    process.wait()
+    sampler.join()
     wall = time.perf_counter() - started
-    return wall, usage.ru_maxrss / 1024.0, os.waitstatus_to_exitcode(status), out.decode()
+    return wall, peak[0] / 1024.0, process.returncode, out.decode()
 
 
 def raw_client(url: str, rows: int, concurrency: int) -> None:
@@ -167,15 +192,21 @@ def main() -> int:
         table = []
         for rows, concurrency in plan:
             env = {**os.environ, "DATABASE_URL": legacy_urls[rows], "MEMORY_PLUGIN_URL": plugin.url}
-            plugin.reset()
-            wall, rss, status, _ = run_measured(
-                TOOL + ["-apply", "-q", "--concurrency", str(concurrency)], env)
-            assert status == 0 and plugin.count() == rows, (status, plugin.count())
-            plugin.reset()
-            raw_wall, _, status, out = run_measured(
-                [sys.executable, __file__, "--raw-client", plugin.url, str(rows), str(concurrency)], env)
-            raw_seconds = json.loads(out)["seconds"]
-            table.append((rows, concurrency, wall, rows / wall, rss, rows / raw_seconds))
+            walls, peaks, raw = [], [], []
+            for _ in range(REPEAT if rows == 20000 else 1):  # alternate tool and raw client
+                plugin.reset()
+                wall, rss, status, _ = run_measured(
+                    TOOL + ["-apply", "-q", "--concurrency", str(concurrency)], env)
+                assert status == 0 and plugin.count() == rows, (status, plugin.count())
+                walls.append(wall)
+                peaks.append(rss)
+                plugin.reset()
+                _, _, status, out = run_measured(
+                    [sys.executable, __file__, "--raw-client", plugin.url, str(rows), str(concurrency)],
+                    env)
+                raw.append(json.loads(out)["seconds"])
+            wall = min(walls)
+            table.append((rows, concurrency, wall, rows / wall, max(peaks), rows / min(raw)))
             print("rows=%d concurrency=%d: %.1f s, %.0f rows/s, peak RSS %.1f MB, raw ceiling %.0f rows/s"
                   % table[-1], flush=True)
         largest = max(sizes)
@@ -215,9 +246,9 @@ def report(table, largest, dry, bare, own) -> list:
     lines += ["", "| target | measured | met |", "|---|---|---|"]
     lines.append("| -apply rows/s at default concurrency >= 85 %% of raw ceiling (20,000 rows) "
                  "| %.0f %% | %s |" % (100 * default[3] / default[5], default[3] / default[5] >= 0.85))
-    lines.append("| default concurrency (%d) is the best of the sweep | best: %d (%.0f rows/s vs %.0f) "
-                 "| %s |" % (DEFAULT_CONCURRENCY, best[1], best[3], default[3],
-                             default[3] >= 0.95 * best[3]))
+    lines.append("| default concurrency (%d) is the best of the sweep (within 5 %%) | best: %d "
+                 "(%.0f rows/s vs %.0f) | %s |" % (DEFAULT_CONCURRENCY, best[1], best[3], default[3],
+                                                  default[3] >= 0.95 * best[3]))
     if (100000, DEFAULT_CONCURRENCY) in by_key:
         rss_large = by_key[(100000, DEFAULT_CONCURRENCY)][4]
         lines.append("| peak RSS at 100,000 rows within 10 MB of 1,000 rows | %.1f MB vs %.1f MB "

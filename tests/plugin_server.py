@@ -73,6 +73,7 @@ class PluginServer:
         self.first_writes: list = []  # row ids in the order they first arrived
         self.written: set = set()
         self.reject_ids: set = set()  # writes of these ids get a 400
+        self.open_connections: set = set()
         self.clear_faults()
         self.lock = threading.Lock()
         self.httpd = _Server(("127.0.0.1", 0), _handler_for(self))
@@ -90,8 +91,24 @@ class PluginServer:
     def stop(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+        self._close_store()
+
+    def _close_store(self) -> None:
         while not self.pool.empty():
             self.pool.get().close()
+
+    def kill(self) -> None:
+        """Die like a killed sidecar: refuse new connections, cut the open ones."""
+        self.down = True
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        with self.lock:
+            for sock in list(self.open_connections):
+                try:
+                    sock.shutdown(2)
+                except OSError:
+                    pass
+        self._close_store()
 
     def reset(self) -> None:
         """Empty the store and the counters (between tests)."""
@@ -300,9 +317,18 @@ def _handler_for(plugin: PluginServer):
         def setup(self):
             super().setup()
             with plugin.lock:
+                plugin.open_connections.add(self.connection)
                 plugin.connection_count += 1
                 self.reset_me = bool(plugin.reset_every) and \
                     plugin.connection_count % plugin.reset_every == 0
+
+        def finish(self):
+            with plugin.lock:
+                plugin.open_connections.discard(self.connection)
+            try:
+                super().finish()
+            except OSError:
+                pass
 
         def _fault(self):
             """An injected fault's (status, payload, headers), or None; may drop the connection."""

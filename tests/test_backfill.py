@@ -102,25 +102,31 @@ def test_concurrent_writers_write_each_row_once_and_each_namespace_once(cli, leg
     children = [legacy.workspace(parent=roots[i % 5]) for i in range(20)]
     ids = []
     for n, workspace in enumerate(children):
-        ids += legacy.many(workspace, 100, scope="TEAM" if n % 2 else "LOCAL")
+        ids += legacy.many(workspace, 200, scope="TEAM" if n % 2 else "LOCAL")
     for root in roots:
-        ids += legacy.many(root, 100, scope="GLOBAL")
+        ids += legacy.many(root, 200, scope="GLOBAL")
 
     result = cli("-apply", "--concurrency", "16")
 
     assert result.status == 0, result.output()
-    assert counts(result) == (2500, 2500, 0, 0)
-    assert plugin.count() == 2500 and sorted(plugin.records()) == sorted(ids)
-    assert plugin.requests["write_memory"] == 2500
+    assert counts(result) == (5000, 5000, 0, 0)
+    assert plugin.count() == 5000 and sorted(plugin.records()) == sorted(ids)
+    assert plugin.requests["write_memory"] == 5000
     namespaces = {r["namespace"] for r in plugin.records().values()}
     assert len(namespaces) == 20 and plugin.namespace_puts == dict.fromkeys(namespaces, 1)
-    # Handed out oldest first: no row reaches the plugin more than one in-flight
-    # window (2 x concurrency rows) ahead of its place in created_at order.
-    # (A row that needed a retry may arrive late; it can never jump ahead.)
+    # Handed out oldest first: within every namespace, no row reaches the plugin
+    # more than one in-flight window (2 x concurrency rows) ahead of its turn in
+    # created_at order.  (A row that needed a retry may arrive late, never early.)
     oldest_first = [r[0] for r in legacy.db.run(
         "SELECT id::text FROM agent_memories ORDER BY created_at NULLS FIRST, id")]
+    turn = {row_id: n for n, row_id in enumerate(oldest_first)}
     arrived = {row_id: n for n, row_id in enumerate(plugin.first_writes)}
-    assert min(arrived[row_id] - n for n, row_id in enumerate(oldest_first)) >= -2 * 16
+    records = plugin.records()
+    for namespace in namespaces:
+        rows = sorted((i for i in ids if records[i]["namespace"] == namespace), key=turn.get)
+        assert all(arrived[row_id] >= turn[row_id] - 2 * 16 for row_id in rows), namespace
+        first = min(rows, key=arrived.get)
+        assert turn[first] - turn[rows[0]] <= 2 * 16  # its first write is among its oldest rows
 
 
 def test_every_skip_reason_is_named_and_nothing_skipped_is_written(cli, legacy, plugin, env):

@@ -118,21 +118,26 @@ def test_plugin_down_from_the_start(legacy, root, plugin, env, tmp_path, capsys)
     assert plugin.count() == 0
 
 
-def test_plugin_dies_part_way_then_resume_completes(legacy, root, plugin, env, tmp_path):
+def test_plugin_killed_part_way_then_restarted_and_resumed(legacy, root, plugin, env, tmp_path):
+    from plugin_server import PluginServer
+
     ids = legacy.many(root, 2000)
     checkpoint = tmp_path / "cp.json"
-    run = start_slow_apply(plugin, env, checkpoint, "--retries", "2")
+    doomed = PluginServer(plugin.connect_kwargs, connections=2).start()  # same store, own process state
+    doomed.delay = 0.002
+    run = start(["-apply", "-q", "--checkpoint", str(checkpoint), "--retries", "2"],
+                {**env, "MEMORY_PLUGIN_URL": doomed.url})
     wait_for(lambda: plugin.count() >= 800)
-    plugin.down = True
+    doomed.kill()  # the sidecar is gone: open connections cut, new ones refused
     out, err = run.communicate(timeout=60)
 
     assert run.returncode == 3, err
-    assert "Cannot reach the memory plugin" in err
+    assert "Cannot reach the memory plugin" in err and err.count("\n") == 1
     assert "STOPPED EARLY" in out and out.rstrip().splitlines()[-1].startswith("Backfill stopped:")
     done = assert_checkpoint_consistent(legacy, plugin, checkpoint)
     assert 0 < done < 2000
 
-    writes_before = plugin.requests["write_memory"]
+    writes_before = plugin.requests["write_memory"]  # the restarted plugin
     assert "resumed from checkpoint" in resume_completes(legacy, plugin, env, checkpoint, ids)
     assert plugin.requests["write_memory"] - writes_before <= (2000 - done) + 2 * mb.DEFAULT_CONCURRENCY
     assert read_checkpoint(checkpoint)["complete"] is True
@@ -142,6 +147,17 @@ def test_plugin_dies_part_way_then_resume_completes(legacy, root, plugin, env, t
     out, _ = run.communicate(timeout=60)
     assert run.returncode == 0 and out.rstrip().endswith("scanned=0 copied=0 skipped=0 errors=0")
     assert plugin.count() == 2000
+
+
+def test_plugin_down_then_back_is_ridden_out_by_retries(legacy, root, plugin, env):
+    import threading
+
+    ids = legacy.many(root, 300)
+    plugin.delay = 0.002
+    threading.Timer(0.5, lambda: setattr(plugin, "down", True)).start()
+    threading.Timer(1.5, lambda: setattr(plugin, "down", False)).start()
+    assert mb.main(["-apply", "-q"]) == 0
+    assert_all_present_once(legacy, plugin, ids)
 
 
 def test_the_tool_killed_with_sigkill_then_resumed(legacy, root, plugin, env, tmp_path):
