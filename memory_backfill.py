@@ -845,11 +845,14 @@ class PluginClient:
             status_forcelist=RETRY_STATUSES, allowed_methods=None,
             respect_retry_after_header=True, raise_on_status=False,
         )
-        self.pool = urllib3.PoolManager(
-            num_pools=2, maxsize=connections, block=True, retries=retry,
+        # One connection pool for the one plugin host: no per-request URL parsing
+        # and pool lookup, as a PoolManager would do.
+        self.pool = urllib3.connection_from_url(
+            base_url, maxsize=connections, block=True, retries=retry,
             timeout=urllib3.Timeout(total=timeout),
             headers={"Content-Type": "application/json", "User-Agent": PROG + "/" + __version__},
         )
+        self.prefix = urlsplit(base_url).path.rstrip("/")
 
     def _request(self, method: str, path: str, body: Optional[Dict] = None, retries=None,
                  want_body: bool = True):
@@ -857,8 +860,7 @@ class PluginClient:
 
         payload = None if body is None else json.dumps(body, allow_nan=False).encode("utf-8")
         try:
-            response = self.pool.request(method, self.base_url + path, body=payload,
-                                         retries=retries)
+            response = self.pool.urlopen(method, self.prefix + path, body=payload, retries=retries)
         except urllib3.exceptions.HTTPError as exc:
             reason = getattr(exc, "reason", None) or exc
             raise DependencyError(

@@ -125,18 +125,18 @@ def raw_client(url: str, rows: int, concurrency: int) -> None:
     """Only POST pre-built memories: the plugin's ceiling at this concurrency."""
     import urllib3
 
-    pool = urllib3.PoolManager(maxsize=concurrency, block=True,
-                               headers={"Content-Type": "application/json"})
+    pool = urllib3.connection_from_url(url, maxsize=concurrency, block=True,
+                                       headers={"Content-Type": "application/json"})
     namespaces = ["workspace:%s" % uuid.uuid4() for _ in range(60)]
     for name in namespaces:
-        pool.request("PUT", "%s/v1/namespaces/%s" % (url, name), body=b'{"kind":"workspace"}')
+        pool.urlopen("PUT", "/v1/namespaces/%s" % name, body=b'{"kind":"workspace"}')
     bodies = [(namespaces[n % 60], json.dumps({
         "id": str(uuid.uuid4()), "content": CONTENT % ("svc%d" % (n % 97), n), "kind": "fact",
         "source": "agent", "propagation": {"legacy": {"scope": "LOCAL"}}}).encode()) for n in range(rows)]
 
     def post(item):
         namespace, body = item
-        response = pool.request("POST", "%s/v1/namespaces/%s/memories" % (url, namespace), body=body)
+        response = pool.urlopen("POST", "/v1/namespaces/%s/memories" % namespace, body=body)
         assert response.status == 201, response.status
 
     started = time.perf_counter()
