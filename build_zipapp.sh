@@ -18,6 +18,10 @@ trap 'rm -rf "$stage"' EXIT
     --no-compile --no-deps --only-binary=:all: --require-hashes \
     --target "$stage/app" -r "$here/requirements.txt"
 cp "$here/memory_backfill.py" "$stage/app/memory_backfill.py"
+# The help text, rendered now by the module itself: `--help` then needs
+# neither compiling memory_backfill.py (zipimport compiles from source on
+# every run) nor importing argparse.
+COLUMNS=80 "$python" -I "$here/memory_backfill.py" --help > "$stage/app/help.txt"
 cat > "$stage/app/__main__.py" <<'MAIN'
 import sys
 
@@ -25,6 +29,10 @@ if sys.version_info < (3, 9):
     sys.stderr.write("memory-backfill: needs Python 3.9 or newer, this is %s; run it "
                      "with a newer python3.\n" % sys.version.split()[0])
     sys.exit(2)
+
+if sys.argv[1:] in (["--help"], ["-help"], ["-h"]):
+    sys.stdout.write(__loader__.get_data("help.txt").decode("utf-8"))
+    sys.exit(0)
 
 import memory_backfill  # noqa: E402
 

@@ -839,7 +839,8 @@ class PluginClient:
                  retries: int = DEFAULT_RETRIES, connections: int = 1):
         import urllib3
 
-        self.base_url = base_url
+        self.base_url = urlsplit(base_url)._replace(
+            netloc=urlsplit(base_url).netloc.rpartition("@")[2]).geturl()  # shown: no userinfo
         self.retry = retry = urllib3.Retry(
             total=retries, backoff_factor=0.2, backoff_max=4, backoff_jitter=0.1,
             status_forcelist=RETRY_STATUSES, allowed_methods=None,
@@ -1125,14 +1126,14 @@ def backfill(settings: Settings, log, stderr=None) -> BackfillReport:
         return report
 
     checkpoint = Checkpoint.open(settings) if settings.checkpoint else None
-    failures = FailureLog(settings.failures, append=bool(checkpoint and checkpoint.position))
-    report.failures_path = settings.failures
     if checkpoint is not None:
         report.checkpoint_path = settings.checkpoint
         report.resumed_from = checkpoint.position
         if checkpoint.complete:
             report.plugin_status = "not contacted: the checkpoint says this backfill is complete"
             return report
+    failures = FailureLog(settings.failures, append=bool(checkpoint and checkpoint.position))
+    report.failures_path = settings.failures
     plugin = PluginClient(settings.plugin_url, settings.timeout, settings.retries,
                           connections=settings.concurrency)
     report.plugin_status = "ok (version %s)" % plugin.check_health()
@@ -1589,8 +1590,9 @@ def parse_settings(argv: Optional[Sequence[str]], environ: Dict[str, str]) -> Se
         raise UsageError("Choose exactly one mode: -dry-run, -apply or -verify%s."
                          % (" (got %s)" % " and ".join("-" + m for m in modes) if modes else ""))
     mode = modes[0]
-    if args.checkpoint and mode != "apply":
-        raise UsageError("--checkpoint goes with -apply only.")
+    for option, value in (("--checkpoint", args.checkpoint), ("--failures", args.failures)):
+        if value and mode != "apply":  # -dry-run writes nothing anywhere; -verify copies nothing
+            raise UsageError("%s goes with -apply only." % option)
     try:
         timeout = float(args.timeout)
     except ValueError:

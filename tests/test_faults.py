@@ -282,9 +282,12 @@ def test_unwritable_paths_are_refused(legacy, root, plugin, env, capsys, option)
     assert plugin.count() == 0
 
 
-def test_dry_run_with_checkpoint_is_a_usage_error(legacy, root, env, capsys):
-    assert mb.main(["-dry-run", "--checkpoint", "x.json"]) == 2
-    assert "--checkpoint goes with -apply only" in capsys.readouterr().err
+@pytest.mark.parametrize("option", ["--checkpoint", "--failures"])
+def test_files_go_with_apply_only(legacy, root, env, capsys, tmp_path, option):
+    for mode in ("-dry-run", "-verify"):
+        assert mb.main([mode, option, str(tmp_path / "x")]) == 2
+        assert "%s goes with -apply only." % option in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 # --- any content arrives exactly as its redaction, and legacy is never touched ---------

@@ -66,6 +66,11 @@ def test_plugin_url_trailing_slash_is_harmless():
             mb.parse_plugin_url(bad)
 
 
+def test_plugin_userinfo_never_shown():
+    client = mb.PluginClient("http://user:hunter2@127.0.0.1:9/")
+    assert "hunter2" not in client.base_url and client.base_url == "http://127.0.0.1:9/"
+
+
 def test_parse_embedding_pgvector_and_array_forms():
     assert mb.parse_embedding("[1,2.5,-3e-2]") == [1.0, 2.5, -0.03]
     assert mb.parse_embedding("{0.5,1}") == [0.5, 1.0]

@@ -98,6 +98,14 @@ def test_help_and_version_import_neither_driver(zipapp_file):
     assert "exit statuses:" in done.stdout or flag == "--version"
 
 
+def test_help_of_the_file_is_the_modules_own(zipapp_file):
+    """The file prints a help text rendered at build time; it must be the module's."""
+    module = subprocess.run([sys.executable, "-I", str(ROOT / "memory_backfill.py"), "--help"],
+                            capture_output=True, text=True, env={"COLUMNS": "80"}, timeout=60)
+    for flag in ("--help", "-h"):
+        assert run(sys.executable, zipapp_file, flag).stdout == module.stdout
+
+
 def test_help_a_newcomer_can_act_on(zipapp_file):
     done = run(sys.executable, zipapp_file, "--help")
     assert done.returncode == 0
