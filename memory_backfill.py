@@ -1152,7 +1152,10 @@ def backfill(settings: Settings, log, stderr=None) -> BackfillReport:
     if received:
         stopped = Interrupted(received[0])
     if checkpoint is not None:
-        checkpoint.save(complete=stopped is None and report.errors == 0)
+        # Complete only when the table was read to its end: a -limit run that
+        # used up its limit leaves the rest for the next run.
+        reached_end = settings.limit is None or report.scanned < settings.limit
+        checkpoint.save(complete=stopped is None and report.errors == 0 and reached_end)
     if stopped is not None:
         report.stopped, report.stopped_status = str(stopped), stopped.status
         stopped.report = report

@@ -263,6 +263,16 @@ def test_bad_checkpoint_is_refused(legacy, root, plugin, env, tmp_path, capsys, 
     assert plugin.count() == 0 and plugin.requests["health"] == 0
 
 
+def test_limited_runs_with_a_checkpoint_continue_until_the_end(legacy, root, plugin, env, tmp_path):
+    ids = legacy.many(root, 25)
+    checkpoint = tmp_path / "cp.json"
+    for _ in range(3):  # 10 + 10 + 5 rows
+        assert mb.main(["-apply", "-q", "-limit", "10", "--checkpoint", str(checkpoint)]) == 0
+        assert read_checkpoint(checkpoint)["complete"] is (plugin.count() == 25)
+    assert_all_present_once(legacy, plugin, ids)
+    assert plugin.requests["write_memory"] == 25  # no row written twice
+
+
 def test_checkpoint_of_another_workspace_filter_is_refused(legacy, root, plugin, env, tmp_path, capsys):
     legacy.many(root, 10)
     checkpoint = tmp_path / "cp.json"
