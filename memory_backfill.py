@@ -56,8 +56,6 @@ PROGRESS_LOG_SECONDS = 5.0  # at most one plain progress line this often otherwi
 RETRY_STATUSES = (429, 502, 503, 504)
 HEALTH_RETRIES = 2  # a plugin that is down at the start should fail the run fast
 
-SCOPES = ("LOCAL", "TEAM", "GLOBAL")
-
 # Skip reasons: the rows -apply will not write, and why.
 SKIP_NO_WORKSPACE = "workspace_id is NULL"
 SKIP_WORKSPACE_NOT_FOUND = "workspace not found"
