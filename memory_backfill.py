@@ -895,10 +895,11 @@ class PluginClient:
         self._request("PUT", "/v1/namespaces/" + quote(name, safe=""), {"kind": kind})
 
     def write_memory(self, namespace: str, body: Dict[str, object]) -> None:
-        if any(x != x or x in (float("inf"), float("-inf")) for x in body.get("embedding") or ()):
-            raise RowFailed("the embedding holds NaN or Infinity, which JSON cannot carry")
-        self._request("POST", "/v1/namespaces/%s/memories" % quote(namespace, safe=""), body,
-                      want_body=False)
+        try:
+            self._request("POST", "/v1/namespaces/%s/memories" % quote(namespace, safe=""), body,
+                          want_body=False)
+        except ValueError:  # json.dumps(allow_nan=False): only the embedding holds floats
+            raise RowFailed("the embedding holds NaN or Infinity, which JSON cannot carry") from None
 
     def search(self, namespaces: List[str], query: Optional[str] = None,
                limit: int = SEARCH_CAP) -> List[Dict]:
