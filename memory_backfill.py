@@ -1154,7 +1154,10 @@ def backfill(settings: Settings, log, stderr=None) -> BackfillReport:
         # Complete only when the table was read to its end: a -limit run that
         # used up its limit leaves the rest for the next run.
         reached_end = settings.limit is None or report.scanned < settings.limit
-        checkpoint.save(complete=stopped is None and report.errors == 0 and reached_end)
+        try:
+            checkpoint.save(complete=stopped is None and report.errors == 0 and reached_end)
+        except BackfillError as exc:
+            stopped = stopped or exc
     if stopped is not None:
         report.stopped, report.stopped_status = str(stopped), stopped.status
         stopped.report = report
@@ -1333,7 +1336,10 @@ class Writers:
             position = self.positions.pop(self.low_water)
             advanced = True
         if advanced and self.checkpoint is not None:
-            self.checkpoint.advance(position, self.low_water + 1)
+            try:
+                self.checkpoint.advance(position, self.low_water + 1)
+            except BackfillError as exc:  # in a writer thread it would vanish with its future
+                self._fail(exc)
 
     def _ensure_namespace(self, target: Target) -> None:
         from concurrent.futures import Future

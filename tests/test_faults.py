@@ -283,6 +283,20 @@ def test_checkpoint_of_another_workspace_filter_is_refused(legacy, root, plugin,
     assert plugin.count() == 0
 
 
+def test_checkpoint_that_becomes_unwritable_stops_the_run(legacy, root, plugin, env, tmp_path):
+    legacy.many(root, 2000)
+    checkpoint = tmp_path / "cp.json"
+    run = start_slow_apply(plugin, env, checkpoint)
+    wait_for(lambda: plugin.count() >= 200)
+    (tmp_path / "cp.json.tmp").mkdir()  # the next save cannot write its temporary file
+    out, err = run.communicate(timeout=60)
+    assert run.returncode == 2
+    assert err.startswith("memory-backfill: Cannot write the checkpoint %s" % checkpoint)
+    assert err.count("\n") == 1 and "STOPPED EARLY" in out
+    assert plugin.count() < 2000
+    assert_checkpoint_consistent(legacy, plugin, checkpoint)
+
+
 @pytest.mark.parametrize("option", ["--failures", "--checkpoint"])
 def test_unwritable_paths_are_refused(legacy, root, plugin, env, capsys, option):
     legacy.many(root, 10)
