@@ -1232,7 +1232,7 @@ class Writers:
     def __init__(self, plugin: PluginClient, settings: Settings, report: BackfillReport, log,
                  limiter: Optional[RateLimiter], checkpoint: Optional[Checkpoint],
                  failures: FailureLog):
-        from concurrent.futures import ThreadPoolExecutor
+        import queue
 
         self.plugin = plugin
         self.report = report
@@ -1242,8 +1242,8 @@ class Writers:
         self.failures = failures
         self.max_consecutive_failures = settings.max_consecutive_failures
         self.lock = threading.Lock()
-        self.slots = threading.BoundedSemaphore(2 * settings.concurrency)
-        self.executor = ThreadPoolExecutor(settings.concurrency, thread_name_prefix="writer")
+        self.slots = threading.BoundedSemaphore(2 * settings.concurrency)  # rows in flight
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()  # (number, PlannedWrite), None: quit
         self.namespaces: Dict[str, object] = {}  # name -> Future of its PUT
         self.stop = threading.Event()
         self.fatal: Optional[BackfillError] = None
@@ -1255,6 +1255,10 @@ class Writers:
         # After a refused row the mark cannot pass it in this run: stop tracking
         # (memory stays flat); a resume starts again at that row.
         self.frozen = False
+        self.threads = [threading.Thread(target=self._work, name="writer-%d" % n, daemon=True)
+                        for n in range(settings.concurrency)]
+        for thread in self.threads:
+            thread.start()
 
     def stopping(self) -> bool:
         return self.stop.is_set()
@@ -1276,16 +1280,34 @@ class Writers:
     def submit(self, planned: PlannedWrite) -> None:
         number = self._number(planned.row)
         self.slots.acquire()
-        future = self.executor.submit(self._write, number, planned)
-        future.add_done_callback(lambda _: self.slots.release())
+        self.queue.put((number, planned))
 
     def drain(self) -> None:
         """Wait for every submitted write (the reader is done)."""
-        self.executor.shutdown(wait=True)
+        for _ in self.threads:
+            self.queue.put(None)
+        for thread in self.threads:
+            thread.join()
+        self.threads = []
 
     def close(self) -> Optional[BackfillError]:
-        self.executor.shutdown(wait=True)
+        self.drain()
         return self.fatal
+
+    def _work(self) -> None:
+        """A writer thread: write rows until told to quit."""
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            try:
+                self._write(*item)
+            except Exception as exc:  # noqa: BLE001 - a bug must stop the run, not kill a thread quietly
+                with self.lock:
+                    self._fail(BackfillError("A writer thread failed unexpectedly (%s); stopped. "
+                                             "Re-run to resume." % type(exc).__name__))
+            finally:
+                self.slots.release()
 
     def _write(self, number: int, planned: PlannedWrite) -> None:
         if self.stop.is_set():

@@ -2,13 +2,16 @@
 
 Starts a throwaway PostgreSQL, seeds legacy rows over a realistic tree (60
 workspaces: 6 roots, 18 teams, 36 leaves; all three scopes; 1 % of the rows
-hold a secret), starts the test plugin (threaded HTTP server, pool of 8
-database connections) and measures, each against a fresh plugin database:
+hold a secret), starts the test plugin (two processes sharing one port, one
+per core as the Go plugin uses them, each a threaded HTTP server with 4 of
+the 8 database connections) and measures, each against a fresh plugin
+database:
 
 - -apply at several sizes and --concurrency values: wall seconds, rows/s and
   the peak RSS of the backfill process (from the OS: its VmHWM); the
-  20,000-row runs are repeated (tool and raw client alternately) and the best
-  of each kept, since one run on this shared 2-core machine varies by ~10 %;
+  20,000-row sweep is run three times, round-robin over the concurrencies
+  (tool and raw client alternately), and the best of each kept, since one
+  run on this shared 2-core machine varies by 10 % or more;
 - the plugin's own ceiling: a minimal client (bench/run.py --raw-client) that
   only POSTs pre-built memories with the same concurrency;
 - -dry-run over the largest size against a bare SELECT of the same rows
@@ -40,7 +43,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 TOOL = [sys.executable, str(ROOT / "memory_backfill.py")]
 SWEEP = (1, 2, 4, 8, 16)
-REPEAT = 2  # 20,000-row runs are repeated and the best kept: this machine is noisy
+ROUNDS = 3  # of the 20,000-row sweep; the best of each kept: this machine is noisy
+PLUGIN_PROCESSES = 2  # one per core
+PLUGIN_CONNECTIONS = 4  # database connections per plugin process
 DEFAULT_CONCURRENCY = 8
 CONTENT = ("Deploys for the %s service go through staging first; rollback with the "
            "previous image tag if error rates rise above two percent (note %s).")
@@ -176,24 +181,26 @@ def main() -> int:
         return 0
 
     from pg_cluster import start_cluster
-    from plugin_server import PluginServer
+    from plugin_server import PluginProcesses
 
     cluster = start_cluster()
     plugin = None
     try:
-        plugin = PluginServer(dict(user=cluster.user, password=cluster.password, host=cluster.host,
-                                   port=cluster.port, database=cluster.create_database("bench_plugin")))
-        plugin.start()
+        plugin = PluginProcesses(dict(user=cluster.user, password=cluster.password, host=cluster.host,
+                                      port=cluster.port, database=cluster.create_database("bench_plugin")),
+                                 PLUGIN_PROCESSES, PLUGIN_CONNECTIONS)
         sizes = (1000, 20000) if args.quick else (1000, 20000, 100000)
         plan = [(1000, DEFAULT_CONCURRENCY)] + [(20000, c) for c in SWEEP]
         if not args.quick:
             plan.append((100000, DEFAULT_CONCURRENCY))
         legacy_urls = {rows: cluster.url(seed(cluster, rows)) for rows in sizes}
-        table = []
-        for rows, concurrency in plan:
-            env = {**os.environ, "DATABASE_URL": legacy_urls[rows], "MEMORY_PLUGIN_URL": plugin.url}
-            walls, peaks, raw = [], [], []
-            for _ in range(REPEAT if rows == 20000 else 1):  # alternate tool and raw client
+        runs = {key: ([], [], []) for key in plan}  # (rows, concurrency) -> walls, peaks, raw seconds
+        for round_number in range(ROUNDS):
+            for rows, concurrency in plan:
+                if round_number and rows != 20000:
+                    continue
+                env = {**os.environ, "DATABASE_URL": legacy_urls[rows], "MEMORY_PLUGIN_URL": plugin.url}
+                walls, peaks, raw = runs[(rows, concurrency)]
                 plugin.reset()
                 wall, rss, status, _ = run_measured(
                     TOOL + ["-apply", "-q", "--concurrency", str(concurrency)], env)
@@ -205,10 +212,11 @@ def main() -> int:
                     [sys.executable, __file__, "--raw-client", plugin.url, str(rows), str(concurrency)],
                     env)
                 raw.append(json.loads(out)["seconds"])
-            wall = min(walls)
-            table.append((rows, concurrency, wall, rows / wall, max(peaks), rows / min(raw)))
-            print("rows=%d concurrency=%d: %.1f s, %.0f rows/s, peak RSS %.1f MB, raw ceiling %.0f rows/s"
-                  % table[-1], flush=True)
+                print("round %d, rows=%d concurrency=%d: %.0f rows/s, peak RSS %.1f MB, raw ceiling "
+                      "%.0f rows/s" % (round_number + 1, rows, concurrency, rows / wall, rss,
+                                       rows / raw[-1]), flush=True)
+        table = [(rows, concurrency, min(walls), rows / min(walls), max(peaks), rows / min(raw))
+                 for (rows, concurrency), (walls, peaks, raw) in runs.items()]
         largest = max(sizes)
         env = {**os.environ, "DATABASE_URL": legacy_urls[largest]}
         dry, _, status, _ = run_measured(TOOL + ["-dry-run", "-q"], env)

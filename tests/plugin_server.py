@@ -8,13 +8,22 @@ Records live in a PostgreSQL database of their own, so newest-first listing,
 full-text search and substring search behave as they do in production.
 
 It also counts requests, for tests that assert how the backfill used it.
+
+For the benchmark, `python tests/plugin_server.py PORT CONNECTIONS` serves the
+same plugin from a process of its own, bound with SO_REUSEPORT so that several
+such processes share one port (PluginProcesses): one Python process cannot use
+both cores of this machine, while the real (Go) plugin does.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import queue
 import re
+import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -59,7 +68,7 @@ class _Server(ThreadingHTTPServer):
 class PluginServer:
     """Serve the plugin API on 127.0.0.1:<free port>, storing into PostgreSQL."""
 
-    def __init__(self, connect_kwargs: dict, connections: int = 8):
+    def __init__(self, connect_kwargs: dict, connections: int = 8, port: int = 0):
         self.connect_kwargs = connect_kwargs
         self.pool: queue.Queue[pg8000.native.Connection] = queue.Queue()
         for _ in range(connections):
@@ -76,7 +85,11 @@ class PluginServer:
         self.open_connections: set = set()
         self.clear_faults()
         self.lock = threading.Lock()
-        self.httpd = _Server(("127.0.0.1", 0), _handler_for(self))
+        self.httpd = _Server(("127.0.0.1", port), _handler_for(self), bind_and_activate=False)
+        if port:  # shared with the other processes serving the same store
+            self.httpd.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        self.httpd.server_bind()
+        self.httpd.server_activate()
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     @property
@@ -89,7 +102,8 @@ class PluginServer:
         return self
 
     def stop(self) -> None:
-        self.httpd.shutdown()
+        if self.thread.is_alive():
+            self.httpd.shutdown()
         self.httpd.server_close()
         self._close_store()
 
@@ -419,3 +433,41 @@ def _handler_for(plugin: PluginServer):
             self._dispatch("POST")
 
     return Handler
+
+
+class PluginProcesses:
+    """The plugin served by `workers` processes on one port, each a threaded
+    server with `connections` database connections (for the benchmark)."""
+
+    def __init__(self, connect_kwargs: dict, workers: int = 2, connections: int = 4):
+        self.store = PluginServer(connect_kwargs, connections=1)  # schema, count, reset
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        self.url = "http://127.0.0.1:%d" % port
+        env = {**os.environ, "PLUGIN_STORE": json.dumps(connect_kwargs)}
+        self.processes = [subprocess.Popen([sys.executable, __file__, str(port), str(connections)],
+                                           env=env, stdout=subprocess.PIPE) for _ in range(workers)]
+        for process in self.processes:  # each says so once it listens
+            if process.stdout.readline() != b"listening\n":
+                self.stop()
+                raise RuntimeError("a plugin process did not start")
+
+    def count(self) -> int:
+        return self.store.count()
+
+    def reset(self) -> None:
+        self.store.reset()
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.terminate()
+            process.wait()
+        self.store.stop()
+
+
+if __name__ == "__main__":
+    port, connections = (int(arg) for arg in sys.argv[1:3])
+    server = PluginServer(json.loads(os.environ["PLUGIN_STORE"]), connections, port)
+    print("listening", flush=True)
+    server.httpd.serve_forever()

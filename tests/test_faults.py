@@ -226,6 +226,27 @@ def test_too_many_refused_rows_in_a_row_stop_the_run(legacy, root, plugin, env, 
     assert {line["error"] for line in lines} == {"HTTP 400: rejected by the test"}
 
 
+def test_an_unexpected_error_in_a_writer_stops_the_run(legacy, root, plugin, env, capsys, monkeypatch):
+    ids = legacy.many(root, 50)
+    write_memory = mb.PluginClient.write_memory
+
+    def buggy_write_memory(client, namespace, body):
+        if body["id"] == ids[20]:
+            raise KeyError("a defect of the tool, not a refused row")
+        write_memory(client, namespace, body)
+
+    monkeypatch.setattr(mb.PluginClient, "write_memory", buggy_write_memory)
+
+    status = mb.main(["-apply", "-q", "--concurrency", "1"])
+
+    captured = capsys.readouterr()
+    assert status == 3
+    assert captured.err == ("memory-backfill: A writer thread failed unexpectedly (KeyError); "
+                            "stopped. Re-run to resume.\n")
+    assert "STOPPED EARLY" in captured.out
+    assert set(plugin.records()) == set(ids[:20])
+
+
 def test_failures_file_lists_skips_and_errors_never_content(legacy, plugin, env, tmp_path, capsys):
     legacy.create_schema()
     root, child = legacy.chain(1)
