@@ -10,8 +10,10 @@ database:
 - -apply at several sizes and --concurrency values: wall seconds, rows/s and
   the peak RSS of the backfill process (from the OS: its VmHWM); the
   20,000-row sweep is run three times, round-robin over the concurrencies
-  (tool and raw client alternately), and the best of each kept, since one
-  run on this shared 2-core machine varies by 10 % or more;
+  (tool and raw client alternately), and the median of each reported, with
+  the tool's range: one run on this shared 2-core machine varies by 10 % or
+  more, and how the kernel happens to spread 2 or 4 connections over the two
+  plugin processes moves a single run by more than that;
 - the plugin's own ceiling: a minimal client (bench/run.py --raw-client) that
   only POSTs pre-built memories with the same concurrency;
 - -dry-run over the largest size against a bare SELECT of the same rows
@@ -34,8 +36,10 @@ import sys
 import threading
 import time
 import uuid
+from collections import namedtuple
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from statistics import median
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -43,10 +47,13 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 TOOL = [sys.executable, str(ROOT / "memory_backfill.py")]
 SWEEP = (1, 2, 4, 8, 16)
-ROUNDS = 3  # of the 20,000-row sweep; the best of each kept: this machine is noisy
+ROUNDS = 3  # of the 20,000-row sweep; the median of each reported: this machine is noisy
 PLUGIN_PROCESSES = 2  # one per core
 PLUGIN_CONNECTIONS = 4  # database connections per plugin process
 DEFAULT_CONCURRENCY = 8
+# One line of the table: wall and rates of the tool (median, slowest and fastest
+# round), its peak RSS, and the raw client's rate (median).
+Result = namedtuple("Result", "rows concurrency wall rate slowest fastest rss ceiling")
 CONTENT = ("Deploys for the %s service go through staging first; rollback with the "
            "previous image tag if error rates rise above two percent (note %s).")
 SECRET = " The CI token is GITHUB_TOKEN=ghp_%s." % ("x" * 36)
@@ -215,7 +222,8 @@ def main() -> int:
                 print("round %d, rows=%d concurrency=%d: %.0f rows/s, peak RSS %.1f MB, raw ceiling "
                       "%.0f rows/s" % (round_number + 1, rows, concurrency, rows / wall, rss,
                                        rows / raw[-1]), flush=True)
-        table = [(rows, concurrency, min(walls), rows / min(walls), max(peaks), rows / min(raw))
+        table = [Result(rows, concurrency, median(walls), rows / median(walls), rows / max(walls),
+                        rows / min(walls), max(peaks), rows / median(raw))
                  for (rows, concurrency), (walls, peaks, raw) in runs.items()]
         largest = max(sizes)
         env = {**os.environ, "DATABASE_URL": legacy_urls[largest]}
@@ -242,25 +250,28 @@ def report(table, largest, dry, bare, own) -> list:
     machine = "%s, %d cores, Python %s, %s" % (platform.machine(), os.cpu_count(),
                                               platform.python_version(), platform.platform(terse=True))
     lines = ["## %s — %s" % (datetime.date.today().isoformat(), machine), "",
-             "| rows | concurrency | wall s | rows/s | peak RSS MB | raw POST ceiling rows/s | ratio |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
-    for rows, concurrency, wall, rate, rss, ceiling in table:
-        lines.append("| %d | %d | %.1f | %.0f | %.1f | %.0f | %.2f |"
-                     % (rows, concurrency, wall, rate, rss, ceiling, rate / ceiling))
-    by_key = {(r[0], r[1]): r for r in table}
+             "Medians of %d rounds for 20,000 rows, one run otherwise." % ROUNDS, "",
+             "| rows | concurrency | wall s | rows/s | range rows/s | peak RSS MB "
+             "| raw POST ceiling rows/s | ratio |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in table:
+        lines.append("| %d | %d | %.1f | %.0f | %.0f–%.0f | %.1f | %.0f | %.2f |"
+                     % (r.rows, r.concurrency, r.wall, r.rate, r.slowest, r.fastest, r.rss, r.ceiling,
+                        r.rate / r.ceiling))
+    by_key = {(r.rows, r.concurrency): r for r in table}
     default = by_key[(20000, DEFAULT_CONCURRENCY)]
-    best = max((r for r in table if r[0] == 20000), key=lambda r: r[3])
-    rss_small = by_key[(1000, DEFAULT_CONCURRENCY)][4]
+    best = max((r for r in table if r.rows == 20000), key=lambda r: r.rate)
     lines += ["", "| target | measured | met |", "|---|---|---|"]
     lines.append("| -apply rows/s at default concurrency >= 85 %% of raw ceiling (20,000 rows) "
-                 "| %.0f %% | %s |" % (100 * default[3] / default[5], default[3] / default[5] >= 0.85))
+                 "| %.0f %% | %s |" % (100 * default.rate / default.ceiling,
+                                      default.rate >= 0.85 * default.ceiling))
     lines.append("| default concurrency (%d) is the best of the sweep (within 5 %%) | best: %d "
-                 "(%.0f rows/s vs %.0f) | %s |" % (DEFAULT_CONCURRENCY, best[1], best[3], default[3],
-                                                  default[3] >= 0.95 * best[3]))
+                 "(%.0f rows/s vs %.0f) | %s |" % (DEFAULT_CONCURRENCY, best.concurrency, best.rate,
+                                                  default.rate, default.rate >= 0.95 * best.rate))
     if (100000, DEFAULT_CONCURRENCY) in by_key:
-        rss_large = by_key[(100000, DEFAULT_CONCURRENCY)][4]
+        small, large = by_key[(1000, DEFAULT_CONCURRENCY)], by_key[(100000, DEFAULT_CONCURRENCY)]
         lines.append("| peak RSS at 100,000 rows within 10 MB of 1,000 rows | %.1f MB vs %.1f MB "
-                     "| %s |" % (rss_large, rss_small, rss_large - rss_small <= 10))
+                     "| %s |" % (large.rss, small.rss, large.rss - small.rss <= 10))
     lines.append("| -dry-run over %d rows <= 2 x bare pg8000 `SELECT *` | %.2f s vs %.2f s (%.2fx) | %s |"
                  % (largest, dry, bare, dry / bare, dry <= 2 * bare))
     lines.append("| (for information) -dry-run vs the tool's own query alone, timestamps as text "
