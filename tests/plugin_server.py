@@ -33,6 +33,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote
 
 import pg8000.native
+from pg_cluster import free_port
 
 NAMESPACE_NAME = re.compile(r"^[a-z]+:[A-Za-z0-9_:.\-]+$")
 NAMESPACE_KINDS = {"workspace", "team", "org", "custom"}
@@ -441,9 +442,7 @@ class PluginProcesses:
 
     def __init__(self, connect_kwargs: dict, workers: int = 2, connections: int = 4):
         self.store = PluginServer(connect_kwargs, connections=1)  # schema, count, reset
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
+        port = free_port()
         self.url = "http://127.0.0.1:%d" % port
         env = {**os.environ, "PLUGIN_STORE": json.dumps(connect_kwargs)}
         self.processes = [subprocess.Popen([sys.executable, __file__, str(port), str(connections)],
