@@ -2,18 +2,17 @@
 
 Starts a throwaway PostgreSQL, seeds legacy rows over a realistic tree (60
 workspaces: 6 roots, 18 teams, 36 leaves; all three scopes; 1 % of the rows
-hold a secret), starts the test plugin (two processes sharing one port, one
+hold a secret), starts the test plugin (two processes behind one port, one
 per core as the Go plugin uses them, each a threaded HTTP server with 4 of
-the 8 database connections) and measures, each against a fresh plugin
-database:
+the 8 database connections; connections are handed to them in turn) and
+measures, each against a fresh plugin database:
 
 - -apply at several sizes and --concurrency values: wall seconds, rows/s and
   the peak RSS of the backfill process (from the OS: its VmHWM); the
   20,000-row sweep is run three times, round-robin over the concurrencies
   (tool and raw client alternately), and the median of each reported, with
   the tool's range: one run on this shared 2-core machine varies by 10 % or
-  more, and how the kernel happens to spread 2 or 4 connections over the two
-  plugin processes moves a single run by more than that;
+  more;
 - the plugin's own ceiling: a minimal client (bench/run.py --raw-client) that
   only POSTs pre-built memories with the same concurrency;
 - -dry-run over the largest size against a bare SELECT of the same rows
