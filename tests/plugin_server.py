@@ -478,15 +478,18 @@ class PluginProcesses:
 
     def stop(self) -> None:
         self.listener.close()
-        for channel in self.channels:
-            channel.close()  # a worker whose channel closes exits
         for process in self.processes:
+            process.terminate()
             process.wait()
+        for channel in self.channels:
+            channel.close()
         self.store.stop()
 
 
 def serve_handed_connections(connections: int, channel_fd: int) -> None:
-    """A worker of PluginProcesses: serve each connection handed over the channel."""
+    """A worker of PluginProcesses: serve each connection handed over the channel
+    (the server's own listening socket stays unused); end when the channel closes,
+    as it does when the process that started this one ends."""
     server = PluginServer(json.loads(os.environ["PLUGIN_STORE"]), connections)
     channel = socket.socket(fileno=channel_fd)
     print("serving", flush=True)
