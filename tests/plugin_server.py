@@ -437,9 +437,9 @@ class PluginProcesses:
 
     This process accepts the connections and hands them to the workers in
     turn, so that 8 connections are served 4 and 4, as one Go process would
-    serve them. Workers sharing a port through SO_REUSEPORT were given
-    connections by a hash of the client's port: a split such as 6 and 2 left
-    one core idle and moved a run by 10-20 %.
+    serve them. Workers sharing a port through SO_REUSEPORT get connections
+    by a hash of the client's address: a split such as 6 and 2 can leave a
+    core idle, and the bench's rounds at 2 connections varied by 30 %.
     """
 
     def __init__(self, connect_kwargs: dict, workers: int = 2, connections: int = 4):
