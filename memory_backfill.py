@@ -837,8 +837,8 @@ class PluginClient:
                  retries: int = DEFAULT_RETRIES, connections: int = 1):
         import urllib3
 
-        self.base_url = urlsplit(base_url)._replace(
-            netloc=urlsplit(base_url).netloc.rpartition("@")[2]).geturl()  # shown: no userinfo
+        url = urlsplit(base_url)
+        self.base_url = url._replace(netloc=url.netloc.rpartition("@")[2]).geturl()  # shown: no userinfo
         self.retry = retry = urllib3.Retry(
             total=retries, backoff_factor=0.2, backoff_max=4, backoff_jitter=0.1,
             status_forcelist=RETRY_STATUSES, allowed_methods=None,
@@ -851,7 +851,7 @@ class PluginClient:
             timeout=urllib3.Timeout(total=timeout),
             headers={"Content-Type": "application/json", "User-Agent": PROG + "/" + __version__},
         )
-        self.prefix = urlsplit(base_url).path.rstrip("/")
+        self.prefix = url.path.rstrip("/")
 
     def _request(self, method: str, path: str, body: Optional[Dict] = None, retries=None,
                  want_body: bool = True):

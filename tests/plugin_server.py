@@ -498,7 +498,12 @@ def serve_handed_connections(connections: int, channel_fd: int) -> None:
         if not fds:
             return
         connection = socket.socket(fileno=fds[0])
-        server.httpd.process_request(connection, connection.getpeername())
+        try:
+            address = connection.getpeername()
+        except OSError:  # the client reset the connection before it was handed over
+            connection.close()
+            continue
+        server.httpd.process_request(connection, address)
 
 
 if __name__ == "__main__":
