@@ -24,13 +24,15 @@ import functools
 import json
 import os
 import re
+import select
+import socket
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Deque, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 __version__ = "0.1.0"
@@ -42,7 +44,14 @@ DEFAULT_VERIFY_SAMPLE = 50
 DEFAULT_SEED = 20261126
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_RETRIES = 8  # backoff 0.2 s doubling to at most 4 s: about 18 s before giving up
+BACKOFF_FACTOR, BACKOFF_MAX, BACKOFF_JITTER = 0.2, 4.0, 0.1  # seconds
 DEFAULT_CONCURRENCY = 8
+PIPELINE_DEPTH = 4  # writes in flight per connection at most
+MAX_PACE_SECONDS = 0.05  # the longest pause between reads of answers (see Writer._wait)
+READ_AHEAD_ROWS = 64  # planned in one go: a tight loop costs half the CPU of one row at a time
+RECEIVE_BYTES = 65536
+IDLE_CHECK_SECONDS = 1.0  # a connection idle this long is checked before it is used again
+STOP_CHECK_SECONDS = 0.25  # the write loop notices a signal at least this often
 DEFAULT_MAX_CONSECUTIVE_FAILURES = 20
 CHECKPOINT_SAVE_SECONDS = 1.0  # the checkpoint file is replaced at most this often
 MAX_PARENT_HOPS = 50
@@ -591,6 +600,220 @@ def sample_workspaces(candidates: Iterable[str], size: int, seed: int) -> List[s
 
 
 # ---------------------------------------------------------------------------
+# HTTP/1.1 response framing (pure): RFC 9112
+# ---------------------------------------------------------------------------
+
+MAX_RESPONSE_HEAD = 64 * 1024  # status line and header fields (and a chunked body's trailers)
+MAX_RESPONSE_BODY = 1024 * 1024  # the plugin's answers to a write are a few hundred bytes
+# A response head: the status line, then field lines, each with its CRLF.  A
+# field value may hold no CR, LF, NUL or other control character but HTAB.
+_RESPONSE_HEAD = re.compile(
+    rb"HTTP/1\.([01]) ([0-9]{3})(?: ([\t\x20-\x7e\x80-\xff]*))?\r\n"
+    rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e\x80-\xff]*\r\n)*")
+_OBS_FOLD = re.compile(rb"(?<=.)\r\n[\t ]+")  # a field line continued on the next (RFC 9112 5.2)
+_CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,15})[\t ]*(?:;[\t\x20-\x7e\x80-\xff]*)?")
+_TRAILER_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e\x80-\xff]*")
+CHUNKED = -1  # Response.length of a chunked body
+UNTIL_CLOSE = -2  # Response.length of a body that ends when the server closes
+
+
+class ProtocolError(Exception):
+    """Bytes that are not an HTTP/1.x response: never retried, never guessed at."""
+
+
+class ConnectionLost(Exception):
+    """The connection ended (or went silent) before every request on it was answered."""
+
+
+class Response:
+    """One final response: status, reason, head (as received), body."""
+
+    __slots__ = ("status", "reason", "head", "length", "persistent", "body")
+
+    def __init__(self, status: int, reason: str, head: bytes, length: int, persistent: bool):
+        self.status = status
+        self.reason = reason
+        self.head = head
+        self.length = length  # of the body: bytes, CHUNKED or UNTIL_CLOSE
+        self.persistent = persistent  # the connection takes further requests after this one
+        self.body = b""
+
+    def field(self, name: bytes) -> Optional[bytes]:
+        return header_field(self.head.lower(), self.head, name)
+
+
+def header_field(lowered: bytes, head: bytes, name: bytes) -> Optional[bytes]:
+    """A field's value in a parsed head (name in lower case); a repeated field's values
+    joined with ", " (RFC 9110 5.3); None when absent."""
+    key = b"\r\n" + name + b":"
+    start = lowered.find(key)
+    if start < 0:
+        return None
+    values = []
+    while start >= 0:
+        end = lowered.find(b"\r\n", start + len(key))
+        values.append(head[start + len(key):end].strip(b" \t"))
+        start = lowered.find(key, end)
+    return b", ".join(values)
+
+
+@functools.lru_cache(maxsize=64)
+def parse_response_head(head: bytes) -> Tuple[int, str, int, bool]:
+    """(status, reason, body length, persistent) of a status line and header fields, each
+    line with its CRLF.  Cached: a server sends the same few heads again and again."""
+    match = _RESPONSE_HEAD.fullmatch(head)
+    if match is None:
+        head = _OBS_FOLD.sub(b" ", head)  # a continuation line reads as one space
+        match = _RESPONSE_HEAD.fullmatch(head)
+    if match is None:
+        lines = head.split(b"\r\n")
+        if _RESPONSE_HEAD.fullmatch(lines[0] + b"\r\n") is None:
+            raise ProtocolError("a status line that is not HTTP/1.0 or HTTP/1.1: %r" % lines[0][:40])
+        bad = next(line for line in lines[1:] if _TRAILER_LINE.fullmatch(line) is None)
+        raise ProtocolError("a malformed header field line: %r" % bad[:40])
+    lowered = head.lower()
+    status = int(match.group(2))
+    http11 = match.group(1) == b"1"
+    connection = header_field(lowered, head, b"connection")
+    persistent = http11 and (connection is None or b"close" not in [
+        token.strip() for token in connection.lower().split(b",")])
+    transfer_encoding = header_field(lowered, head, b"transfer-encoding")
+    content_length = header_field(lowered, head, b"content-length")
+    if status < 200 or status in (204, 304):
+        length = 0
+        if status == 101:
+            raise ProtocolError("101 Switching Protocols, which nothing asked for")
+    elif transfer_encoding is not None:
+        if not http11 or content_length is not None:
+            raise ProtocolError("Transfer-Encoding with %s"
+                                % ("HTTP/1.0" if not http11 else "Content-Length"))
+        if transfer_encoding.lower() != b"chunked":
+            raise ProtocolError("a transfer coding other than chunked: %r" % transfer_encoding[:40])
+        length = CHUNKED
+    elif content_length is not None:
+        length = parse_content_length(content_length)
+    else:
+        length, persistent = UNTIL_CLOSE, False
+    return status, (match.group(3) or b"").decode("latin-1"), length, persistent
+
+
+def parse_content_length(value: bytes) -> int:
+    """A Content-Length value: digits, or a list of the same digits (RFC 9112 6.3)."""
+    if not value.isdigit():  # bytes.isdigit(): ASCII digits only
+        values = {item.strip() for item in value.split(b",")}
+        number = values.pop()
+        if values or not number.isdigit():
+            raise ProtocolError("an invalid Content-Length: %r" % value[:40])
+        value = number
+    if len(value) > 15 or int(value) > MAX_RESPONSE_BODY:
+        raise ProtocolError("a Content-Length over %d bytes: %r" % (MAX_RESPONSE_BODY, value[:40]))
+    return int(value)
+
+
+class ResponseParser:
+    """Cuts the bytes a server sends into responses, by the protocol's framing.
+
+    feed() what arrived, then take next_response() until it returns None (more
+    bytes needed); end_of_stream() when the server closed.  1xx responses are
+    skipped.  Anything that is not HTTP/1.x raises ProtocolError.
+    """
+
+    def __init__(self):
+        self.buffer = bytearray()
+        self.head: Optional[Response] = None  # the response whose body is being read
+
+    def feed(self, data: bytes) -> None:
+        self.buffer += data
+
+    def next_response(self) -> Optional[Response]:
+        while self.head is None:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                self._check_head_so_far()
+                return None
+            head = bytes(self.buffer[:end + 2])
+            del self.buffer[:end + 4]
+            status, reason, length, persistent = parse_response_head(head)
+            if status >= 200:
+                self.head = Response(status, reason, head, length, persistent)
+        head = self.head
+        if head.length >= 0:
+            if len(self.buffer) < head.length:
+                return None
+            head.body = bytes(self.buffer[:head.length])
+            del self.buffer[:head.length]
+        elif head.length == CHUNKED:
+            body = self._chunked_body()
+            if body is None:
+                return None
+            head.body = body
+        else:
+            if len(self.buffer) > MAX_RESPONSE_BODY:
+                raise ProtocolError("a body longer than %d bytes" % MAX_RESPONSE_BODY)
+            return None
+        self.head = None
+        return head
+
+    def end_of_stream(self) -> Optional[Response]:
+        """The server closed: the response its close completes, or None when nothing was pending."""
+        head = self.head
+        if head is not None and head.length == UNTIL_CLOSE:
+            head.body, self.head = bytes(self.buffer), None
+            self.buffer.clear()
+            return head
+        if head is not None or self.buffer:
+            raise ConnectionLost("the connection closed in the middle of a response")
+        return None
+
+    def _check_head_so_far(self) -> None:
+        start = bytes(self.buffer[:7])
+        if start != b"HTTP/1."[:len(start)]:
+            raise ProtocolError("%r where a status line should start" % bytes(self.buffer[:24]))
+        if len(self.buffer) > MAX_RESPONSE_HEAD:
+            raise ProtocolError("a response head longer than %d bytes" % MAX_RESPONSE_HEAD)
+
+    def _chunked_body(self) -> Optional[bytes]:
+        """The whole chunked body, once all of it (and its trailer section) has arrived."""
+        buffer, position, chunks, total = self.buffer, 0, [], 0
+        while True:
+            end = buffer.find(b"\r\n", position)
+            if end < 0:
+                return self._incomplete_line(position)
+            size_line = _CHUNK_SIZE_LINE.fullmatch(buffer, position, end)
+            if size_line is None:
+                raise ProtocolError("a malformed chunk size line: %r" % bytes(buffer[position:end])[:40])
+            size = int(size_line.group(1), 16)
+            position = end + 2
+            if size == 0:
+                break
+            total += size
+            if total > MAX_RESPONSE_BODY:
+                raise ProtocolError("a body longer than %d bytes" % MAX_RESPONSE_BODY)
+            if len(buffer) < position + size + 2:
+                return None
+            if buffer[position + size:position + size + 2] != b"\r\n":
+                raise ProtocolError("a chunk longer than its size line says")
+            chunks.append(bytes(buffer[position:position + size]))
+            position += size + 2
+        while True:  # the trailer section: field lines, then an empty line
+            end = buffer.find(b"\r\n", position)
+            if end < 0:
+                return self._incomplete_line(position)
+            if end == position:
+                break
+            if _TRAILER_LINE.fullmatch(buffer, position, end) is None:
+                raise ProtocolError("a malformed trailer field line: %r" % bytes(buffer[position:end])[:40])
+            position = end + 2
+        del buffer[:position + 2]
+        return b"".join(chunks)
+
+    def _incomplete_line(self, position: int) -> None:
+        if len(self.buffer) - position > MAX_RESPONSE_HEAD or position > 2 * MAX_RESPONSE_BODY:
+            raise ProtocolError("a chunk size or trailer line longer than %d bytes" % MAX_RESPONSE_HEAD)
+        return None
+
+
+# ---------------------------------------------------------------------------
 # Legacy database adapter (pg8000, read only)
 # ---------------------------------------------------------------------------
 
@@ -839,8 +1062,10 @@ class PluginClient:
 
         url = urlsplit(base_url)
         self.base_url = url._replace(netloc=url.netloc.rpartition("@")[2]).geturl()  # shown: no userinfo
+        self.address = parse_plugin_address(base_url)
         self.retry = retry = urllib3.Retry(
-            total=retries, backoff_factor=0.2, backoff_max=4, backoff_jitter=0.1,
+            total=retries, backoff_factor=BACKOFF_FACTOR, backoff_max=BACKOFF_MAX,
+            backoff_jitter=BACKOFF_JITTER,
             status_forcelist=RETRY_STATUSES, allowed_methods=None,
             respect_retry_after_header=True, raise_on_status=False,
         )
@@ -851,30 +1076,22 @@ class PluginClient:
             timeout=urllib3.Timeout(total=timeout),
             headers={"Content-Type": "application/json", "User-Agent": PROG + "/" + __version__},
         )
-        self.prefix = url.path.rstrip("/")
 
-    def _request(self, method: str, path: str, body: Optional[Dict] = None, retries=None,
-                 want_body: bool = True):
+    def _request(self, method: str, path: str, body: Optional[Dict] = None, retries=None):
         import urllib3
 
         payload = None if body is None else json.dumps(body, allow_nan=False).encode("utf-8")
         try:
-            response = self.pool.urlopen(method, self.prefix + path, body=payload, retries=retries)
+            response = self.pool.urlopen(method, self.address.prefix + path, body=payload,
+                                         retries=retries)
         except urllib3.exceptions.HTTPError as exc:
-            reason = getattr(exc, "reason", None) or exc
-            raise DependencyError(
-                "Cannot reach the memory plugin at %s (%s); check that it is running and "
-                "that MEMORY_PLUGIN_URL is right." % (self.base_url, _short(reason))) from None
-        if response.status < 400 and not want_body:
-            return None
-        try:
-            data = json.loads(response.data.decode("utf-8")) if response.data else None
-        except ValueError:
-            data = None
+            raise plugin_unreachable(self.base_url, getattr(exc, "reason", None) or exc) from None
         if response.status >= 400:
-            message = data.get("message") if isinstance(data, dict) else None
-            raise PluginRejected(response.status, _short(message or response.reason or ""))
-        return data
+            raise PluginRejected(response.status, plugin_error_message(response.data, response.reason))
+        try:
+            return json.loads(response.data.decode("utf-8")) if response.data else None
+        except ValueError:
+            return None
 
     def check_health(self) -> str:
         """Raise DependencyError unless /v1/health says ok; return its version."""
@@ -894,13 +1111,6 @@ class PluginClient:
     def put_namespace(self, name: str, kind: str) -> None:
         self._request("PUT", "/v1/namespaces/" + quote(name, safe=""), {"kind": kind})
 
-    def write_memory(self, namespace: str, body: Dict[str, object]) -> None:
-        try:
-            self._request("POST", "/v1/namespaces/%s/memories" % quote(namespace, safe=""), body,
-                          want_body=False)
-        except ValueError:  # json.dumps(allow_nan=False): only the embedding holds floats
-            raise RowFailed("the embedding holds NaN or Infinity, which JSON cannot carry") from None
-
     def search(self, namespaces: List[str], query: Optional[str] = None,
                limit: int = SEARCH_CAP) -> List[Dict]:
         body: Dict[str, object] = {"namespaces": namespaces, "limit": limit}
@@ -910,9 +1120,180 @@ class PluginClient:
         return (data or {}).get("memories") or []  # the plugin may send null
 
 
+def plugin_unreachable(base_url: str, reason: object) -> DependencyError:
+    return DependencyError("Cannot reach the memory plugin at %s (%s); check that it is running and "
+                           "that MEMORY_PLUGIN_URL is right." % (base_url, _short(reason)))
+
+
+def plugin_error_message(body: bytes, reason: Optional[str]) -> str:
+    """The message of the plugin's error envelope, or the HTTP reason phrase."""
+    try:
+        data = json.loads(body.decode("utf-8")) if body else None
+    except ValueError:
+        data = None
+    message = data.get("message") if isinstance(data, dict) else None
+    return _short(message or reason or "")
+
+
 def _short(value: object, limit: int = 200) -> str:
     text = " ".join(str(value).split())
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+# ---------------------------------------------------------------------------
+# Write stream: -apply's POSTs, pipelined HTTP/1.1 on sockets
+# ---------------------------------------------------------------------------
+# urllib3 costs several times the CPU of this per write, and in a tenant that
+# CPU is taken from the plugin and the live platform.  One loop drives every
+# connection (no threads, no locks); the plugin's other calls use urllib3.
+
+@dataclass(frozen=True)
+class PluginAddress:
+    host: str
+    port: int
+    tls: bool
+    prefix: str  # the URL's path, before /v1/...
+    host_header: str
+
+
+def parse_plugin_address(base_url: str) -> PluginAddress:
+    parts = urlsplit(base_url)
+    tls = parts.scheme == "https"
+    default_port = 443 if tls else 80
+    host = parts.hostname
+    shown = "[%s]" % host if ":" in host else host
+    if parts.port not in (None, default_port):
+        shown += ":%d" % parts.port
+    return PluginAddress(host, parts.port or default_port, tls, parts.path.rstrip("/"), shown)
+
+
+def connection_depths(concurrency: int) -> List[int]:
+    """How --concurrency N writes in flight spread over connections: ceil(N / 4) of them."""
+    count = -(-concurrency // PIPELINE_DEPTH)
+    return [concurrency // count + (n < concurrency % count) for n in range(count)]
+
+
+def backoff_seconds(retry: int) -> float:
+    """The wait before the retry-th re-send: none for the first, then doubling (urllib3's rule)."""
+    import random
+
+    if retry <= 1:
+        return 0.0
+    return min(BACKOFF_MAX, BACKOFF_FACTOR * 2 ** (retry - 1) + random.random() * BACKOFF_JITTER)
+
+
+JSON_ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"), check_circular=False)
+
+
+class PendingWrite:
+    """A planned row on its way to the plugin: its encoded request and its retries so far."""
+
+    __slots__ = ("number", "planned", "request", "retries", "not_before")
+
+    def __init__(self, number: int, planned: PlannedWrite, request: bytes):
+        self.number = number  # in the read order
+        self.planned = planned
+        self.request = request
+        self.retries = 0
+        self.not_before = 0.0  # monotonic time before which it is not re-sent
+
+
+class WriteConnection:
+    """One keep-alive connection to the plugin and the writes in flight on it, oldest first.
+
+    It pipelines (up to `depth` writes) only once it has answered as a
+    persistent HTTP/1.1 connection; until then it carries one write at a time,
+    so a server that answers once and closes, or speaks HTTP/1.0, still gets
+    every row.  The socket is non-blocking: a timeout on it would cost a poll()
+    before every send and receive.
+    """
+
+    def __init__(self, address: PluginAddress, tls_context, depth: int, timeout: float):
+        self.address = address
+        self.tls_context = tls_context
+        self.would_block: Tuple[type, ...] = (BlockingIOError,)
+        if tls_context is not None:
+            import ssl
+
+            self.would_block += (ssl.SSLWantReadError, ssl.SSLWantWriteError)
+        self.depth = depth
+        self.timeout = timeout
+        self.sock = None
+        self.parser: Optional[ResponseParser] = None
+        self.received = memoryview(bytearray(RECEIVE_BYTES))
+        self.outgoing = b""  # requests the socket has not taken yet
+        self.in_flight: Deque[PendingWrite] = deque()
+        self.pipelining = False
+        self.last_progress = 0.0  # when it last sent or received: --timeout runs from here
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def free_slots(self) -> int:
+        if self.pipelining:
+            return self.depth - len(self.in_flight)
+        return 0 if self.in_flight else 1
+
+    def send(self, writes: List[PendingWrite], now: float) -> None:
+        """Send the writes' requests, pipelined; on OSError they stay in flight, unanswered."""
+        if (self.sock is not None and not self.in_flight and now - self.last_progress > IDLE_CHECK_SECONDS
+                and select.select([self.sock], [], [], 0)[0]):
+            self.close()  # closed by the server while idle (or it sent what nobody asked for)
+        self.in_flight.extend(writes)
+        self.last_progress = now
+        if self.sock is None:
+            self._open()
+        self.outgoing += writes[0].request if len(writes) == 1 else b"".join([w.request for w in writes])
+        self.flush()
+
+    def flush(self) -> None:
+        """Send what the socket takes now; the rest waits until it is writable again."""
+        try:
+            sent = self.sock.send(self.outgoing)
+        except self.would_block:
+            return
+        self.outgoing = self.outgoing[sent:]
+
+    def _open(self) -> None:
+        sock = socket.create_connection((self.address.host, self.address.port), self.timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.tls_context is not None:
+                sock = self.tls_context.wrap_socket(sock, server_hostname=self.address.host)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock, self.parser, self.pipelining, self.outgoing = sock, ResponseParser(), False, b""
+
+    def receive(self, now: float) -> Tuple[List[Response], bool]:
+        """The responses that have arrived (maybe none), and whether the server closed."""
+        try:
+            size = self.sock.recv_into(self.received)
+        except self.would_block:
+            return [], False
+        self.last_progress = now
+        if not size:
+            final = self.parser.end_of_stream()
+            return ([] if final is None else [final]), True
+        self.parser.feed(self.received[:size])
+        while self.tls_context is not None and self.sock.pending():  # decrypted, not yet read
+            self.parser.feed(self.received[:self.sock.recv_into(self.received)])
+        responses = []
+        response = self.parser.next_response()
+        while response is not None:
+            responses.append(response)
+            response = self.parser.next_response()
+        return responses, False
+
+    def close(self) -> List[PendingWrite]:
+        """Close the connection; return the writes still unanswered on it."""
+        if self.sock is not None:
+            self.sock.close()
+        self.sock, self.parser, self.pipelining, self.outgoing = None, None, False, b""
+        unanswered = list(self.in_flight)
+        self.in_flight.clear()
+        return unanswered
 
 
 # ---------------------------------------------------------------------------
@@ -1030,23 +1411,20 @@ class FailureLog:
 # ---------------------------------------------------------------------------
 
 class RateLimiter:
-    """Spaces writes evenly so that all writers together stay under `rate`/s."""
+    """--max-rate: spaces writes evenly so that they stay under `rate` per second."""
 
     def __init__(self, rate: float):
         self.interval = 1.0 / rate
-        self.lock = threading.Lock()
         self.next_slot = 0.0
-        self.last_wait = 0.0  # when a writer last had to wait for the cap
+        self.last_wait = float("-inf")  # when a write last had to wait for the cap
 
-    def wait(self) -> None:
-        with self.lock:
-            now = time.monotonic()
-            slot = max(now, self.next_slot)
-            self.next_slot = slot + self.interval
-            if slot > now:
-                self.last_wait = now
-        if slot > now:
-            time.sleep(slot - now)
+    def delay(self, now: float) -> float:
+        """0 when a write may go now (it takes the slot), else the seconds until it may."""
+        if now < self.next_slot:
+            self.last_wait = now
+            return self.next_slot - now
+        self.next_slot = now + self.interval
+        return 0.0
 
     def limiting(self) -> bool:
         return time.monotonic() - self.last_wait < 2.0
@@ -1109,8 +1487,8 @@ def backfill(settings: Settings, log, stderr=None) -> BackfillReport:
     """-dry-run (settings.mode == 'dry-run') and -apply.
 
     -apply stops early, cleanly, on a lost dependency or a signal: the writes
-    in flight finish, the checkpoint is saved, and the error raised carries the
-    report so far.
+    in flight get their answers, the checkpoint is saved, and the error raised
+    carries the report so far.
     """
     report = BackfillReport(settings.mode, redact=settings.redact)
     if settings.mode != "apply":
@@ -1121,7 +1499,11 @@ def backfill(settings: Settings, log, stderr=None) -> BackfillReport:
             except DependencyError as exc:
                 report.plugin_status = "NOT ready, -apply would stop: %s" % exc
         with LegacyDatabase(settings.database) as database:
-            _read_and_plan(database, settings, report, None, log, stderr)
+            with _planned_rows(database, settings, report, None, log, stderr) as outcomes:
+                for outcome in outcomes:
+                    if isinstance(outcome, PlannedWrite):
+                        report.count_copy(outcome)
+                        log("would copy %s -> %s", outcome.row.id, outcome.target.namespace)
         return report
 
     checkpoint = Checkpoint.open(settings) if settings.checkpoint else None
@@ -1133,20 +1515,22 @@ def backfill(settings: Settings, log, stderr=None) -> BackfillReport:
             return report
     failures = FailureLog(settings.failures, append=bool(checkpoint and checkpoint.position))
     report.failures_path = settings.failures
-    plugin = PluginClient(settings.plugin_url, settings.timeout, settings.retries,
-                          connections=settings.concurrency)
+    plugin = PluginClient(settings.plugin_url, settings.timeout, settings.retries)
     report.plugin_status = "ok (version %s)" % plugin.check_health()
-    limiter = RateLimiter(settings.max_rate) if settings.max_rate else None
-    writers = Writers(plugin, settings, report, log, limiter, checkpoint, failures)
+    stop = threading.Event()
+    writer = Writer(plugin, settings, report, log, checkpoint, failures, stop)
     stopped: Optional[BackfillError] = None
-    with _signals_stop(writers.stop) as received:
+    with _signals_stop(stop) as received:
         try:
             with LegacyDatabase(settings.database) as database:
-                _read_and_plan(database, settings, report, writers, log, stderr)
+                with _planned_rows(database, settings, report, writer, log, stderr) as outcomes:
+                    stopped = writer.run(outcomes)
         except BackfillError as exc:
             stopped = exc
+        except Exception as exc:  # noqa: BLE001 - a defect: stop with the summary and checkpoint
+            stopped = BackfillError("-apply failed unexpectedly (%s, a defect of %s); stopped. "
+                                    "Re-run to resume." % (type(exc).__name__, PROG))
         finally:
-            stopped = writers.close() or stopped
             failures.close()
     if received:
         stopped = Interrupted(received[0])
@@ -1165,31 +1549,29 @@ def backfill(settings: Settings, log, stderr=None) -> BackfillReport:
     return report
 
 
-def _read_and_plan(database: LegacyDatabase, settings: Settings, report: BackfillReport,
-                   writers: Optional[Writers], log, stderr) -> None:
-    after = writers.checkpoint.position if writers and writers.checkpoint else None
+@contextlib.contextmanager
+def _planned_rows(database: LegacyDatabase, settings: Settings, report: BackfillReport,
+                  writer: Optional[Writer], log, stderr) -> Iterator[Iterator[Outcome]]:
+    """The planned rows, oldest first (after the checkpoint), with progress shown meanwhile."""
+    after = writer.mark.checkpoint.position if writer and writer.mark.checkpoint else None
     tree = database.read_workspaces()
     total = database.count_rows(settings.workspace, settings.limit, after)
-    progress = Progress(report, total, stderr or sys.stderr, writers and writers.limiter)
+    progress = Progress(report, total, stderr or sys.stderr, writer and writer.limiter)
     with contextlib.nullcontext() if settings.quiet or settings.verbose else progress:
-        for row in database.rows(settings.workspace, settings.limit, after):
-            if writers is not None and writers.stopping():
-                break
-            report.scanned += 1
-            outcome = plan_row(row, tree, settings.redact)
-            if isinstance(outcome, Skipped):
-                report.skipped += 1
-                report.skip_reasons[outcome.reason] += 1
-                log("skip %s: %s", row.id, outcome.reason)
-                if writers is not None:
-                    writers.skip(outcome)
-            elif writers is not None:
-                writers.submit(outcome)
-            else:
-                report.count_copy(outcome)
-                log("would copy %s -> %s", row.id, outcome.target.namespace)
-        if writers is not None:
-            writers.drain()
+        yield _outcomes(database.rows(settings.workspace, settings.limit, after), tree, settings,
+                        report, log)
+
+
+def _outcomes(rows: Iterable[LegacyRow], tree: WorkspaceTree, settings: Settings,
+              report: BackfillReport, log) -> Iterator[Outcome]:
+    for row in rows:
+        report.scanned += 1
+        outcome = plan_row(row, tree, settings.redact)
+        if isinstance(outcome, Skipped):
+            report.skipped += 1
+            report.skip_reasons[outcome.reason] += 1
+            log("skip %s: %s", row.id, outcome.reason)
+        yield outcome
 
 
 @contextlib.contextmanager
@@ -1216,170 +1598,338 @@ def _signals_stop(stop: threading.Event):
             signal.signal(signum, old)
 
 
-class Writers:
-    """--concurrency threads writing planned rows to the plugin.
+class LowWaterMark:
+    """Rows numbered in read order; the mark is the longest prefix of rows done
+    (written, or skipped by design), and the checkpoint follows it."""
 
-    At most 2 x concurrency rows are in flight (so memory stays flat whatever
-    the table size), rows are handed out oldest first, and each namespace is
-    upserted once per run, before its first write, without holding up the
-    writers of other namespaces.  Rows are numbered as they are read; the
-    checkpoint advances over the longest prefix of rows that are written or
-    skipped by design (a low-water mark), so every row before it is durable.
-    A dependency failure (the plugin gone after retries, or too many rows
-    refused in a row) stops new work; the writes in flight still finish.
-    """
-
-    def __init__(self, plugin: PluginClient, settings: Settings, report: BackfillReport, log,
-                 limiter: Optional[RateLimiter], checkpoint: Optional[Checkpoint],
-                 failures: FailureLog):
-        import queue
-
-        self.plugin = plugin
-        self.report = report
-        self.log = log
-        self.limiter = limiter
+    def __init__(self, checkpoint: Optional[Checkpoint]):
         self.checkpoint = checkpoint
-        self.failures = failures
-        self.max_consecutive_failures = settings.max_consecutive_failures
-        self.lock = threading.Lock()
-        self.slots = threading.BoundedSemaphore(2 * settings.concurrency)  # rows in flight
-        self.queue: queue.SimpleQueue = queue.SimpleQueue()  # (number, PlannedWrite), None: quit
-        self.namespaces: Dict[str, object] = {}  # name -> Future of its PUT
-        self.stop = threading.Event()
-        self.fatal: Optional[BackfillError] = None
-        self.consecutive_failures = 0
         self.next_number = 0
-        self.settled = set()  # row numbers done, above the low-water mark
         self.low_water = -1  # every row numbered <= this is done
+        self.settled: set = set()  # rows done above the mark
         self.positions: Dict[int, Tuple[Optional[str], str]] = {}
         # After a refused row the mark cannot pass it in this run: stop tracking
         # (memory stays flat); a resume starts again at that row.
         self.frozen = False
-        self.threads = [threading.Thread(target=self._work, name="writer-%d" % n, daemon=True)
-                        for n in range(settings.concurrency)]
-        for thread in self.threads:
-            thread.start()
 
-    def stopping(self) -> bool:
-        return self.stop.is_set()
-
-    def _number(self, row: LegacyRow) -> int:
-        with self.lock:
-            number = self.next_number
-            self.next_number += 1
-            if not self.frozen:
-                self.positions[number] = (row.legacy.get("created_at"), row.id)
+    def number(self, row: LegacyRow) -> int:
+        number = self.next_number
+        self.next_number += 1
+        if not self.frozen:
+            self.positions[number] = (row.legacy.get("created_at"), row.id)
         return number
 
-    def skip(self, skipped: Skipped) -> None:
-        self.failures.record(skipped.row, reason=skipped.reason)
-        number = self._number(skipped.row)
-        with self.lock:
-            self._settle(number)
-
-    def submit(self, planned: PlannedWrite) -> None:
-        number = self._number(planned.row)
-        self.slots.acquire()
-        self.queue.put((number, planned))
-
-    def drain(self) -> None:
-        """Wait for every submitted write (the reader is done)."""
-        for _ in self.threads:
-            self.queue.put(None)
-        for thread in self.threads:
-            thread.join()
-        self.threads = []
-
-    def close(self) -> Optional[BackfillError]:
-        self.drain()
-        return self.fatal
-
-    def _work(self) -> None:
-        """A writer thread: write rows until told to quit."""
-        while True:
-            item = self.queue.get()
-            if item is None:
-                return
-            try:
-                self._write(*item)
-            except Exception as exc:  # noqa: BLE001 - a bug must stop the run, not kill a thread quietly
-                with self.lock:
-                    self._fail(BackfillError("A writer thread failed unexpectedly (%s); stopped. "
-                                             "Re-run to resume." % type(exc).__name__))
-            finally:
-                self.slots.release()
-
-    def _write(self, number: int, planned: PlannedWrite) -> None:
-        if self.stop.is_set():
-            return
-        row = planned.row
-        try:
-            self._ensure_namespace(planned.target)
-            if self.limiter is not None:
-                self.limiter.wait()
-            self.plugin.write_memory(planned.target.namespace, planned.body)
-        except RowFailed as exc:
-            self.failures.record(row, error=str(exc), status=getattr(exc, "status", None))
-            self.log("error %s: %s", row.id, exc)
-            with self.lock:
-                self.report.count_error(row.id, exc)
-                self.frozen = True
-                self.settled.clear()
-                self.positions.clear()
-                self.consecutive_failures += 1
-                if self.consecutive_failures >= self.max_consecutive_failures:
-                    self._fail(DependencyError(
-                        "The plugin refused %d rows in a row (the last: %s); stopped. Fix the plugin, "
-                        "then re-run to resume." % (self.consecutive_failures, exc)))
-            return
-        except BackfillError as exc:
-            with self.lock:
-                self._fail(exc)
-            return
-        with self.lock:
-            self.report.count_copy(planned)
-            self.consecutive_failures = 0
-            self._settle(number)
-        self.log("copy %s -> %s", row.id, planned.target.namespace)
-
-    def _fail(self, error: BackfillError) -> None:
-        self.fatal = self.fatal or error
-        self.stop.set()
-
-    def _settle(self, number: int) -> None:
-        """Mark a row done and advance the low-water mark (called with the lock held)."""
+    def done(self, number: int) -> None:
+        """Row `number` is done; raises BackfillError if the checkpoint cannot be saved."""
         if self.frozen:
             return
         self.settled.add(number)
-        advanced = False
+        if self.low_water + 1 not in self.settled:
+            return
         while self.low_water + 1 in self.settled:
             self.low_water += 1
             self.settled.discard(self.low_water)
             position = self.positions.pop(self.low_water)
-            advanced = True
-        if advanced and self.checkpoint is not None:
+        if self.checkpoint is not None:
+            self.checkpoint.advance(position, self.low_water + 1)
+
+    def freeze(self) -> None:
+        self.frozen = True
+        self.settled.clear()
+        self.positions.clear()
+
+
+class Writer:
+    """-apply's writes: planned rows, oldest first, pipelined over keep-alive
+    connections by one loop.
+
+    At most --concurrency writes are in flight at the plugin and as many more
+    are read ahead, so memory stays flat whatever the table size.  Each
+    namespace is upserted (through urllib3) once per run, before its first
+    write.  Connection errors, timeouts and 429/502/503/504 are retried with
+    backoff and jitter, honouring Retry-After; every unanswered write on a
+    failed connection is re-sent on a fresh one (a retry of each: writes are
+    idempotent by id).  A dependency failure stops new work; the writes in
+    flight still get their answers.
+    """
+
+    def __init__(self, plugin: PluginClient, settings: Settings, report: BackfillReport, log,
+                 checkpoint: Optional[Checkpoint], failures: FailureLog, stop: threading.Event):
+        import ssl
+
+        self.plugin = plugin
+        self.report = report
+        self.log = log
+        self.failures = failures
+        self.stop = stop
+        self.timeout = settings.timeout
+        self.max_retries = settings.retries
+        self.max_consecutive_failures = settings.max_consecutive_failures
+        self.limiter = RateLimiter(settings.max_rate) if settings.max_rate else None
+        context = ssl.create_default_context() if plugin.address.tls else None
+        self.connections = [WriteConnection(plugin.address, context, depth, settings.timeout)
+                            for depth in connection_depths(settings.concurrency)]
+        self.capacity = settings.concurrency  # writes in flight at the plugin, at most
+        self.window = settings.concurrency + READ_AHEAD_ROWS  # rows read and not yet done, at most
+        self.unresolved = 0
+        self.ready: Deque[PendingWrite] = deque()  # to send, oldest first
+        self.retrying: List[PendingWrite] = []  # to send again after their backoff
+        self.heads: Dict[str, bytes] = {}  # namespace -> the start of its POST
+        self.namespaces: set = set()  # upserted in this run
+        self.mark = LowWaterMark(checkpoint)
+        self.consecutive_failures = 0
+        self.fatal: Optional[BackfillError] = None
+        self.answered = 0  # responses read, in all
+        self.answer_rate = 0.0  # responses per second, a moving average
+        self.pace = 0.0  # pause between reads while writes are in flight
+        self.last_read = 0.0
+
+    def run(self, outcomes: Iterator[Outcome]) -> Optional[BackfillError]:
+        """Write every planned row; return what stopped the run early, if anything."""
+        more_rows = True
+        try:
+            while True:
+                if self.stop.is_set():
+                    self.ready.clear()
+                    self.retrying.clear()
+                else:
+                    if more_rows and len(self.ready) < self.capacity:
+                        more_rows = self._read_ahead(outcomes)
+                    self._send()
+                busy = [connection for connection in self.connections if connection.in_flight]
+                if not (busy or self.ready or self.retrying or (more_rows and not self.stop.is_set())):
+                    return self.fatal
+                self._wait(busy)
+        finally:
+            for connection in self.connections:
+                connection.close()
+
+    # --- reading ahead ----------------------------------------------------
+
+    def _read_ahead(self, outcomes: Iterator[Outcome]) -> bool:
+        """Plan rows until the window is full; False once there are no more."""
+        while self.unresolved < self.window:
             try:
-                self.checkpoint.advance(position, self.low_water + 1)
-            except BackfillError as exc:  # in a writer thread it would vanish with its future
+                outcome = next(outcomes, None)
+            except BackfillError as exc:  # the legacy database was lost
                 self._fail(exc)
-
-    def _ensure_namespace(self, target: Target) -> None:
-        from concurrent.futures import Future
-
-        with self.lock:
-            future = self.namespaces.get(target.namespace)
-            owner = future is None
-            if owner:
-                future = self.namespaces[target.namespace] = Future()
-        if owner:
+                return False
+            if outcome is None:
+                return False
+            number = self.mark.number(outcome.row)
+            if isinstance(outcome, Skipped):
+                self.failures.record(outcome.row, reason=outcome.reason)
+                self._settle(number)
+                continue
+            self.unresolved += 1
             try:
-                self.plugin.put_namespace(target.namespace, target.kind)
-                future.set_result(None)
-            except BaseException as exc:  # noqa: BLE001 - re-raised below via the future
-                with self.lock:  # let the next row of this namespace try again
-                    del self.namespaces[target.namespace]
-                future.set_exception(exc)
-        future.result()
+                self.ready.append(PendingWrite(number, outcome, self._request(outcome)))
+            except RowFailed as exc:
+                self._refused(PendingWrite(number, outcome, b""), exc)
+        return True
+
+    def _request(self, planned: PlannedWrite) -> bytes:
+        """The POST of one memory, ready to send."""
+        namespace = planned.target.namespace
+        head = self.heads.get(namespace)
+        if head is None:
+            head = self.heads[namespace] = (
+                "POST %s/v1/namespaces/%s/memories HTTP/1.1\r\nHost: %s\r\nUser-Agent: %s/%s\r\n"
+                "Content-Type: application/json\r\nContent-Length: " % (
+                    self.plugin.address.prefix, quote(namespace, safe=""),
+                    self.plugin.address.host_header, PROG, __version__)).encode("ascii")
+        try:
+            payload = JSON_ENCODER.encode(planned.body).encode("ascii")
+        except ValueError:  # allow_nan=False: only the embedding holds floats
+            raise RowFailed("the embedding holds NaN or Infinity, which JSON cannot carry") from None
+        return b"%s%d\r\n\r\n%s" % (head, len(payload), payload)
+
+    # --- sending ----------------------------------------------------------
+
+    def _send(self) -> None:
+        now = time.monotonic()
+        if self.retrying:
+            due = sorted((w for w in self.retrying if w.not_before <= now), key=lambda w: w.number)
+            if due:
+                self.retrying = [w for w in self.retrying if w.not_before > now]
+                self.ready.extendleft(reversed(due))
+        for connection in self.connections:
+            batch: List[PendingWrite] = []
+            slots = connection.free_slots()
+            while slots > len(batch) and self.ready and not self.stop.is_set():
+                if self.limiter is not None and self.limiter.delay(now) > 0:
+                    break
+                write = self.ready.popleft()
+                if self._upsert_namespace(write):
+                    batch.append(write)
+            if batch:
+                try:
+                    connection.send(batch, now)
+                except OSError as exc:
+                    self._connection_failed(connection, exc, now)
+
+    def _upsert_namespace(self, write: PendingWrite) -> bool:
+        """PUT the write's namespace unless done in this run; False if the write cannot go."""
+        target = write.planned.target
+        if target.namespace in self.namespaces:
+            return True
+        try:
+            self.plugin.put_namespace(target.namespace, target.kind)
+        except RowFailed as exc:  # the next row of this namespace tries again
+            self._refused(write, exc)
+            return False
+        except BackfillError as exc:
+            self._fail(exc)
+            return False
+        self.namespaces.add(target.namespace)
+        return True
+
+    # --- receiving --------------------------------------------------------
+
+    def _wait(self, busy: List[WriteConnection]) -> None:
+        """Wait for answers (or the next retry, rate slot or timeout), then handle them.
+
+        With all --concurrency writes in flight, answers are read only every so
+        often (`pace`: about the time the plugin takes to answer half of them),
+        so that each system call carries several requests and responses: on
+        loopback one send and one receive cost more CPU than reading and
+        planning a row.  The plugin has the other half to work on meanwhile.
+        """
+        now = time.monotonic()
+        if not busy:
+            time.sleep(max(0.0, self._wake_time(now) - now))
+            return
+        full = sum(len(connection.in_flight) for connection in busy) >= self.capacity
+        if full and now < self.last_read + self.pace:
+            time.sleep(self.last_read + self.pace - now)
+            now = time.monotonic()
+        answered = self.answered
+        for connection in busy:  # answers are usually there by now: no select() first
+            self._receive(connection, now)
+        if self.answered == answered:
+            busy = [connection for connection in self.connections if connection.in_flight]
+            if busy:
+                readable, writable, _ = select.select(
+                    busy, [connection for connection in busy if connection.outgoing], [],
+                    max(0.0, self._wake_time(now) - now))
+                now = time.monotonic()
+                for connection in writable:
+                    try:
+                        connection.flush()
+                    except OSError as exc:
+                        self._connection_failed(connection, exc, now)
+                for connection in readable:
+                    if connection.in_flight:
+                        self._receive(connection, now)
+        if full and self.answered > answered:
+            rate = (self.answered - answered) / max(now - self.last_read, 1e-6)
+            self.answer_rate = rate if not self.answer_rate else 0.8 * self.answer_rate + 0.2 * rate
+            self.pace = min(MAX_PACE_SECONDS, 0.5 * self.capacity / self.answer_rate)
+        self.last_read = now
+        for connection in self.connections:
+            if connection.in_flight and now - connection.last_progress >= self.timeout:
+                self._connection_failed(connection, ConnectionLost(
+                    "no answer within %g s (--timeout)" % self.timeout), now)
+
+    def _wake_time(self, now: float) -> float:
+        """When to stop waiting for answers: a timeout, a retry or rate slot due, or a signal."""
+        wake = now + STOP_CHECK_SECONDS
+        busy = [connection.last_progress for connection in self.connections if connection.in_flight]
+        if busy:
+            wake = min(wake, min(busy) + self.timeout)
+        if self.retrying:
+            wake = min(wake, min(write.not_before for write in self.retrying))
+        if self.ready and self.limiter is not None:
+            wake = min(wake, self.limiter.next_slot)
+        return wake
+
+    def _receive(self, connection: WriteConnection, now: float) -> None:
+        try:
+            responses, closed = connection.receive(now)
+        except (ConnectionLost, OSError) as exc:
+            self._connection_failed(connection, exc, now)
+            return
+        except ProtocolError as exc:
+            self._protocol_error(connection, exc)
+            return
+        for response in responses:
+            if not connection.in_flight:
+                self._protocol_error(connection, ProtocolError("a response to no request"))
+                return
+            self._answered(connection.in_flight.popleft(), response, now)
+            if not response.persistent:  # the rest were not answered: send them again
+                self.ready.extendleft(reversed(connection.close()))
+                return
+            connection.pipelining = True
+        if closed:
+            self._connection_failed(connection, ConnectionLost("the server closed the connection"), now)
+
+    def _answered(self, write: PendingWrite, response: Response, now: float) -> None:
+        self.answered += 1
+        status = response.status
+        if 200 <= status < 300:
+            self._written(write)
+        elif status in RETRY_STATUSES and write.retries < self.max_retries:
+            write.retries += 1
+            delay = backoff_seconds(write.retries)
+            retry_after = response.field(b"retry-after")
+            if retry_after is not None:
+                with contextlib.suppress(ValueError):  # urllib3's InvalidHeader is a ValueError
+                    delay = self.plugin.retry.parse_retry_after(retry_after.decode("latin-1"))
+            write.not_before = now + delay
+            self.retrying.append(write)
+        else:
+            self._refused(write, PluginRejected(status, plugin_error_message(response.body, response.reason)))
+
+    def _connection_failed(self, connection: WriteConnection, error: Exception, now: float) -> None:
+        """Every unanswered write on the connection goes again, on a fresh one (a retry of each)."""
+        for write in connection.close():
+            write.retries += 1
+            if write.retries > self.max_retries:
+                self._fail(plugin_unreachable(self.plugin.base_url, error))
+                return
+            write.not_before = now + backoff_seconds(write.retries)
+            self.retrying.append(write)
+
+    def _protocol_error(self, connection: WriteConnection, error: ProtocolError) -> None:
+        connection.close()  # its unanswered writes are not done: a resume writes them
+        self._fail(DependencyError(
+            "The memory plugin at %s sent a response that is not valid HTTP/1.1 (%s); stopped. "
+            "Check that MEMORY_PLUGIN_URL points at the memory plugin, then re-run to resume."
+            % (self.plugin.base_url, error)))
+
+    # --- outcomes ---------------------------------------------------------
+
+    def _written(self, write: PendingWrite) -> None:
+        planned = write.planned
+        self.report.count_copy(planned)
+        self.consecutive_failures = 0
+        self.unresolved -= 1
+        self._settle(write.number)
+        self.log("copy %s -> %s", planned.row.id, planned.target.namespace)
+
+    def _refused(self, write: PendingWrite, error: RowFailed) -> None:
+        row = write.planned.row
+        self.failures.record(row, error=str(error), status=getattr(error, "status", None))
+        self.log("error %s: %s", row.id, error)
+        self.report.count_error(row.id, error)
+        self.mark.freeze()
+        self.unresolved -= 1
+        self.consecutive_failures += 1
+        if self.consecutive_failures >= self.max_consecutive_failures:
+            self._fail(DependencyError(
+                "The plugin refused %d rows in a row (the last: %s); stopped. Fix the plugin, "
+                "then re-run to resume." % (self.consecutive_failures, error)))
+
+    def _settle(self, number: int) -> None:
+        try:
+            self.mark.done(number)
+        except BackfillError as exc:  # the checkpoint cannot be saved
+            self._fail(exc)
+
+    def _fail(self, error: BackfillError) -> None:
+        self.fatal = self.fatal or error
+        self.stop.set()
 
 
 def verify(settings: Settings, log) -> VerifyReport:

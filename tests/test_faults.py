@@ -226,25 +226,28 @@ def test_too_many_refused_rows_in_a_row_stop_the_run(legacy, root, plugin, env, 
     assert {line["error"] for line in lines} == {"HTTP 400: rejected by the test"}
 
 
-def test_an_unexpected_error_in_a_writer_stops_the_run(legacy, root, plugin, env, capsys, monkeypatch):
+def test_an_unexpected_error_while_writing_stops_the_run(legacy, root, plugin, env, capsys, monkeypatch,
+                                                         tmp_path):
     ids = legacy.many(root, 50)
-    write_memory = mb.PluginClient.write_memory
+    checkpoint = tmp_path / "cp.json"
+    written = mb.Writer._written
 
-    def buggy_write_memory(client, namespace, body):
-        if body["id"] == ids[20]:
+    def buggy_written(writer, write):
+        if write.planned.row.id == ids[20]:
             raise KeyError("a defect of the tool, not a refused row")
-        write_memory(client, namespace, body)
+        written(writer, write)
 
-    monkeypatch.setattr(mb.PluginClient, "write_memory", buggy_write_memory)
+    monkeypatch.setattr(mb.Writer, "_written", buggy_written)
 
-    status = mb.main(["-apply", "-q", "--concurrency", "1"])
+    status = mb.main(["-apply", "-q", "--concurrency", "1", "--checkpoint", str(checkpoint)])
 
     captured = capsys.readouterr()
     assert status == 3
-    assert captured.err == ("memory-backfill: A writer thread failed unexpectedly (KeyError); "
-                            "stopped. Re-run to resume.\n")
+    assert captured.err == ("memory-backfill: -apply failed unexpectedly (KeyError, a defect of "
+                            "memory-backfill); stopped. Re-run to resume.\n")
     assert "STOPPED EARLY" in captured.out
-    assert set(plugin.records()) == set(ids[:20])
+    assert set(plugin.records()) == set(ids[:21])  # one write in flight at a time
+    assert read_checkpoint(checkpoint)["position"]["id"] == ids[19]  # row 20 was never settled
 
 
 def test_failures_file_lists_skips_and_errors_never_content(legacy, plugin, env, tmp_path, capsys):
