@@ -610,7 +610,7 @@ MAX_RESPONSE_BODY = 1024 * 1024  # the plugin's answers to a write are a few hun
 _RESPONSE_HEAD = re.compile(
     rb"HTTP/1\.([01]) ([0-9]{3})(?: ([\t\x20-\x7e\x80-\xff]*))?\r\n"
     rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e\x80-\xff]*\r\n)*")
-_OBS_FOLD = re.compile(rb"(?<=.)\r\n[\t ]+")  # a field line continued on the next (RFC 9112 5.2)
+_OBS_FOLD = re.compile(rb"\r\n[\t ]+")  # RFC 9112 5.2
 _CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,15})[\t ]*(?:;[\t\x20-\x7e\x80-\xff]*)?")
 _TRAILER_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e\x80-\xff]*")
 CHUNKED = -1  # Response.length of a chunked body
@@ -662,13 +662,15 @@ def parse_response_head(head: bytes) -> Tuple[int, str, int, bool]:
     """(status, reason, body length, persistent) of a status line and header fields, each
     line with its CRLF.  Cached: a server sends the same few heads again and again."""
     match = _RESPONSE_HEAD.fullmatch(head)
-    if match is None:
-        head = _OBS_FOLD.sub(b" ", head)  # a continuation line reads as one space
-        match = _RESPONSE_HEAD.fullmatch(head)
+    if match is None:  # a field line continued on the next (obs-fold) reads as one space
+        status_end = head.find(b"\r\n") + 2
+        if head[status_end:status_end + 1] not in (b" ", b"\t"):
+            head = head[:status_end] + _OBS_FOLD.sub(b" ", head[status_end:])
+            match = _RESPONSE_HEAD.fullmatch(head)
     if match is None:
         lines = head.split(b"\r\n")
         if _RESPONSE_HEAD.fullmatch(lines[0] + b"\r\n") is None:
-            raise ProtocolError("a status line that is not HTTP/1.0 or HTTP/1.1: %r" % lines[0][:40])
+            raise ProtocolError("%r where an HTTP/1.x status line should be" % lines[0][:40])
         bad = next(line for line in lines[1:] if _TRAILER_LINE.fullmatch(line) is None)
         raise ProtocolError("a malformed header field line: %r" % bad[:40])
     lowered = head.lower()
@@ -768,7 +770,7 @@ class ResponseParser:
     def _check_head_so_far(self) -> None:
         start = bytes(self.buffer[:7])
         if start != b"HTTP/1."[:len(start)]:
-            raise ProtocolError("%r where a status line should start" % bytes(self.buffer[:24]))
+            raise ProtocolError("%r where an HTTP/1.x status line should be" % bytes(self.buffer[:24]))
         if len(self.buffer) > MAX_RESPONSE_HEAD:
             raise ProtocolError("a response head longer than %d bytes" % MAX_RESPONSE_HEAD)
 
@@ -2126,7 +2128,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="per-request timeout for the plugin (default %(default)s)")
     options.add_argument("-concurrency", "--concurrency", metavar="N",
                          default=str(DEFAULT_CONCURRENCY),
-                         help="parallel writes to the plugin (default %(default)s)")
+                         help="-apply: at most N writes in flight at the plugin, pipelined "
+                              "%d per keep-alive connection (N=8: 2 connections); -verify: N "
+                              "searches at once (default %%(default)s)" % PIPELINE_DEPTH)
     options.add_argument("-checkpoint", "--checkpoint", metavar="FILE",
                          help="-apply: save progress here; if FILE exists, resume after it")
     options.add_argument("-failures", "--failures", metavar="FILE",
