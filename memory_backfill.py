@@ -57,7 +57,9 @@ CHECKPOINT_SAVE_SECONDS = 1.0  # the checkpoint file is replaced at most this of
 MAX_PARENT_HOPS = 50
 SEARCH_CAP = 100  # the plugin returns at most this many rows per search
 SEARCH_QUERY_CHARS = 2000  # cap on the text of a targeted verify search
-PREVIEW_CHARS = 80  # at most this much (redacted) content in a mismatch line
+DIFF_CONTEXT_CHARS = 30  # (redacted) content shown on each side of a first difference
+NAMESPACES_PER_SEARCH = 500  # a search over the whole tenant is split into searches this big
+VERIFY_GROUP_ROWS = 2000  # -verify reads, lists and searches this many rows at a time
 FETCH_ROWS = 1000  # rows per FETCH from the server-side cursor
 SHOWN_PROBLEMS = 20  # per-row errors / mismatches listed in the text summary
 PROGRESS_TTY_SECONDS = 0.5  # refresh of the self-updating progress line
@@ -72,6 +74,17 @@ SKIP_CYCLE = "parent chain longer than 50 hops (cycle or corrupt data)"
 SKIP_UNKNOWN_SCOPE = "unknown scope"
 SKIP_GLOBAL_NOT_ROOT = "GLOBAL memory on a non-root workspace (no writable namespace)"
 SKIP_EMPTY_CONTENT = "content is empty after trimming whitespace"
+
+# What -verify finds for a row: exactly one of these.
+MATCH = "match"
+MISSING = "missing"
+WRONG_NAMESPACE = "wrong namespace"
+CONTENT_DIFFERS = "content differs"
+UNREDACTED = "unredacted"
+PROVENANCE = "provenance"
+UNVERIFIABLE = "unverifiable"
+PROBLEM_CLASSES = (MISSING, WRONG_NAMESPACE, CONTENT_DIFFERS, UNREDACTED, PROVENANCE)
+VERIFY_CLASSES = (MATCH,) + PROBLEM_CLASSES + (UNVERIFIABLE,)
 
 # REFERENCE §5 (SAFE-T1201), applied in this order, each over the output of
 # the previous one.  The platform's patterns are RE2: its \b, \s, \w are
@@ -318,18 +331,53 @@ class BackfillReport:
         }
 
 
+@dataclass(frozen=True)
+class Finding:
+    """What -verify found for one row: its class, and what differs (never a secret)."""
+
+    planned: PlannedWrite
+    verdict: str  # one of VERIFY_CLASSES
+    detail: str = ""
+    found_in: Optional[str] = None  # the namespace that holds the plugin's copy
+    labels: Tuple[str, ...] = ()  # unredacted: the labels of the secrets in clear
+
+    def line(self) -> str:
+        row = self.planned.row
+        return "%s %s (workspace %s): %s" % (self.verdict, row.id, row.workspace_id, self.detail)
+
+    def to_json(self) -> Dict[str, object]:
+        entry: Dict[str, object] = {
+            "id": self.planned.row.id, "workspace_id": self.planned.row.workspace_id,
+            "class": self.verdict, "expected_namespace": self.planned.target.namespace,
+            "found_namespace": self.found_in}
+        if self.labels:
+            entry["labels"] = list(self.labels)
+        return entry
+
+
 @dataclass
 class VerifyReport:
     workspaces_sampled: int = 0
-    matches: int = 0
-    mismatches: int = 0
-    unverifiable: int = 0
-    plugin_errors: int = 0
-    problems: List[str] = field(default_factory=list)
+    classes: Counter = field(default_factory=Counter)
+    problems: List[str] = field(default_factory=list)  # the first SHOWN_PROBLEMS lines
+    failures_path: Optional[str] = None
+
+    @property
+    def matches(self) -> int:
+        return self.classes[MATCH]
+
+    @property
+    def mismatches(self) -> int:
+        return sum(self.classes[verdict] for verdict in PROBLEM_CLASSES)
 
     @property
     def errors(self) -> int:
-        return self.unverifiable + self.plugin_errors
+        return self.classes[UNVERIFIABLE]
+
+    def count(self, finding: Finding) -> None:
+        self.classes[finding.verdict] += 1
+        if finding.verdict != MATCH and len(self.problems) < SHOWN_PROBLEMS:
+            self.problems.append(finding.line())
 
     def exit_status(self) -> ExitStatus:
         return ExitStatus.INCOMPLETE if self.mismatches or self.errors else ExitStatus.OK
@@ -338,8 +386,10 @@ class VerifyReport:
         return {
             "mode": "verify", "workspaces_sampled": self.workspaces_sampled,
             "matches": self.matches, "mismatches": self.mismatches, "errors": self.errors,
-            "unverifiable": self.unverifiable, "problems": self.problems,
-            "exit_status": int(self.exit_status()),
+            "unverifiable": self.errors, "problems": self.problems,
+            "rows_by_class": {verdict.replace(" ", "_"): self.classes[verdict]
+                              for verdict in VERIFY_CLASSES},
+            "failures_file": self.failures_path, "exit_status": int(self.exit_status()),
         }
 
 
@@ -476,6 +526,20 @@ class WorkspaceTree:
             current = parent
         return RowSkipped(SKIP_CYCLE)
 
+    def namespaces(self) -> List[str]:
+        """Every namespace of the tenant's tree: each kind, named after each workspace (a
+        misplaced record may sit where the scope mapping would never write)."""
+        return sorted(kind + ":" + workspace_id for workspace_id in self.parent
+                      for kind in ("workspace", "team", "org"))
+
+    def targets(self, workspace_id: str) -> List[str]:
+        """The namespaces a workspace's rows can be written to."""
+        if workspace_id not in self.parent:
+            return []
+        parent = self.parent[workspace_id]
+        return ["workspace:" + workspace_id, "team:" + (parent or workspace_id)] + (
+            [] if parent else ["org:" + workspace_id])
+
     def readable_namespaces(self, workspace_id: str) -> List[str]:
         """The workspace:, team: and org: namespaces a workspace can read."""
         root = self.root_of(workspace_id)
@@ -550,11 +614,6 @@ def redact(text: str) -> Tuple[str, Counter]:
     return text, counts
 
 
-def preview(text: str) -> str:
-    """At most PREVIEW_CHARS of redacted text, quoted with control characters escaped."""
-    return json.dumps(redact(text)[0][:PREVIEW_CHARS], ensure_ascii=False)
-
-
 # ---------------------------------------------------------------------------
 # Planning (pure): what -apply writes for one legacy row
 # ---------------------------------------------------------------------------
@@ -597,6 +656,75 @@ def sample_workspaces(candidates: Iterable[str], size: int, seed: int) -> List[s
     if size == 0 or size >= len(ordered):
         return ordered
     return sorted(random.Random(seed).sample(ordered, size))
+
+
+# ---------------------------------------------------------------------------
+# Verification (pure): what -verify concludes about one row
+# ---------------------------------------------------------------------------
+
+REDACTION_MARK = re.compile(r"\[REDACTED:[A-Z0-9_]+\]")
+
+
+def fallback_queries(content: str) -> List[str]:
+    """Searches that find a copy of this content whose words differ somewhere: the
+    text without its redaction marks (a copy that holds the secrets in clear), and
+    each half of it (a copy changed in the other half)."""
+    plain = REDACTION_MARK.sub(" ", content)
+    middle = len(plain) // 2
+    halves = [plain[:middle].rsplit(None, 1)[0] if " " in plain[:middle].strip() else "",
+              plain[middle:].split(None, 1)[-1] if " " in plain[middle:].strip() else ""]
+    queries: List[str] = []
+    for query in [search_query(plain)] + [search_query(half) for half in halves]:
+        if len(query) >= 2 and query != search_query(content) and query not in queries:
+            queries.append(query)
+    return queries
+
+
+def classify(planned: PlannedWrite, record: Optional[Dict]) -> Finding:
+    """Compare the plugin's copy of a row (None: found nowhere) with what -apply writes."""
+    expected = planned.target.namespace
+    if record is None:
+        return Finding(planned, MISSING, "in no namespace of the tenant; -apply writes it to %s"
+                       % expected)
+    namespace = record.get("namespace")
+    if namespace != expected:
+        return Finding(planned, WRONG_NAMESPACE, "expected in %s, found in %s" % (expected, namespace),
+                       namespace)
+    content = record.get("content") if isinstance(record.get("content"), str) else ""
+    if content != planned.body["content"]:
+        redacted, labels = redact(content)
+        if redacted == planned.body["content"]:
+            labels = tuple(sorted(labels))
+            return Finding(planned, UNREDACTED, "the plugin's copy holds secrets in clear (%s)"
+                           % ", ".join(labels), namespace, labels)
+        return Finding(planned, CONTENT_DIFFERS, first_difference(
+            redact(planned.body["content"])[0], redacted), namespace)
+    propagation = record.get("propagation")
+    legacy = propagation.get("legacy") if isinstance(propagation, dict) else None
+    wanted = planned.body["propagation"]["legacy"]
+    if legacy != wanted:
+        if not isinstance(legacy, dict):
+            return Finding(planned, PROVENANCE, "propagation.legacy is missing", namespace)
+        fields = sorted(key for key in set(legacy) | set(wanted) if legacy.get(key) != wanted.get(key))
+        return Finding(planned, PROVENANCE, "propagation.legacy differs in %s" % ", ".join(fields),
+                       namespace)
+    return Finding(planned, MATCH, found_in=namespace)
+
+
+def first_difference(expected: str, found: str) -> str:
+    """Where two (redacted) texts first differ, with a short window of each around it."""
+    at = next((n for n, (a, b) in enumerate(zip(expected, found)) if a != b),
+              min(len(expected), len(found)))
+    if at == len(expected) == len(found):
+        return "the difference lies inside redacted secrets"
+    start = max(0, at - DIFF_CONTEXT_CHARS)
+
+    def window(text: str) -> str:
+        end = at + DIFF_CONTEXT_CHARS
+        return "%s%s%s" % ("..." if start else "", json.dumps(text[start:end], ensure_ascii=False),
+                           "..." if end < len(text) else "")
+
+    return "from character %d: expected %s, found %s" % (at + 1, window(expected), window(found))
 
 
 # ---------------------------------------------------------------------------
@@ -869,21 +997,14 @@ class LegacyDatabase:
             return WorkspaceTree(self.connection.run(
                 "SELECT id::text, parent_id::text, %s FROM workspaces" % status))  # noqa: S608
 
-    def _row_query(self, workspace: Optional[str], limit: Optional[int],
-                   after: Optional[Dict] = None) -> Tuple[str, Dict]:
+    def _select(self) -> str:
+        """The columns of a LegacyRow; an optional column the tenant lacks reads as NULL."""
         as_text = {"namespace": "namespace", "updated_at": RFC3339_UTC.format("updated_at"),
                    "embedding": "embedding::text"}
         select = ["id::text", "workspace_id::text", "content", "scope::text",
                   RFC3339_UTC.format("created_at")]
         select += [as_text[name] if name in self.columns else "NULL" for name in OPTIONAL_COLUMNS]
-        # Only fixed column expressions are spliced in; every value is bound.
-        where, params = _row_filter(workspace, after)
-        sql = "SELECT %s FROM agent_memories%s" % (", ".join(select), where)  # noqa: S608
-        sql += " ORDER BY created_at ASC NULLS FIRST, id"
-        if limit is not None:
-            sql += " LIMIT :limit"
-            params["limit"] = limit
-        return sql, params
+        return "SELECT %s FROM agent_memories" % ", ".join(select)  # noqa: S608 - fixed column text
 
     def count_rows(self, workspace: Optional[str] = None, limit: Optional[int] = None,
                    after: Optional[Dict] = None) -> int:
@@ -896,8 +1017,23 @@ class LegacyDatabase:
 
     def rows(self, workspace: Optional[str] = None, limit: Optional[int] = None,
              after: Optional[Dict] = None) -> Iterator[LegacyRow]:
-        """Stream rows oldest first (after a checkpoint position) through a server-side cursor."""
-        sql, params = self._row_query(workspace, limit, after)
+        """Rows oldest first (after a checkpoint position)."""
+        # Only fixed text is spliced in; every value is bound.
+        where, params = _row_filter(workspace, after)
+        sql = self._select() + where + " ORDER BY created_at ASC NULLS FIRST, id"
+        if limit is not None:
+            sql += " LIMIT :limit"
+            params["limit"] = limit
+        return self._stream(sql, params)
+
+    def rows_by_workspace(self, workspaces: List[str]) -> Iterator[LegacyRow]:
+        """The rows of these workspaces, one workspace after another, each oldest first."""
+        return self._stream(self._select() + " WHERE workspace_id = ANY(CAST(:workspaces AS uuid[])) "
+                            "ORDER BY workspace_id, created_at ASC NULLS FIRST, id",
+                            {"workspaces": workspaces})
+
+    def _stream(self, sql: str, params: Dict) -> Iterator[LegacyRow]:
+        """The rows of a query, through a server-side cursor, FETCH_ROWS at a time."""
         with self._errors():
             self.connection.run("DECLARE legacy_rows NO SCROLL CURSOR FOR " + sql, **params)
         while True:
@@ -927,12 +1063,14 @@ class LegacyDatabase:
                 "SELECT DISTINCT workspace_id::text FROM agent_memories "
                 "WHERE workspace_id IS NOT NULL")]
 
-    def has_search_words(self, text: str) -> bool:
-        """Whether PostgreSQL's English full-text parser finds any word in text."""
+    def have_search_words(self, texts: List[str]) -> List[bool]:
+        """Whether PostgreSQL's English full-text parser finds any word in each text."""
+        if not texts:
+            return []
         with self._errors():
-            [[count]] = self.connection.run(
-                "SELECT numnode(plainto_tsquery('english', :text))", text=text)
-        return count > 0
+            return [found for (found,) in self.connection.run(
+                "SELECT numnode(plainto_tsquery('english', text)) > 0 FROM unnest(CAST(:texts AS text[])) "
+                "WITH ORDINALITY AS t(text, n) ORDER BY n", texts=texts)]
 
 
 def _row_filter(workspace: Optional[str], after: Optional[Dict]) -> Tuple[str, Dict[str, object]]:
@@ -1119,7 +1257,15 @@ class PluginClient:
         if query:
             body["query"] = query
         data = self._request("POST", "/v1/search", body)
-        return (data or {}).get("memories") or []  # the plugin may send null
+        memories = (data or {}).get("memories") or []  # the plugin may send null
+        return [m for m in memories if isinstance(m, dict) and isinstance(m.get("id"), str)]
+
+    def search_quietly(self, namespace: str) -> List[Dict]:
+        """The newest records of a namespace; none if the plugin refuses to list it."""
+        try:
+            return self.search([namespace])
+        except PluginRejected:
+            return []
 
 
 def plugin_unreachable(base_url: str, reason: object) -> DependencyError:
@@ -1399,9 +1545,16 @@ class FailureLog:
             entry["error"] = error
         if status is not None:
             entry["status"] = status
-        with self.lock:
-            self.file.write(json.dumps(entry, ensure_ascii=False) + "\n")
-            self.file.flush()
+        self._write(entry)
+
+    def record_finding(self, finding: Finding) -> None:
+        self._write(finding.to_json())
+
+    def _write(self, entry: Dict[str, object]) -> None:
+        if self.file is not None:
+            with self.lock:
+                self.file.write(json.dumps(entry, ensure_ascii=False) + "\n")
+                self.file.flush()
 
     def close(self) -> None:
         if self.file is not None:
@@ -1935,91 +2088,171 @@ class Writer:
 
 
 def verify(settings: Settings, log) -> VerifyReport:
-    report = VerifyReport()
-    plugin = PluginClient(settings.plugin_url, settings.timeout, settings.retries)
+    """-verify: every row -apply would write, for a sample of workspaces, looked up in the plugin."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    report = VerifyReport(failures_path=settings.failures)
+    plugin = PluginClient(settings.plugin_url, settings.timeout, settings.retries,
+                          connections=settings.concurrency)
     plugin.check_health()
-    with LegacyDatabase(settings.database) as database:
-        tree = database.read_workspaces()
-        if settings.workspace:
-            sample = [settings.workspace]
-        else:
-            candidates = [w for w in database.workspaces_with_rows()
-                          if w in tree and not tree.is_removed(w)]
-            sample = sample_workspaces(candidates, settings.verify_sample, settings.seed)
-        for workspace in sample:
-            report.workspaces_sampled += 1
-            expected = [outcome for outcome in (
-                plan_row(row, tree, settings.redact) for row in database.rows(workspace))
-                if isinstance(outcome, PlannedWrite)]
-            try:
-                verify_workspace(plugin, database, tree, workspace, expected, report, log)
-            except PluginRejected as exc:
-                report.plugin_errors += 1
-                report.problems.append("workspace %s: the plugin refused a search: %s"
-                                       % (workspace, exc))
+    failures = FailureLog(settings.failures)
+    try:
+        with LegacyDatabase(settings.database) as database, \
+                ThreadPoolExecutor(settings.concurrency, thread_name_prefix="search") as pool:
+            tree = database.read_workspaces()
+            if settings.workspace:
+                sample = [settings.workspace]
+            else:
+                candidates = [w for w in database.workspaces_with_rows()
+                              if w in tree and not tree.is_removed(w)]
+                sample = sample_workspaces(candidates, settings.verify_sample, settings.seed)
+            report.workspaces_sampled = len(sample)
+            finder = RecordFinder(plugin, database, tree, sample, pool)
+            for rows, finished in _row_groups(database.rows_by_workspace(sample), VERIFY_GROUP_ROWS):
+                planned = [outcome for outcome in (plan_row(row, tree, settings.redact) for row in rows)
+                           if isinstance(outcome, PlannedWrite)]
+                for finding in finder.check(planned):
+                    report.count(finding)
+                    if finding.verdict == MATCH:
+                        log("match %s", finding.planned.row.id)
+                    else:
+                        log(finding.line())
+                        failures.record_finding(finding)
+                finder.done_with(finished)
+    finally:
+        failures.close()
     return report
 
 
-def verify_workspace(plugin: PluginClient, database: LegacyDatabase, tree: WorkspaceTree,
-                     workspace: str, expected: List[PlannedWrite], report: VerifyReport,
-                     log) -> None:
-    """Find every expected row in the plugin by id; count matches and mismatches.
+def _row_groups(rows: Iterable[LegacyRow], size: int) -> Iterator[Tuple[List[LegacyRow], List[str]]]:
+    """Rows (ordered by workspace) in groups of about `size`, cut between workspaces
+    unless one workspace alone is far bigger; each with the workspaces it finishes."""
+    group: List[LegacyRow] = []
+    finished: List[str] = []
+    current = None
+    for row in rows:
+        if row.workspace_id != current:
+            if current is not None:
+                finished.append(current)
+            current = row.workspace_id
+            if len(group) >= size:
+                yield group, finished
+                group, finished = [], []
+        elif len(group) >= 4 * size:
+            yield group, finished
+            group, finished = [], []
+        group.append(row)
+    if current is not None:
+        finished.append(current)
+    yield group, finished
 
-    The plugin has no lookup by id and caps a search at 100 rows, so each
-    namespace is first listed newest-first; rows not among those are looked up
-    with a full-text search on their own words.  Absence is only reported as
-    "missing" when a search that must have returned the row came back complete
-    (fewer than 100 rows); otherwise the row is unverifiable.
+
+class RecordFinder:
+    """Finds rows in the plugin, which has no lookup by id and caps a search at 100.
+
+    Each namespace a sampled row belongs in is listed once (its newest 100),
+    kept while a workspace still to come may need it.  A row not seen there is
+    searched for with its own words in the namespaces its workspace can read;
+    if still unseen, with words a changed copy would still share (the text
+    without its redaction marks, either half), then with its own words in every
+    namespace of the tenant.  A row seen in any earlier result is not searched
+    for again.  Searches run on the pool, --concurrency at a time.  A row is
+    `missing` only when a search over the whole tenant that must have returned
+    it came back complete (under 100 results, with searchable words); else it
+    is `unverifiable`.
     """
-    if not expected:
-        return
-    found: Dict[str, Dict] = {}
-    complete_namespaces = set()
-    for namespace in sorted({p.target.namespace for p in expected}):
-        listed = plugin.search([namespace])
-        found.update((m["id"], m) for m in listed if m.get("id") not in found)
-        if len(listed) < SEARCH_CAP:
-            complete_namespaces.add(namespace)
-    readable = sorted(set(tree.readable_namespaces(workspace))
-                      | {p.target.namespace for p in expected})
-    for planned in expected:
-        row_id, content = planned.row.id, planned.body["content"]
-        record = found.get(row_id)
-        complete = planned.target.namespace in complete_namespaces
-        if record is None:
-            query = search_query(content)
-            results = plugin.search(readable, query)
-            found.update((m["id"], m) for m in results if m.get("id") not in found)
-            record = found.get(row_id)
-            complete = complete or (len(results) < SEARCH_CAP and (
-                len(query) < 2 or database.has_search_words(query)))
-        problem = None
-        if record is None:
-            if not complete:
-                report.unverifiable += 1
-                _note(report, "unverifiable %s (workspace %s): not among the newest %d of %s "
-                      "and its content has no searchable words or matches too many records"
-                      % (row_id, workspace, SEARCH_CAP, planned.target.namespace), log)
-                continue
-            problem = "missing from %s" % planned.target.namespace
-        elif record.get("namespace") != planned.target.namespace:
-            problem = "wrong namespace: expected %s, found in %s" % (
-                planned.target.namespace, record.get("namespace"))
-        elif record.get("content") != content:
-            problem = "content differs: expected %s, found %s" % (
-                preview(content), preview(str(record.get("content"))))
-        if problem is None:
-            report.matches += 1
-            log("match %s", row_id)
-        else:
-            report.mismatches += 1
-            _note(report, "mismatch %s (workspace %s): %s" % (row_id, workspace, problem), log)
 
+    def __init__(self, plugin: PluginClient, database: LegacyDatabase, tree: WorkspaceTree,
+                 sample: List[str], pool):
+        self.plugin = plugin
+        self.database = database
+        self.tree = tree
+        self.pool = pool
+        namespaces = tree.namespaces()
+        self.tenant_namespaces = [namespaces[n:n + NAMESPACES_PER_SEARCH]
+                                  for n in range(0, len(namespaces), NAMESPACES_PER_SEARCH)]
+        self.listings: Dict[str, List[str]] = {}  # namespace -> the ids of its newest records
+        self.users = Counter(name for workspace in sample for name in tree.targets(workspace))
+        self.listed: Dict[str, Dict] = {}  # row id -> the plugin's record, from the listings kept
+        self.seen: Dict[str, Dict] = {}  # row id -> the plugin's record, from this group's searches
 
-def _note(report: VerifyReport, line: str, log) -> None:
-    if len(report.problems) < SHOWN_PROBLEMS:
-        report.problems.append(line)
-    log(line)
+    def done_with(self, workspaces: List[str]) -> None:
+        """Forget what only these (finished) workspaces needed: memory stays flat."""
+        for workspace in workspaces:
+            for namespace in self.tree.targets(workspace):
+                self.users[namespace] -= 1
+                if self.users[namespace] <= 0 and namespace in self.listings:
+                    for row_id in self.listings.pop(namespace):
+                        self.listed.pop(row_id, None)
+
+    def check(self, planned: List[PlannedWrite]) -> List[Finding]:
+        """Find and classify a group of rows."""
+        unlisted = sorted({p.target.namespace for p in planned} - set(self.listings))
+        for namespace, listed in zip(unlisted, self.pool.map(self.plugin.search_quietly, unlisted)):
+            self.listings[namespace] = [record["id"] for record in listed]
+            self.listed.update((record["id"], record) for record in listed)
+        self.seen = dict(self.listed)
+        refused: Dict[str, str] = {}
+        unseen = [p for p in planned if p.row.id not in self.seen]
+        list(self.pool.map(lambda p: self._search_nearby(p, refused), unseen))
+        unseen = [p for p in unseen if p.row.id not in self.seen and p.row.id not in refused]
+        complete = dict(zip([p.row.id for p in unseen], self.pool.map(
+            lambda p: self._search_everywhere(p, refused), unseen)))
+        queries = [search_query(p.body["content"]) for p in unseen]
+        searchable = dict(zip([p.row.id for p in unseen], self.database.have_search_words(queries)))
+        findings = []
+        for p in planned:
+            row_id = p.row.id
+            if row_id in self.seen:
+                findings.append(classify(p, self.seen[row_id]))
+            elif row_id in refused:
+                findings.append(Finding(p, UNVERIFIABLE, "the plugin refused a search for it (%s)"
+                                        % refused[row_id]))
+            elif complete.get(row_id) and (searchable[row_id] or len(search_query(p.body["content"])) < 2):
+                findings.append(classify(p, None))
+            else:
+                findings.append(Finding(p, UNVERIFIABLE, (
+                    "not among the newest %d of %s, and a search for its words matches too many "
+                    "records or finds no searchable word" % (SEARCH_CAP, p.target.namespace))))
+        return findings
+
+    def _search(self, namespaces: List[str], query: str, planned: PlannedWrite,
+                refused: Dict[str, str]) -> bool:
+        """One search; whether it was complete (fewer results than the cap)."""
+        try:
+            found = self.plugin.search(namespaces, query)
+        except PluginRejected as exc:
+            refused[planned.row.id] = str(exc)
+            return False
+        self._remember(found)
+        return len(found) < SEARCH_CAP
+
+    def _search_nearby(self, planned: PlannedWrite, refused: Dict[str, str]) -> None:
+        if planned.row.id in self.seen:  # found meanwhile by another row's search
+            return
+        readable = sorted(set(self.tree.readable_namespaces(planned.row.workspace_id))
+                          | {planned.target.namespace})
+        self._search(readable, search_query(planned.body["content"]), planned, refused)
+
+    def _search_everywhere(self, planned: PlannedWrite, refused: Dict[str, str]) -> bool:
+        """Whether a search of the whole tenant for the row's own words was complete."""
+        readable = sorted(set(self.tree.readable_namespaces(planned.row.workspace_id))
+                          | {planned.target.namespace})
+        for query in fallback_queries(planned.body["content"]):
+            self._search(readable, query, planned, refused)
+            if planned.row.id in self.seen:
+                return True
+        query = search_query(planned.body["content"])
+        complete = True
+        for namespaces in self.tenant_namespaces:
+            complete = self._search(namespaces, query, planned, refused) and complete
+            if planned.row.id in self.seen:
+                return True
+        return complete
+
+    def _remember(self, records: List[Dict]) -> None:
+        for record in records:
+            self.seen.setdefault(record["id"], record)
 
 
 # ---------------------------------------------------------------------------
@@ -2068,10 +2301,19 @@ def format_backfill(report: BackfillReport) -> List[str]:
 
 def format_verify(report: VerifyReport) -> List[str]:
     lines = ["memory-backfill -verify"]
-    if report.problems:
-        lines.append("problems (first %d):" % SHOWN_PROBLEMS)
+    problems = report.mismatches + report.errors
+    if problems:
+        lines.append("problems (%s):" % ("all %d" % problems if problems <= SHOWN_PROBLEMS
+                                         else "first %d of %d" % (SHOWN_PROBLEMS, problems)))
         lines.extend("  " + problem for problem in report.problems)
-    lines.append("unverifiable rows (counted as errors): %d" % report.unverifiable)
+        if report.failures_path:
+            lines.append("every problem row is listed in %s" % report.failures_path)
+    lines.append("rows by class: " + ", ".join("%s=%d" % (verdict, report.classes[verdict])
+                                               for verdict in VERIFY_CLASSES))
+    if report.mismatches:
+        lines.append("to repair: run -apply to rewrite these %d rows by id; it repairs every class "
+                     "above" % report.mismatches)
+    lines.append("unverifiable rows (counted as errors): %d" % report.errors)
     lines.append("Verify complete: workspaces_sampled=%d matches=%d mismatches=%d errors=%d"
                  % (report.workspaces_sampled, report.matches, report.mismatches, report.errors))
     return lines
@@ -2134,8 +2376,8 @@ def build_parser() -> argparse.ArgumentParser:
     options.add_argument("-checkpoint", "--checkpoint", metavar="FILE",
                          help="-apply: save progress here; if FILE exists, resume after it")
     options.add_argument("-failures", "--failures", metavar="FILE",
-                         help="write every skipped or failed row here, one JSON object per line "
-                              "(ids and reasons, never content)")
+                         help="-apply: every skipped or failed row; -verify: every problem row; "
+                              "one JSON object per line (ids, reasons, namespaces, never content)")
     options.add_argument("-max-consecutive-failures", "--max-consecutive-failures", metavar="N",
                          default=str(DEFAULT_MAX_CONSECUTIVE_FAILURES),
                          help="-apply stops (exit 3) after N rows in a row fail (default %(default)s)")
@@ -2174,9 +2416,10 @@ def parse_settings(argv: Optional[Sequence[str]], environ: Dict[str, str]) -> Se
         raise UsageError("Choose exactly one mode: -dry-run, -apply or -verify%s."
                          % (" (got %s)" % " and ".join("-" + m for m in modes) if modes else ""))
     mode = modes[0]
-    for option, value in (("--checkpoint", args.checkpoint), ("--failures", args.failures)):
-        if value and mode != "apply":  # -dry-run writes nothing anywhere; -verify copies nothing
-            raise UsageError("%s goes with -apply only." % option)
+    if args.checkpoint and mode != "apply":
+        raise UsageError("--checkpoint goes with -apply only.")
+    if args.failures and mode == "dry-run":  # -dry-run writes nothing anywhere
+        raise UsageError("--failures goes with -apply and -verify only.")
     try:
         timeout = float(args.timeout)
     except ValueError:

@@ -5,7 +5,9 @@ including its awkward parts: namespaces are not auto-created (a write to one
 that was never PUT is a 500), an id that exists is replaced (upsert), search
 returns at most 100 rows and sends {"memories": null} when nothing matched.
 Records live in a PostgreSQL database of their own, so newest-first listing,
-full-text search and substring search behave as they do in production.
+full-text search and substring search behave as they do in production, with
+the same indexes: a stored tsvector column with a GIN index, and one on the
+namespace.
 
 It also counts requests, for tests that assert how the backfill used it.
 
@@ -49,7 +51,10 @@ CREATE TABLE IF NOT EXISTS memories (
     content text NOT NULL, kind text NOT NULL, source text NOT NULL,
     created_at timestamptz NOT NULL DEFAULT clock_timestamp(),
     expires_at timestamptz, propagation jsonb, pin boolean NOT NULL DEFAULT false,
-    embedding jsonb);
+    embedding jsonb,
+    content_tsv tsvector GENERATED ALWAYS AS (to_tsvector('english', content)) STORED);
+CREATE INDEX IF NOT EXISTS memories_content_tsv ON memories USING gin (content_tsv);
+CREATE INDEX IF NOT EXISTS memories_namespace ON memories (namespace);
 """
 
 MEMORY_COLUMNS = ("id::text, namespace, content, kind, source, created_at, expires_at, "
@@ -272,8 +277,8 @@ class PluginServer:
         score = "NULL"
         order = "pin DESC, created_at DESC"
         if len(query) >= 2:
-            where.append("to_tsvector('english', content) @@ plainto_tsquery('english', :q)")
-            score = "ts_rank(to_tsvector('english', content), plainto_tsquery('english', :q))"
+            where.append("content_tsv @@ plainto_tsquery('english', :q)")
+            score = "ts_rank(content_tsv, plainto_tsquery('english', :q))"
             order = "score DESC, created_at DESC"
             params["q"] = query
         elif query:

@@ -312,12 +312,14 @@ def test_verify_passes_after_apply_and_fails_after_tampering(cli, legacy, tree, 
     result = cli("-verify")
     assert result.status == 1
     assert counts(result, LAST_VERIFY) == (3, 1, 3, 0)
-    assert "mismatch %s (workspace %s): missing from org:%s" % (ids[0], tree["root"], tree["root"]) \
-        in result.stdout
-    assert ('mismatch %s (workspace %s): content differs: expected "child fact number 1", '
-            'found "tampered"' % (ids[1], tree["child"])) in result.stdout
-    assert "mismatch %s (workspace %s): wrong namespace: expected team:%s, found in workspace:%s" % (
+    assert ("  missing %s (workspace %s): in no namespace of the tenant; -apply writes it to org:%s\n"
+            % (ids[0], tree["root"], tree["root"])) in result.stdout
+    assert ('  content differs %s (workspace %s): from character 1: expected "child fact number 1", '
+            'found "tampered"\n' % (ids[1], tree["child"])) in result.stdout
+    assert "  wrong namespace %s (workspace %s): expected in team:%s, found in workspace:%s\n" % (
         ids[3], tree["great"], tree["grandchild"], tree["great"]) in result.stdout
+    assert "to repair: run -apply to rewrite these 3 rows by id; it repairs every class above" \
+        in result.stdout
 
 
 def test_verify_a_workspace_with_250_memories(cli, legacy, tree, plugin, env):
@@ -333,7 +335,7 @@ def test_verify_a_workspace_with_250_memories(cli, legacy, tree, plugin, env):
     result = cli("-verify", "-workspace", tree["child"])
     assert result.status == 1
     assert counts(result, LAST_VERIFY) == (1, 249, 1, 0)
-    assert "mismatch %s" % ids[10] in result.stdout
+    assert "  missing %s (workspace %s)" % (ids[10], tree["child"]) in result.stdout
 
 
 def test_verify_calls_an_unsearchable_old_row_unverifiable_never_a_match(cli, legacy, tree, plugin, env):

@@ -330,11 +330,15 @@ def test_unwritable_paths_are_refused(legacy, root, plugin, env, capsys, option)
     assert plugin.count() == 0
 
 
-@pytest.mark.parametrize("option", ["--checkpoint", "--failures"])
-def test_files_go_with_apply_only(legacy, root, env, capsys, tmp_path, option):
-    for mode in ("-dry-run", "-verify"):
+@pytest.mark.parametrize("option, modes, sentence", [
+    ("--checkpoint", ("-dry-run", "-verify"), "--checkpoint goes with -apply only."),
+    ("--failures", ("-dry-run",), "--failures goes with -apply and -verify only."),
+])
+def test_files_go_with_the_modes_that_write_them(legacy, root, env, capsys, tmp_path, option, modes,
+                                                 sentence):
+    for mode in modes:
         assert mb.main([mode, option, str(tmp_path / "x")]) == 2
-        assert "%s goes with -apply only." % option in capsys.readouterr().err
+        assert capsys.readouterr().err == "memory-backfill: %s\n" % sentence
     assert list(tmp_path.iterdir()) == []
 
 

@@ -177,12 +177,6 @@ def test_redaction_is_idempotent_and_leaves_no_secret(parts):
         assert secret not in once
 
 
-def test_preview_is_redacted_short_and_escaped():
-    shown = mb.preview("\x1b[31m Bearer abcdef " + "x" * 200)
-    assert "abcdef" not in shown and "\x1b" not in shown
-    assert len(shown) <= mb.PREVIEW_CHARS + 10
-
-
 # --- planning ----------------------------------------------------------------------
 
 def _row(content="hello", scope="LOCAL", workspace=ROOT, **extra):
@@ -212,6 +206,73 @@ def test_search_query_never_cuts_a_word():
     assert len(query) <= mb.SEARCH_QUERY_CHARS and words.startswith(query + " ")
     assert mb.search_query("  short text ") == "short text"
     assert mb.search_query("x" * 5000) == "x" * 5000
+
+
+# --- verification: one class per row ------------------------------------------------
+
+def _planned(content="deploy at 5 pm", scope="LOCAL"):
+    return mb.plan_row(_row(content, scope=scope, workspace=CHILD), TREE)
+
+
+def _copy(planned, **changes):
+    record = {"id": planned.row.id, "namespace": planned.target.namespace,
+              "content": planned.body["content"], "propagation": planned.body["propagation"]}
+    return {**record, **changes}
+
+
+def test_classify_every_class():
+    planned = _planned("deploy key ghp_%s then Bearer tok9 at 5 pm" % ("Z" * 20))
+    assert mb.classify(planned, _copy(planned)).verdict == mb.MATCH
+    missing = mb.classify(planned, None)
+    assert (missing.verdict, missing.detail) == (
+        mb.MISSING, "in no namespace of the tenant; -apply writes it to workspace:c")
+    moved = mb.classify(planned, _copy(planned, namespace="team:r"))
+    assert (moved.verdict, moved.detail, moved.found_in) == (
+        mb.WRONG_NAMESPACE, "expected in workspace:c, found in team:r", "team:r")
+    clear = mb.classify(planned, _copy(planned, content=planned.row.content))
+    assert (clear.verdict, clear.labels) == (mb.UNREDACTED, ("BEARER_TOKEN", "GITHUB_PAT"))
+    assert clear.detail == "the plugin's copy holds secrets in clear (BEARER_TOKEN, GITHUB_PAT)"
+    changed = mb.classify(planned, _copy(planned, content=planned.body["content"].replace("5", "6")))
+    assert changed.verdict == mb.CONTENT_DIFFERS and "found" in changed.detail
+    for propagation, detail in [(None, "propagation.legacy is missing"),
+                                ({}, "propagation.legacy is missing"),
+                                ({"legacy": {**planned.row.legacy, "scope": "TEAM"}},
+                                 "propagation.legacy differs in scope")]:
+        found = mb.classify(planned, _copy(planned, propagation=propagation))
+        assert (found.verdict, found.detail) == (mb.PROVENANCE, detail)
+    shown = repr([(f.line(), f.to_json()) for f in (missing, moved, clear, changed)])
+    assert "Z" * 20 not in shown and "tok9" not in shown
+
+
+def test_a_content_difference_shows_both_sides_around_it_redacted():
+    head = "x" * 100
+    detail = mb.first_difference(head + " deploy at 5 pm sharp", head + " deploy at 6 pm sharp")
+    assert detail == ('from character 112: expected ..."xxxxxxxxxxxxxxxxxxx deploy at 5 pm sharp", '
+                      'found ..."xxxxxxxxxxxxxxxxxxx deploy at 6 pm sharp"')
+    assert mb.first_difference("abc", "abcdef") == 'from character 4: expected "abc", found "abcdef"'
+    assert mb.first_difference("[REDACTED:TOKEN]", "[REDACTED:TOKEN]") == \
+        "the difference lies inside redacted secrets"
+    planned = _planned("note: " + "y" * 90 + " Bearer tok1 end")
+    altered = planned.row.content.replace("end", "Bearer tok2 fin")
+    detail = mb.classify(planned, _copy(planned, content=altered)).detail
+    assert "tok1" not in detail and "tok2" not in detail and "[REDACTED:BEARER_TOKEN] fin" in detail
+
+
+def test_fallback_queries_find_a_copy_changed_in_one_half_or_unredacted():
+    content = "alpha beta gamma [REDACTED:TOKEN] delta epsilon zeta eta"
+    queries = mb.fallback_queries(content)
+    assert queries[0] == "alpha beta gamma   delta epsilon zeta eta"
+    assert queries[1:] == ["alpha beta gamma", "epsilon zeta eta"]
+    assert all(mb.search_query(content) != q for q in queries)
+    assert mb.fallback_queries("x") == []
+
+
+def test_a_verify_failure_entry_names_namespaces_and_labels_never_content():
+    planned = _planned("key ghp_%s here" % ("Q" * 20))
+    entry = mb.classify(planned, _copy(planned, content=planned.row.content)).to_json()
+    assert entry == {"id": planned.row.id, "workspace_id": CHILD, "class": "unredacted",
+                     "expected_namespace": "workspace:c", "found_namespace": "workspace:c",
+                     "labels": ["GITHUB_PAT"]}
 
 
 def test_sample_is_deterministic_and_zero_means_all():

@@ -1,0 +1,178 @@
+"""-verify as a diagnosis: every sampled row in exactly one class, against a plugin
+state doctored the way the upstream backfill and later accidents leave it; then
+-apply repairs it and -verify passes.
+"""
+
+import json
+
+import pytest
+import urllib3
+
+import memory_backfill as mb
+
+SECRETS = ["GITHUB_TOKEN=ghp_%s" % ("k" * 36), "Bearer tok_%s" % ("b" * 20)]
+
+
+def long_content(n: int, words: str) -> str:
+    """About 200 characters of distinct, searchable words."""
+    return ("Runbook entry %d for the %s service: drain the node, cordon it, wait for the pods to "
+            "move, then upgrade the kernel and reboot; page the owner if it takes longer than %d "
+            "minutes (case%d)." % (n, words, n % 17 + 5, n))
+
+
+@pytest.fixture
+def tenant(legacy):
+    """root -> a -> leaf, root -> b: 260 rows in a (so most are older than the newest 100 the
+    plugin lists), some holding secrets, plus TEAM, GLOBAL and b's rows."""
+    legacy.create_schema()
+    root = legacy.workspace()
+    a = legacy.workspace(parent=root)
+    b = legacy.workspace(parent=root)
+    leaf = legacy.workspace(parent=a)
+    rows = {}
+    for n in range(260):
+        secret = " deploy with %s now" % SECRETS[n // 10 % 2] if n % 10 == 3 else ""
+        rows[legacy.memory(a, long_content(n, "billing") + secret)] = a
+    for n in range(20):
+        rows[legacy.memory(a, long_content(1000 + n, "search"), "TEAM")] = a
+        rows[legacy.memory(b, long_content(2000 + n, "ledger"))] = b
+        rows[legacy.memory(leaf, long_content(3000 + n, "mailer"), "TEAM")] = leaf
+    rows[legacy.memory(root, long_content(4000, "global"), "GLOBAL")] = root
+    order = [r[0] for r in legacy.db.run(
+        "SELECT id::text FROM agent_memories ORDER BY created_at NULLS FIRST, id")]
+    return {"root": root, "a": a, "b": b, "leaf": leaf, "order": order, "legacy": legacy}
+
+
+def verify(tmp_path, *options):
+    """-verify of every workspace: (status, text output, classes by row id, failures file text)."""
+    import io
+    import os
+
+    failures = tmp_path / "verify-failures.jsonl"
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        status = mb.run(["-verify", "-verify-sample", "0", "-q", "--failures", str(failures), *options],
+                        environ=dict(os.environ), stdout=out, stderr=err)
+    except mb.BackfillError as exc:
+        pytest.fail("verify stopped: %s" % exc)
+    text = failures.read_text()
+    classes = {entry["id"]: entry for entry in map(json.loads, text.splitlines())}
+    return status, out.getvalue() + err.getvalue(), classes, text
+
+
+def assert_no_secret(*texts):
+    for text in texts:
+        for secret in SECRETS:
+            assert secret.split("=")[-1].split(" ")[-1] not in text
+
+
+def assert_repaired(plugin, legacy, tmp_path):
+    assert mb.main(["-apply", "-q"]) == 0
+    status, output, classes, _ = verify(tmp_path)
+    assert status == 0 and classes == {}, output
+    contents = dict(legacy.db.run("SELECT id::text, content FROM agent_memories"))
+    for row_id, record in plugin.records().items():
+        assert record["content"] == mb.redact(contents[row_id])[0]
+        assert record["propagation"]["legacy"]["created_at"].endswith("Z")
+
+
+def test_a_doctored_plugin_is_diagnosed_row_by_row_then_repaired(tenant, plugin, env, tmp_path):
+    order, a, b = tenant["order"], tenant["a"], tenant["b"]
+    assert mb.main(["-apply", "-q"]) == 0
+    old, new = order[:150], order[200:260]  # a's rows beyond the newest 100 listed, and within
+    secret_rows = [order[n] for n in range(260) if n % 10 == 3]
+    doctored = {
+        old[5]: "missing", new[5]: "missing",
+        old[6]: "wrong namespace", new[6]: "wrong namespace",
+        old[7]: "content differs", new[7]: "content differs",
+        secret_rows[2]: "unredacted", secret_rows[-1]: "unredacted",
+        old[8]: "provenance", new[8]: "provenance", old[9]: "provenance",
+    }
+    run = plugin.execute
+    for row_id in (old[5], new[5]):
+        run("DELETE FROM memories WHERE id = CAST(:id AS uuid)", id=row_id)
+    run("INSERT INTO namespaces (name, kind) VALUES (:ns, 'team')", ns="team:" + b)  # listed by no row
+    run("UPDATE memories SET namespace = :ns WHERE id = CAST(:id AS uuid)", ns="team:" + b, id=old[6])
+    run("UPDATE memories SET namespace = :ns WHERE id = CAST(:id AS uuid)", ns="team:" + a, id=new[6])
+    for row_id in (old[7], new[7]):  # changed after the 80th character
+        run("UPDATE memories SET content = left(content, 120) || 'ALTERED BY HAND' || substr(content, 126) "
+            "WHERE id = CAST(:id AS uuid)", id=row_id)
+    for row_id in (secret_rows[2], secret_rows[-1]):  # the legacy content, secret in clear
+        [[content]] = tenant["legacy"].db.run(
+            "SELECT content FROM agent_memories WHERE id = CAST(:id AS uuid)", id=row_id)
+        run("UPDATE memories SET content = :c WHERE id = CAST(:id AS uuid)", c=content, id=row_id)
+    run("UPDATE memories SET propagation = NULL WHERE id = ANY(CAST(:ids AS uuid[]))", ids=[old[8], new[8]])
+    run("UPDATE memories SET propagation = jsonb_set(propagation, '{legacy,scope}', '\"TEAM\"') "
+        "WHERE id = CAST(:id AS uuid)", id=old[9])
+
+    status, output, classes, failures = verify(tmp_path)
+
+    assert status == 1
+    assert {row_id: entry["class"] for row_id, entry in classes.items()} == doctored
+    assert classes[old[6]]["found_namespace"] == "team:" + b
+    assert classes[old[6]]["expected_namespace"] == "workspace:" + a
+    assert classes[secret_rows[2]]["labels"] == ["TOKEN"]  # GITHUB_TOKEN=ghp_...
+    assert classes[secret_rows[-1]]["labels"] == ["BEARER_TOKEN"]
+    assert "rows by class: match=%d, missing=2, wrong namespace=2, content differs=2, unredacted=2, " \
+           "provenance=3, unverifiable=0" % (len(order) - 11) in output
+    assert "to repair: run -apply to rewrite these 11 rows by id; it repairs every class above" in output
+    assert output.rstrip().endswith("matches=%d mismatches=11 errors=0" % (len(order) - 11))
+    differs = [line for line in output.splitlines() if line.startswith("  content differs %s" % old[7])]
+    assert len(differs) == 1 and "from character 121" in differs[0] and "ALTERED BY HAND" in differs[0]
+    assert "  provenance %s (workspace %s): propagation.legacy differs in scope" % (old[9], a) in output
+    assert_no_secret(output, failures)
+    assert "Runbook entry" not in failures
+
+    assert_repaired(plugin, tenant["legacy"], tmp_path)
+
+
+def test_what_the_upstream_backfill_left_is_named_then_repaired(tenant, plugin, env, tmp_path):
+    """Upstream wrote contents unredacted, no propagation, and stopped writing when its circuit
+    breaker opened."""
+    legacy, order = tenant["legacy"], tenant["order"]
+    tree = legacy.db.run("SELECT id::text, parent_id::text, status FROM workspaces")
+    workspaces = mb.WorkspaceTree(tree)
+    http = urllib3.PoolManager()
+    never_written = set(order[-30:])
+    for row_id, workspace, content, scope in legacy.db.run(
+            "SELECT id::text, workspace_id::text, content, scope FROM agent_memories"):
+        if row_id in never_written:
+            continue
+        target = mb.resolve_target(workspace, scope, workspaces)
+        http.request("PUT", plugin.url + "/v1/namespaces/" + target.namespace, json={"kind": target.kind})
+        response = http.request("POST", plugin.url + "/v1/namespaces/%s/memories" % target.namespace,
+                                json={"id": row_id, "content": content, "kind": "fact", "source": "agent"})
+        assert response.status == 201
+
+    status, output, classes, failures = verify(tmp_path)
+
+    assert status == 1
+    holding = {r[0] for r in legacy.db.run("SELECT id::text FROM agent_memories WHERE content LIKE '%deploy with%'")}
+    expected = {row_id: ("missing" if row_id in never_written else
+                         "unredacted" if row_id in holding else "provenance") for row_id in order}
+    assert {row_id: entry["class"] for row_id, entry in classes.items()} == expected
+    assert "matches=0 mismatches=%d errors=0" % len(order) in output
+    assert_no_secret(output, failures)
+
+    assert_repaired(plugin, legacy, tmp_path)
+
+
+def test_concurrency_does_not_change_the_verdict(legacy, plugin, env, tmp_path):
+    legacy.create_schema()
+    workspace = legacy.workspace()
+    ids = legacy.many(workspace, 1000, words=("rollout", "canary"))
+    assert mb.main(["-apply", "-q"]) == 0
+    plugin.execute("DELETE FROM memories WHERE id = ANY(CAST(:ids AS uuid[]))", ids=ids[100:103])
+    plugin.execute("UPDATE memories SET content = content || ' changed' WHERE id = ANY(CAST(:ids AS uuid[]))",
+                   ids=ids[200:202] + ids[990:992])
+    plugin.execute("UPDATE memories SET propagation = NULL WHERE id = CAST(:id AS uuid)", id=ids[300])
+
+    one = verify(tmp_path, "--concurrency", "1", "--json")
+    sixteen = verify(tmp_path, "--concurrency", "16", "--json")
+
+    assert one[0] == sixteen[0] == 1
+    assert one[1] == sixteen[1] and one[2] == sixteen[2]
+    report = json.loads(one[1])
+    assert report["rows_by_class"] == {"match": 992, "missing": 3, "wrong_namespace": 0,
+                                       "content_differs": 4, "unredacted": 0, "provenance": 1,
+                                       "unverifiable": 0}
