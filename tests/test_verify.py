@@ -147,7 +147,8 @@ def test_what_the_upstream_backfill_left_is_named_then_repaired(tenant, plugin, 
     status, output, classes, failures = verify(tmp_path)
 
     assert status == 1
-    holding = {r[0] for r in legacy.db.run("SELECT id::text FROM agent_memories WHERE content LIKE '%deploy with%'")}
+    holding = {r[0] for r in legacy.db.run(
+        "SELECT id::text FROM agent_memories WHERE content LIKE '%deploy with%'")}
     expected = {row_id: ("missing" if row_id in never_written else
                          "unredacted" if row_id in holding else "provenance") for row_id in order}
     assert {row_id: entry["class"] for row_id, entry in classes.items()} == expected
