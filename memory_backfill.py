@@ -1915,7 +1915,7 @@ class Writer:
                 if self.limiter is not None and self.limiter.delay(now) > 0:
                     break
                 write = self.ready.popleft()
-                if self._upsert_namespace(write):
+                if write.planned.target.namespace in self.namespaces or self._upsert_namespace(write):
                     batch.append(write)
             if batch:
                 try:
@@ -1924,10 +1924,8 @@ class Writer:
                     self._connection_failed(connection, exc, now)
 
     def _upsert_namespace(self, write: PendingWrite) -> bool:
-        """PUT the write's namespace unless done in this run; False if the write cannot go."""
+        """PUT the write's namespace (the first time in this run); False if the write cannot go."""
         target = write.planned.target
-        if target.namespace in self.namespaces:
-            return True
         try:
             self.plugin.put_namespace(target.namespace, target.kind)
         except RowFailed as exc:  # the next row of this namespace tries again

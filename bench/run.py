@@ -1,61 +1,66 @@
-"""`make bench`: how fast -apply and -dry-run are, as ratios measured in one run.
+"""`make bench`: what the write path and -verify cost, as ratios measured in one run.
 
 Starts a throwaway PostgreSQL, seeds legacy rows over a realistic tree (60
 workspaces: 6 roots, 18 teams, 36 leaves; all three scopes; 1 % of the rows
-hold a secret), starts the test plugin (two processes behind one port, one
-per core as the Go plugin uses them, each a threaded HTTP server with 4 of
-the 8 database connections; connections are handed to them in turn) and
-measures, each against a fresh plugin database:
+hold a secret) and the test plugin (two processes behind one port, one per
+core as the Go plugin uses them, its connections handed to them in turn; the
+real plugin's indexes), then measures, each -apply against an emptied plugin:
 
-- -apply at several sizes and --concurrency values: wall seconds, rows/s and
-  the peak RSS of the backfill process (from the OS: its VmHWM); the
-  20,000-row sweep is run three times, round-robin over the concurrencies
-  (tool and raw client alternately), and the median of each reported, with
-  the tool's range: one run on this shared 2-core machine varies by 10 % or
-  more;
-- the plugin's own ceiling: a minimal client (bench/run.py --raw-client) that
-  only POSTs pre-built memories with the same concurrency;
-- -dry-run over the largest size against a bare SELECT of the same rows
-  through pg8000, both as fresh processes.
+- CPU seconds (user + system, from the OS: wait4) of -dry-run and of -apply
+  at the default concurrency over the same 100,000 rows, start-up (-dry-run
+  -limit 1) subtracted; target: -apply per row <= 3 x -dry-run per row;
+- -apply rows/s on 20,000 rows against the plugin's ceiling: a raw client on
+  sockets that only POSTs pre-built memories, pipelined over the same
+  connections as the tool (it runs reading answers at once and reading them
+  every millisecond; the faster counts); target >= 95 %;
+- -verify -verify-sample 0 of those 20,000 rows against -apply's wall time;
+  target <= 1.5 x;
+- peak RSS (VmHWM) at 1,000, 20,000 and 100,000 rows; target <= 40 MB, flat.
+
+The 20,000-row runs go three rounds (medians reported); the rest once, or
+three times where a run is short (start-up, -dry-run).
 
     python bench/run.py [--quick] [--record]
 
---quick leaves out 100,000 rows; --record appends the table to bench/RESULTS.md.
+--quick: 1,000 and 20,000 rows, one round, the CPU ratio on 20,000 rows
+(about two minutes); --record appends the table to bench/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import http.client
 import json
 import os
 import platform
+import select
+import socket
 import subprocess
 import sys
 import threading
 import time
 import uuid
 from collections import namedtuple
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from statistics import median
+from urllib.parse import quote
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
+
+import memory_backfill as mb  # noqa: E402
 
 TOOL = [sys.executable, str(ROOT / "memory_backfill.py")]
-SWEEP = (1, 2, 4, 8, 16)
-ROUNDS = 3  # of the 20,000-row sweep; the median of each reported: this machine is noisy
+ROUNDS = 3
 PLUGIN_PROCESSES = 2  # one per core
 PLUGIN_CONNECTIONS = 4  # database connections per plugin process
-DEFAULT_CONCURRENCY = 8
-# One line of the table: wall and rates of the tool (median, slowest and fastest
-# round), its peak RSS, and the raw client's rate (median).
-Result = namedtuple("Result", "rows concurrency wall rate slowest fastest rss ceiling")
 CONTENT = ("Deploys for the %s service go through staging first; rollback with the "
            "previous image tag if error rates rise above two percent (note %s).")
 SECRET = " The CI token is GITHUB_TOKEN=ghp_%s." % ("x" * 36)
+Run = namedtuple("Run", "wall cpu rss status out")  # seconds, CPU seconds, peak RSS MB
 
 
 # --- setup -----------------------------------------------------------------------
@@ -101,19 +106,19 @@ def seed(cluster, rows: int) -> str:
 
 # --- measuring -------------------------------------------------------------------
 
-def run_measured(argv, env) -> tuple:
-    """(wall seconds, peak RSS MB, exit status, stdout) of one fresh process.
+def run_measured(argv, env) -> Run:
+    """Wall seconds, CPU seconds and peak RSS of one fresh process.
 
-    The peak is the kernel's high-water mark of the process's own memory
-    (VmHWM), sampled until it exits: rusage's ru_maxrss would also count the
-    memory of this (large) process, which a forked child inherits.
+    CPU comes from wait4(), for that process alone.  The peak is the kernel's
+    high-water mark of its memory (VmHWM), sampled until it exits: rusage's
+    ru_maxrss can count pages of this (large) process that a fork shares.
     """
     started = time.perf_counter()
     process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     peak = [0]
 
     def sample():
-        while process.poll() is None:
+        while process.returncode is None:
             try:
                 with open("/proc/%d/status" % process.pid) as status_file:
                     for line in status_file:
@@ -126,156 +131,180 @@ def run_measured(argv, env) -> tuple:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     out = process.stdout.read()
-    process.wait()
-    sampler.join()
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - started
-    return wall, peak[0] / 1024.0, process.returncode, out.decode()
+    sampler.join()
+    return Run(wall, usage.ru_utime + usage.ru_stime, peak[0] / 1024.0, process.returncode, out.decode())
 
 
-def raw_client(url: str, rows: int, concurrency: int) -> None:
-    """Only POST pre-built memories: the plugin's ceiling at this concurrency."""
-    import urllib3
-
-    pool = urllib3.connection_from_url(url, maxsize=concurrency, block=True,
-                                       headers={"Content-Type": "application/json"})
-    namespaces = ["workspace:%s" % uuid.uuid4() for _ in range(60)]
-    for name in namespaces:
-        pool.urlopen("PUT", "/v1/namespaces/%s" % name, body=b'{"kind":"workspace"}')
-    bodies = [(namespaces[n % 60], json.dumps({
-        "id": str(uuid.uuid4()), "content": CONTENT % ("svc%d" % (n % 97), n), "kind": "fact",
-        "source": "agent", "propagation": {"legacy": {"scope": "LOCAL"}}}).encode()) for n in range(rows)]
-
-    def post(item):
-        namespace, body = item
-        response = pool.urlopen("POST", "/v1/namespaces/%s/memories" % namespace, body=body)
-        assert response.status == 201, response.status
-
+def raw_client(url: str, database_url: str, concurrency: int, pause: float) -> None:
+    """POST the very memories -apply writes, planned and encoded before the clock starts,
+    pipelined over raw sockets laid out as the tool's (memory_backfill.connection_depths),
+    reading answers as they come (pause 0) or every `pause` seconds; print the seconds."""
+    address = mb.parse_plugin_address(url)
+    with mb.LegacyDatabase(mb.parse_database_url(database_url)) as database:
+        tree = database.read_workspaces()
+        planned = [mb.plan_row(row, tree) for row in database.rows()]
+    setup = http.client.HTTPConnection(address.host, address.port)
+    for target in {p.target for p in planned}:
+        setup.request("PUT", "/v1/namespaces/%s" % target.namespace, body=json.dumps({"kind": target.kind}))
+        setup.getresponse().read()
+    requests = []
+    for p in planned:
+        body = mb.JSON_ENCODER.encode(p.body).encode()
+        requests.append(b"POST /v1/namespaces/%s/memories HTTP/1.1\r\nHost: %s\r\nContent-Type: "
+                        b"application/json\r\nContent-Length: %d\r\n\r\n%s"
+                        % (quote(p.target.namespace, safe="").encode(), address.host_header.encode(),
+                           len(body), body))
+    rows = len(requests)
+    connections = [(socket.create_connection((address.host, address.port)), depth)
+                   for depth in mb.connection_depths(concurrency)]
+    in_flight = {sock: 0 for sock, _ in connections}
+    received = {sock: b"" for sock, _ in connections}
+    sent = answered = 0
     started = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as executor:
-        list(executor.map(post, bodies))
+    while answered < rows:
+        for sock, depth in connections:
+            count = min(depth - in_flight[sock], rows - sent)
+            if count > 0:
+                sock.sendall(b"".join(requests[sent:sent + count]))
+                sent += count
+                in_flight[sock] += count
+        if pause:
+            time.sleep(pause)
+        for sock in select.select([s for s, _ in connections if in_flight[s]], [], [], 10)[0]:
+            data = received[sock] + sock.recv(65536)
+            while True:
+                end = data.find(b"\r\n\r\n")
+                if end < 0:
+                    break
+                start = data.find(b"Content-Length: ", 0, end) + 16
+                length = int(data[start:data.find(b"\r\n", start)])
+                if len(data) < end + 4 + length:
+                    break
+                assert data[9:12] == b"201", data[:80]
+                data = data[end + 4 + length:]
+                in_flight[sock] -= 1
+                answered += 1
+            received[sock] = data
     print(json.dumps({"seconds": time.perf_counter() - started}))
 
 
-def bare_select(url: str, own_query: bool) -> None:
-    """The rows -dry-run reads, through pg8000, doing nothing with them: a plain
-    SELECT * (pg8000 converts every column), or the tool's own query (which has
-    the server format timestamps as text)."""
-    sys.path.insert(0, str(ROOT))
-    import memory_backfill as mb
-    config = mb.parse_database_url(url)
-    with mb.LegacyDatabase(config) as database:
-        sql, params = database._row_query(None, None)
-        if not own_query:
-            sql = "SELECT * FROM agent_memories ORDER BY created_at ASC NULLS FIRST, id"
-        rows = database.connection.run(sql, **params)
-    print(len(rows))
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="leave out 100,000 rows")
-    parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
-    parser.add_argument("--raw-client", nargs=3, metavar=("URL", "ROWS", "CONCURRENCY"))
-    parser.add_argument("--bare-select", metavar="URL")
-    parser.add_argument("--own-query", action="store_true")
-    args = parser.parse_args()
-    if args.raw_client:
-        raw_client(args.raw_client[0], int(args.raw_client[1]), int(args.raw_client[2]))
-        return 0
-    if args.bare_select:
-        bare_select(args.bare_select, args.own_query)
-        return 0
-
+def bench(quick: bool) -> dict:
     from pg_cluster import start_cluster
     from plugin_server import PluginProcesses
 
     cluster = start_cluster()
     plugin = None
+    results: dict = {"rss": {}}
     try:
         plugin = PluginProcesses(dict(user=cluster.user, password=cluster.password, host=cluster.host,
                                       port=cluster.port, database=cluster.create_database("bench_plugin")),
                                  PLUGIN_PROCESSES, PLUGIN_CONNECTIONS)
-        sizes = (1000, 20000) if args.quick else (1000, 20000, 100000)
-        plan = [(1000, DEFAULT_CONCURRENCY)] + [(20000, c) for c in SWEEP]
-        if not args.quick:
-            plan.append((100000, DEFAULT_CONCURRENCY))
-        legacy_urls = {rows: cluster.url(seed(cluster, rows)) for rows in sizes}
-        runs = {key: ([], [], []) for key in plan}  # (rows, concurrency) -> walls, peaks, raw seconds
-        for round_number in range(ROUNDS):
-            for rows, concurrency in plan:
-                if round_number and rows != 20000:
-                    continue
-                env = {**os.environ, "DATABASE_URL": legacy_urls[rows], "MEMORY_PLUGIN_URL": plugin.url}
-                walls, peaks, raw = runs[(rows, concurrency)]
-                plugin.reset()
-                wall, rss, status, _ = run_measured(
-                    TOOL + ["-apply", "-q", "--concurrency", str(concurrency)], env)
-                assert status == 0 and plugin.count() == rows, (status, plugin.count())
-                walls.append(wall)
-                peaks.append(rss)
-                plugin.reset()
-                _, _, status, out = run_measured(
-                    [sys.executable, __file__, "--raw-client", plugin.url, str(rows), str(concurrency)],
-                    env)
-                raw.append(json.loads(out)["seconds"])
-                print("round %d, rows=%d concurrency=%d: %.0f rows/s, peak RSS %.1f MB, raw ceiling "
-                      "%.0f rows/s" % (round_number + 1, rows, concurrency, rows / wall, rss,
-                                       rows / raw[-1]), flush=True)
-        table = [Result(rows, concurrency, median(walls), rows / median(walls), rows / max(walls),
-                        rows / min(walls), max(peaks), rows / median(raw))
-                 for (rows, concurrency), (walls, peaks, raw) in runs.items()]
-        largest = max(sizes)
-        env = {**os.environ, "DATABASE_URL": legacy_urls[largest]}
-        dry, _, status, _ = run_measured(TOOL + ["-dry-run", "-q"], env)
-        assert status == 0
-        bare, _, status, _ = run_measured([sys.executable, __file__, "--bare-select",
-                                           legacy_urls[largest]], env)
-        own, _, status, _ = run_measured([sys.executable, __file__, "--bare-select",
-                                          legacy_urls[largest], "--own-query"], env)
+        sizes = (1000, 20000) if quick else (1000, 20000, 100000)
+        urls = {rows: cluster.url(seed(cluster, rows)) for rows in sizes}
+        largest = sizes[-1]
+
+        def env(rows):
+            return {**os.environ, "DATABASE_URL": urls[rows], "MEMORY_PLUGIN_URL": plugin.url}
+
+        def apply(rows) -> Run:
+            plugin.reset()
+            done = run_measured(TOOL + ["-apply", "-q"], env(rows))
+            assert done.status == 0 and plugin.count() == rows, (done.status, plugin.count())
+            results["rss"][rows] = max(results["rss"].get(rows, 0), done.rss)
+            return done
+
+        def raw(pause) -> float:
+            plugin.reset()
+            done = run_measured([sys.executable, __file__, "--raw-client", plugin.url, urls[20000],
+                                 str(mb.DEFAULT_CONCURRENCY), str(pause)], env(20000))
+            assert done.status == 0, "the raw client failed"
+            return 20000 / json.loads(done.out)["seconds"]
+
+        startups = [run_measured(TOOL + ["-dry-run", "-q", "-limit", "1"], env(largest)).cpu
+                    for _ in range(3)]
+        dry = [run_measured(TOOL + ["-dry-run", "-q"], env(largest)).cpu for _ in range(3)]
+        apply(1000)
+        rounds = []
+        for number in range(1 if quick else ROUNDS):
+            applied = apply(20000)
+            checked = run_measured(TOOL + ["-verify", "-verify-sample", "0", "-q"], env(20000))
+            assert checked.status == 0, checked.out
+            ceiling = max(raw(0), raw(0.001))
+            rounds.append((applied, checked, ceiling))
+            print("round %d: -apply %.0f rows/s (%.1f µs CPU/row), -verify %.1f s vs -apply %.1f s, "
+                  "raw ceiling %.0f rows/s" % (number + 1, 20000 / applied.wall, applied.cpu / 20000 * 1e6,
+                                               checked.wall, applied.wall, ceiling), flush=True)
+        big = apply(largest) if largest > 20000 else rounds[0][0]
+        results.update(
+            largest=largest, startup=median(startups), dry=median(dry), apply_cpu=big.cpu,
+            rate=20000 / median(r[0].wall for r in rounds), ceiling=median(r[2] for r in rounds),
+            apply_wall=median(r[0].wall for r in rounds), verify_wall=median(r[1].wall for r in rounds),
+            verify_ratio=median(r[1].wall / r[0].wall for r in rounds),
+            rates=[20000 / r[0].wall for r in rounds], ceilings=[r[2] for r in rounds])
     finally:
         if plugin is not None:
             plugin.stop()
         cluster.stop()
+    return results
 
-    lines = report(table, largest, dry, bare, own)
+
+def report(r: dict, quick: bool) -> list:
+    machine = "%s, %d cores, Python %s, %s" % (platform.machine(), os.cpu_count(),
+                                              platform.python_version(), platform.platform(terse=True))
+    rows = r["largest"]
+    dry = (r["dry"] - r["startup"]) / rows * 1e6
+    applied = (r["apply_cpu"] - r["startup"]) / rows * 1e6
+    share = r["rate"] / r["ceiling"]
+    peak = max(r["rss"].values())
+    flat = peak - min(r["rss"].values())
+    rss = " / ".join("%.1f" % r["rss"][n] for n in sorted(r["rss"]))
+    sizes = " / ".join("{:,}".format(n) for n in sorted(r["rss"]))
+
+    def met(ok):
+        return "yes" if ok else "**no**"
+
+    return [
+        "## %s — %s%s" % (datetime.date.today().isoformat(), machine, " (--quick)" if quick else ""), "",
+        "| measure | value | target | met |", "|---|---|---|---|",
+        "| CPU per row, {:,} rows: -dry-run / -apply at concurrency {} (start-up {:.0f} ms "
+        "subtracted) | {:.1f} / {:.1f} µs | | |".format(rows, mb.DEFAULT_CONCURRENCY, r["startup"] * 1e3,
+                                                      dry, applied),
+        "| -apply CPU per row ÷ -dry-run CPU per row | %.2f | ≤ 3 | %s |"
+        % (applied / dry, met(applied <= 3 * dry)),
+        "| -apply rows/s, 20,000 rows (rounds) | %.0f (%s) | | |"
+        % (r["rate"], ", ".join("%.0f" % x for x in r["rates"])),
+        "| test plugin's ceiling: raw POST client rows/s (rounds) | %.0f (%s) | | |"
+        % (r["ceiling"], ", ".join("%.0f" % x for x in r["ceilings"])),
+        "| -apply ÷ ceiling | %.0f %% | ≥ 95 %% | %s |" % (100 * share, met(share >= 0.95)),
+        "| -verify -verify-sample 0 ÷ -apply, wall, 20,000 rows | %.1f s ÷ %.1f s = %.2f | ≤ 1.5 | %s |"
+        % (r["verify_wall"], r["apply_wall"], r["verify_ratio"], met(r["verify_ratio"] <= 1.5)),
+        "| peak RSS at %s rows | %s MB | ≤ 40 MB, flat | %s |"
+        % (sizes, rss, met(peak <= 40 and flat <= 5)),
+    ]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="1,000 and 20,000 rows, one round")
+    parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
+    parser.add_argument("--raw-client", nargs=4, metavar=("URL", "DATABASE_URL", "CONCURRENCY", "PAUSE"))
+    args = parser.parse_args()
+    if args.raw_client:
+        url, database_url, concurrency, pause = args.raw_client
+        raw_client(url, database_url, int(concurrency), float(pause))
+        return 0
+    started = time.monotonic()
+    lines = report(bench(args.quick), args.quick)
+    lines.append("")
+    lines.append("(the whole bench took %.0f s)" % (time.monotonic() - started))
     print("\n".join(lines))
     if args.record:
         with open(HERE / "RESULTS.md", "a") as results:
             results.write("\n" + "\n".join(lines) + "\n")
     return 0
-
-
-def report(table, largest, dry, bare, own) -> list:
-    machine = "%s, %d cores, Python %s, %s" % (platform.machine(), os.cpu_count(),
-                                              platform.python_version(), platform.platform(terse=True))
-    lines = ["## %s — %s" % (datetime.date.today().isoformat(), machine), "",
-             "Medians of %d rounds for 20,000 rows, one run otherwise." % ROUNDS, "",
-             "| rows | concurrency | wall s | rows/s | range rows/s | peak RSS MB "
-             "| raw POST ceiling rows/s | ratio |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in table:
-        lines.append("| %d | %d | %.1f | %.0f | %.0f–%.0f | %.1f | %.0f | %.2f |"
-                     % (r.rows, r.concurrency, r.wall, r.rate, r.slowest, r.fastest, r.rss, r.ceiling,
-                        r.rate / r.ceiling))
-    by_key = {(r.rows, r.concurrency): r for r in table}
-    default = by_key[(20000, DEFAULT_CONCURRENCY)]
-    best = max((r for r in table if r.rows == 20000), key=lambda r: r.rate)
-    lines += ["", "| target | measured | met |", "|---|---|---|"]
-    lines.append("| -apply rows/s at default concurrency >= 85 %% of raw ceiling (20,000 rows) "
-                 "| %.0f %% | %s |" % (100 * default.rate / default.ceiling,
-                                      default.rate >= 0.85 * default.ceiling))
-    lines.append("| default concurrency (%d) is the best of the sweep (within 5 %%) | best: %d "
-                 "(%.0f rows/s vs %.0f) | %s |" % (DEFAULT_CONCURRENCY, best.concurrency, best.rate,
-                                                  default.rate, default.rate >= 0.95 * best.rate))
-    if (100000, DEFAULT_CONCURRENCY) in by_key:
-        small, large = by_key[(1000, DEFAULT_CONCURRENCY)], by_key[(100000, DEFAULT_CONCURRENCY)]
-        lines.append("| peak RSS at 100,000 rows within 10 MB of 1,000 rows | %.1f MB vs %.1f MB "
-                     "| %s |" % (large.rss, small.rss, large.rss - small.rss <= 10))
-    lines.append("| -dry-run over %d rows <= 2 x bare pg8000 `SELECT *` | %.2f s vs %.2f s (%.2fx) | %s |"
-                 % (largest, dry, bare, dry / bare, dry <= 2 * bare))
-    lines.append("| (for information) -dry-run vs the tool's own query alone, timestamps as text "
-                 "| %.2f s vs %.2f s (%.2fx) | - |" % (dry, own, dry / own))
-    return lines
 
 
 if __name__ == "__main__":
