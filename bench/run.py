@@ -261,7 +261,7 @@ def report(r: dict, quick: bool) -> list:
     peak = max(r["rss"].values())
     flat = peak - min(r["rss"].values())
     rss = " / ".join("%.1f" % r["rss"][n] for n in sorted(r["rss"]))
-    sizes = " / ".join("{:,}".format(n) for n in sorted(r["rss"]))
+    sizes = " / ".join(f"{n:,}" for n in sorted(r["rss"]))
 
     def met(ok):
         return "yes" if ok else "**no**"
