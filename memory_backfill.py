@@ -128,11 +128,13 @@ configuration:
 
 exit statuses:
   0    done: every row copied (or would be), or everything verified
-  1    finished, but some rows failed or -verify found mismatches
+  1    finished, but some rows failed, or -verify found problem or
+       unverifiable rows (-apply rewrites them by id)
   2    usage or configuration error (nothing was touched)
   3    a dependency is unusable: database or plugin unreachable, login
-       refused, agent_memories missing, plugin not healthy, or lost
-       mid-run (-apply stops cleanly: see --checkpoint)
+       refused, agent_memories missing, plugin not healthy or not
+       speaking HTTP, or lost mid-run (-apply stops cleanly: see
+       --checkpoint)
   130  interrupted by SIGINT (143: SIGTERM); -apply stops cleanly
 
   After a stop, run the same command again: writes are idempotent, and
@@ -142,7 +144,7 @@ examples:
   memory-backfill -dry-run
   memory-backfill -apply -workspace 6f9619ff-8b86-d011-b42d-00cf4fc964ff -limit 100
   memory-backfill -apply --checkpoint /tmp/backfill.json --failures /tmp/failures.jsonl
-  memory-backfill -verify -verify-sample 0 --json
+  memory-backfill -verify -verify-sample 0 --failures /tmp/verify.jsonl
 """
 
 
@@ -237,7 +239,7 @@ class Settings:
     timeout: float = DEFAULT_TIMEOUT
     retries: int = DEFAULT_RETRIES
     concurrency: int = DEFAULT_CONCURRENCY
-    max_rate: float = 0  # writes per second across all writers; 0 = no cap
+    max_rate: float = 0  # writes per second; 0 = no cap
     max_consecutive_failures: int = DEFAULT_MAX_CONSECUTIVE_FAILURES
     checkpoint: Optional[str] = None
     failures: Optional[str] = None
@@ -678,6 +680,33 @@ def fallback_queries(content: str) -> List[str]:
         if len(query) >= 2 and query != search_query(content) and query not in queries:
             queries.append(query)
     return queries
+
+
+SEARCH_WORD = re.compile(r"[a-z0-9]{3,}")
+
+
+def shared_word_searches(planned: List[PlannedWrite], unseen: List[PlannedWrite]) -> List[Tuple[str, str]]:
+    """(namespace, word) searches that each find several unseen rows at once: words that
+    two or more of them share but, as far as these rows tell, at most SEARCH_CAP records of
+    the namespace hold.  Most shared first; each search covers rows no earlier one did."""
+    by_namespace: Dict[str, Tuple[List[PlannedWrite], set]] = {}
+    for p in planned:
+        by_namespace.setdefault(p.target.namespace, ([], set()))[0].append(p)
+    for p in unseen:
+        by_namespace[p.target.namespace][1].add(p.row.id)
+    searches = []
+    for namespace, (rows, pending) in sorted(by_namespace.items()):
+        holders: Dict[str, set] = {}  # word -> the namespace's rows that hold it
+        for p in rows:
+            for word in set(SEARCH_WORD.findall(p.body["content"].lower())):
+                holders.setdefault(word, set()).add(p.row.id)
+        shared = [(len(ids & pending), word) for word, ids in holders.items() if len(ids) <= SEARCH_CAP]
+        for _, word in sorted(shared, reverse=True):
+            found = holders[word] & pending
+            if len(found) >= 2:
+                searches.append((namespace, word))
+                pending -= found
+    return searches
 
 
 def classify(planned: PlannedWrite, record: Optional[Dict]) -> Finding:
@@ -2149,8 +2178,9 @@ class RecordFinder:
     """Finds rows in the plugin, which has no lookup by id and caps a search at 100.
 
     Each namespace a sampled row belongs in is listed once (its newest 100),
-    kept while a workspace still to come may need it.  A row not seen there is
-    searched for with its own words in the namespaces its workspace can read;
+    kept while a workspace still to come may need it.  Rows not seen there are
+    searched for by words several of them share (shared_word_searches), then
+    each one by its own words in the namespaces its workspace can read;
     if still unseen, with words a changed copy would still share (the text
     without its redaction marks, either half), then with its own words in every
     namespace of the tenant.  A row seen in any earlier result is not searched
@@ -2192,6 +2222,8 @@ class RecordFinder:
         self.seen = dict(self.listed)
         refused: Dict[str, str] = {}
         unseen = [p for p in planned if p.row.id not in self.seen]
+        list(self.pool.map(self._search_shared_word, shared_word_searches(planned, unseen)))
+        unseen = [p for p in unseen if p.row.id not in self.seen]
         list(self.pool.map(lambda p: self._search_nearby(p, refused), unseen))
         unseen = [p for p in unseen if p.row.id not in self.seen and p.row.id not in refused]
         complete = dict(zip([p.row.id for p in unseen], self.pool.map(
@@ -2224,6 +2256,11 @@ class RecordFinder:
             return False
         self._remember(found)
         return len(found) < SEARCH_CAP
+
+    def _search_shared_word(self, search: Tuple[str, str]) -> None:
+        namespace, word = search
+        with contextlib.suppress(PluginRejected):  # its rows are searched for one by one
+            self._remember(self.plugin.search([namespace], word))
 
     def _search_nearby(self, planned: PlannedWrite, refused: Dict[str, str]) -> None:
         if planned.row.id in self.seen:  # found meanwhile by another row's search
@@ -2383,7 +2420,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="retries of a plugin request on connection errors, timeouts and "
                               "429/502/503/504, with exponential backoff (default %(default)s)")
     options.add_argument("-max-rate", "--max-rate", metavar="N", default="0",
-                         help="at most N writes per second across all writers (default 0 = no cap)")
+                         help="-apply: at most N writes per second (default 0 = no cap)")
     options.add_argument("-q", "-quiet", "--quiet", action="store_true",
                          help="no progress line on stderr")
     options.add_argument("-json", "--json", action="store_true",
