@@ -267,6 +267,16 @@ def test_fallback_queries_find_a_copy_changed_in_one_half_or_unredacted():
     assert mb.fallback_queries("x") == []
 
 
+def test_shared_word_searches_cover_unseen_rows_with_words_few_records_hold():
+    common = " ".join(["rollout"] * 3)
+    rows = [_planned("%s svc%d note%d" % (common, n % 3, n)) for n in range(12)]
+    rows += [_planned("%s svc9 other%d" % (common, n)) for n in range(120)]  # svc9: too many holders
+    unseen = rows[:6] + [rows[12], rows[13]]
+    searches = mb.shared_word_searches(rows, unseen)
+    assert searches == [("workspace:c", "svc2"), ("workspace:c", "svc1"), ("workspace:c", "svc0")]
+    assert mb.shared_word_searches(rows, []) == []
+
+
 def test_a_verify_failure_entry_names_namespaces_and_labels_never_content():
     planned = _planned("key ghp_%s here" % ("Q" * 20))
     entry = mb.classify(planned, _copy(planned, content=planned.row.content)).to_json()
