@@ -1828,13 +1828,13 @@ class Writer:
     connections by one loop.
 
     At most --concurrency writes are in flight at the plugin, and at most
-    READ_AHEAD_ROWS more are planned ahead (64 at a time), so memory stays
-    flat whatever the table size.  Each namespace is upserted (through
-    urllib3) once per run, before its first write.  Connection errors, timeouts and 429/502/503/504 are retried with
-    backoff and jitter, honouring Retry-After; every unanswered write on a
-    failed connection is re-sent on a fresh one (a retry of each: writes are
-    idempotent by id).  A dependency failure stops new work; the writes in
-    flight still get their answers.
+    READ_AHEAD_ROWS more are planned ahead (in one go), so memory stays flat
+    whatever the table size.  Each namespace is upserted (through urllib3)
+    once per run, before its first write.  Connection errors, timeouts and
+    429/502/503/504 are retried with backoff and jitter, honouring
+    Retry-After; every unanswered write on a failed connection is re-sent on
+    a fresh one (a retry of each: writes are idempotent by id).  A dependency
+    failure stops new work; the writes in flight still get their answers.
     """
 
     def __init__(self, plugin: PluginClient, settings: Settings, report: BackfillReport, log,
