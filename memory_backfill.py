@@ -48,7 +48,7 @@ BACKOFF_FACTOR, BACKOFF_MAX, BACKOFF_JITTER = 0.2, 4.0, 0.1  # seconds
 DEFAULT_CONCURRENCY = 8
 PIPELINE_DEPTH = 4  # writes in flight per connection at most
 MAX_PACE_SECONDS = 0.05  # the longest pause between reads of answers (see Writer._wait)
-READ_AHEAD_ROWS = 64  # planned in one go: a tight loop costs half the CPU of one row at a time
+READ_AHEAD_ROWS = 64  # -apply plans this many rows in one go, between reads of answers
 RECEIVE_BYTES = 65536
 IDLE_CHECK_SECONDS = 1.0  # a connection idle this long is checked before it is used again
 STOP_CHECK_SECONDS = 0.25  # the write loop notices a signal at least this often
@@ -1338,7 +1338,7 @@ def parse_plugin_address(base_url: str) -> PluginAddress:
     tls = parts.scheme == "https"
     default_port = 443 if tls else 80
     host = parts.hostname
-    shown = "[%s]" % host if ":" in host else host
+    shown = "[%s]" % host if ":" in host else host.encode("idna").decode("ascii")
     if parts.port not in (None, default_port):
         shown += ":%d" % parts.port
     return PluginAddress(host, parts.port or default_port, tls, parts.path.rstrip("/"), shown)

@@ -102,6 +102,13 @@ def test_a_response_cut_by_the_close_is_a_lost_connection(data):
         parse([data])
 
 
+def test_plugin_address_gives_the_host_header_and_path_prefix():
+    assert mb.parse_plugin_address("http://bücher.example:9100/x/") == mb.PluginAddress(
+        "bücher.example", 9100, False, "/x", "xn--bcher-kva.example:9100")
+    assert mb.parse_plugin_address("https://[::1]/") == mb.PluginAddress("::1", 443, True, "", "[::1]")
+    assert mb.parse_plugin_address("http://localhost:80").host_header == "localhost"
+
+
 def test_connection_layout_spreads_concurrency_over_pipelined_connections():
     assert mb.connection_depths(1) == [1]
     assert mb.connection_depths(8) == [4, 4]
