@@ -783,7 +783,7 @@ class ConnectionLost(Exception):
 
 
 class Response:
-    """One final response: status, reason, head (as received), body."""
+    """One final response: status, reason, head (obs-folds unfolded), body."""
 
     __slots__ = ("status", "reason", "head", "length", "persistent", "body")
 
@@ -797,6 +797,9 @@ class Response:
 
     def field(self, name: bytes) -> Optional[bytes]:
         return header_field(self.head.lower(), self.head, name)
+
+    def copy(self) -> Response:
+        return Response(self.status, self.reason, self.head, self.length, self.persistent)
 
 
 def header_field(lowered: bytes, head: bytes, name: bytes) -> Optional[bytes]:
@@ -815,9 +818,9 @@ def header_field(lowered: bytes, head: bytes, name: bytes) -> Optional[bytes]:
 
 
 @functools.lru_cache(maxsize=64)
-def parse_response_head(head: bytes) -> Tuple[int, str, int, bool]:
-    """(status, reason, body length, persistent) of a status line and header fields, each
-    line with its CRLF.  Cached: a server sends the same few heads again and again."""
+def parse_response_head(head: bytes) -> Response:
+    """A response with no body yet, from its status line and header fields (each line with
+    its CRLF).  Cached: a server sends the same few heads again and again."""
     match = _RESPONSE_HEAD.fullmatch(head)
     if match is None:  # a field line continued on the next (obs-fold) reads as one space
         status_end = head.find(b"\r\n") + 2
@@ -853,7 +856,7 @@ def parse_response_head(head: bytes) -> Tuple[int, str, int, bool]:
         length = parse_content_length(content_length)
     else:
         length, persistent = UNTIL_CLOSE, False
-    return status, (match.group(3) or b"").decode("latin-1"), length, persistent
+    return Response(status, (match.group(3) or b"").decode("latin-1"), head, length, persistent)
 
 
 def parse_content_length(value: bytes) -> int:
@@ -890,11 +893,10 @@ class ResponseParser:
             if end < 0:
                 self._check_head_so_far()
                 return None
-            head = bytes(self.buffer[:end + 2])
+            parsed = parse_response_head(bytes(self.buffer[:end + 2]))
             del self.buffer[:end + 4]
-            status, reason, length, persistent = parse_response_head(head)
-            if status >= 200:
-                self.head = Response(status, reason, head, length, persistent)
+            if parsed.status >= 200:
+                self.head = parsed.copy()
         head = self.head
         if head.length >= 0:
             if len(self.buffer) < head.length:

@@ -64,6 +64,8 @@ def test_header_fields_are_read_case_insensitively_and_repeated_ones_joined():
     assert (response.status, response.reason) == (503, "Busy")
     assert response.field(b"retry-after") == b"2" and response.field(b"x-a") == b"1, 2"
     assert response.field(b"date") is None
+    parser.feed(b"HTTP/1.1 429 Slow Down\r\nRetry-After:\r\n  7\r\nContent-Length: 0\r\n\r\n")
+    assert parser.next_response().field(b"retry-after") == b"7"  # an obs-fold, unfolded
 
 
 @pytest.mark.parametrize("data, complaint", [
