@@ -672,9 +672,8 @@ def fallback_queries(content: str) -> List[str]:
     text without its redaction marks (a copy that holds the secrets in clear), and
     each half of it (a copy changed in the other half)."""
     plain = REDACTION_MARK.sub(" ", content)
-    middle = len(plain) // 2
-    halves = [plain[:middle].rsplit(None, 1)[0] if " " in plain[:middle].strip() else "",
-              plain[middle:].split(None, 1)[-1] if " " in plain[middle:].strip() else ""]
+    words = plain.split()
+    halves = [" ".join(words[:len(words) // 2]), " ".join(words[len(words) // 2:])]
     queries: List[str] = []
     for query in [search_query(plain)] + [search_query(half) for half in halves]:
         if len(query) >= 2 and query != search_query(content) and query not in queries:
