@@ -23,7 +23,7 @@ three times where a run is short (start-up, -dry-run).
     python bench/run.py [--quick] [--record]
 
 --quick: 1,000 and 20,000 rows, one round, the CPU ratio on 20,000 rows
-(about two minutes); --record appends the table to bench/RESULTS.md.
+(under a minute); --record appends the table to bench/RESULTS.md.
 """
 
 from __future__ import annotations
