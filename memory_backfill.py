@@ -534,14 +534,6 @@ class WorkspaceTree:
         return sorted(kind + ":" + workspace_id for workspace_id in self.parent
                       for kind in ("workspace", "team", "org"))
 
-    def targets(self, workspace_id: str) -> List[str]:
-        """The namespaces a workspace's rows can be written to."""
-        if workspace_id not in self.parent:
-            return []
-        parent = self.parent[workspace_id]
-        return ["workspace:" + workspace_id, "team:" + (parent or workspace_id)] + (
-            [] if parent else ["org:" + workspace_id])
-
     def readable_namespaces(self, workspace_id: str) -> List[str]:
         """The workspace:, team: and org: namespaces a workspace can read."""
         root = self.root_of(workspace_id)
@@ -570,6 +562,15 @@ def resolve_target(workspace_id: Optional[str], scope: str, tree: WorkspaceTree)
             raise RowSkipped(SKIP_GLOBAL_NOT_ROOT)
         return Target("org:" + root, "org")
     raise RowSkipped(SKIP_UNKNOWN_SCOPE)
+
+
+def target_namespaces(workspace_id: str, tree: WorkspaceTree) -> List[str]:
+    """The namespaces a workspace's rows can be written to, one scope after another."""
+    names = []
+    for scope in ("LOCAL", "TEAM", "GLOBAL"):
+        with contextlib.suppress(RowSkipped):
+            names.append(resolve_target(workspace_id, scope, tree).namespace)
+    return names
 
 
 # ---------------------------------------------------------------------------
@@ -2201,14 +2202,14 @@ class RecordFinder:
         self.tenant_namespaces = [namespaces[n:n + NAMESPACES_PER_SEARCH]
                                   for n in range(0, len(namespaces), NAMESPACES_PER_SEARCH)]
         self.listings: Dict[str, List[str]] = {}  # namespace -> the ids of its newest records
-        self.users = Counter(name for workspace in sample for name in tree.targets(workspace))
+        self.users = Counter(name for workspace in sample for name in target_namespaces(workspace, tree))
         self.listed: Dict[str, Dict] = {}  # row id -> the plugin's record, from the listings kept
         self.seen: Dict[str, Dict] = {}  # row id -> the plugin's record, from this group's searches
 
     def done_with(self, workspaces: List[str]) -> None:
         """Forget what only these (finished) workspaces needed: memory stays flat."""
         for workspace in workspaces:
-            for namespace in self.tree.targets(workspace):
+            for namespace in target_namespaces(workspace, self.tree):
                 self.users[namespace] -= 1
                 if self.users[namespace] <= 0 and namespace in self.listings:
                     for row_id in self.listings.pop(namespace):
@@ -2229,8 +2230,9 @@ class RecordFinder:
         unseen = [p for p in unseen if p.row.id not in self.seen and p.row.id not in refused]
         complete = dict(zip([p.row.id for p in unseen], self.pool.map(
             lambda p: self._search_everywhere(p, refused), unseen)))
-        queries = [search_query(p.body["content"]) for p in unseen]
-        searchable = dict(zip([p.row.id for p in unseen], self.database.have_search_words(queries)))
+        unseen = [p for p in unseen if p.row.id not in self.seen and p.row.id not in refused]
+        searchable = dict(zip([p.row.id for p in unseen], self.database.have_search_words(
+            [search_query(p.body["content"]) for p in unseen])))
         findings = []
         for p in planned:
             row_id = p.row.id
@@ -2266,16 +2268,13 @@ class RecordFinder:
     def _search_nearby(self, planned: PlannedWrite, refused: Dict[str, str]) -> None:
         if planned.row.id in self.seen:  # found meanwhile by another row's search
             return
-        readable = sorted(set(self.tree.readable_namespaces(planned.row.workspace_id))
-                          | {planned.target.namespace})
-        self._search(readable, search_query(planned.body["content"]), planned, refused)
+        self._search(self._nearby(planned), search_query(planned.body["content"]), planned, refused)
 
     def _search_everywhere(self, planned: PlannedWrite, refused: Dict[str, str]) -> bool:
         """Whether a search of the whole tenant for the row's own words was complete."""
-        readable = sorted(set(self.tree.readable_namespaces(planned.row.workspace_id))
-                          | {planned.target.namespace})
+        nearby = self._nearby(planned)
         for query in fallback_queries(planned.body["content"]):
-            self._search(readable, query, planned, refused)
+            self._search(nearby, query, planned, refused)
             if planned.row.id in self.seen:
                 return True
         query = search_query(planned.body["content"])
@@ -2285,6 +2284,11 @@ class RecordFinder:
             if planned.row.id in self.seen:
                 return True
         return complete
+
+    def _nearby(self, planned: PlannedWrite) -> List[str]:
+        """The namespaces the row's workspace can read, and the one the row belongs in."""
+        return sorted(set(self.tree.readable_namespaces(planned.row.workspace_id))
+                      | {planned.target.namespace})
 
     def _remember(self, records: List[Dict]) -> None:
         for record in records:
