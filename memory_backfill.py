@@ -1361,6 +1361,14 @@ def backoff_seconds(retry: int) -> float:
     return min(BACKOFF_MAX, BACKOFF_FACTOR * 2 ** (retry - 1) + random.random() * BACKOFF_JITTER)
 
 
+def write_request_head(address: PluginAddress, namespace: str) -> bytes:
+    """A memory's POST up to its Content-Length value (the length and body follow)."""
+    return ("POST %s/v1/namespaces/%s/memories HTTP/1.1\r\nHost: %s\r\nUser-Agent: %s/%s\r\n"
+            "Content-Type: application/json\r\nContent-Length: " % (
+                address.prefix, quote(namespace, safe=""), address.host_header, PROG,
+                __version__)).encode("ascii")
+
+
 JSON_ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"), check_circular=False)
 
 
@@ -1919,11 +1927,7 @@ class Writer:
         namespace = planned.target.namespace
         head = self.heads.get(namespace)
         if head is None:
-            head = self.heads[namespace] = (
-                "POST %s/v1/namespaces/%s/memories HTTP/1.1\r\nHost: %s\r\nUser-Agent: %s/%s\r\n"
-                "Content-Type: application/json\r\nContent-Length: " % (
-                    self.plugin.address.prefix, quote(namespace, safe=""),
-                    self.plugin.address.host_header, PROG, __version__)).encode("ascii")
+            head = self.heads[namespace] = write_request_head(self.plugin.address, namespace)
         try:
             payload = JSON_ENCODER.encode(planned.body).encode("ascii")
         except ValueError:  # allow_nan=False: only the embedding holds floats

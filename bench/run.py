@@ -44,7 +44,6 @@ import uuid
 from collections import namedtuple
 from pathlib import Path
 from statistics import median
-from urllib.parse import quote
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -154,10 +153,8 @@ def raw_client(url: str, database_url: str, concurrency: int, pause: float) -> N
     requests = []
     for p in planned:
         body = mb.JSON_ENCODER.encode(p.body).encode()
-        requests.append(b"POST /v1/namespaces/%s/memories HTTP/1.1\r\nHost: %s\r\nContent-Type: "
-                        b"application/json\r\nContent-Length: %d\r\n\r\n%s"
-                        % (quote(p.target.namespace, safe="").encode(), address.host_header.encode(),
-                           len(body), body))
+        requests.append(b"%s%d\r\n\r\n%s" % (mb.write_request_head(address, p.target.namespace),
+                                                len(body), body))
     rows = len(requests)
     connections = [(socket.create_connection((address.host, address.port)), depth)
                    for depth in mb.connection_depths(concurrency)]
