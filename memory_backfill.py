@@ -1,19 +1,28 @@
 #!/usr/bin/env python3
-"""memory-backfill: copy legacy agent memories into the memory plugin.
+"""memory-backfill: copy legacy agent memories into the memory plugin, and back out.
 
 Reads every row of the platform's legacy ``agent_memories`` table (read only)
 and writes it to the memory plugin over HTTP exactly as the live platform
-would have: same namespace (scope mapping), same secret redaction, the row's
-UUID as the idempotency key, so a re-run never duplicates anything.
+would have: same namespace (the scope rule), same secret redaction and
+delimiter guard, the row's UUID as the idempotency key, so a re-run never
+duplicates anything.
 
 Usage:
-    memory-backfill -dry-run [options]   decide everything, write nothing
-    memory-backfill -apply   [options]   copy the rows into the plugin
-    memory-backfill -verify  [options]   prove the plugin holds what it should
+    memory-backfill -dry-run  [options]   decide everything, write nothing
+    memory-backfill -apply    [options]   copy the rows into the plugin
+    memory-backfill -verify   [options]   prove the plugin holds what it should
+    memory-backfill -rollback [options] --yes
+                                          delete exactly what a backfill wrote, by id
 
 Configuration comes from DATABASE_URL and MEMORY_PLUGIN_URL (or
---database-url / --plugin-url).  Run with --help for every option and the
-exit statuses.
+--database-url / --plugin-url; the plugin defaults to the tenant image's
+http://localhost:9100).  Run with --help for every option and the exit
+statuses.
+
+The module reads top to bottom: the shared core (errors, data types,
+configuration, the scope rule, redaction, the PostgreSQL and plugin
+adapters), then one section per mode (-dry-run and -apply with the write
+stream; -verify; -rollback), then reporting and the command line.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import argparse
 import contextlib
 import functools
 import json
+import math
 import os
 import re
 import select
@@ -31,122 +41,32 @@ import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from enum import IntEnum
-from typing import Deque, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from enum import Enum, IntEnum
+from typing import (
+    Callable,
+    Deque,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 PROG = "memory-backfill"
 MIN_PYTHON = (3, 9)
-
-DEFAULT_VERIFY_SAMPLE = 50
-DEFAULT_SEED = 20261126
-DEFAULT_TIMEOUT = 10.0
-DEFAULT_RETRIES = 8  # backoff 0.2 s doubling to at most 4 s: about 18 s before giving up
-BACKOFF_FACTOR, BACKOFF_MAX, BACKOFF_JITTER = 0.2, 4.0, 0.1  # seconds
-DEFAULT_CONCURRENCY = 8
-PIPELINE_DEPTH = 4  # writes in flight per connection at most
-MAX_PACE_SECONDS = 0.05  # the longest pause between reads of answers (see Writer._wait)
-READ_AHEAD_ROWS = 64  # -apply plans this many rows in one go, between reads of answers
-RECEIVE_BYTES = 65536
-IDLE_CHECK_SECONDS = 1.0  # a connection idle this long is checked before it is used again
-STOP_CHECK_SECONDS = 0.25  # the write loop notices a signal at least this often
-DEFAULT_MAX_CONSECUTIVE_FAILURES = 20
-CHECKPOINT_SAVE_SECONDS = 1.0  # the checkpoint file is replaced at most this often
-MAX_PARENT_HOPS = 50
-SEARCH_CAP = 100  # the plugin returns at most this many rows per search
-SEARCH_QUERY_CHARS = 2000  # cap on the text of a targeted verify search
-DIFF_CONTEXT_CHARS = 30  # (redacted) content shown on each side of a first difference
-NAMESPACES_PER_SEARCH = 500  # a search over the whole tenant is split into searches this big
-VERIFY_GROUP_ROWS = 2000  # -verify reads, lists and searches this many rows at a time
-FETCH_ROWS = 1000  # rows per FETCH from the server-side cursor
-SHOWN_PROBLEMS = 20  # per-row errors / mismatches listed in the text summary
-PROGRESS_TTY_SECONDS = 0.5  # refresh of the self-updating progress line
-PROGRESS_LOG_SECONDS = 5.0  # at most one plain progress line this often otherwise
-RETRY_STATUSES = (429, 502, 503, 504)
-HEALTH_RETRIES = 2  # a plugin that is down at the start should fail the run fast
-
-# Skip reasons: the rows -apply will not write, and why.
-SKIP_NO_WORKSPACE = "workspace_id is NULL"
-SKIP_WORKSPACE_NOT_FOUND = "workspace not found"
-SKIP_CYCLE = "parent chain longer than 50 hops (cycle or corrupt data)"
-SKIP_UNKNOWN_SCOPE = "unknown scope"
-SKIP_GLOBAL_NOT_ROOT = "GLOBAL memory on a non-root workspace (no writable namespace)"
-SKIP_EMPTY_CONTENT = "content is empty after trimming whitespace"
-
-# What -verify finds for a row: exactly one of these.
-MATCH = "match"
-MISSING = "missing"
-WRONG_NAMESPACE = "wrong namespace"
-CONTENT_DIFFERS = "content differs"
-UNREDACTED = "unredacted"
-PROVENANCE = "provenance"
-UNVERIFIABLE = "unverifiable"
-PROBLEM_CLASSES = (MISSING, WRONG_NAMESPACE, CONTENT_DIFFERS, UNREDACTED, PROVENANCE)
-VERIFY_CLASSES = (MATCH,) + PROBLEM_CLASSES + (UNVERIFIABLE,)
-
-# REFERENCE §5 (SAFE-T1201), applied in this order, each over the output of
-# the previous one.  The platform's patterns are RE2: its \b, \s, \w are
-# ASCII-only, hence re.ASCII.
-_I = re.IGNORECASE
-REDACTION_PATTERNS: Tuple[Tuple[str, str, int], ...] = (
-    ("API_KEY", r"\b[A-Z][A-Z0-9_]*_API_KEY\s*=\s*\S+", _I),
-    ("TOKEN", r"\b[A-Z][A-Z0-9_]*_TOKEN\s*=\s*\S+", _I),
-    ("SECRET", r"\b[A-Z][A-Z0-9_]*_SECRET\s*=\s*\S+", _I),
-    ("BEARER_TOKEN", r"Bearer\s+\S+", 0),
-    ("OPENSSH_PRIVATE_KEY",
-     r"-----BEGIN OPENSSH PRIVATE KEY-----[\s\S]*?-----END OPENSSH PRIVATE KEY-----", 0),
-    ("PRIVATE_KEY", r"-----BEGIN[ A-Z]+PRIVATE KEY-----[\s\S]*?-----END[ A-Z]+PRIVATE KEY-----", 0),
-    ("DB_URL_WITH_CREDENTIALS",
-     r"\b(?:postgres(?:ql)?|mysql|mongodb(?:\+srv)?|redis|amqp|amqps)://"
-     r"(?:[^\s/@:]*:[^\s/@]+)@[^\s/]+", _I),
-    ("GITHUB_PAT", r"\bghp_[A-Za-z0-9]{16,}", 0),
-    ("GITHUB_OAUTH", r"\bgho_[A-Za-z0-9]{16,}", 0),
-    ("GITHUB_APP_SERVER_TOKEN", r"\bghs_[A-Za-z0-9]{16,}", 0),
-    ("GITHUB_USER_TOKEN", r"\bghu_[A-Za-z0-9]{16,}", 0),
-    ("GITHUB_REFRESH_TOKEN", r"\bghr_[A-Za-z0-9]{16,}", 0),
-    ("GITHUB_FINEGRAINED_PAT", r"\bgithub_pat_[A-Za-z0-9_]{16,}", 0),
-    ("VERCEL_TOKEN", r"\bvc_[A-Za-z0-9]{16,}", 0),
-    ("AWS_ACCESS_KEY_ID", r"\bAKIA[A-Z0-9]{16}", 0),
-    ("PERPLEXITY_API_KEY", r"\bpplx-[A-Za-z0-9]{20,}", 0),
-    ("SK_TOKEN", r"sk-[A-Za-z0-9\-_]{16,}", 0),
-    ("CTX7_TOKEN", r"ctx7_[A-Za-z0-9]+", 0),
-    ("BASE64_BLOB", r"[A-Za-z0-9+/]{33,}={0,2}", 0),
-)
+MODES = ("dry-run", "apply", "verify", "rollback")
 
 
-SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
-
-HELP_EPILOG = """\
-configuration:
-  DATABASE_URL       the platform's PostgreSQL, libpq style:
-                     postgres://USER:PASSWORD@HOST:PORT/DB?sslmode=prefer
-                     (opened read-only; -dry-run and -verify need it too)
-  MEMORY_PLUGIN_URL  the memory plugin, normally http://localhost:9100
-                     (not needed by -dry-run; checked when set)
-
-exit statuses:
-  0    done: every row copied (or would be), or everything verified
-  1    finished, but some rows failed, or -verify found problem or
-       unverifiable rows (-apply rewrites them by id)
-  2    usage or configuration error (nothing was touched)
-  3    a dependency is unusable: database or plugin unreachable, login
-       refused, agent_memories missing, plugin not healthy or not
-       speaking HTTP, or lost mid-run (-apply stops cleanly: see
-       --checkpoint)
-  130  interrupted by SIGINT (143: SIGTERM); -apply stops cleanly
-
-  After a stop, run the same command again: writes are idempotent, and
-  with --checkpoint FILE the run continues where it stopped.
-
-examples:
-  memory-backfill -dry-run
-  memory-backfill -apply -workspace 6f9619ff-8b86-d011-b42d-00cf4fc964ff -limit 100
-  memory-backfill -apply --checkpoint /tmp/backfill.json --failures /tmp/failures.jsonl
-  memory-backfill -verify -verify-sample 0 --failures /tmp/verify.jsonl
-"""
-
+# ===========================================================================
+# Shared core
+# ===========================================================================
 
 # ---------------------------------------------------------------------------
 # Errors and exit statuses
@@ -155,7 +75,7 @@ examples:
 class ExitStatus(IntEnum):
     OK = 0
     INCOMPLETE = 1  # finished, but rows failed or verification found problems
-    USAGE = 2  # usage or configuration error
+    USAGE = 2  # usage or configuration error (or -rollback without --yes): nothing was touched
     UNAVAILABLE = 3  # a dependency (database, plugin) is unusable
     INTERRUPTED = 130  # SIGINT: 128 + 2
     TERMINATED = 143  # SIGTERM: 128 + 15
@@ -165,7 +85,7 @@ class BackfillError(Exception):
     """An error that ends the run; its text is the one sentence shown."""
 
     status = ExitStatus.UNAVAILABLE
-    report = None  # the report so far, when -apply stopped part-way
+    report = None  # the report so far, when a mode stopped part-way
 
 
 class UsageError(BackfillError):
@@ -183,13 +103,17 @@ class Interrupted(BackfillError):
         import signal
 
         name = signal.Signals(signum).name
-        super().__init__("Interrupted by %s: stopped taking rows and finished the writes in flight; "
+        super().__init__("Interrupted by %s: stopped taking rows and finished the requests in flight; "
                          "re-run the same command to resume." % name)
         self.status = ExitStatus.INTERRUPTED if name == "SIGINT" else ExitStatus.TERMINATED
 
 
+class RowSkipped(Exception):
+    """A row the live platform would not write; its text is the skip reason."""
+
+
 class RowFailed(Exception):
-    """One row could not be written; the run goes on."""
+    """One row could not be written (or deleted); the run goes on."""
 
 
 class PluginRejected(RowFailed):
@@ -198,7 +122,6 @@ class PluginRejected(RowFailed):
     def __init__(self, status: int, message: str):
         super().__init__("HTTP %d: %s" % (status, message))
         self.status = status
-        self.message = message
 
 
 # ---------------------------------------------------------------------------
@@ -227,10 +150,35 @@ class DatabaseConfig:
 
 
 @dataclass(frozen=True)
+class PluginAddress:
+    """MEMORY_PLUGIN_URL, parsed once: the urllib3 client and the write stream both use it."""
+
+    url: str  # as shown in messages: no userinfo, no trailing slash
+    host: str
+    port: int
+    tls: bool
+    prefix: str  # the URL's path, before /v1/...
+    host_header: str
+    default: bool = False  # no MEMORY_PLUGIN_URL or --plugin-url: the tenant image's constant
+
+    def describe(self) -> str:
+        return self.url + (" (the default: MEMORY_PLUGIN_URL is not set)" if self.default else "")
+
+
+DEFAULT_VERIFY_SAMPLE = 50
+DEFAULT_SEED = 20261126
+DEFAULT_TIMEOUT = 10.0
+DEFAULT_RETRIES = 8  # backoff 0.2 s doubling to at most 4 s: about 18 s before giving up
+DEFAULT_WRITE_CEILING = 64  # writes in flight at most; the limiter finds the working point below
+DEFAULT_SEARCHES = 8  # -verify's and -rollback's searches at once
+DEFAULT_MAX_CONSECUTIVE_FAILURES = 20
+
+
+@dataclass(frozen=True)
 class Settings:
-    mode: str  # "dry-run", "apply" or "verify"
+    mode: str  # one of MODES
     database: DatabaseConfig
-    plugin_url: Optional[str]
+    plugin: PluginAddress
     workspace: Optional[str] = None
     limit: Optional[int] = None
     verify_sample: int = DEFAULT_VERIFY_SAMPLE
@@ -238,14 +186,23 @@ class Settings:
     redact: bool = True
     timeout: float = DEFAULT_TIMEOUT
     retries: int = DEFAULT_RETRIES
-    concurrency: int = DEFAULT_CONCURRENCY
-    max_rate: float = 0  # writes per second; 0 = no cap
+    concurrency: Optional[int] = None  # None: the mode's default
+    max_rate: float = 0  # writes (deletes) per second; 0 = no cap
     max_consecutive_failures: int = DEFAULT_MAX_CONSECUTIVE_FAILURES
     checkpoint: Optional[str] = None
     failures: Optional[str] = None
+    yes: bool = False
     json_output: bool = False
     verbose: bool = False
     quiet: bool = False
+
+    @property
+    def write_ceiling(self) -> int:
+        return self.concurrency or DEFAULT_WRITE_CEILING
+
+    @property
+    def searches(self) -> int:
+        return self.concurrency or DEFAULT_SEARCHES
 
 
 @dataclass(frozen=True)
@@ -281,123 +238,13 @@ class Skipped:
 Outcome = Union[PlannedWrite, Skipped]
 
 
-@dataclass
-class BackfillReport:
-    mode: str
-    redact: bool = True
-    scanned: int = 0
-    copied: int = 0
-    skipped: int = 0
-    errors: int = 0
-    by_scope: Counter = field(default_factory=Counter)
-    by_kind: Counter = field(default_factory=Counter)
-    skip_reasons: Counter = field(default_factory=Counter)
-    redactions: Counter = field(default_factory=Counter)
-    namespaces: set = field(default_factory=set)
-    problems: List[str] = field(default_factory=list)  # "id: message", capped
-    plugin_status: Optional[str] = None
-    checkpoint_path: Optional[str] = None
-    resumed_from: Optional[Dict[str, object]] = None
-    failures_path: Optional[str] = None
-    stopped: Optional[str] = None  # why -apply stopped early
-    stopped_status: Optional[ExitStatus] = None
-
-    def count_copy(self, planned: PlannedWrite) -> None:
-        self.copied += 1
-        self.by_scope[planned.row.scope] += 1
-        self.by_kind[planned.target.kind] += 1
-        self.namespaces.add(planned.target.namespace)
-        if planned.redactions:
-            self.redactions.update(planned.redactions)
-
-    def count_error(self, row_id: str, error: Exception) -> None:
-        self.errors += 1
-        if len(self.problems) < SHOWN_PROBLEMS:
-            self.problems.append("%s: %s" % (row_id, error))
-
-    def exit_status(self) -> ExitStatus:
-        if self.stopped_status is not None:
-            return self.stopped_status
-        return ExitStatus.INCOMPLETE if self.errors else ExitStatus.OK
-
-    def to_json(self) -> Dict[str, object]:
-        return {
-            "mode": self.mode, "scanned": self.scanned, "copied": self.copied,
-            "skipped": self.skipped, "errors": self.errors, "redaction": self.redact,
-            "rows_by_scope": dict(self.by_scope), "rows_by_namespace_kind": dict(self.by_kind),
-            "namespaces": len(self.namespaces), "skipped_by_reason": dict(self.skip_reasons),
-            "redactions_by_label": dict(self.redactions), "error_rows": self.problems,
-            "plugin": self.plugin_status, "checkpoint": self.checkpoint_path,
-            "resumed_from": self.resumed_from, "failures_file": self.failures_path,
-            "stopped": self.stopped, "exit_status": int(self.exit_status()),
-        }
-
-
-@dataclass(frozen=True)
-class Finding:
-    """What -verify found for one row: its class, and what differs (never a secret)."""
-
-    planned: PlannedWrite
-    verdict: str  # one of VERIFY_CLASSES
-    detail: str = ""
-    found_in: Optional[str] = None  # the namespace that holds the plugin's copy
-    labels: Tuple[str, ...] = ()  # unredacted: the labels of the secrets in clear
-
-    def line(self) -> str:
-        row = self.planned.row
-        return "%s %s (workspace %s): %s" % (self.verdict, row.id, row.workspace_id, self.detail)
-
-    def to_json(self) -> Dict[str, object]:
-        entry: Dict[str, object] = {
-            "id": self.planned.row.id, "workspace_id": self.planned.row.workspace_id,
-            "class": self.verdict, "expected_namespace": self.planned.target.namespace,
-            "found_namespace": self.found_in}
-        if self.labels:
-            entry["labels"] = list(self.labels)
-        return entry
-
-
-@dataclass
-class VerifyReport:
-    workspaces_sampled: int = 0
-    classes: Counter = field(default_factory=Counter)
-    problems: List[str] = field(default_factory=list)  # the first SHOWN_PROBLEMS lines
-    failures_path: Optional[str] = None
-
-    @property
-    def matches(self) -> int:
-        return self.classes[MATCH]
-
-    @property
-    def mismatches(self) -> int:
-        return sum(self.classes[verdict] for verdict in PROBLEM_CLASSES)
-
-    @property
-    def errors(self) -> int:
-        return self.classes[UNVERIFIABLE]
-
-    def count(self, finding: Finding) -> None:
-        self.classes[finding.verdict] += 1
-        if finding.verdict != MATCH and len(self.problems) < SHOWN_PROBLEMS:
-            self.problems.append(finding.line())
-
-    def exit_status(self) -> ExitStatus:
-        return ExitStatus.INCOMPLETE if self.mismatches or self.errors else ExitStatus.OK
-
-    def to_json(self) -> Dict[str, object]:
-        return {
-            "mode": "verify", "workspaces_sampled": self.workspaces_sampled,
-            "matches": self.matches, "mismatches": self.mismatches, "errors": self.errors,
-            "unverifiable": self.errors, "problems": self.problems,
-            "rows_by_class": {verdict.replace(" ", "_"): self.classes[verdict]
-                              for verdict in VERIFY_CLASSES},
-            "failures_file": self.failures_path, "exit_status": int(self.exit_status()),
-        }
-
-
 # ---------------------------------------------------------------------------
-# Configuration parsing (pure)
+# Configuration (pure)
 # ---------------------------------------------------------------------------
+
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+DEFAULT_PLUGIN_URL = "http://localhost:9100"  # REFERENCE §1: the tenant image's bundled plugin
+
 
 def parse_database_url(url: Optional[str]) -> DatabaseConfig:
     """Parse a libpq-style postgres:// URL; raise UsageError if it is not one."""
@@ -453,21 +300,29 @@ def _strip_secrets(text: str, url: str) -> str:
     return text
 
 
-def parse_plugin_url(url: Optional[str]) -> str:
-    """Return the plugin's base URL without a trailing slash."""
-    if not url:
-        raise UsageError("MEMORY_PLUGIN_URL is not set; set it (or pass --plugin-url) to "
-                         "the memory plugin, normally http://localhost:9100.")
+def parse_plugin_url(url: Optional[str]) -> PluginAddress:
+    """MEMORY_PLUGIN_URL as an address; with none, the tenant image's constant (REFERENCE §1)."""
+    default = not url
+    url = url or DEFAULT_PLUGIN_URL
     try:
         parts = urlsplit(url.strip())
-        parts.port  # noqa: B018 - validates the port
+        port = parts.port
     except ValueError:
         raise UsageError("MEMORY_PLUGIN_URL is malformed: the port is not a number; "
                          "expected http://HOST:PORT.") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UsageError("MEMORY_PLUGIN_URL is malformed: expected http://HOST:PORT "
-                         "(for example http://localhost:9100).")
-    return url.strip().rstrip("/")
+                         "(for example %s)." % DEFAULT_PLUGIN_URL)
+    tls = parts.scheme == "https"
+    default_port = 443 if tls else 80
+    host = parts.hostname
+    shown = "[%s]" % host if ":" in host else host.encode("idna").decode("ascii")
+    if port not in (None, default_port):
+        shown += ":%d" % port
+    prefix = parts.path.rstrip("/")
+    netloc = parts.netloc.rpartition("@")[2]  # never show userinfo
+    return PluginAddress("%s://%s%s" % (parts.scheme, netloc, prefix), host, port or default_port, tls,
+                         prefix, shown, default)
 
 
 def parse_uuid(value: str) -> str:
@@ -487,12 +342,38 @@ def parse_embedding(text: Optional[str]) -> Optional[List[float]]:
     return [float(x) for x in inner.split(",")] if inner else []
 
 
+def _whole_number(text: str, option: str, minimum: int) -> int:
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        value = minimum - 1
+    if value < minimum:
+        kind = "a positive whole number" if minimum > 0 else "a whole number, 0 or more"
+        raise UsageError("%s must be %s, not %r." % (option, kind, str(text)[:40]))
+    return value
+
+
 # ---------------------------------------------------------------------------
-# Scope mapping (pure): REFERENCE §3
+# The scope rule: REFERENCE §3, the platform's namespace resolver
 # ---------------------------------------------------------------------------
 
+MAX_PARENT_HOPS = 50
+
+# Skip reasons: the rows the live platform would not write, and why.
+SKIP_NO_WORKSPACE = "workspace_id is NULL"
+SKIP_WORKSPACE_NOT_FOUND = "workspace not found"
+SKIP_UNKNOWN_SCOPE = "unknown scope"
+SKIP_GLOBAL_NOT_ROOT = "GLOBAL memory on a non-root workspace (no writable namespace)"
+SKIP_EMPTY_CONTENT = "content is empty after trimming whitespace"
+
+# REFERENCE §3's table: scope -> namespace kind.  Whose id names the namespace
+# is WorkspaceTree.owner's rule, the same for writing and for reading.
+SCOPE_KINDS = {"LOCAL": "workspace", "TEAM": "team", "GLOBAL": "org"}
+NAMESPACE_KINDS = tuple(SCOPE_KINDS.values())
+
+
 class WorkspaceTree:
-    """All workspaces of the tenant, read once, with each one's chain resolved."""
+    """All workspaces of the tenant (id -> parent_id, status), read once."""
 
     def __init__(self, workspaces: Iterable[Tuple[str, Optional[str], Optional[str]]]):
         self.parent: Dict[str, Optional[str]] = {}
@@ -500,7 +381,6 @@ class WorkspaceTree:
         for workspace_id, parent_id, status in workspaces:
             self.parent[workspace_id] = parent_id
             self.status[workspace_id] = status
-        self._roots: Dict[str, Union[str, Exception]] = {}
 
     def __contains__(self, workspace_id: str) -> bool:
         return workspace_id in self.parent
@@ -508,74 +388,83 @@ class WorkspaceTree:
     def is_removed(self, workspace_id: str) -> bool:
         return self.status.get(workspace_id) == "removed"
 
-    def root_of(self, workspace_id: str) -> str:
-        """The root of the chain; raises RowSkipped for a missing or cyclic chain."""
-        if workspace_id not in self._roots:
-            self._roots[workspace_id] = self._walk(workspace_id)
-        root = self._roots[workspace_id]
-        if isinstance(root, RowSkipped):
-            raise root
-        return root
-
-    def _walk(self, workspace_id: str) -> Union[str, Exception]:
+    def top(self, workspace_id: str) -> str:
+        """The last workspace reached walking up at most 50 hops: the root; or, in a cycle or
+        a longer chain, the one 50 hops up; or, when a parent row is gone, the last that exists."""
         current = workspace_id
-        for _ in range(MAX_PARENT_HOPS + 1):
-            if current not in self.parent:
-                return RowSkipped(SKIP_WORKSPACE_NOT_FOUND)
+        for _ in range(MAX_PARENT_HOPS):
             parent = self.parent[current]
-            if parent is None:
-                return current
+            if parent is None or parent not in self.parent:
+                break
             current = parent
-        return RowSkipped(SKIP_CYCLE)
+        return current
+
+    def owner(self, kind: str, workspace_id: str) -> str:
+        """Whose id names the namespace of this kind that the workspace reads (and writes)."""
+        if kind == "workspace":
+            return workspace_id
+        if kind == "team":
+            return self.parent[workspace_id] or workspace_id  # as it stands, even if that row is gone
+        return self.top(workspace_id)
+
+    def readable_namespaces(self, workspace_id: str) -> List[str]:
+        """The workspace:, team: and org: namespaces the workspace reads."""
+        return ["%s:%s" % (kind, self.owner(kind, workspace_id)) for kind in NAMESPACE_KINDS]
 
     def namespaces(self) -> List[str]:
         """Every namespace of the tenant's tree: each kind, named after each workspace (a
-        misplaced record may sit where the scope mapping would never write)."""
-        return sorted(kind + ":" + workspace_id for workspace_id in self.parent
-                      for kind in ("workspace", "team", "org"))
-
-    def readable_namespaces(self, workspace_id: str) -> List[str]:
-        """The workspace:, team: and org: namespaces a workspace can read."""
-        root = self.root_of(workspace_id)
-        team = self.parent[workspace_id] or workspace_id
-        return ["workspace:" + workspace_id, "team:" + team, "org:" + root]
-
-
-class RowSkipped(Exception):
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
+        misplaced record may sit where the scope rule would never write)."""
+        return sorted(kind + ":" + workspace_id for workspace_id in self.parent for kind in NAMESPACE_KINDS)
 
 
 def resolve_target(workspace_id: Optional[str], scope: str, tree: WorkspaceTree) -> Target:
-    """The namespace the live platform writes a memory of this scope to."""
+    """The namespace the live platform writes a memory of this scope to; RowSkipped if none."""
     if workspace_id is None:
         raise RowSkipped(SKIP_NO_WORKSPACE)
-    root = tree.root_of(workspace_id)
-    parent = tree.parent[workspace_id]
-    if scope == "LOCAL":
-        return Target("workspace:" + workspace_id, "workspace")
-    if scope == "TEAM":
-        return Target("team:" + (parent or workspace_id), "team")
-    if scope == "GLOBAL":
-        if parent is not None:
-            raise RowSkipped(SKIP_GLOBAL_NOT_ROOT)
-        return Target("org:" + root, "org")
-    raise RowSkipped(SKIP_UNKNOWN_SCOPE)
-
-
-def target_namespaces(workspace_id: str, tree: WorkspaceTree) -> List[str]:
-    """The namespaces a workspace's rows can be written to, one scope after another."""
-    names = []
-    for scope in ("LOCAL", "TEAM", "GLOBAL"):
-        with contextlib.suppress(RowSkipped):
-            names.append(resolve_target(workspace_id, scope, tree).namespace)
-    return names
+    if workspace_id not in tree:
+        raise RowSkipped(SKIP_WORKSPACE_NOT_FOUND)
+    kind = SCOPE_KINDS.get(scope)
+    if kind is None:
+        raise RowSkipped(SKIP_UNKNOWN_SCOPE)
+    if kind == "org" and tree.parent[workspace_id] is not None:  # only a root writes GLOBAL
+        raise RowSkipped(SKIP_GLOBAL_NOT_ROOT)
+    return Target("%s:%s" % (kind, tree.owner(kind, workspace_id)), kind)
 
 
 # ---------------------------------------------------------------------------
-# Redaction (pure): REFERENCE §5
+# Redaction and the delimiter guard: REFERENCE §5
 # ---------------------------------------------------------------------------
+
+# SAFE-T1201, applied in this order, each over the output of the previous one.
+# The platform's patterns are RE2: its \b, \s, \w are ASCII-only, hence re.ASCII.
+_I = re.IGNORECASE
+REDACTION_PATTERNS: Tuple[Tuple[str, str, int], ...] = (
+    ("API_KEY", r"\b[A-Z][A-Z0-9_]*_API_KEY\s*=\s*\S+", _I),
+    ("TOKEN", r"\b[A-Z][A-Z0-9_]*_TOKEN\s*=\s*\S+", _I),
+    ("SECRET", r"\b[A-Z][A-Z0-9_]*_SECRET\s*=\s*\S+", _I),
+    ("BEARER_TOKEN", r"Bearer\s+\S+", 0),
+    ("OPENSSH_PRIVATE_KEY",
+     r"-----BEGIN OPENSSH PRIVATE KEY-----[\s\S]*?-----END OPENSSH PRIVATE KEY-----", 0),
+    ("PRIVATE_KEY", r"-----BEGIN[ A-Z]+PRIVATE KEY-----[\s\S]*?-----END[ A-Z]+PRIVATE KEY-----", 0),
+    ("DB_URL_WITH_CREDENTIALS",
+     r"\b(?:postgres(?:ql)?|mysql|mongodb(?:\+srv)?|redis|amqp|amqps)://"
+     r"(?:[^\s/@:]*:[^\s/@]+)@[^\s/]+", _I),
+    ("GITHUB_PAT", r"\bghp_[A-Za-z0-9]{16,}", 0),
+    ("GITHUB_OAUTH", r"\bgho_[A-Za-z0-9]{16,}", 0),
+    ("GITHUB_APP_SERVER_TOKEN", r"\bghs_[A-Za-z0-9]{16,}", 0),
+    ("GITHUB_USER_TOKEN", r"\bghu_[A-Za-z0-9]{16,}", 0),
+    ("GITHUB_REFRESH_TOKEN", r"\bghr_[A-Za-z0-9]{16,}", 0),
+    ("GITHUB_FINEGRAINED_PAT", r"\bgithub_pat_[A-Za-z0-9_]{16,}", 0),
+    ("VERCEL_TOKEN", r"\bvc_[A-Za-z0-9]{16,}", 0),
+    ("AWS_ACCESS_KEY_ID", r"\bAKIA[A-Z0-9]{16}", 0),
+    ("PERPLEXITY_API_KEY", r"\bpplx-[A-Za-z0-9]{20,}", 0),
+    ("SK_TOKEN", r"sk-[A-Za-z0-9\-_]{16,}", 0),
+    ("CTX7_TOKEN", r"ctx7_[A-Za-z0-9]+", 0),
+    ("BASE64_BLOB", r"[A-Za-z0-9+/]{33,}={0,2}", 0),
+)
+# The guard against forged memory delimiters, in GLOBAL (org) memories only.
+MEMORY_DELIMITER, GUARDED_DELIMITER = "[MEMORY ", "[_MEMORY "
+
 
 @functools.cache
 def redaction_rules() -> Tuple[Tuple[str, re.Pattern, str], ...]:
@@ -617,368 +506,21 @@ def redact(text: str) -> Tuple[str, Counter]:
     return text, counts
 
 
-# ---------------------------------------------------------------------------
-# Planning (pure): what -apply writes for one legacy row
-# ---------------------------------------------------------------------------
-
-def plan_row(row: LegacyRow, tree: WorkspaceTree, redaction: bool = True) -> Outcome:
-    try:
-        target = resolve_target(row.workspace_id, row.scope, tree)
-    except RowSkipped as skip:
-        return Skipped(row, skip.reason)
-    if not row.content.strip():
-        return Skipped(row, SKIP_EMPTY_CONTENT)
-    content, counts = redact(row.content) if redaction else (row.content, NO_REDACTIONS)
-    body: Dict[str, object] = {
-        "id": row.id, "content": content, "kind": "fact", "source": "agent",
-        "propagation": {"legacy": row.legacy},
-    }
-    if row.embedding is not None:
-        body["embedding"] = row.embedding
-    return PlannedWrite(row, target, body, counts)
-
-
-def search_query(content: str) -> str:
-    """Text for a full-text search that the record with this content must match.
-
-    The plugin ANDs every word of the query, so the row's own words (cut at a
-    whitespace boundary, never mid-word) always find it.
-    """
-    text = content.strip()
-    if len(text) > SEARCH_QUERY_CHARS:
-        cut = text[:SEARCH_QUERY_CHARS].rsplit(None, 1)[0]
-        text = cut if len(cut) < SEARCH_QUERY_CHARS else text
-    return text
-
-
-def sample_workspaces(candidates: Iterable[str], size: int, seed: int) -> List[str]:
-    """A deterministic sample (size 0 = all), in sorted order."""
-    import random
-
-    ordered = sorted(candidates)
-    if size == 0 or size >= len(ordered):
-        return ordered
-    return sorted(random.Random(seed).sample(ordered, size))
-
+def platform_content(content: str, kind: str, redaction: bool = True) -> Tuple[str, Counter]:
+    """What the live platform stores for a memory written to a namespace of this kind:
+    redacted (unless --no-redact), then, in org namespaces, with the delimiter guard."""
+    text, counts = redact(content) if redaction else (content, NO_REDACTIONS)
+    if kind == "org":
+        text = text.replace(MEMORY_DELIMITER, GUARDED_DELIMITER)
+    return text, counts
 
 # ---------------------------------------------------------------------------
-# Verification (pure): what -verify concludes about one row
-# ---------------------------------------------------------------------------
-
-REDACTION_MARK = re.compile(r"\[REDACTED:[A-Z0-9_]+\]")
-
-
-def fallback_queries(content: str) -> List[str]:
-    """Searches that find a copy of this content whose words differ somewhere: the
-    text without its redaction marks (a copy that holds the secrets in clear), and
-    each half of it (a copy changed in the other half)."""
-    plain = REDACTION_MARK.sub(" ", content)
-    words = plain.split()
-    halves = [" ".join(words[:len(words) // 2]), " ".join(words[len(words) // 2:])]
-    queries: List[str] = []
-    for query in [search_query(plain)] + [search_query(half) for half in halves]:
-        if len(query) >= 2 and query != search_query(content) and query not in queries:
-            queries.append(query)
-    return queries
-
-
-SEARCH_WORD = re.compile(r"[a-z0-9]{3,}")
-
-
-def shared_word_searches(planned: List[PlannedWrite], unseen: List[PlannedWrite]) -> List[Tuple[str, str]]:
-    """(namespace, word) searches that each find several unseen rows at once: words that
-    two or more of them share but, as far as these rows tell, at most SEARCH_CAP records of
-    the namespace hold.  Most shared first; each search covers rows no earlier one did."""
-    by_namespace: Dict[str, Tuple[List[PlannedWrite], set]] = {}
-    for p in planned:
-        by_namespace.setdefault(p.target.namespace, ([], set()))[0].append(p)
-    for p in unseen:
-        by_namespace[p.target.namespace][1].add(p.row.id)
-    searches = []
-    for namespace, (rows, pending) in sorted(by_namespace.items()):
-        holders: Dict[str, set] = {}  # word -> the namespace's rows that hold it
-        for p in rows:
-            for word in set(SEARCH_WORD.findall(p.body["content"].lower())):
-                holders.setdefault(word, set()).add(p.row.id)
-        shared = [(len(ids & pending), word) for word, ids in holders.items() if len(ids) <= SEARCH_CAP]
-        for _, word in sorted(shared, reverse=True):
-            found = holders[word] & pending
-            if len(found) >= 2:
-                searches.append((namespace, word))
-                pending -= found
-    return searches
-
-
-def classify(planned: PlannedWrite, record: Optional[Dict]) -> Finding:
-    """Compare the plugin's copy of a row (None: found nowhere) with what -apply writes."""
-    expected = planned.target.namespace
-    if record is None:
-        return Finding(planned, MISSING, "in no namespace of the tenant; -apply writes it to %s"
-                       % expected)
-    namespace = record.get("namespace")
-    if namespace != expected:
-        return Finding(planned, WRONG_NAMESPACE, "expected in %s, found in %s" % (expected, namespace),
-                       namespace)
-    content = record.get("content") if isinstance(record.get("content"), str) else ""
-    if content != planned.body["content"]:
-        redacted, labels = redact(content)
-        if redacted == planned.body["content"]:
-            labels = tuple(sorted(labels))
-            return Finding(planned, UNREDACTED, "the plugin's copy holds secrets in clear (%s)"
-                           % ", ".join(labels), namespace, labels)
-        return Finding(planned, CONTENT_DIFFERS, first_difference(
-            redact(planned.body["content"])[0], redacted), namespace)
-    propagation = record.get("propagation")
-    legacy = propagation.get("legacy") if isinstance(propagation, dict) else None
-    wanted = planned.body["propagation"]["legacy"]
-    if legacy != wanted:
-        if not isinstance(legacy, dict):
-            return Finding(planned, PROVENANCE, "propagation.legacy is missing", namespace)
-        fields = sorted(key for key in set(legacy) | set(wanted) if legacy.get(key) != wanted.get(key))
-        return Finding(planned, PROVENANCE, "propagation.legacy differs in %s" % ", ".join(fields),
-                       namespace)
-    return Finding(planned, MATCH, found_in=namespace)
-
-
-def first_difference(expected: str, found: str) -> str:
-    """Where two (redacted) texts first differ, with a short window of each around it."""
-    at = next((n for n, (a, b) in enumerate(zip(expected, found)) if a != b),
-              min(len(expected), len(found)))
-    if at == len(expected) == len(found):
-        return "the difference lies inside redacted secrets"
-    start = max(0, at - DIFF_CONTEXT_CHARS)
-
-    def window(text: str) -> str:
-        end = at + DIFF_CONTEXT_CHARS
-        return "%s%s%s" % ("..." if start else "", json.dumps(text[start:end], ensure_ascii=False),
-                           "..." if end < len(text) else "")
-
-    return "from character %d: expected %s, found %s" % (at + 1, window(expected), window(found))
-
-
-# ---------------------------------------------------------------------------
-# HTTP/1.1 response framing (pure): RFC 9112
-# ---------------------------------------------------------------------------
-
-MAX_RESPONSE_HEAD = 64 * 1024  # status line and header fields (and a chunked body's trailers)
-MAX_RESPONSE_BODY = 1024 * 1024  # the plugin's answers to a write are a few hundred bytes
-# A response head: the status line, then field lines, each with its CRLF.  A
-# field value may hold no CR, LF, NUL or other control character but HTAB.
-_RESPONSE_HEAD = re.compile(
-    rb"HTTP/1\.([01]) ([0-9]{3})(?: ([\t\x20-\x7e\x80-\xff]*))?\r\n"
-    rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e\x80-\xff]*\r\n)*")
-_OBS_FOLD = re.compile(rb"\r\n[\t ]+")  # RFC 9112 5.2
-_CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,15})[\t ]*(?:;[\t\x20-\x7e\x80-\xff]*)?")
-_TRAILER_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e\x80-\xff]*")
-CHUNKED = -1  # Response.length of a chunked body
-UNTIL_CLOSE = -2  # Response.length of a body that ends when the server closes
-
-
-class ProtocolError(Exception):
-    """Bytes that are not an HTTP/1.x response: never retried, never guessed at."""
-
-
-class ConnectionLost(Exception):
-    """The connection ended (or went silent) before every request on it was answered."""
-
-
-class Response:
-    """One final response: status, reason, head (obs-folds unfolded), body."""
-
-    __slots__ = ("status", "reason", "head", "length", "persistent", "body")
-
-    def __init__(self, status: int, reason: str, head: bytes, length: int, persistent: bool):
-        self.status = status
-        self.reason = reason
-        self.head = head
-        self.length = length  # of the body: bytes, CHUNKED or UNTIL_CLOSE
-        self.persistent = persistent  # the connection takes further requests after this one
-        self.body = b""
-
-    def field(self, name: bytes) -> Optional[bytes]:
-        return header_field(self.head.lower(), self.head, name)
-
-    def copy(self) -> Response:
-        return Response(self.status, self.reason, self.head, self.length, self.persistent)
-
-
-def header_field(lowered: bytes, head: bytes, name: bytes) -> Optional[bytes]:
-    """A field's value in a parsed head (name in lower case); a repeated field's values
-    joined with ", " (RFC 9110 5.3); None when absent."""
-    key = b"\r\n" + name + b":"
-    start = lowered.find(key)
-    if start < 0:
-        return None
-    values = []
-    while start >= 0:
-        end = lowered.find(b"\r\n", start + len(key))
-        values.append(head[start + len(key):end].strip(b" \t"))
-        start = lowered.find(key, end)
-    return b", ".join(values)
-
-
-@functools.lru_cache(maxsize=64)
-def parse_response_head(head: bytes) -> Response:
-    """A response with no body yet, from its status line and header fields (each line with
-    its CRLF).  Cached: a server sends the same few heads again and again."""
-    match = _RESPONSE_HEAD.fullmatch(head)
-    if match is None:  # a field line continued on the next (obs-fold) reads as one space
-        status_end = head.find(b"\r\n") + 2
-        if head[status_end:status_end + 1] not in (b" ", b"\t"):
-            head = head[:status_end] + _OBS_FOLD.sub(b" ", head[status_end:])
-            match = _RESPONSE_HEAD.fullmatch(head)
-    if match is None:
-        lines = head.split(b"\r\n")
-        if _RESPONSE_HEAD.fullmatch(lines[0] + b"\r\n") is None:
-            raise ProtocolError("%r where an HTTP/1.x status line should be" % lines[0][:40])
-        bad = next(line for line in lines[1:] if _TRAILER_LINE.fullmatch(line) is None)
-        raise ProtocolError("a malformed header field line: %r" % bad[:40])
-    lowered = head.lower()
-    status = int(match.group(2))
-    http11 = match.group(1) == b"1"
-    connection = header_field(lowered, head, b"connection")
-    persistent = http11 and (connection is None or b"close" not in [
-        token.strip() for token in connection.lower().split(b",")])
-    transfer_encoding = header_field(lowered, head, b"transfer-encoding")
-    content_length = header_field(lowered, head, b"content-length")
-    if status < 200 or status in (204, 304):
-        length = 0
-        if status == 101:
-            raise ProtocolError("101 Switching Protocols, which nothing asked for")
-    elif transfer_encoding is not None:
-        if not http11 or content_length is not None:
-            raise ProtocolError("Transfer-Encoding with %s"
-                                % ("HTTP/1.0" if not http11 else "Content-Length"))
-        if transfer_encoding.lower() != b"chunked":
-            raise ProtocolError("a transfer coding other than chunked: %r" % transfer_encoding[:40])
-        length = CHUNKED
-    elif content_length is not None:
-        length = parse_content_length(content_length)
-    else:
-        length, persistent = UNTIL_CLOSE, False
-    return Response(status, (match.group(3) or b"").decode("latin-1"), head, length, persistent)
-
-
-def parse_content_length(value: bytes) -> int:
-    """A Content-Length value: digits, or a list of the same digits (RFC 9112 6.3)."""
-    if not value.isdigit():  # bytes.isdigit(): ASCII digits only
-        values = {item.strip() for item in value.split(b",")}
-        number = values.pop()
-        if values or not number.isdigit():
-            raise ProtocolError("an invalid Content-Length: %r" % value[:40])
-        value = number
-    if len(value) > 15 or int(value) > MAX_RESPONSE_BODY:
-        raise ProtocolError("a Content-Length over %d bytes: %r" % (MAX_RESPONSE_BODY, value[:40]))
-    return int(value)
-
-
-class ResponseParser:
-    """Cuts the bytes a server sends into responses, by the protocol's framing.
-
-    feed() what arrived, then take next_response() until it returns None (more
-    bytes needed); end_of_stream() when the server closed.  1xx responses are
-    skipped.  Anything that is not HTTP/1.x raises ProtocolError.
-    """
-
-    def __init__(self):
-        self.buffer = bytearray()
-        self.head: Optional[Response] = None  # the response whose body is being read
-
-    def feed(self, data: bytes) -> None:
-        self.buffer += data
-
-    def next_response(self) -> Optional[Response]:
-        while self.head is None:
-            end = self.buffer.find(b"\r\n\r\n")
-            if end < 0:
-                self._check_head_so_far()
-                return None
-            parsed = parse_response_head(bytes(self.buffer[:end + 2]))
-            del self.buffer[:end + 4]
-            if parsed.status >= 200:
-                self.head = parsed.copy()
-        head = self.head
-        if head.length >= 0:
-            if len(self.buffer) < head.length:
-                return None
-            head.body = bytes(self.buffer[:head.length])
-            del self.buffer[:head.length]
-        elif head.length == CHUNKED:
-            body = self._chunked_body()
-            if body is None:
-                return None
-            head.body = body
-        else:
-            if len(self.buffer) > MAX_RESPONSE_BODY:
-                raise ProtocolError("a body longer than %d bytes" % MAX_RESPONSE_BODY)
-            return None
-        self.head = None
-        return head
-
-    def end_of_stream(self) -> Optional[Response]:
-        """The server closed: the response its close completes, or None when nothing was pending."""
-        head = self.head
-        if head is not None and head.length == UNTIL_CLOSE:
-            head.body, self.head = bytes(self.buffer), None
-            self.buffer.clear()
-            return head
-        if head is not None or self.buffer:
-            raise ConnectionLost("the connection closed in the middle of a response")
-        return None
-
-    def _check_head_so_far(self) -> None:
-        start = bytes(self.buffer[:7])
-        if start != b"HTTP/1."[:len(start)]:
-            raise ProtocolError("%r where an HTTP/1.x status line should be" % bytes(self.buffer[:24]))
-        if len(self.buffer) > MAX_RESPONSE_HEAD:
-            raise ProtocolError("a response head longer than %d bytes" % MAX_RESPONSE_HEAD)
-
-    def _chunked_body(self) -> Optional[bytes]:
-        """The whole chunked body, once all of it (and its trailer section) has arrived."""
-        buffer, position, chunks, total = self.buffer, 0, [], 0
-        while True:
-            end = buffer.find(b"\r\n", position)
-            if end < 0:
-                return self._incomplete_line(position)
-            size_line = _CHUNK_SIZE_LINE.fullmatch(buffer, position, end)
-            if size_line is None:
-                raise ProtocolError("a malformed chunk size line: %r" % bytes(buffer[position:end])[:40])
-            size = int(size_line.group(1), 16)
-            position = end + 2
-            if size == 0:
-                break
-            total += size
-            if total > MAX_RESPONSE_BODY:
-                raise ProtocolError("a body longer than %d bytes" % MAX_RESPONSE_BODY)
-            if len(buffer) < position + size + 2:
-                return None
-            if buffer[position + size:position + size + 2] != b"\r\n":
-                raise ProtocolError("a chunk longer than its size line says")
-            chunks.append(bytes(buffer[position:position + size]))
-            position += size + 2
-        while True:  # the trailer section: field lines, then an empty line
-            end = buffer.find(b"\r\n", position)
-            if end < 0:
-                return self._incomplete_line(position)
-            if end == position:
-                break
-            if _TRAILER_LINE.fullmatch(buffer, position, end) is None:
-                raise ProtocolError("a malformed trailer field line: %r" % bytes(buffer[position:end])[:40])
-            position = end + 2
-        del buffer[:position + 2]
-        return b"".join(chunks)
-
-    def _incomplete_line(self, position: int) -> None:
-        if len(self.buffer) - position > MAX_RESPONSE_HEAD or position > 2 * MAX_RESPONSE_BODY:
-            raise ProtocolError("a chunk size or trailer line longer than %d bytes" % MAX_RESPONSE_HEAD)
-        return None
-
-
-# ---------------------------------------------------------------------------
-# Legacy database adapter (pg8000, read only)
+# The legacy database (pg8000, read only): REFERENCE §2
 # ---------------------------------------------------------------------------
 
 OPTIONAL_COLUMNS = ("namespace", "updated_at", "embedding")
+FETCH_ROWS = 1000  # rows per FETCH from the server-side cursor
+READ_ORDER = "created_at ASC NULLS FIRST, id"  # -apply's order: oldest first, rows without a time first
 # Timestamps are read as RFC 3339 text in UTC, formatted by the server:
 # parsing them into datetimes only to print them again dominated -dry-run.
 RFC3339_UTC = ("CASE WHEN isfinite({0}) THEN to_char({0} AT TIME ZONE 'UTC', "
@@ -986,7 +528,7 @@ RFC3339_UTC = ("CASE WHEN isfinite({0}) THEN to_char({0} AT TIME ZONE 'UTC', "
 
 
 class LegacyDatabase:
-    """A read-only session on the platform's PostgreSQL."""
+    """A read-only session on the platform's PostgreSQL, in one snapshot."""
 
     def __init__(self, config: DatabaseConfig):
         self.config = config
@@ -1028,6 +570,32 @@ class LegacyDatabase:
             return WorkspaceTree(self.connection.run(
                 "SELECT id::text, parent_id::text, %s FROM workspaces" % status))  # noqa: S608
 
+    def count_rows(self, workspaces: Optional[List[str]] = None, limit: Optional[int] = None,
+                   after: Optional[Dict] = None) -> int:
+        """How many rows rows() will yield (same snapshot, so exact)."""
+        where, params = _row_filter(workspaces, after)
+        sql = "SELECT count(*) FROM agent_memories" + where  # noqa: S608 - fixed text, bound values
+        with self._errors():
+            [[count]] = self.connection.run(sql, **params)
+        return count if limit is None else min(count, limit)
+
+    def rows(self, workspaces: Optional[List[str]] = None, limit: Optional[int] = None,
+             after: Optional[Dict] = None, by_workspace: bool = False) -> Iterator[LegacyRow]:
+        """The rows of these workspaces (None: all), oldest first, after a checkpoint position,
+        at most `limit`; by_workspace: that same selection, one workspace after another."""
+        where, params = _row_filter(workspaces, after)  # only fixed text is spliced in
+        order = " ORDER BY " + READ_ORDER
+        if limit is not None:
+            params["limit"] = limit
+            if by_workspace:
+                where = (" WHERE id IN (SELECT id FROM agent_memories%s%s LIMIT :limit)"  # noqa: S608
+                         % (where, order))
+            else:
+                order += " LIMIT :limit"
+        if by_workspace:
+            order = " ORDER BY workspace_id, " + READ_ORDER
+        return self._stream(self._select() + where + order, params)
+
     def _select(self) -> str:
         """The columns of a LegacyRow; an optional column the tenant lacks reads as NULL."""
         as_text = {"namespace": "namespace", "updated_at": RFC3339_UTC.format("updated_at"),
@@ -1036,32 +604,6 @@ class LegacyDatabase:
                   RFC3339_UTC.format("created_at")]
         select += [as_text[name] if name in self.columns else "NULL" for name in OPTIONAL_COLUMNS]
         return "SELECT %s FROM agent_memories" % ", ".join(select)  # noqa: S608 - fixed column text
-
-    def count_rows(self, workspace: Optional[str] = None, limit: Optional[int] = None,
-                   after: Optional[Dict] = None) -> int:
-        """How many rows rows() will yield (same snapshot, so exact)."""
-        where, params = _row_filter(workspace, after)
-        sql = "SELECT count(*) FROM agent_memories" + where  # noqa: S608 - fixed text, bound values
-        with self._errors():
-            [[count]] = self.connection.run(sql, **params)
-        return count if limit is None else min(count, limit)
-
-    def rows(self, workspace: Optional[str] = None, limit: Optional[int] = None,
-             after: Optional[Dict] = None) -> Iterator[LegacyRow]:
-        """Rows oldest first (after a checkpoint position)."""
-        # Only fixed text is spliced in; every value is bound.
-        where, params = _row_filter(workspace, after)
-        sql = self._select() + where + " ORDER BY created_at ASC NULLS FIRST, id"
-        if limit is not None:
-            sql += " LIMIT :limit"
-            params["limit"] = limit
-        return self._stream(sql, params)
-
-    def rows_by_workspace(self, workspaces: List[str]) -> Iterator[LegacyRow]:
-        """The rows of these workspaces, one workspace after another, each oldest first."""
-        return self._stream(self._select() + " WHERE workspace_id = ANY(CAST(:workspaces AS uuid[])) "
-                            "ORDER BY workspace_id, created_at ASC NULLS FIRST, id",
-                            {"workspaces": workspaces})
 
     def _stream(self, sql: str, params: Dict) -> Iterator[LegacyRow]:
         """The rows of a query, through a server-side cursor, FETCH_ROWS at a time."""
@@ -1088,11 +630,17 @@ class LegacyDatabase:
             legacy["namespace"] = namespace
         return LegacyRow(row_id, workspace_id, content, scope, legacy, parse_embedding(embedding))
 
-    def workspaces_with_rows(self) -> List[str]:
+    def workspaces_of(self, workspaces: Optional[List[str]] = None, limit: Optional[int] = None) -> List[str]:
+        """The workspaces that hold rows of that selection (as rows() makes it)."""
+        where, params = _row_filter(workspaces, None)
+        if limit is not None:
+            where = " WHERE id IN (SELECT id FROM agent_memories%s ORDER BY %s LIMIT :limit)" % (  # noqa: S608
+                where, READ_ORDER)
+            params["limit"] = limit
         with self._errors():
             return [w for (w,) in self.connection.run(
-                "SELECT DISTINCT workspace_id::text FROM agent_memories "
-                "WHERE workspace_id IS NOT NULL")]
+                "SELECT DISTINCT workspace_id::text FROM agent_memories%s" % where, **params)  # noqa: S608
+                if w is not None]
 
     def have_search_words(self, texts: List[str]) -> List[bool]:
         """Whether PostgreSQL's English full-text parser finds any word in each text."""
@@ -1104,13 +652,12 @@ class LegacyDatabase:
                 "WITH ORDINALITY AS t(text, n) ORDER BY n", texts=texts)]
 
 
-def _row_filter(workspace: Optional[str], after: Optional[Dict]) -> Tuple[str, Dict[str, object]]:
-    """WHERE clause for -workspace and a checkpoint position, in the read order
-    (created_at ascending with NULLs first, then id)."""
+def _row_filter(workspaces: Optional[List[str]], after: Optional[Dict]) -> Tuple[str, Dict[str, object]]:
+    """WHERE clause for the workspaces and a checkpoint position (in READ_ORDER)."""
     conditions, params = [], {}
-    if workspace is not None:
-        conditions.append("workspace_id = CAST(:workspace AS uuid)")
-        params["workspace"] = workspace
+    if workspaces is not None:
+        conditions.append("workspace_id = ANY(CAST(:workspaces AS uuid[]))")
+        params["workspaces"] = workspaces
     if after is not None:
         conditions.append(
             "(CASE WHEN CAST(:after_at AS timestamptz) IS NULL"
@@ -1216,47 +763,110 @@ class _database_errors:
 
 
 # ---------------------------------------------------------------------------
-# Plugin adapter (urllib3, JSON over HTTP): REFERENCE §4
+# Retries: the one rule that decides when a plugin request goes again
 # ---------------------------------------------------------------------------
 
+RETRY_STATUSES = (429, 502, 503, 504)
+BACKOFF_FACTOR, BACKOFF_MAX, BACKOFF_JITTER = 0.2, 4.0, 0.1  # seconds
+RETRY_AFTER_MAX = 60.0  # a longer Retry-After is shortened to this
+HEALTH_RETRIES = 2  # a plugin that is down at the start should fail the run fast
+
+
+class RetryRule:
+    """Every plugin request, through urllib3 or the write stream, is retried by this rule:
+    after a lost connection or a timeout, and after a 429/502/503/504 or a status outside
+    100-599 (RFC 9110 §15: treated as a server error), up to `retries` times.  The first
+    retry goes at once, then the wait doubles from 0.2 s to at most 4 s, plus up to 0.1 s of
+    jitter; a Retry-After from the plugin replaces that wait.  Every request is safe to
+    repeat: writes carry the row's id, deletes name it."""
+
+    def __init__(self, retries: int):
+        self.retries = retries
+
+    @staticmethod
+    def retryable(status: int) -> bool:
+        return status in RETRY_STATUSES or not 100 <= status <= 599
+
+    def delay(self, attempt: int, retry_after: Optional[bytes] = None) -> Optional[float]:
+        """Seconds to wait before retry number `attempt` (from 1), or None: no retry left."""
+        import random
+
+        if attempt > self.retries:
+            return None
+        asked = parse_retry_after(retry_after) if retry_after is not None else None
+        if asked is not None:
+            return asked
+        if attempt <= 1:
+            return 0.0
+        return min(BACKOFF_MAX, BACKOFF_FACTOR * 2 ** (attempt - 1) + random.random() * BACKOFF_JITTER)
+
+
+def parse_retry_after(value: bytes) -> Optional[float]:
+    """Retry-After (RFC 9110 §10.2.3) in seconds from now: delay-seconds or an HTTP-date;
+    None when it is neither."""
+    from email.utils import parsedate_to_datetime
+
+    text = value.decode("latin-1").strip()
+    if text.isdigit():
+        return min(float(text), RETRY_AFTER_MAX)
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None or when.tzinfo is None:
+        return None
+    return min(max(0.0, when.timestamp() - time.time()), RETRY_AFTER_MAX)
+
+
+# ---------------------------------------------------------------------------
+# The plugin over urllib3 (health, namespaces, searches): REFERENCE §4
+# ---------------------------------------------------------------------------
+
+SEARCH_CAP = 100  # the plugin returns at most this many rows per search
+USER_AGENT = "%s/%s" % (PROG, __version__)
+
+
 class PluginClient:
-    """The memory plugin's HTTP API, over one pool of keep-alive connections.
+    """The memory plugin's HTTP API, over one urllib3 pool of keep-alive connections,
+    every request retried by RetryRule."""
 
-    Connection errors, timeouts and 429/502/503/504 are retried by urllib3's
-    Retry with exponential backoff (honouring Retry-After); every request is
-    safe to repeat because each write carries the row's id.
-    """
-
-    def __init__(self, base_url: str, timeout: float = DEFAULT_TIMEOUT,
+    def __init__(self, address: PluginAddress, timeout: float = DEFAULT_TIMEOUT,
                  retries: int = DEFAULT_RETRIES, connections: int = 1):
         import urllib3
 
-        url = urlsplit(base_url)
-        self.base_url = url._replace(netloc=url.netloc.rpartition("@")[2]).geturl()  # shown: no userinfo
-        self.address = parse_plugin_address(base_url)
-        self.retry = retry = urllib3.Retry(
-            total=retries, backoff_factor=BACKOFF_FACTOR, backoff_max=BACKOFF_MAX,
-            backoff_jitter=BACKOFF_JITTER,
-            status_forcelist=RETRY_STATUSES, allowed_methods=None,
-            respect_retry_after_header=True, raise_on_status=False,
-        )
-        # One connection pool for the one plugin host: no per-request URL parsing
-        # and pool lookup, as a PoolManager would do.
-        self.pool = urllib3.connection_from_url(
-            base_url, maxsize=connections, block=True, retries=retry,
-            timeout=urllib3.Timeout(total=timeout),
-            headers={"Content-Type": "application/json", "User-Agent": PROG + "/" + __version__},
+        self.address = address
+        self.retry = RetryRule(retries)
+        pool = urllib3.HTTPSConnectionPool if address.tls else urllib3.HTTPConnectionPool
+        self.pool = pool(
+            "[%s]" % address.host if ":" in address.host else address.host, address.port,
+            maxsize=connections, block=True, retries=False, timeout=urllib3.Timeout(total=timeout),
+            headers={"Content-Type": "application/json", "User-Agent": USER_AGENT},
         )
 
-    def _request(self, method: str, path: str, body: Optional[Dict] = None, retries=None):
+    def _request(self, method: str, path: str, body: Optional[Dict] = None,
+                 rule: Optional[RetryRule] = None):
         import urllib3
 
+        rule = rule or self.retry
         payload = None if body is None else json.dumps(body, allow_nan=False).encode("utf-8")
-        try:
-            response = self.pool.urlopen(method, self.address.prefix + path, body=payload,
-                                         retries=retries)
-        except urllib3.exceptions.HTTPError as exc:
-            raise plugin_unreachable(self.base_url, getattr(exc, "reason", None) or exc) from None
+        attempt = 0
+        while True:
+            try:
+                response = self.pool.urlopen(method, self.address.prefix + path, body=payload)
+            except urllib3.exceptions.HTTPError as exc:
+                attempt += 1
+                delay = rule.delay(attempt)
+                if delay is None:
+                    raise plugin_unreachable(self.address, exc) from None
+            else:
+                if not rule.retryable(response.status):
+                    break
+                attempt += 1
+                retry_after = response.headers.get("Retry-After")
+                delay = rule.delay(attempt, None if retry_after is None else retry_after.encode("latin-1"))
+                if delay is None:
+                    break
+            time.sleep(delay)
         if response.status >= 400:
             raise PluginRejected(response.status, plugin_error_message(response.data, response.reason))
         try:
@@ -1267,41 +877,49 @@ class PluginClient:
     def check_health(self) -> str:
         """Raise DependencyError unless /v1/health says ok; return its version."""
         try:
-            data = self._request("GET", "/v1/health", retries=self.retry.new(
-                total=min(HEALTH_RETRIES, self.retry.total)))
+            data = self._request("GET", "/v1/health", rule=RetryRule(min(HEALTH_RETRIES, self.retry.retries)))
         except PluginRejected as exc:
             raise DependencyError(
                 "The memory plugin at %s is not healthy (%s); fix the plugin, then run "
-                "again." % (self.base_url, exc)) from None
+                "again." % (self.address.url, exc)) from None
         if not isinstance(data, dict) or data.get("status") != "ok":
             raise DependencyError(
                 "The memory plugin at %s did not report status ok on /v1/health; fix the "
-                "plugin, then run again." % self.base_url)
+                "plugin, then run again." % self.address.url)
         return str(data.get("version", "unknown"))
 
     def put_namespace(self, name: str, kind: str) -> None:
         self._request("PUT", "/v1/namespaces/" + quote(name, safe=""), {"kind": kind})
 
-    def search(self, namespaces: List[str], query: Optional[str] = None,
-               limit: int = SEARCH_CAP) -> List[Dict]:
-        body: Dict[str, object] = {"namespaces": namespaces, "limit": limit}
+    def search(self, namespaces: List[str], query: Optional[str] = None) -> List[Dict]:
+        body: Dict[str, object] = {"namespaces": namespaces, "limit": SEARCH_CAP}
         if query:
             body["query"] = query
         data = self._request("POST", "/v1/search", body)
         memories = (data or {}).get("memories") or []  # the plugin may send null
         return [m for m in memories if isinstance(m, dict) and isinstance(m.get("id"), str)]
 
-    def search_quietly(self, namespace: str) -> List[Dict]:
-        """The newest records of a namespace; none if the plugin refuses to list it."""
-        try:
-            return self.search([namespace])
-        except PluginRejected:
-            return []
+
+def plugin_unreachable(address: PluginAddress, reason: object) -> DependencyError:
+    if address.default:
+        advice = ("the default, as MEMORY_PLUGIN_URL is not set; set it (or --plugin-url) if the "
+                  "plugin listens elsewhere")
+    else:
+        advice = "check that it is running and that MEMORY_PLUGIN_URL is right"
+    return DependencyError("Cannot reach the memory plugin at %s (%s); %s."
+                           % (address.url, _short(_reason(reason)), advice))
 
 
-def plugin_unreachable(base_url: str, reason: object) -> DependencyError:
-    return DependencyError("Cannot reach the memory plugin at %s (%s); check that it is running and "
-                           "that MEMORY_PLUGIN_URL is right." % (base_url, _short(reason)))
+def _reason(error: object) -> object:
+    """What went wrong, without urllib3's object reprs."""
+    reason = getattr(error, "reason", None) or error
+    text = str(reason)
+    return text.split(">: ", 1)[1] if text.startswith("<") and ">: " in text else text
+
+
+def plugin_rejected(response: Response) -> PluginRejected:
+    """The plugin's refusal of a request sent on the write stream."""
+    return PluginRejected(response.head.status, plugin_error_message(response.body, response.head.reason))
 
 
 def plugin_error_message(body: bytes, reason: Optional[str]) -> str:
@@ -1318,84 +936,599 @@ def _short(value: object, limit: int = 200) -> str:
     text = " ".join(str(value).split())
     return text if len(text) <= limit else text[:limit] + "..."
 
+# ---------------------------------------------------------------------------
+# Local files, progress, pacing and signals (every mode)
+# ---------------------------------------------------------------------------
+
+PROGRESS_TTY_SECONDS = 0.5  # refresh of the self-updating progress line
+PROGRESS_LOG_SECONDS = 5.0  # at most one plain progress line this often otherwise
+
+
+class FailureLog:
+    """--failures FILE: one JSON object per line (ids, reasons, namespaces, never content)."""
+
+    def __init__(self, path: Optional[str], append: bool = False):
+        self.file = None
+        if path:
+            try:
+                self.file = open(path, "a" if append else "w", encoding="utf-8")
+            except OSError as exc:
+                raise UsageError("Cannot write the failures file %s (%s); choose a writable path."
+                                 % (path, exc.strerror)) from None
+
+    def record_row(self, row: LegacyRow, **entry) -> None:
+        self.write({"id": row.id, "workspace_id": row.workspace_id, "scope": row.scope,
+                    **{key: value for key, value in entry.items() if value is not None}})
+
+    def write(self, entry: Dict[str, object]) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(entry, ensure_ascii=False) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+class RateLimiter:
+    """--max-rate: spaces requests evenly so that they stay under `rate` per second."""
+
+    def __init__(self, rate: float):
+        self.interval = 1.0 / rate
+        self.next_slot = 0.0
+        self.last_wait = float("-inf")  # when a request last had to wait for the cap
+
+    def delay(self, now: float) -> float:
+        """0 when a request may go now (it takes the slot), else the seconds until it may."""
+        if now < self.next_slot:
+            self.last_wait = now
+            return self.next_slot - now
+        self.next_slot = now + self.interval
+        return 0.0
+
+    def limiting(self) -> bool:
+        return time.monotonic() - self.last_wait < 2.0
+
+
+class Progress:
+    """Rows done / total, rows per second, ETA, errors and what `details` adds, on stderr.
+
+    On a terminal: one line that rewrites itself; otherwise a plain line at
+    most every PROGRESS_LOG_SECONDS.  Runs in its own thread; `report` has
+    `done` and `errors`.
+    """
+
+    def __init__(self, report, total: int, stream, details: Callable[[], str] = str):
+        self.report = report
+        self.total = total
+        self.stream = stream
+        self.details = details
+        self.tty = bool(getattr(stream, "isatty", lambda: False)())
+        self.started = time.monotonic()
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="progress", daemon=True)
+
+    def __enter__(self) -> Progress:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stopped.set()
+        self.thread.join()
+        if self.tty:
+            self.stream.write("\r%s\n" % self.line())
+            self.stream.flush()
+
+    def line(self) -> str:
+        done = self.report.done
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        rate = done / elapsed
+        eta = "%ds" % ((self.total - done) / rate) if rate > 0 and done < self.total else "-"
+        percent = 100.0 * done / self.total if self.total else 100.0
+        return "%d/%d rows (%.0f%%), %.0f rows/s, ETA %s, errors %d%s" % (
+            done, self.total, percent, rate, eta, self.report.errors, self.details())
+
+    def _run(self) -> None:
+        interval = PROGRESS_TTY_SECONDS if self.tty else PROGRESS_LOG_SECONDS
+        while not self.stopped.wait(interval):
+            if self.tty:
+                self.stream.write("\r\x1b[K" + self.line())
+            else:
+                self.stream.write("progress: %s\n" % self.line())
+            self.stream.flush()
+
+
+def show_progress(settings: Settings, report, total: int, stderr, details: Callable[[], str] = str):
+    """The progress line while the block runs, unless -q or -v."""
+    if settings.quiet or settings.verbose:
+        return contextlib.nullcontext()
+    return Progress(report, total, stderr or sys.stderr, details)
+
+
+@contextlib.contextmanager
+def signals_stop(stop: threading.Event):
+    """First SIGINT/SIGTERM: set `stop` (the run winds down); a second: exit at once."""
+    import signal
+
+    received: List[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handler(signum, frame):
+        if received:
+            os._exit(128 + signum)
+        received.append(signum)
+        stop.set()
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+class Quantiles:
+    """Percentiles of latencies in flat memory: counts in buckets 5 % wide, 10 µs to 1000 s."""
+
+    LOWEST, STEP = 1e-5, 1.05
+    BUCKETS = int(math.log(1e8) / math.log(STEP)) + 2
+
+    def __init__(self):
+        self.counts = [0] * self.BUCKETS
+        self.total = 0
+
+    def add(self, seconds: float) -> None:
+        bucket = 0 if seconds <= self.LOWEST else int(math.log(seconds / self.LOWEST, self.STEP)) + 1
+        self.counts[min(bucket, self.BUCKETS - 1)] += 1
+        self.total += 1
+
+    def quantile(self, q: float) -> Optional[float]:
+        """The upper edge of the bucket that holds the q-quantile, or None with no samples."""
+        if not self.total:
+            return None
+        wanted, seen = q * self.total, 0
+        for bucket, count in enumerate(self.counts):
+            seen += count
+            if seen >= wanted:
+                return self.LOWEST * self.STEP ** bucket
+        return None
+
+
+# ===========================================================================
+# -dry-run and -apply
+# ===========================================================================
 
 # ---------------------------------------------------------------------------
-# Write stream: -apply's POSTs, pipelined HTTP/1.1 on sockets
+# Planning (pure): what the live platform would have written for a row
 # ---------------------------------------------------------------------------
-# urllib3 costs several times the CPU of this per write, and in a tenant that
-# CPU is taken from the plugin and the live platform.  One loop drives every
-# connection (no threads, no locks); the plugin's other calls use urllib3.
+
+def plan_row(row: LegacyRow, tree: WorkspaceTree, redaction: bool = True) -> Outcome:
+    try:
+        target = resolve_target(row.workspace_id, row.scope, tree)
+    except RowSkipped as skip:
+        return Skipped(row, str(skip))
+    if not row.content.strip():
+        return Skipped(row, SKIP_EMPTY_CONTENT)
+    content, counts = platform_content(row.content, target.kind, redaction)
+    body: Dict[str, object] = {
+        "id": row.id, "content": content, "kind": "fact", "source": "agent",
+        "propagation": {"legacy": row.legacy},
+    }
+    if row.embedding is not None:
+        body["embedding"] = row.embedding
+    return PlannedWrite(row, target, body, counts)
+
+
+# ---------------------------------------------------------------------------
+# HTTP/1.1 response framing (sans-I/O): RFC 9112
+# ---------------------------------------------------------------------------
+# The grammar's pieces, named once (RFC 9110 §5.1, §5.5; RFC 9112 §4, §5, §7.1).
+TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+FIELD_TEXT = rb"[\t\x20-\x7e\x80-\xff]*"  # SP, HTAB, VCHAR, obs-text: no CR, LF, NUL or other control
+STATUS_LINE = re.compile(rb"HTTP/1\.([0-9]) ([0-9]{3})(?: (" + FIELD_TEXT + rb"))?")
+FIELD_LINE = re.compile(rb"(" + TOKEN + rb"):(" + FIELD_TEXT + rb")")
+CONTINUATION_LINE = re.compile(rb"[\t ]" + FIELD_TEXT)  # obs-fold: part of the line before
+CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]+)[\t ]*(?:;" + FIELD_TEXT + rb")?")
+
+MAX_RESPONSE_HEAD = 64 * 1024  # a status line and its field lines, with every CRLF
+MAX_CHUNK_LINE = 4096  # a chunk size line with its extensions, without its CRLF
+MAX_TRAILERS = 64 * 1024  # a chunked body's trailer section, with every CRLF
+MAX_RESPONSE_BODY = 1024 * 1024  # the plugin's answers to a write are a few hundred bytes
+
+
+class ProtocolError(Exception):
+    """Bytes that are not an HTTP/1.x response: never retried, never guessed at."""
+
+
+class ConnectionLost(Exception):
+    """The connection ended (or an answer did not come in time) before every request on it was
+    answered."""
+
+
+class Framing(Enum):
+    """How a response's body ends (RFC 9112 §6.3)."""
+
+    LENGTH = "length"  # after `length` bytes (0 for 1xx, 204, 304)
+    CHUNKED = "chunked"
+    UNTIL_CLOSE = "until close"
+
 
 @dataclass(frozen=True)
-class PluginAddress:
-    host: str
-    port: int
-    tls: bool
-    prefix: str  # the URL's path, before /v1/...
-    host_header: str
+class ResponseHead:
+    status: int
+    reason: str
+    fields: Tuple[Tuple[bytes, bytes], ...]  # (name in lower case, value), obs-folds unfolded
+    framing: Framing
+    length: int  # of the body, for Framing.LENGTH
+    persistent: bool  # the connection takes further requests after this response
+
+    @property
+    def interim(self) -> bool:
+        return 100 <= self.status < 200
+
+    def field(self, name: bytes) -> Optional[bytes]:
+        return field_value(self.fields, name)
 
 
-def parse_plugin_address(base_url: str) -> PluginAddress:
-    parts = urlsplit(base_url)
-    tls = parts.scheme == "https"
-    default_port = 443 if tls else 80
-    host = parts.hostname
-    shown = "[%s]" % host if ":" in host else host.encode("idna").decode("ascii")
-    if parts.port not in (None, default_port):
-        shown += ":%d" % parts.port
-    return PluginAddress(host, parts.port or default_port, tls, parts.path.rstrip("/"), shown)
+class Response(NamedTuple):
+    head: ResponseHead
+    body: bytes
 
 
-def connection_depths(concurrency: int) -> List[int]:
-    """How --concurrency N writes in flight spread over connections: ceil(N / 4) of them."""
-    count = -(-concurrency // PIPELINE_DEPTH)
-    return [concurrency // count + (n < concurrency % count) for n in range(count)]
+def field_value(fields: Iterable[Tuple[bytes, bytes]], name: bytes) -> Optional[bytes]:
+    """A field's value (name in lower case); repeated fields joined by ", " (RFC 9110 §5.3)."""
+    values = [value for key, value in fields if key == name]
+    return b", ".join(values) if values else None
 
 
-def backoff_seconds(retry: int) -> float:
-    """The wait before the retry-th re-send: none for the first, then doubling (urllib3's rule)."""
-    import random
+def _tokens(value: Optional[bytes]) -> List[bytes]:
+    return [] if value is None else [item.strip().lower() for item in value.split(b",")]
 
-    if retry <= 1:
-        return 0.0
-    return min(BACKOFF_MAX, BACKOFF_FACTOR * 2 ** (retry - 1) + random.random() * BACKOFF_JITTER)
+
+def parse_field_lines(lines: Iterable[bytes], what: str = "header") -> Tuple[Tuple[bytes, bytes], ...]:
+    """Field lines as (name in lower case, value); an obs-fold line continues the one before
+    it, as one space (RFC 9112 §5.2)."""
+    fields: List[List[bytes]] = []
+    for line in lines:
+        field_line = FIELD_LINE.fullmatch(line)
+        if field_line is not None:
+            fields.append([field_line.group(1).lower(), field_line.group(2).strip(b" \t")])
+        elif fields and CONTINUATION_LINE.fullmatch(line):
+            fields[-1][1] = (fields[-1][1] + b" " + line.strip(b" \t")).strip(b" ")
+        else:
+            raise ProtocolError("a malformed %s field line: %r" % (what, line[:40]))
+    return tuple((name, value) for name, value in fields)
+
+
+@functools.lru_cache(maxsize=64)
+def parse_response_head(head: bytes) -> ResponseHead:
+    """A response head (status line and field lines, each with its CRLF).  Cached and
+    immutable: a server sends the same few heads again and again."""
+    lines = head.split(b"\r\n")[:-1]
+    status_line = STATUS_LINE.fullmatch(lines[0])
+    if status_line is None:
+        raise ProtocolError("%r where an HTTP/1.x status line should be" % lines[0][:40])
+    fields = parse_field_lines(lines[1:])
+    status = int(status_line.group(2))
+    http11 = status_line.group(1) != b"0"  # HTTP/1.x, x > 1, reads as 1.1 (RFC 9110 §2.5)
+    persistent = http11 and b"close" not in _tokens(field_value(fields, b"connection"))
+    transfer_encoding = field_value(fields, b"transfer-encoding")
+    content_length = field_value(fields, b"content-length")
+    framing, length = Framing.LENGTH, 0
+    if status == 101:
+        raise ProtocolError("101 Switching Protocols, which nothing asked for")
+    if content_length is not None:
+        length = parse_content_length(content_length)
+    if 100 <= status < 200 or status in (204, 304):
+        length = 0  # no body, whatever the fields say (RFC 9112 §6.3)
+    elif transfer_encoding is not None:
+        if not http11 or content_length is not None:  # RFC 9112 §6.1, §6.3
+            raise ProtocolError("Transfer-Encoding with %s" % ("Content-Length" if http11 else "HTTP/1.0"))
+        if _tokens(transfer_encoding) != [b"chunked"]:
+            raise ProtocolError("a transfer coding other than chunked: %r" % transfer_encoding[:40])
+        framing = Framing.CHUNKED
+    elif length > MAX_RESPONSE_BODY:
+        raise ProtocolError("a Content-Length over %d bytes: %r" % (MAX_RESPONSE_BODY, content_length[:40]))
+    elif content_length is None:
+        framing, persistent = Framing.UNTIL_CLOSE, False
+    reason = (status_line.group(3) or b"").decode("latin-1")
+    return ResponseHead(status, reason, fields, framing, length, persistent)
+
+
+def parse_content_length(value: bytes) -> int:
+    """1*DIGIT, or a list of that same value (RFC 9112 §6.3); leading zeros allowed.  A value
+    too long to be a body here reads as MAX_RESPONSE_BODY + 1."""
+    values = {item.strip() for item in value.split(b",")}
+    text = values.pop()
+    if values or not text.isdigit():  # bytes.isdigit(): ASCII digits only
+        raise ProtocolError("an invalid Content-Length: %r" % value[:40])
+    number = text.lstrip(b"0") or b"0"
+    return int(number) if len(number) <= 7 else MAX_RESPONSE_BODY + 1
+
+
+CHUNK_SIZE, CHUNK_DATA, CHUNK_END, TRAILERS = "chunk size", "chunk data", "chunk end", "trailers"
+
+
+class ResponseParser:
+    """Cuts the bytes a server sends into responses, by the protocol's framing (h11's pattern:
+    one small reader per framing over one incremental buffer).
+
+    feed() what arrived, then take next_response() until it returns None (more
+    bytes needed); end_of_stream() when the server closed.  1xx responses are
+    skipped; after a response that closes the connection nothing more is read.
+    Anything that is not HTTP/1.x raises ProtocolError.  Each byte fed is looked
+    at a bounded number of times, however the bytes are split (`scanned` counts
+    what the searches for line ends looked at), and each limit holds the same.
+    """
+
+    def __init__(self):
+        self.buffer = bytearray()
+        self.looked = 0  # how far the search for the current line's end has looked
+        self.scanned = 0
+        self.response: Optional[ResponseHead] = None  # the response whose body is being read
+        self.body = bytearray()  # of a chunked response, so far
+        self.chunk_state = CHUNK_SIZE
+        self.chunk_left = 0  # bytes of the current chunk still to come
+        self.trailers: List[bytes] = []
+        self.trailer_bytes = 0
+        self.closed = False  # a response that ends the connection was read
+
+    def feed(self, data: bytes) -> None:
+        if not self.closed:
+            self.buffer += data
+
+    def next_response(self) -> Optional[Response]:
+        while self.response is None:
+            if self.closed:
+                return None
+            head = self._read_head()
+            if head is None:
+                return None
+            if not head.interim:
+                self.response = head
+        head = self.response
+        if head.framing is Framing.LENGTH:
+            body = self._read_length(head.length)
+        elif head.framing is Framing.CHUNKED:
+            body = self._read_chunked()
+        else:
+            body = self._read_until_close()
+        if body is None:
+            return None
+        self.response = None
+        if not head.persistent:
+            self.closed = True
+            self.buffer.clear()
+        return Response(head, body)
+
+    def end_of_stream(self) -> Optional[Response]:
+        """The server closed: the response its close completes, or None when nothing was pending."""
+        head = self.response
+        if head is not None and head.framing is Framing.UNTIL_CLOSE:
+            body, self.response, self.closed = bytes(self.buffer), None, True
+            self.buffer.clear()
+            return Response(head, body)
+        if head is not None or (self.buffer and not self.closed):
+            raise ConnectionLost("the connection closed in the middle of a response")
+        return None
+
+    def _line_end(self, needle: bytes = b"\r\n") -> int:
+        """Where the next `needle` starts in the buffer, or -1; each byte is looked at once."""
+        start = max(0, self.looked - len(needle) + 1)
+        end = self.buffer.find(needle, start)
+        self.scanned += (end + len(needle) if end >= 0 else len(self.buffer)) - start
+        self.looked = 0 if end >= 0 else len(self.buffer)
+        return end
+
+    def _take(self, size: int) -> bytes:
+        data = bytes(self.buffer[:size])
+        del self.buffer[:size]  # from the front of a bytearray: no copy of the rest
+        return data
+
+    def _read_head(self) -> Optional[ResponseHead]:
+        start = bytes(self.buffer[:7])
+        if start != b"HTTP/1."[:len(start)]:
+            raise ProtocolError("%r where an HTTP/1.x status line should be" % bytes(self.buffer[:24]))
+        end = self._line_end(b"\r\n\r\n")
+        if end + 4 > MAX_RESPONSE_HEAD or (end < 0 and len(self.buffer) >= MAX_RESPONSE_HEAD):
+            raise ProtocolError("a response head longer than %d bytes" % MAX_RESPONSE_HEAD)
+        if end < 0:
+            return None
+        head = self._take(end + 4)
+        return parse_response_head(head[:-2])
+
+    def _read_length(self, length: int) -> Optional[bytes]:
+        return self._take(length) if len(self.buffer) >= length else None
+
+    def _read_until_close(self) -> None:
+        if len(self.buffer) > MAX_RESPONSE_BODY:
+            raise ProtocolError("a body longer than %d bytes" % MAX_RESPONSE_BODY)
+        return None  # end_of_stream() completes it
+
+    def _read_chunked(self) -> Optional[bytes]:
+        """Chunks, then the trailer section (RFC 9112 §7.1), continued where the last call stopped."""
+        while True:
+            if self.chunk_state is CHUNK_SIZE:
+                end = self._line_end()
+                if end > MAX_CHUNK_LINE or (end < 0 and len(self.buffer) >= MAX_CHUNK_LINE + 2):
+                    raise ProtocolError("a chunk size line longer than %d bytes" % MAX_CHUNK_LINE)
+                if end < 0:
+                    return None
+                size_line = CHUNK_SIZE_LINE.fullmatch(self.buffer, 0, end)
+                if size_line is None:
+                    raise ProtocolError("a malformed chunk size line: %r" % bytes(self.buffer[:min(end, 40)]))
+                digits = size_line.group(1).lstrip(b"0") or b"0"  # 1*HEXDIG: leading zeros allowed
+                if len(digits) > 8 or len(self.body) + int(digits, 16) > MAX_RESPONSE_BODY:
+                    raise ProtocolError("a body longer than %d bytes" % MAX_RESPONSE_BODY)
+                del self.buffer[:end + 2]
+                self.chunk_left = int(digits, 16)
+                self.chunk_state = CHUNK_DATA if self.chunk_left else TRAILERS
+            elif self.chunk_state is CHUNK_DATA:
+                data = self._take(self.chunk_left)
+                self.body += data
+                self.chunk_left -= len(data)
+                if self.chunk_left:
+                    return None
+                self.chunk_state = CHUNK_END
+            elif self.chunk_state is CHUNK_END:  # the CRLF after a chunk's data
+                if len(self.buffer) < 2:
+                    return None
+                if self.buffer[:2] != b"\r\n":
+                    raise ProtocolError("a chunk longer than its size line says")
+                del self.buffer[:2]
+                self.chunk_state = CHUNK_SIZE
+            else:  # trailer field lines, then an empty line
+                end = self._line_end()
+                if self.trailer_bytes + (end + 2 if end >= 0 else len(self.buffer)) > MAX_TRAILERS:
+                    raise ProtocolError("a trailer section longer than %d bytes" % MAX_TRAILERS)
+                if end < 0:
+                    return None
+                self.trailer_bytes += end + 2
+                line = self._take(end + 2)[:-2]
+                if line:
+                    self.trailers.append(line)
+                    continue
+                parse_field_lines(self.trailers, "trailer")  # validated, then not needed
+                body = bytes(self.body)
+                self.body, self.trailers, self.trailer_bytes = bytearray(), [], 0
+                self.chunk_state = CHUNK_SIZE
+                return body
+
+# ---------------------------------------------------------------------------
+# The write stream: pipelined HTTP/1.1 requests on sockets, as many at once as the plugin takes
+# ---------------------------------------------------------------------------
+# urllib3 costs several times the CPU of this per request, and in a tenant that
+# CPU is taken from the plugin and the live platform.  One loop drives every
+# connection (no threads, no locks).  -apply's POSTs and -rollback's DELETEs
+# go through it; the plugin's other calls use urllib3.
+
+PIPELINE_DEPTH = 4  # requests in flight on one connection at most
+READ_AHEAD_ROWS = 64  # rows planned in one go, between reads of answers
+MAX_PACE_SECONDS = 0.01  # the longest pause between reads of answers (see WriteStream._wait)
+RECEIVE_BYTES = 65536
+IDLE_CHECK_SECONDS = 1.0  # a connection idle this long is checked before it is used again
+STOP_CHECK_SECONDS = 0.25  # the loop notices a signal at least this often
+# The limiter: the plugin's queue, in connections, that it keeps between these.
+QUEUE_LOW, QUEUE_HIGH = 1.0, 3.0
+LIMIT_WINDOW_SECONDS = 0.1  # one decision per window of at least this long ...
+LIMIT_WINDOW_ANSWERS = 4  # ... and this many answers per connection
+PROBE_SECONDS = 10.0  # the plugin's time per request without a queue is measured at least this often
+
+
+class ConcurrencyLimit:
+    """How many connections keep a request at the plugin: the plugin serves a connection's
+    requests one at a time (REFERENCE §4), so this is how many of ours it works on at once.
+
+    Pure: fed each answer's time and how many connections were busy, it decides once
+    per window, TCP Vegas style.  From the window's throughput X and busy
+    connections C, the plugin's time per request is S = C / X (Little's law, so
+    reading answers in batches does not blur it).  The lowest S seen is its time
+    without a queue; the queue is then C - X * lowest: our connections waiting for
+    the plugin (and the live tenant's requests waiting behind them) rather than
+    being served.  Below QUEUE_LOW: one connection more (doubling at first), while
+    they are all in use; above QUEUE_HIGH: one fewer.  At one connection there can
+    be no queue, so S there is the time without one: if none was measured for
+    PROBE_SECONDS, one window runs at one connection to learn it again (the plugin
+    may have become slower for good), as BBR probes its round-trip time.  A lost
+    connection or a timeout halves it.  Never above `ceiling`, never below 1.
+    """
+
+    def __init__(self, ceiling: int, start: int = 1):
+        self.ceiling = ceiling
+        self.connections = min(start, ceiling)
+        self.lowest: Optional[float] = None  # seconds per request without a queue
+        self.learned_at = 0.0  # when it was last measured
+        self.probing: Optional[int] = None  # the connections to go back to after a probe
+        self.doubling = True
+        self.window_start: Optional[float] = None
+        self.answers = 0
+        self.busy = 0  # connections busy, summed over the window's answers
+
+    def answered(self, now: float, busy: int) -> None:
+        if self.window_start is None:
+            self.window_start = now
+            return
+        self.answers += 1
+        self.busy += busy
+        elapsed = now - self.window_start
+        if elapsed >= LIMIT_WINDOW_SECONDS and self.answers >= LIMIT_WINDOW_ANSWERS * self.connections:
+            self.decide(self.answers / elapsed, self.busy / self.answers, now)
+            self.window_start, self.answers, self.busy = now, 0, 0
+
+    def decide(self, throughput: float, busy: float, now: float) -> None:
+        """One window's verdict: `throughput` answers per second with `busy` connections in use."""
+        per_request = busy / throughput
+        if busy <= 1.1 or self.lowest is None or per_request < self.lowest:
+            self.lowest, self.learned_at = per_request, now
+            if self.probing and busy <= 1.1:
+                self.connections, self.probing = self.probing, None
+                return
+        if self.probing:
+            return  # the other connections are still draining
+        if now - self.learned_at >= PROBE_SECONDS and self.connections > 1:
+            self.probing, self.connections = self.connections, 1
+            return
+        queue = busy - throughput * self.lowest
+        if queue < QUEUE_LOW:
+            if busy >= self.connections - 0.5:  # all in use: more would be used too
+                self.connections = min(self.ceiling, self.connections * 2 if self.doubling
+                                       else self.connections + 1)
+        else:
+            self.doubling = False
+            if queue > QUEUE_HIGH:
+                self.connections = max(1, self.connections - 1)
+
+    def stalled(self) -> None:
+        """A connection failed or an answer timed out."""
+        self.doubling = False
+        self.connections = max(1, (self.probing or self.connections) // 2)
+        self.probing = None
+        self.window_start, self.answers, self.busy = None, 0, 0
+
+
+def request_head(address: PluginAddress, method: str, path: str) -> bytes:
+    """A request up to its Content-Length value (the length and the body follow)."""
+    return ("%s %s%s HTTP/1.1\r\nHost: %s\r\nUser-Agent: %s\r\nContent-Type: application/json\r\n"
+            "Content-Length: " % (method, address.prefix, path, address.host_header, USER_AGENT)
+            ).encode("ascii")
 
 
 def write_request_head(address: PluginAddress, namespace: str) -> bytes:
-    """A memory's POST up to its Content-Length value (the length and body follow)."""
-    return ("POST %s/v1/namespaces/%s/memories HTTP/1.1\r\nHost: %s\r\nUser-Agent: %s/%s\r\n"
-            "Content-Type: application/json\r\nContent-Length: " % (
-                address.prefix, quote(namespace, safe=""), address.host_header, PROG,
-                __version__)).encode("ascii")
+    """A memory's POST up to its Content-Length value."""
+    return request_head(address, "POST", "/v1/namespaces/%s/memories" % quote(namespace, safe=""))
 
 
-JSON_ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"), check_circular=False)
+def with_body(head: bytes, payload: bytes) -> bytes:
+    return b"%s%d\r\n\r\n%s" % (head, len(payload), payload)
 
 
-class PendingWrite:
-    """A planned row on its way to the plugin: its encoded request and its retries so far."""
+class Job:
+    """One request on its way to the plugin, and what it is for."""
 
-    __slots__ = ("number", "planned", "request", "retries", "not_before")
+    __slots__ = ("number", "item", "request", "retries", "not_before", "sent_at")
 
-    def __init__(self, number: int, planned: PlannedWrite, request: bytes):
-        self.number = number  # in the read order
-        self.planned = planned
+    def __init__(self, number: int, item, request: bytes):
+        self.number = number  # in the mode's order
+        self.item = item  # the mode's: a PlannedWrite, or what a delete removes
         self.request = request
         self.retries = 0
-        self.not_before = 0.0  # monotonic time before which it is not re-sent
+        self.not_before = 0.0  # monotonic time before which it is not sent again
+        self.sent_at = 0.0  # --timeout runs from here
 
 
 class WriteConnection:
-    """One keep-alive connection to the plugin and the writes in flight on it, oldest first.
+    """One keep-alive connection to the plugin and the requests in flight on it, oldest first.
 
-    It pipelines (up to `depth` writes) only once it has answered as a
-    persistent HTTP/1.1 connection; until then it carries one write at a time,
-    so a server that answers once and closes, or speaks HTTP/1.0, still gets
-    every row.  The socket is non-blocking: a timeout on it would cost a poll()
-    before every send and receive.
+    It pipelines only once it has answered as a persistent HTTP/1.1
+    connection; until then it carries one request at a time, so a server that
+    answers once and closes, or speaks HTTP/1.0, still gets every request.  The
+    socket is non-blocking: a timeout on it would cost a poll() before every
+    send and receive.
     """
 
-    def __init__(self, address: PluginAddress, tls_context, depth: int, timeout: float):
+    def __init__(self, address: PluginAddress, tls_context, timeout: float):
         self.address = address
         self.tls_context = tls_context
         self.would_block: Tuple[type, ...] = (BlockingIOError,)
@@ -1403,34 +1536,40 @@ class WriteConnection:
             import ssl
 
             self.would_block += (ssl.SSLWantReadError, ssl.SSLWantWriteError)
-        self.depth = depth
         self.timeout = timeout
         self.sock = None
         self.parser: Optional[ResponseParser] = None
         self.received = memoryview(bytearray(RECEIVE_BYTES))
         self.outgoing = b""  # requests the socket has not taken yet
-        self.in_flight: Deque[PendingWrite] = deque()
+        self.in_flight: Deque[Job] = deque()
         self.pipelining = False
-        self.last_progress = 0.0  # when it last sent or received: --timeout runs from here
+        self.last_used = 0.0
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def free_slots(self) -> int:
+    def free_slots(self, depth: int) -> int:
         if self.pipelining:
-            return self.depth - len(self.in_flight)
+            return depth - len(self.in_flight)
         return 0 if self.in_flight else 1
 
-    def send(self, writes: List[PendingWrite], now: float) -> None:
-        """Send the writes' requests, pipelined; on OSError they stay in flight, unanswered."""
-        if (self.sock is not None and not self.in_flight and now - self.last_progress > IDLE_CHECK_SECONDS
+    def deadline(self) -> float:
+        """When the oldest request in flight runs out of time (--timeout): its answer, interim
+        responses and dripped bytes included, must be complete by then."""
+        return self.in_flight[0].sent_at + self.timeout
+
+    def send(self, jobs: List[Job], now: float) -> None:
+        """Send the requests, pipelined; on OSError they stay in flight, unanswered."""
+        if (self.sock is not None and not self.in_flight and now - self.last_used > IDLE_CHECK_SECONDS
                 and select.select([self.sock], [], [], 0)[0]):
             self.close()  # closed by the server while idle (or it sent what nobody asked for)
-        self.in_flight.extend(writes)
-        self.last_progress = now
+        for job in jobs:
+            job.sent_at = now
+        self.in_flight.extend(jobs)
+        self.last_used = now
         if self.sock is None:
             self._open()
-        self.outgoing += writes[0].request if len(writes) == 1 else b"".join([w.request for w in writes])
+        self.outgoing += jobs[0].request if len(jobs) == 1 else b"".join([job.request for job in jobs])
         self.flush()
 
     def flush(self) -> None:
@@ -1459,7 +1598,7 @@ class WriteConnection:
             size = self.sock.recv_into(self.received)
         except self.would_block:
             return [], False
-        self.last_progress = now
+        self.last_used = now
         if not size:
             final = self.parser.end_of_stream()
             return ([] if final is None else [final]), True
@@ -1473,8 +1612,8 @@ class WriteConnection:
             response = self.parser.next_response()
         return responses, False
 
-    def close(self) -> List[PendingWrite]:
-        """Close the connection; return the writes still unanswered on it."""
+    def close(self) -> List[Job]:
+        """Close the connection; return the requests still unanswered on it."""
         if self.sock is not None:
             self.sock.close()
         self.sock, self.parser, self.pipelining, self.outgoing = None, None, False, b""
@@ -1483,9 +1622,262 @@ class WriteConnection:
         return unanswered
 
 
+class WriteStream:
+    """Requests, oldest first, pipelined over keep-alive connections by one loop.
+
+    ConcurrencyLimit decides how many connections carry requests; each carries
+    up to PIPELINE_DEPTH (fewer where the ceiling asks), never more than
+    `ceiling` in flight in all.  A mode drives it with two callables:
+    fill(room) submits up to `room` more jobs and returns False once it has no
+    more; answered(job, response) takes each final answer.  RetryRule decides
+    what goes again: a retryable status, and every unanswered request on a
+    connection that failed or timed out (a retry of each, on a fresh
+    connection); an orderly close re-sends the rest without counting.  A
+    dependency failure (fail()) stops new work; what is in flight still gets
+    its answers.
+    """
+
+    def __init__(self, address: PluginAddress, ceiling: int, timeout: float, retry: RetryRule,
+                 max_rate: float, stop: threading.Event):
+        import ssl
+
+        self.address = address
+        self.ceiling = ceiling
+        self.timeout = timeout
+        self.retry = retry
+        self.stop = stop
+        self.rate = RateLimiter(max_rate) if max_rate else None
+        self.tls_context = ssl.create_default_context() if address.tls else None
+        self.limit = ConcurrencyLimit(ceiling)
+        self.connections: List[WriteConnection] = []
+        self.ready: Deque[Job] = deque()  # to send, oldest first
+        self.retrying: List[Job] = []  # to send again after their backoff
+        self.fatal: Optional[BackfillError] = None
+        self.latency = Quantiles()  # from sending a request to its whole answer
+        self.in_flight_range: Optional[Tuple[int, int]] = None  # while there was more to send
+        self.answer_rate = 0.0  # responses per second, a moving average, while the window is full
+        self.pace = 0.0  # pause between reads while the window is full
+        self.last_read = 0.0
+        self.answers = 0
+
+    def submit(self, job: Job) -> None:
+        self.ready.append(job)
+
+    def fail(self, error: BackfillError) -> None:
+        self.fatal = self.fatal or error
+        self.stop.set()
+
+    def depth(self) -> int:
+        return max(1, min(PIPELINE_DEPTH, self.ceiling // self.limit.connections))
+
+    def capacity(self) -> int:
+        return self.limit.connections * self.depth()
+
+    def in_flight(self) -> int:
+        return sum(len(connection.in_flight) for connection in self.connections)
+
+    def pending(self) -> int:
+        """Jobs submitted and not yet answered for good."""
+        return len(self.ready) + len(self.retrying) + self.in_flight()
+
+    def run(self, fill: Callable[[int], bool], answered: Callable[[Job, Response], None]
+            ) -> Optional[BackfillError]:
+        """Send every job fill() gives; return when each has its final answer (or the run
+        stopped), with what stopped it, if anything.  The connections stay open for the next
+        run() until close()."""
+        more = True
+        while True:
+            if self.stop.is_set():
+                self.ready.clear()
+                self.retrying.clear()
+            else:
+                if more and len(self.ready) < self.capacity():
+                    more = fill(self.capacity() + READ_AHEAD_ROWS - self.pending())
+                self._send()
+            busy = [connection for connection in self.connections if connection.in_flight]
+            if not (busy or self.ready or self.retrying or (more and not self.stop.is_set())):
+                return self.fatal
+            self._wait(busy, answered)
+
+    def close(self) -> None:
+        for connection in self.connections:
+            connection.close()
+
+    def load(self) -> Dict[str, object]:
+        """What an operator watches on a live tenant: writes in flight now (and their range
+        while there was more to send), connections, and the plugin's answer latency."""
+        p50, p99 = self.latency.quantile(0.5), self.latency.quantile(0.99)
+        low, high = self.in_flight_range or (0, 0)
+        return {"in_flight": self.in_flight(), "in_flight_min": low, "in_flight_max": high,
+                "connections": self.limit.connections,
+                "latency_p50_ms": None if p50 is None else round(p50 * 1e3, 2),
+                "latency_p99_ms": None if p99 is None else round(p99 * 1e3, 2)}
+
+    def describe_load(self) -> str:
+        load = self.load()
+        text = ", in flight %d (%d-%d)" % (load["in_flight"], load["in_flight_min"], load["in_flight_max"])
+        if load["latency_p50_ms"] is not None:
+            text += ", latency p50 %.1f ms p99 %.1f ms" % (load["latency_p50_ms"], load["latency_p99_ms"])
+        if self.rate is not None and self.rate.limiting():
+            text += ", capped by --max-rate"
+        return text
+
+    # --- sending ----------------------------------------------------------
+
+    def _send(self) -> None:
+        now = time.monotonic()
+        if self.retrying:
+            due = sorted((job for job in self.retrying if job.not_before <= now), key=lambda job: job.number)
+            if due:
+                self.retrying = [job for job in self.retrying if job.not_before > now]
+                self.ready.extendleft(reversed(due))
+        if not self.ready:
+            return
+        working = self.limit.connections
+        while len(self.connections) < working:
+            self.connections.append(WriteConnection(self.address, self.tls_context, self.timeout))
+        depth, room = self.depth(), self.ceiling - self.in_flight()
+        for connection in self.connections[:working]:
+            batch: List[Job] = []
+            slots = min(connection.free_slots(depth), room)
+            while slots > len(batch) and self.ready and not self.stop.is_set():
+                if self.rate is not None and self.rate.delay(now) > 0:
+                    break
+                batch.append(self.ready.popleft())
+            if batch:
+                room -= len(batch)
+                try:
+                    connection.send(batch, now)
+                except OSError as exc:
+                    self._connection_failed(connection, exc, now)
+        if self.ready:
+            flying = self.in_flight()
+            low, high = self.in_flight_range or (flying, flying)
+            self.in_flight_range = (min(low, flying), max(high, flying))
+
+    # --- receiving --------------------------------------------------------
+
+    def _wait(self, busy: List[WriteConnection], answered: Callable[[Job, Response], None]) -> None:
+        """Wait for answers (or the next retry, rate slot or timeout), then handle them.
+
+        With the window full, answers are read only every so often (`pace`: about
+        the time the plugin takes to answer half of it), so that each system call
+        carries several requests and responses: on loopback one send and one
+        receive cost more CPU than reading and planning a row.  The plugin has the
+        other half to work on meanwhile.
+        """
+        now = time.monotonic()
+        if not busy:
+            time.sleep(max(0.0, self._wake_time(now) - now))
+            return
+        full = sum(len(connection.in_flight) for connection in busy) >= self.capacity()
+        if full and now < self.last_read + self.pace:
+            time.sleep(self.last_read + self.pace - now)
+            now = time.monotonic()
+        answers = self.answers
+        for connection in busy:  # answers are usually there by now: no select() first
+            self._receive(connection, now, answered)
+        if self.answers == answers:
+            busy = [connection for connection in self.connections if connection.in_flight]
+            if busy:
+                readable, writable, _ = select.select(
+                    busy, [connection for connection in busy if connection.outgoing], [],
+                    max(0.0, self._wake_time(now) - now))
+                now = time.monotonic()
+                for connection in writable:
+                    try:
+                        connection.flush()
+                    except OSError as exc:
+                        self._connection_failed(connection, exc, now)
+                for connection in readable:
+                    if connection.in_flight:
+                        self._receive(connection, now, answered)
+        if full and self.answers > answers:
+            rate = (self.answers - answers) / max(now - self.last_read, 1e-6)
+            self.answer_rate = rate if not self.answer_rate else 0.8 * self.answer_rate + 0.2 * rate
+            self.pace = min(MAX_PACE_SECONDS, 0.5 * self.capacity() / self.answer_rate)
+        self.last_read = now
+        for connection in self.connections:
+            if connection.in_flight and now >= connection.deadline():
+                self._connection_failed(connection, ConnectionLost(
+                    "no whole answer within %g s (--timeout)" % self.timeout), now)
+
+    def _wake_time(self, now: float) -> float:
+        """When to stop waiting for answers: a timeout, a retry or rate slot due, or a signal."""
+        wake = now + STOP_CHECK_SECONDS
+        deadlines = [connection.deadline() for connection in self.connections if connection.in_flight]
+        if deadlines:
+            wake = min(wake, min(deadlines))
+        if self.retrying:
+            wake = min(wake, min(job.not_before for job in self.retrying))
+        if self.ready and self.rate is not None:
+            wake = min(wake, self.rate.next_slot)
+        return wake
+
+    def _receive(self, connection: WriteConnection, now: float,
+                 answered: Callable[[Job, Response], None]) -> None:
+        try:
+            responses, closed = connection.receive(now)
+        except (ConnectionLost, OSError) as exc:
+            self._connection_failed(connection, exc, now)
+            return
+        except ProtocolError as exc:
+            self._protocol_error(connection, exc)
+            return
+        busy = sum(1 for other in self.connections if other.in_flight)
+        for response in responses:
+            if not connection.in_flight:
+                self._protocol_error(connection, ProtocolError("a response to no request"))
+                return
+            job = connection.in_flight.popleft()
+            self.answers += 1
+            self.latency.add(now - job.sent_at)
+            self.limit.answered(now, busy)
+            self._answered(job, response, now, answered)
+            if not response.head.persistent:  # the rest were not answered: send them again
+                self.ready.extendleft(reversed(connection.close()))
+                return
+            connection.pipelining = True
+        if closed:
+            self._connection_failed(connection, ConnectionLost("the server closed the connection"), now)
+
+    def _answered(self, job: Job, response: Response, now: float,
+                  answered: Callable[[Job, Response], None]) -> None:
+        head = response.head
+        if not (self.retry.retryable(head.status) and self._retry(job, now, head.field(b"retry-after"))):
+            answered(job, response)
+
+    def _retry(self, job: Job, now: float, retry_after: Optional[bytes] = None) -> bool:
+        """Queue the job to go again, as RetryRule says; False when it has no retry left."""
+        job.retries += 1
+        delay = self.retry.delay(job.retries, retry_after)
+        if delay is None:
+            return False
+        job.not_before = now + delay
+        self.retrying.append(job)
+        return True
+
+    def _connection_failed(self, connection: WriteConnection, error: Exception, now: float) -> None:
+        """Every unanswered request on the connection goes again, on a fresh one (a retry of each)."""
+        self.limit.stalled()
+        for job in connection.close():
+            if not self._retry(job, now):
+                self.fail(plugin_unreachable(self.address, error))
+                return
+
+    def _protocol_error(self, connection: WriteConnection, error: ProtocolError) -> None:
+        connection.close()  # its unanswered requests are not done: a re-run sends them
+        self.fail(DependencyError(
+            "The memory plugin at %s sent a response that is not valid HTTP/1.1 (%s); stopped. "
+            "Check that MEMORY_PLUGIN_URL points at the memory plugin, then re-run to resume."
+            % (self.address.url, error)))
+
 # ---------------------------------------------------------------------------
-# Checkpoint and failure report (local files)
+# Checkpoint and low-water mark (-apply)
 # ---------------------------------------------------------------------------
+
+CHECKPOINT_SAVE_SECONDS = 1.0  # the checkpoint file is replaced at most this often
+
 
 class Checkpoint:
     """--checkpoint FILE: how far -apply got, so that a re-run resumes there.
@@ -1560,238 +1952,6 @@ class Checkpoint:
         self.saved_at = time.monotonic()
 
 
-class FailureLog:
-    """--failures FILE: one JSON object per skipped or failed row, never the content."""
-
-    def __init__(self, path: Optional[str], append: bool = False):
-        self.file = None
-        self.lock = threading.Lock()
-        if path:
-            try:
-                self.file = open(path, "a" if append else "w", encoding="utf-8")
-            except OSError as exc:
-                raise UsageError("Cannot write the failures file %s (%s); choose a writable path."
-                                 % (path, exc.strerror)) from None
-
-    def record(self, row: LegacyRow, reason: Optional[str] = None, error: Optional[str] = None,
-               status: Optional[int] = None) -> None:
-        if self.file is None:
-            return
-        entry: Dict[str, object] = {"id": row.id, "workspace_id": row.workspace_id, "scope": row.scope}
-        if reason is not None:
-            entry["reason"] = reason
-        if error is not None:
-            entry["error"] = error
-        if status is not None:
-            entry["status"] = status
-        self._write(entry)
-
-    def record_finding(self, finding: Finding) -> None:
-        self._write(finding.to_json())
-
-    def _write(self, entry: Dict[str, object]) -> None:
-        if self.file is not None:
-            with self.lock:
-                self.file.write(json.dumps(entry, ensure_ascii=False) + "\n")
-                self.file.flush()
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-
-
-# ---------------------------------------------------------------------------
-# Progress and pacing
-# ---------------------------------------------------------------------------
-
-class RateLimiter:
-    """--max-rate: spaces writes evenly so that they stay under `rate` per second."""
-
-    def __init__(self, rate: float):
-        self.interval = 1.0 / rate
-        self.next_slot = 0.0
-        self.last_wait = float("-inf")  # when a write last had to wait for the cap
-
-    def delay(self, now: float) -> float:
-        """0 when a write may go now (it takes the slot), else the seconds until it may."""
-        if now < self.next_slot:
-            self.last_wait = now
-            return self.next_slot - now
-        self.next_slot = now + self.interval
-        return 0.0
-
-    def limiting(self) -> bool:
-        return time.monotonic() - self.last_wait < 2.0
-
-
-class Progress:
-    """Rows done / total, rows per second, ETA and errors, on stderr.
-
-    On a terminal: one line that rewrites itself; otherwise a plain line at
-    most every PROGRESS_LOG_SECONDS.  Runs in its own thread.
-    """
-
-    def __init__(self, report: BackfillReport, total: int, stream, limiter=None):
-        self.report = report
-        self.total = total
-        self.stream = stream
-        self.limiter = limiter
-        self.tty = bool(getattr(stream, "isatty", lambda: False)())
-        self.started = time.monotonic()
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="progress", daemon=True)
-
-    def __enter__(self) -> Progress:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.stopped.set()
-        self.thread.join()
-        if self.tty:
-            self.stream.write("\r%s\n" % self.line())
-            self.stream.flush()
-
-    def line(self) -> str:
-        report = self.report
-        done = report.copied + report.skipped + report.errors
-        elapsed = max(time.monotonic() - self.started, 1e-6)
-        rate = done / elapsed
-        eta = "%ds" % ((self.total - done) / rate) if rate > 0 and done < self.total else "-"
-        percent = 100.0 * done / self.total if self.total else 100.0
-        capped = ", capped by --max-rate" if self.limiter and self.limiter.limiting() else ""
-        return "%d/%d rows (%.0f%%), %.0f rows/s, ETA %s, errors %d%s" % (
-            done, self.total, percent, rate, eta, report.errors, capped)
-
-    def _run(self) -> None:
-        interval = PROGRESS_TTY_SECONDS if self.tty else PROGRESS_LOG_SECONDS
-        while not self.stopped.wait(interval):
-            if self.tty:
-                self.stream.write("\r\x1b[K" + self.line())
-            else:
-                self.stream.write("progress: %s\n" % self.line())
-            self.stream.flush()
-
-
-# ---------------------------------------------------------------------------
-# The three modes
-# ---------------------------------------------------------------------------
-
-def backfill(settings: Settings, log, stderr=None) -> BackfillReport:
-    """-dry-run (settings.mode == 'dry-run') and -apply.
-
-    -apply stops early, cleanly, on a lost dependency or a signal: the writes
-    in flight get their answers, the checkpoint is saved, and the error raised
-    carries the report so far.
-    """
-    report = BackfillReport(settings.mode, redact=settings.redact)
-    if settings.mode != "apply":
-        if settings.plugin_url:
-            try:
-                version = PluginClient(settings.plugin_url, settings.timeout, 0).check_health()
-                report.plugin_status = "ok (version %s): -apply could start" % version
-            except DependencyError as exc:
-                report.plugin_status = "NOT ready, -apply would stop: %s" % exc
-        with LegacyDatabase(settings.database) as database:
-            with _planned_rows(database, settings, report, None, log, stderr) as outcomes:
-                for outcome in outcomes:
-                    if isinstance(outcome, PlannedWrite):
-                        report.count_copy(outcome)
-                        log("would copy %s -> %s", outcome.row.id, outcome.target.namespace)
-        return report
-
-    checkpoint = Checkpoint.open(settings) if settings.checkpoint else None
-    if checkpoint is not None:
-        report.checkpoint_path = settings.checkpoint
-        report.resumed_from = checkpoint.position
-        if checkpoint.complete:
-            report.plugin_status = "not contacted: the checkpoint says this backfill is complete"
-            return report
-    failures = FailureLog(settings.failures, append=bool(checkpoint and checkpoint.position))
-    report.failures_path = settings.failures
-    plugin = PluginClient(settings.plugin_url, settings.timeout, settings.retries)
-    report.plugin_status = "ok (version %s)" % plugin.check_health()
-    stop = threading.Event()
-    writer = Writer(plugin, settings, report, log, checkpoint, failures, stop)
-    stopped: Optional[BackfillError] = None
-    with _signals_stop(stop) as received:
-        try:
-            with LegacyDatabase(settings.database) as database:
-                with _planned_rows(database, settings, report, writer, log, stderr) as outcomes:
-                    stopped = writer.run(outcomes)
-        except BackfillError as exc:
-            stopped = exc
-        except Exception as exc:  # noqa: BLE001 - a defect: stop with the summary and checkpoint
-            stopped = BackfillError("-apply failed unexpectedly (%s, a defect of %s); stopped. "
-                                    "Re-run to resume." % (type(exc).__name__, PROG))
-        finally:
-            failures.close()
-    if received:
-        stopped = Interrupted(received[0])
-    if checkpoint is not None:
-        # Complete only when the table was read to its end: a -limit run that
-        # used up its limit leaves the rest for the next run.
-        reached_end = settings.limit is None or report.scanned < settings.limit
-        try:
-            checkpoint.save(complete=stopped is None and report.errors == 0 and reached_end)
-        except BackfillError as exc:
-            stopped = stopped or exc
-    if stopped is not None:
-        report.stopped, report.stopped_status = str(stopped), stopped.status
-        stopped.report = report
-        raise stopped
-    return report
-
-
-@contextlib.contextmanager
-def _planned_rows(database: LegacyDatabase, settings: Settings, report: BackfillReport,
-                  writer: Optional[Writer], log, stderr) -> Iterator[Iterator[Outcome]]:
-    """The planned rows, oldest first (after the checkpoint), with progress shown meanwhile."""
-    after = writer.mark.checkpoint.position if writer and writer.mark.checkpoint else None
-    tree = database.read_workspaces()
-    total = database.count_rows(settings.workspace, settings.limit, after)
-    progress = Progress(report, total, stderr or sys.stderr, writer and writer.limiter)
-    with contextlib.nullcontext() if settings.quiet or settings.verbose else progress:
-        yield _outcomes(database.rows(settings.workspace, settings.limit, after), tree, settings,
-                        report, log)
-
-
-def _outcomes(rows: Iterable[LegacyRow], tree: WorkspaceTree, settings: Settings,
-              report: BackfillReport, log) -> Iterator[Outcome]:
-    for row in rows:
-        report.scanned += 1
-        outcome = plan_row(row, tree, settings.redact)
-        if isinstance(outcome, Skipped):
-            report.skipped += 1
-            report.skip_reasons[outcome.reason] += 1
-            log("skip %s: %s", row.id, outcome.reason)
-        yield outcome
-
-
-@contextlib.contextmanager
-def _signals_stop(stop: threading.Event):
-    """First SIGINT/SIGTERM: set `stop` (the run winds down); a second: exit at once."""
-    import signal
-
-    received: List[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield received
-        return
-
-    def handler(signum, frame):
-        if received:
-            os._exit(128 + signum)
-        received.append(signum)
-        stop.set()
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield received
-    finally:
-        for signum, old in previous.items():
-            signal.signal(signum, old)
-
-
 class LowWaterMark:
     """Rows numbered in read order; the mark is the longest prefix of rows done
     (written, or skipped by design), and the checkpoint follows it."""
@@ -1833,279 +1993,297 @@ class LowWaterMark:
         self.positions.clear()
 
 
-class Writer:
-    """-apply's writes: planned rows, oldest first, pipelined over keep-alive
-    connections by one loop.
+# ---------------------------------------------------------------------------
+# -dry-run and -apply themselves
+# ---------------------------------------------------------------------------
 
-    At most --concurrency writes are in flight at the plugin, and at most
-    READ_AHEAD_ROWS more are planned ahead (in one go), so memory stays flat
-    whatever the table size.  Each namespace is upserted (through urllib3)
-    once per run, before its first write.  Connection errors, timeouts and
-    429/502/503/504 are retried with backoff and jitter, honouring
-    Retry-After; every unanswered write on a failed connection is re-sent on
-    a fresh one (a retry of each: writes are idempotent by id).  A dependency
-    failure stops new work; the writes in flight still get their answers.
+SHOWN_PROBLEMS = 20  # per-row errors / problems listed in the text summary
+
+
+@dataclass
+class BackfillReport:
+    mode: str
+    plugin: PluginAddress
+    redact: bool = True
+    scanned: int = 0
+    errors: int = 0
+    by_scope: Counter = field(default_factory=Counter)  # rows copied (or to copy)
+    by_kind: Counter = field(default_factory=Counter)
+    skip_reasons: Counter = field(default_factory=Counter)
+    redactions: Counter = field(default_factory=Counter)
+    namespaces: set = field(default_factory=set)
+    problems: List[str] = field(default_factory=list)  # "id: message", capped
+    plugin_status: Optional[str] = None
+    checkpoint_path: Optional[str] = None
+    resumed_from: Optional[Dict[str, object]] = None
+    failures_path: Optional[str] = None
+    load: Optional[Dict[str, object]] = None  # the write stream's, at the end
+    stopped: Optional[str] = None  # why -apply stopped early
+    stopped_status: Optional[ExitStatus] = None
+
+    @property
+    def copied(self) -> int:
+        return sum(self.by_scope.values())
+
+    @property
+    def skipped(self) -> int:
+        return sum(self.skip_reasons.values())
+
+    @property
+    def done(self) -> int:
+        return self.copied + self.skipped + self.errors
+
+    def count_copy(self, planned: PlannedWrite) -> None:
+        self.by_scope[planned.row.scope] += 1
+        self.by_kind[planned.target.kind] += 1
+        self.namespaces.add(planned.target.namespace)
+        if planned.redactions:
+            self.redactions.update(planned.redactions)
+
+    def count_error(self, row_id: str, error: Exception) -> None:
+        self.errors += 1
+        if len(self.problems) < SHOWN_PROBLEMS:
+            self.problems.append("%s: %s" % (row_id, error))
+
+    def exit_status(self) -> ExitStatus:
+        if self.stopped_status is not None:
+            return self.stopped_status
+        return ExitStatus.INCOMPLETE if self.errors else ExitStatus.OK
+
+    def to_json(self) -> Dict[str, object]:
+        return {
+            "mode": self.mode, "scanned": self.scanned, "copied": self.copied,
+            "skipped": self.skipped, "errors": self.errors, "redaction": self.redact,
+            "rows_by_scope": dict(self.by_scope), "rows_by_namespace_kind": dict(self.by_kind),
+            "namespaces": len(self.namespaces), "skipped_by_reason": dict(self.skip_reasons),
+            "redactions_by_label": dict(self.redactions), "error_rows": self.problems,
+            "plugin_url": self.plugin.url, "plugin_url_is_default": self.plugin.default,
+            "plugin": self.plugin_status, "writes": self.load, "checkpoint": self.checkpoint_path,
+            "resumed_from": self.resumed_from, "failures_file": self.failures_path,
+            "stopped": self.stopped, "exit_status": int(self.exit_status()),
+        }
+
+
+def planned_outcomes(rows: Iterable[LegacyRow], tree: WorkspaceTree, settings: Settings,
+                     report: BackfillReport, log) -> Iterator[Outcome]:
+    """Each row's outcome, counted as scanned (and skipped) in the report as it goes."""
+    for row in rows:
+        report.scanned += 1
+        outcome = plan_row(row, tree, settings.redact)
+        if isinstance(outcome, Skipped):
+            report.skip_reasons[outcome.reason] += 1
+            log("skip %s: %s", row.id, outcome.reason)
+        yield outcome
+
+
+def dry_run(settings: Settings, log, stderr=None) -> BackfillReport:
+    """-dry-run: read and decide everything, write nothing; say whether -apply could start."""
+    report = BackfillReport(settings.mode, settings.plugin, redact=settings.redact)
+    try:
+        version = PluginClient(settings.plugin, settings.timeout, 0).check_health()
+        report.plugin_status = "ok (version %s): -apply could start" % version
+    except DependencyError as exc:
+        report.plugin_status = "NOT ready, -apply would stop: %s" % exc
+    workspaces = [settings.workspace] if settings.workspace else None
+    with LegacyDatabase(settings.database) as database:
+        tree = database.read_workspaces()
+        total = database.count_rows(workspaces, settings.limit)
+        with show_progress(settings, report, total, stderr):
+            for outcome in planned_outcomes(database.rows(workspaces, settings.limit), tree, settings,
+                                            report, log):
+                if isinstance(outcome, PlannedWrite):
+                    report.count_copy(outcome)
+                    log("would copy %s -> %s", outcome.row.id, outcome.target.namespace)
+    return report
+
+
+def apply(settings: Settings, log, stderr=None) -> BackfillReport:
+    """-apply: copy the rows, oldest first, through the write stream.
+
+    It stops early, cleanly, on a lost dependency or a signal: the writes in
+    flight get their answers, the checkpoint is saved, and the error raised
+    carries the report so far.
     """
+    report = BackfillReport(settings.mode, settings.plugin, redact=settings.redact)
+    checkpoint = Checkpoint.open(settings) if settings.checkpoint else None
+    if checkpoint is not None:
+        report.checkpoint_path = settings.checkpoint
+        report.resumed_from = checkpoint.position
+        if checkpoint.complete:
+            report.plugin_status = "not contacted: the checkpoint says this backfill is complete"
+            return report
+    plugin = PluginClient(settings.plugin, settings.timeout, settings.retries)
+    report.plugin_status = "ok (version %s)" % plugin.check_health()
+    stop = threading.Event()
+    stream = WriteStream(settings.plugin, settings.write_ceiling, settings.timeout, plugin.retry,
+                         settings.max_rate, stop)
+    stopped: Optional[BackfillError] = None
+    with LegacyDatabase(settings.database) as database:  # a refusal here comes before any write
+        after = checkpoint.position if checkpoint else None
+        workspaces = [settings.workspace] if settings.workspace else None
+        tree = database.read_workspaces()
+        total = database.count_rows(workspaces, settings.limit, after)
+        outcomes = planned_outcomes(database.rows(workspaces, settings.limit, after), tree, settings,
+                                    report, log)
+        failures = FailureLog(settings.failures, append=bool(checkpoint and checkpoint.position))
+        report.failures_path = settings.failures
+        writes = ApplyWrites(plugin, settings, report, log, checkpoint, failures, stream, outcomes)
+        with signals_stop(stop) as received:
+            try:
+                with show_progress(settings, report, total, stderr, stream.describe_load):
+                    stopped = stream.run(writes.fill, writes.answered)
+            except BackfillError as exc:
+                stopped = exc
+            except Exception as exc:  # noqa: BLE001 - a defect: stop with the summary and checkpoint
+                stopped = BackfillError("-apply failed unexpectedly (%s, a defect of %s); stopped. "
+                                        "Re-run to resume." % (type(exc).__name__, PROG))
+            finally:
+                stream.close()
+                failures.close()
+    report.load = stream.load()
+    if received:
+        stopped = Interrupted(received[0])
+    if checkpoint is not None:
+        # Complete only when the table was read to its end: a -limit run that
+        # used up its limit leaves the rest for the next run.
+        reached_end = settings.limit is None or report.scanned < settings.limit
+        try:
+            checkpoint.save(complete=stopped is None and report.errors == 0 and reached_end)
+        except BackfillError as exc:
+            stopped = stopped or exc
+    if stopped is not None:
+        report.stopped, report.stopped_status = str(stopped), stopped.status
+        stopped.report = report
+        raise stopped
+    return report
+
+
+JSON_ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"), check_circular=False)
+
+
+def write_request(address: PluginAddress, planned: PlannedWrite, heads: Dict[str, bytes]) -> bytes:
+    """The POST of one memory, ready to send (`heads` caches each namespace's head)."""
+    namespace = planned.target.namespace
+    head = heads.get(namespace)
+    if head is None:
+        head = heads[namespace] = write_request_head(address, namespace)
+    try:
+        payload = JSON_ENCODER.encode(planned.body).encode("ascii")
+    except ValueError:  # allow_nan=False: only the embedding holds floats
+        raise RowFailed("the embedding holds NaN or Infinity, which JSON cannot carry") from None
+    return with_body(head, payload)
+
+
+def stored_id(body: bytes) -> Optional[str]:
+    """The id in a 201 body, {"id": "...", "namespace": "..."}; None if it is not that object."""
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    found = data.get("id") if isinstance(data, dict) else None
+    return found.lower() if isinstance(found, str) else None
+
+
+class ApplyWrites:
+    """-apply's side of the write stream: rows in (planned, numbered, their namespace
+    upserted once per run before its first write), answers out (counted, the checkpoint
+    advanced).  A 2xx whose body names another id than the one sent stops the run: that
+    plugin ignores ids, so every re-run would duplicate every row (REFERENCE §4)."""
 
     def __init__(self, plugin: PluginClient, settings: Settings, report: BackfillReport, log,
-                 checkpoint: Optional[Checkpoint], failures: FailureLog, stop: threading.Event):
-        import ssl
-
+                 checkpoint: Optional[Checkpoint], failures: FailureLog, stream: WriteStream,
+                 outcomes: Iterator[Outcome]):
         self.plugin = plugin
         self.report = report
         self.log = log
         self.failures = failures
-        self.stop = stop
-        self.timeout = settings.timeout
-        self.max_retries = settings.retries
+        self.stream = stream
+        self.outcomes = outcomes
         self.max_consecutive_failures = settings.max_consecutive_failures
-        self.limiter = RateLimiter(settings.max_rate) if settings.max_rate else None
-        context = ssl.create_default_context() if plugin.address.tls else None
-        self.connections = [WriteConnection(plugin.address, context, depth, settings.timeout)
-                            for depth in connection_depths(settings.concurrency)]
-        self.capacity = settings.concurrency  # writes in flight at the plugin, at most
-        self.window = settings.concurrency + READ_AHEAD_ROWS  # rows read and not yet done, at most
-        self.unresolved = 0
-        self.ready: Deque[PendingWrite] = deque()  # to send, oldest first
-        self.retrying: List[PendingWrite] = []  # to send again after their backoff
+        self.mark = LowWaterMark(checkpoint)
         self.heads: Dict[str, bytes] = {}  # namespace -> the start of its POST
         self.namespaces: set = set()  # upserted in this run
-        self.mark = LowWaterMark(checkpoint)
         self.consecutive_failures = 0
-        self.fatal: Optional[BackfillError] = None
-        self.answered = 0  # responses read, in all
-        self.answer_rate = 0.0  # responses per second, a moving average
-        self.pace = 0.0  # pause between reads while writes are in flight
-        self.last_read = 0.0
 
-    def run(self, outcomes: Iterator[Outcome]) -> Optional[BackfillError]:
-        """Write every planned row; return what stopped the run early, if anything."""
-        more_rows = True
-        try:
-            while True:
-                if self.stop.is_set():
-                    self.ready.clear()
-                    self.retrying.clear()
-                else:
-                    if more_rows and len(self.ready) < self.capacity:
-                        more_rows = self._read_ahead(outcomes)
-                    self._send()
-                busy = [connection for connection in self.connections if connection.in_flight]
-                if not (busy or self.ready or self.retrying or (more_rows and not self.stop.is_set())):
-                    return self.fatal
-                self._wait(busy)
-        finally:
-            for connection in self.connections:
-                connection.close()
-
-    # --- reading ahead ----------------------------------------------------
-
-    def _read_ahead(self, outcomes: Iterator[Outcome]) -> bool:
-        """Plan rows until the window is full; False once there are no more."""
-        while self.unresolved < self.window:
+    def fill(self, room: int) -> bool:
+        """Plan up to `room` more writes; False once there are no more rows."""
+        while room > 0:
             try:
-                outcome = next(outcomes, None)
+                outcome = next(self.outcomes, None)
             except BackfillError as exc:  # the legacy database was lost
-                self._fail(exc)
+                self.stream.fail(exc)
                 return False
             if outcome is None:
                 return False
             number = self.mark.number(outcome.row)
             if isinstance(outcome, Skipped):
-                self.failures.record(outcome.row, reason=outcome.reason)
+                self.failures.record_row(outcome.row, reason=outcome.reason)
                 self._settle(number)
                 continue
-            self.unresolved += 1
+            job = Job(number, outcome, b"")
+            if outcome.target.namespace not in self.namespaces and not self._upsert_namespace(job):
+                continue
             try:
-                self.ready.append(PendingWrite(number, outcome, self._request(outcome)))
+                job.request = write_request(self.plugin.address, outcome, self.heads)
             except RowFailed as exc:
-                self._refused(PendingWrite(number, outcome, b""), exc)
+                self._refused(job, exc)
+                continue
+            self.stream.submit(job)
+            room -= 1
         return True
 
-    def _request(self, planned: PlannedWrite) -> bytes:
-        """The POST of one memory, ready to send."""
-        namespace = planned.target.namespace
-        head = self.heads.get(namespace)
-        if head is None:
-            head = self.heads[namespace] = write_request_head(self.plugin.address, namespace)
-        try:
-            payload = JSON_ENCODER.encode(planned.body).encode("ascii")
-        except ValueError:  # allow_nan=False: only the embedding holds floats
-            raise RowFailed("the embedding holds NaN or Infinity, which JSON cannot carry") from None
-        return b"%s%d\r\n\r\n%s" % (head, len(payload), payload)
-
-    # --- sending ----------------------------------------------------------
-
-    def _send(self) -> None:
-        now = time.monotonic()
-        if self.retrying:
-            due = sorted((w for w in self.retrying if w.not_before <= now), key=lambda w: w.number)
-            if due:
-                self.retrying = [w for w in self.retrying if w.not_before > now]
-                self.ready.extendleft(reversed(due))
-        for connection in self.connections:
-            batch: List[PendingWrite] = []
-            slots = connection.free_slots()
-            while slots > len(batch) and self.ready and not self.stop.is_set():
-                if self.limiter is not None and self.limiter.delay(now) > 0:
-                    break
-                write = self.ready.popleft()
-                if write.planned.target.namespace in self.namespaces or self._upsert_namespace(write):
-                    batch.append(write)
-            if batch:
-                try:
-                    connection.send(batch, now)
-                except OSError as exc:
-                    self._connection_failed(connection, exc, now)
-
-    def _upsert_namespace(self, write: PendingWrite) -> bool:
-        """PUT the write's namespace (the first time in this run); False if the write cannot go."""
-        target = write.planned.target
+    def _upsert_namespace(self, job: Job) -> bool:
+        """PUT the job's namespace (the first time in this run); False if the write cannot go."""
+        target = job.item.target
         try:
             self.plugin.put_namespace(target.namespace, target.kind)
         except RowFailed as exc:  # the next row of this namespace tries again
-            self._refused(write, exc)
+            self._refused(job, exc)
             return False
         except BackfillError as exc:
-            self._fail(exc)
+            self.stream.fail(exc)
             return False
         self.namespaces.add(target.namespace)
         return True
 
-    # --- receiving --------------------------------------------------------
-
-    def _wait(self, busy: List[WriteConnection]) -> None:
-        """Wait for answers (or the next retry, rate slot or timeout), then handle them.
-
-        With all --concurrency writes in flight, answers are read only every so
-        often (`pace`: about the time the plugin takes to answer half of them),
-        so that each system call carries several requests and responses: on
-        loopback one send and one receive cost more CPU than reading and
-        planning a row.  The plugin has the other half to work on meanwhile.
-        """
-        now = time.monotonic()
-        if not busy:
-            time.sleep(max(0.0, self._wake_time(now) - now))
+    def answered(self, job: Job, response: Response) -> None:
+        planned = job.item
+        status = response.head.status
+        if not 200 <= status < 300:
+            self._refused(job, plugin_rejected(response))
             return
-        full = sum(len(connection.in_flight) for connection in busy) >= self.capacity
-        if full and now < self.last_read + self.pace:
-            time.sleep(self.last_read + self.pace - now)
-            now = time.monotonic()
-        answered = self.answered
-        for connection in busy:  # answers are usually there by now: no select() first
-            self._receive(connection, now)
-        if self.answered == answered:
-            busy = [connection for connection in self.connections if connection.in_flight]
-            if busy:
-                readable, writable, _ = select.select(
-                    busy, [connection for connection in busy if connection.outgoing], [],
-                    max(0.0, self._wake_time(now) - now))
-                now = time.monotonic()
-                for connection in writable:
-                    try:
-                        connection.flush()
-                    except OSError as exc:
-                        self._connection_failed(connection, exc, now)
-                for connection in readable:
-                    if connection.in_flight:
-                        self._receive(connection, now)
-        if full and self.answered > answered:
-            rate = (self.answered - answered) / max(now - self.last_read, 1e-6)
-            self.answer_rate = rate if not self.answer_rate else 0.8 * self.answer_rate + 0.2 * rate
-            self.pace = min(MAX_PACE_SECONDS, 0.5 * self.capacity / self.answer_rate)
-        self.last_read = now
-        for connection in self.connections:
-            if connection.in_flight and now - connection.last_progress >= self.timeout:
-                self._connection_failed(connection, ConnectionLost(
-                    "no answer within %g s (--timeout)" % self.timeout), now)
-
-    def _wake_time(self, now: float) -> float:
-        """When to stop waiting for answers: a timeout, a retry or rate slot due, or a signal."""
-        wake = now + STOP_CHECK_SECONDS
-        busy = [connection.last_progress for connection in self.connections if connection.in_flight]
-        if busy:
-            wake = min(wake, min(busy) + self.timeout)
-        if self.retrying:
-            wake = min(wake, min(write.not_before for write in self.retrying))
-        if self.ready and self.limiter is not None:
-            wake = min(wake, self.limiter.next_slot)
-        return wake
-
-    def _receive(self, connection: WriteConnection, now: float) -> None:
-        try:
-            responses, closed = connection.receive(now)
-        except (ConnectionLost, OSError) as exc:
-            self._connection_failed(connection, exc, now)
+        found = stored_id(response.body)
+        if found != planned.row.id:
+            self._duplicated(job, found)
             return
-        except ProtocolError as exc:
-            self._protocol_error(connection, exc)
-            return
-        for response in responses:
-            if not connection.in_flight:
-                self._protocol_error(connection, ProtocolError("a response to no request"))
-                return
-            self._answered(connection.in_flight.popleft(), response, now)
-            if not response.persistent:  # the rest were not answered: send them again
-                self.ready.extendleft(reversed(connection.close()))
-                return
-            connection.pipelining = True
-        if closed:
-            self._connection_failed(connection, ConnectionLost("the server closed the connection"), now)
-
-    def _answered(self, write: PendingWrite, response: Response, now: float) -> None:
-        self.answered += 1
-        status = response.status
-        if 200 <= status < 300:
-            self._written(write)
-        elif status in RETRY_STATUSES and write.retries < self.max_retries:
-            write.retries += 1
-            delay = backoff_seconds(write.retries)
-            retry_after = response.field(b"retry-after")
-            if retry_after is not None:
-                with contextlib.suppress(ValueError):  # urllib3's InvalidHeader is a ValueError
-                    delay = self.plugin.retry.parse_retry_after(retry_after.decode("latin-1"))
-            write.not_before = now + delay
-            self.retrying.append(write)
-        else:
-            self._refused(write, PluginRejected(status, plugin_error_message(response.body, response.reason)))
-
-    def _connection_failed(self, connection: WriteConnection, error: Exception, now: float) -> None:
-        """Every unanswered write on the connection goes again, on a fresh one (a retry of each)."""
-        for write in connection.close():
-            write.retries += 1
-            if write.retries > self.max_retries:
-                self._fail(plugin_unreachable(self.plugin.base_url, error))
-                return
-            write.not_before = now + backoff_seconds(write.retries)
-            self.retrying.append(write)
-
-    def _protocol_error(self, connection: WriteConnection, error: ProtocolError) -> None:
-        connection.close()  # its unanswered writes are not done: a resume writes them
-        self._fail(DependencyError(
-            "The memory plugin at %s sent a response that is not valid HTTP/1.1 (%s); stopped. "
-            "Check that MEMORY_PLUGIN_URL points at the memory plugin, then re-run to resume."
-            % (self.plugin.base_url, error)))
-
-    # --- outcomes ---------------------------------------------------------
-
-    def _written(self, write: PendingWrite) -> None:
-        planned = write.planned
         self.report.count_copy(planned)
         self.consecutive_failures = 0
-        self.unresolved -= 1
-        self._settle(write.number)
+        self._settle(job.number)
         self.log("copy %s -> %s", planned.row.id, planned.target.namespace)
 
-    def _refused(self, write: PendingWrite, error: RowFailed) -> None:
-        row = write.planned.row
-        self.failures.record(row, error=str(error), status=getattr(error, "status", None))
+    def _duplicated(self, job: Job, found: Optional[str]) -> None:
+        """The plugin stored the write under another id (or said nothing readable)."""
+        row = job.item.row
+        error = RowFailed("the plugin stored it as %s, not under its own id" % found if found else
+                          "the plugin's 201 body does not name the id it stored")
+        self.failures.record_row(row, error=str(error), stored_id=found)
+        self.report.count_error(row.id, error)
+        self.mark.freeze()
+        self.stream.fail(DependencyError(
+            "The memory plugin at %s ignores the ids it is given (row %s was stored %s), so every "
+            "re-run would duplicate every row; stopped: upgrade the plugin to one with idempotent "
+            "upsert by id, then run again." % (self.plugin.address.url, row.id,
+                                               "as %s" % found if found else "without naming its id")))
+
+    def _refused(self, job: Job, error: RowFailed) -> None:
+        row = job.item.row
+        self.failures.record_row(row, error=str(error), status=getattr(error, "status", None))
         self.log("error %s: %s", row.id, error)
         self.report.count_error(row.id, error)
         self.mark.freeze()
-        self.unresolved -= 1
         self.consecutive_failures += 1
         if self.consecutive_failures >= self.max_consecutive_failures:
-            self._fail(DependencyError(
+            self.stream.fail(DependencyError(
                 "The plugin refused %d rows in a row (the last: %s); stopped. Fix the plugin, "
                 "then re-run to resume." % (self.consecutive_failures, error)))
 
@@ -2113,59 +2291,150 @@ class Writer:
         try:
             self.mark.done(number)
         except BackfillError as exc:  # the checkpoint cannot be saved
-            self._fail(exc)
-
-    def _fail(self, error: BackfillError) -> None:
-        self.fatal = self.fatal or error
-        self.stop.set()
+            self.stream.fail(exc)
 
 
-def verify(settings: Settings, log) -> VerifyReport:
+# ===========================================================================
+# -verify
+# ===========================================================================
+
+SEARCH_QUERY_CHARS = 2000  # cap on the text of a targeted search
+DIFF_CONTEXT_CHARS = 30  # (redacted) content shown on each side of a first difference
+NAMESPACES_PER_SEARCH = 500  # a search over the whole tenant is split into searches this big
+VERIFY_GROUP_ROWS = 2000  # -verify reads, lists and searches this many rows at a time
+
+# What -verify finds for a row: exactly one of these.
+MATCH = "match"
+MISSING = "missing"
+WRONG_NAMESPACE = "wrong namespace"
+CONTENT_DIFFERS = "content differs"
+UNREDACTED = "unredacted"
+PROVENANCE = "provenance"
+UNVERIFIABLE = "unverifiable"
+PROBLEM_CLASSES = (MISSING, WRONG_NAMESPACE, CONTENT_DIFFERS, UNREDACTED, PROVENANCE)
+VERIFY_CLASSES = (MATCH,) + PROBLEM_CLASSES + (UNVERIFIABLE,)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """What -verify found for one row: its class, and what differs (never a secret)."""
+
+    planned: PlannedWrite
+    verdict: str  # one of VERIFY_CLASSES
+    detail: str = ""
+    found_in: Optional[str] = None  # the namespace that holds the plugin's copy
+    labels: Tuple[str, ...] = ()  # unredacted: the labels of the secrets in clear
+
+    def line(self) -> str:
+        row = self.planned.row
+        return "%s %s (workspace %s): %s" % (self.verdict, row.id, row.workspace_id, self.detail)
+
+    def to_json(self) -> Dict[str, object]:
+        entry: Dict[str, object] = {
+            "id": self.planned.row.id, "workspace_id": self.planned.row.workspace_id,
+            "class": self.verdict, "expected_namespace": self.planned.target.namespace,
+            "found_namespace": self.found_in}
+        if self.labels:
+            entry["labels"] = list(self.labels)
+        return entry
+
+
+@dataclass
+class VerifyReport:
+    plugin: PluginAddress
+    workspaces_sampled: int = 0
+    classes: Counter = field(default_factory=Counter)
+    problems: List[str] = field(default_factory=list)  # the first SHOWN_PROBLEMS lines
+    failures_path: Optional[str] = None
+
+    @property
+    def matches(self) -> int:
+        return self.classes[MATCH]
+
+    @property
+    def mismatches(self) -> int:
+        return sum(self.classes[verdict] for verdict in PROBLEM_CLASSES)
+
+    @property
+    def errors(self) -> int:
+        return self.classes[UNVERIFIABLE]
+
+    def count(self, finding: Finding) -> None:
+        self.classes[finding.verdict] += 1
+        if finding.verdict != MATCH and len(self.problems) < SHOWN_PROBLEMS:
+            self.problems.append(finding.line())
+
+    def exit_status(self) -> ExitStatus:
+        return ExitStatus.INCOMPLETE if self.mismatches or self.errors else ExitStatus.OK
+
+    def to_json(self) -> Dict[str, object]:
+        return {
+            "mode": "verify", "plugin_url": self.plugin.url, "plugin_url_is_default": self.plugin.default,
+            "workspaces_sampled": self.workspaces_sampled,
+            "matches": self.matches, "mismatches": self.mismatches, "errors": self.errors,
+            "unverifiable": self.errors, "problems": self.problems,
+            "rows_by_class": {verdict.replace(" ", "_"): self.classes[verdict]
+                              for verdict in VERIFY_CLASSES},
+            "failures_file": self.failures_path, "exit_status": int(self.exit_status()),
+        }
+
+
+def verify(settings: Settings, log, stderr=None) -> VerifyReport:
     """-verify: every row -apply would write, for a sample of workspaces, looked up in the plugin."""
     from concurrent.futures import ThreadPoolExecutor
 
-    report = VerifyReport(failures_path=settings.failures)
-    plugin = PluginClient(settings.plugin_url, settings.timeout, settings.retries,
-                          connections=settings.concurrency)
+    report = VerifyReport(settings.plugin, failures_path=settings.failures)
+    plugin = PluginClient(settings.plugin, settings.timeout, settings.retries, connections=settings.searches)
     plugin.check_health()
     failures = FailureLog(settings.failures)
     try:
         with LegacyDatabase(settings.database) as database, \
-                ThreadPoolExecutor(settings.concurrency, thread_name_prefix="search") as pool:
+                ThreadPoolExecutor(settings.searches, thread_name_prefix="search") as pool:
             tree = database.read_workspaces()
             if settings.workspace:
                 sample = [settings.workspace]
             else:
-                candidates = [w for w in database.workspaces_with_rows()
-                              if w in tree and not tree.is_removed(w)]
+                candidates = [w for w in database.workspaces_of() if w in tree and not tree.is_removed(w)]
                 sample = sample_workspaces(candidates, settings.verify_sample, settings.seed)
             report.workspaces_sampled = len(sample)
             finder = RecordFinder(plugin, database, tree, sample, pool)
-            for rows, finished in _row_groups(database.rows_by_workspace(sample), VERIFY_GROUP_ROWS):
+            for rows, finished in row_groups(database.rows(sample, by_workspace=True), VERIFY_GROUP_ROWS):
                 planned = [outcome for outcome in (plan_row(row, tree, settings.redact) for row in rows)
                            if isinstance(outcome, PlannedWrite)]
-                for finding in finder.check(planned):
+                lookups = finder.find([Sought(p.row, p.body["content"], p.target.namespace) for p in planned])
+                for p in planned:
+                    finding = classify(p, lookups[p.row.id])
                     report.count(finding)
                     if finding.verdict == MATCH:
-                        log("match %s", finding.planned.row.id)
+                        log("match %s", p.row.id)
                     else:
                         log(finding.line())
-                        failures.record_finding(finding)
+                        failures.write(finding.to_json())
                 finder.done_with(finished)
     finally:
         failures.close()
     return report
 
 
-def _row_groups(rows: Iterable[LegacyRow], size: int) -> Iterator[Tuple[List[LegacyRow], List[str]]]:
+def sample_workspaces(candidates: Iterable[str], size: int, seed: int) -> List[str]:
+    """A deterministic sample (size 0 = all), in sorted order."""
+    import random
+
+    ordered = sorted(candidates)
+    if size == 0 or size >= len(ordered):
+        return ordered
+    return sorted(random.Random(seed).sample(ordered, size))
+
+
+def row_groups(rows: Iterable[LegacyRow], size: int) -> Iterator[Tuple[List[LegacyRow], List[str]]]:
     """Rows (ordered by workspace) in groups of about `size`, cut between workspaces
     unless one workspace alone is far bigger; each with the workspaces it finishes."""
     group: List[LegacyRow] = []
     finished: List[str] = []
-    current = None
+    current = first = object()
     for row in rows:
         if row.workspace_id != current:
-            if current is not None:
+            if current is not first:
                 finished.append(current)
             current = row.workspace_id
             if len(group) >= size:
@@ -2175,29 +2444,46 @@ def _row_groups(rows: Iterable[LegacyRow], size: int) -> Iterator[Tuple[List[Leg
             yield group, finished
             group, finished = [], []
         group.append(row)
-    if current is not None:
+    if current is not first:
         finished.append(current)
     yield group, finished
 
 
-class RecordFinder:
-    """Finds rows in the plugin, which has no lookup by id and caps a search at 100.
+# --- finding a row's record: the plugin has no lookup by id ----------------
 
-    Each namespace a sampled row belongs in is listed once (its newest 100),
-    kept while a workspace still to come may need it.  Rows not seen there are
+@dataclass(frozen=True)
+class Sought:
+    """A row to find in the plugin."""
+
+    row: LegacyRow
+    content: str  # as -apply writes it
+    namespace: Optional[str]  # where -apply writes it; None for a row it skips
+
+
+class Lookup(NamedTuple):
+    """What the finder learned about one row."""
+
+    record: Optional[Dict]  # the plugin's record with the row's id, wherever it is
+    complete: bool  # a search of the whole tenant that must have returned it came back whole
+    searchable: bool  # that search could find it: its text has words, or is one character
+    refused: Optional[str]  # the plugin refused a search for it
+
+
+class RecordFinder:
+    """Finds rows' records in the plugin, which has no lookup by id and caps a search at 100.
+
+    Each namespace a row is written to is listed once (its newest 100), kept
+    while a workspace still to come may need it.  Rows not seen there are
     searched for by words several of them share (shared_word_searches), then
-    each one by its own words in the namespaces its workspace can read;
-    if still unseen, with words a changed copy would still share (the text
-    without its redaction marks, either half), then with its own words in every
-    namespace of the tenant.  A row seen in any earlier result is not searched
-    for again.  Searches run on the pool, --concurrency at a time.  A row is
-    `missing` only when a search over the whole tenant that must have returned
-    it came back complete (under 100 results, with searchable words); else it
-    is `unverifiable`.
+    each one by its own words in the namespaces its workspace reads; if still
+    unseen, with words a changed copy would still share (the text without its
+    redaction marks, either half), then with its own words in every namespace
+    of the tenant.  Searches run on the pool, --concurrency at a time, and
+    return what they found; find() alone puts it together.
     """
 
     def __init__(self, plugin: PluginClient, database: LegacyDatabase, tree: WorkspaceTree,
-                 sample: List[str], pool):
+                 workspaces: List[str], pool):
         self.plugin = plugin
         self.database = database
         self.tree = tree
@@ -2206,129 +2492,483 @@ class RecordFinder:
         self.tenant_namespaces = [namespaces[n:n + NAMESPACES_PER_SEARCH]
                                   for n in range(0, len(namespaces), NAMESPACES_PER_SEARCH)]
         self.listings: Dict[str, List[str]] = {}  # namespace -> the ids of its newest records
-        self.users = Counter(name for workspace in sample for name in target_namespaces(workspace, tree))
         self.listed: Dict[str, Dict] = {}  # row id -> the plugin's record, from the listings kept
-        self.seen: Dict[str, Dict] = {}  # row id -> the plugin's record, from this group's searches
+        self.users = Counter(name for workspace in workspaces for name in self._written(workspace))
 
-    def done_with(self, workspaces: List[str]) -> None:
+    def _written(self, workspace: Optional[str]) -> List[str]:
+        """The namespaces the workspace's rows are written to."""
+        names = []
+        for scope in SCOPE_KINDS:
+            with contextlib.suppress(RowSkipped):
+                names.append(resolve_target(workspace, scope, self.tree).namespace)
+        return names
+
+    def done_with(self, workspaces: List[Optional[str]]) -> None:
         """Forget what only these (finished) workspaces needed: memory stays flat."""
         for workspace in workspaces:
-            for namespace in target_namespaces(workspace, self.tree):
+            for namespace in self._written(workspace):
                 self.users[namespace] -= 1
                 if self.users[namespace] <= 0 and namespace in self.listings:
                     for row_id in self.listings.pop(namespace):
                         self.listed.pop(row_id, None)
 
-    def check(self, planned: List[PlannedWrite]) -> List[Finding]:
-        """Find and classify a group of rows."""
-        unlisted = sorted({p.target.namespace for p in planned} - set(self.listings))
-        for namespace, listed in zip(unlisted, self.pool.map(self.plugin.search_quietly, unlisted)):
+    def find(self, sought: List[Sought]) -> Dict[str, Lookup]:
+        """Look for a group of rows; a Lookup for each, by row id."""
+        wanted = {s.row.id for s in sought}
+        unlisted = sorted({s.namespace for s in sought if s.namespace} - set(self.listings))
+        for namespace, (listed, _, _) in zip(unlisted, self.pool.map(lambda n: self._search([n]), unlisted)):
             self.listings[namespace] = [record["id"] for record in listed]
             self.listed.update((record["id"], record) for record in listed)
-        self.seen = dict(self.listed)
+        seen = {row_id: self.listed[row_id] for row_id in wanted if row_id in self.listed}
+        unseen = [s for s in sought if s.row.id not in seen]
+        searches = shared_word_searches(sought, unseen)
+        for records, _, _ in self.pool.map(lambda search: self._search([search[0]], search[1]), searches):
+            _keep(seen, records, wanted)  # a refused one: its rows are searched for one by one
         refused: Dict[str, str] = {}
-        unseen = [p for p in planned if p.row.id not in self.seen]
-        list(self.pool.map(self._search_shared_word, shared_word_searches(planned, unseen)))
-        unseen = [p for p in unseen if p.row.id not in self.seen]
-        list(self.pool.map(lambda p: self._search_nearby(p, refused), unseen))
-        unseen = [p for p in unseen if p.row.id not in self.seen and p.row.id not in refused]
-        complete = dict(zip([p.row.id for p in unseen], self.pool.map(
-            lambda p: self._search_everywhere(p, refused), unseen)))
-        unseen = [p for p in unseen if p.row.id not in self.seen and p.row.id not in refused]
-        searchable = dict(zip([p.row.id for p in unseen], self.database.have_search_words(
-            [search_query(p.body["content"]) for p in unseen])))
-        findings = []
-        for p in planned:
-            row_id = p.row.id
-            if row_id in self.seen:
-                findings.append(classify(p, self.seen[row_id]))
-            elif row_id in refused:
-                findings.append(Finding(p, UNVERIFIABLE, "the plugin refused a search for it (%s)"
-                                        % refused[row_id]))
-            elif complete.get(row_id) and (searchable[row_id] or len(search_query(p.body["content"])) < 2):
-                findings.append(classify(p, None))
-            else:
-                findings.append(Finding(p, UNVERIFIABLE, (
-                    "not among the newest %d of %s, and a search for its words matches too many "
-                    "records or finds no searchable word" % (SEARCH_CAP, p.target.namespace))))
-        return findings
+        unseen = [s for s in unseen if s.row.id not in seen]
+        for s, (records, _, error) in zip(unseen, self.pool.map(
+                lambda s: self._search(self._nearby(s), search_query(s.content)), unseen)):
+            _keep(seen, records, wanted)
+            if error:
+                refused[s.row.id] = error
+        unseen = [s for s in unseen if s.row.id not in seen and s.row.id not in refused]
+        complete: Dict[str, bool] = {}
+        for s, (records, whole, error) in zip(unseen, self.pool.map(self._search_everywhere, unseen)):
+            _keep(seen, records, wanted)
+            complete[s.row.id] = whole
+            if error:
+                refused[s.row.id] = error
+        unseen = [s for s in unseen if s.row.id not in seen and s.row.id not in refused]
+        queries = [search_query(s.content) for s in unseen]
+        searchable = {s.row.id: has_words or len(query) < 2 for s, query, has_words in zip(
+            unseen, queries, self.database.have_search_words(queries))}
+        return {s.row.id: Lookup(seen.get(s.row.id), complete.get(s.row.id, False),
+                                 searchable.get(s.row.id, False), refused.get(s.row.id)) for s in sought}
 
-    def _search(self, namespaces: List[str], query: str, planned: PlannedWrite,
-                refused: Dict[str, str]) -> bool:
-        """One search; whether it was complete (fewer results than the cap)."""
+    def _search(self, namespaces: List[str], query: Optional[str] = None
+                ) -> Tuple[List[Dict], bool, Optional[str]]:
+        """One search: what it found, whether that is all there is (under the cap), and the
+        plugin's refusal, if it refused."""
+        if not namespaces:  # a row of no workspace: only the tenant-wide search looks for it
+            return [], True, None
         try:
             found = self.plugin.search(namespaces, query)
         except PluginRejected as exc:
-            refused[planned.row.id] = str(exc)
-            return False
-        self._remember(found)
-        return len(found) < SEARCH_CAP
+            return [], False, str(exc)
+        return found, len(found) < SEARCH_CAP, None
 
-    def _search_shared_word(self, search: Tuple[str, str]) -> None:
-        namespace, word = search
-        with contextlib.suppress(PluginRejected):  # its rows are searched for one by one
-            self._remember(self.plugin.search([namespace], word))
-
-    def _search_nearby(self, planned: PlannedWrite, refused: Dict[str, str]) -> None:
-        if planned.row.id in self.seen:  # found meanwhile by another row's search
-            return
-        self._search(self._nearby(planned), search_query(planned.body["content"]), planned, refused)
-
-    def _search_everywhere(self, planned: PlannedWrite, refused: Dict[str, str]) -> bool:
-        """Whether a search of the whole tenant for the row's own words was complete."""
-        nearby = self._nearby(planned)
-        for query in fallback_queries(planned.body["content"]):
-            self._search(nearby, query, planned, refused)
-            if planned.row.id in self.seen:
-                return True
-        query = search_query(planned.body["content"])
-        complete = True
+    def _search_everywhere(self, sought: Sought) -> Tuple[List[Dict], bool, Optional[str]]:
+        """Searches for a copy changed somewhere, then for the row's own words in the whole
+        tenant: what they found, whether the tenant-wide search was whole, a refusal."""
+        records: List[Dict] = []
+        refused = None
+        nearby = self._nearby(sought)
+        for query in fallback_queries(sought.content):
+            found, _, error = self._search(nearby, query)
+            records += found
+            refused = refused or error
+            if any(record["id"] == sought.row.id for record in found):
+                return records, True, None
+        whole = True
         for namespaces in self.tenant_namespaces:
-            complete = self._search(namespaces, query, planned, refused) and complete
-            if planned.row.id in self.seen:
-                return True
-        return complete
+            found, complete, error = self._search(namespaces, search_query(sought.content))
+            records += found
+            refused, whole = refused or error, whole and complete
+            if any(record["id"] == sought.row.id for record in found):
+                return records, True, None
+        return records, whole, refused
 
-    def _nearby(self, planned: PlannedWrite) -> List[str]:
-        """The namespaces the row's workspace can read, and the one the row belongs in."""
-        return sorted(set(self.tree.readable_namespaces(planned.row.workspace_id))
-                      | {planned.target.namespace})
-
-    def _remember(self, records: List[Dict]) -> None:
-        for record in records:
-            self.seen.setdefault(record["id"], record)
+    def _nearby(self, sought: Sought) -> List[str]:
+        """The namespaces the row's workspace reads, and the one the row is written to."""
+        names = set(self.tree.readable_namespaces(sought.row.workspace_id)) \
+            if sought.row.workspace_id in self.tree else set()
+        return sorted(names | ({sought.namespace} if sought.namespace else set()))
 
 
-# ---------------------------------------------------------------------------
+def _keep(seen: Dict[str, Dict], records: List[Dict], wanted: set) -> None:
+    """Remember the records of the rows sought (only those: memory stays flat)."""
+    for record in records:
+        if record["id"] in wanted:
+            seen.setdefault(record["id"], record)
+
+
+def search_query(content: str) -> str:
+    """Text for a full-text search that the record with this content must match.
+
+    The plugin ANDs every word of the query, so the row's own words (cut at a
+    whitespace boundary, never mid-word) always find it.
+    """
+    text = content.strip()
+    if len(text) > SEARCH_QUERY_CHARS:
+        cut = text[:SEARCH_QUERY_CHARS].rsplit(None, 1)[0]
+        text = cut if len(cut) < SEARCH_QUERY_CHARS else text
+    return text
+
+
+REDACTION_MARK = re.compile(r"\[REDACTED:[A-Z0-9_]+\]")
+
+
+def fallback_queries(content: str) -> List[str]:
+    """Searches that find a copy of this content whose words differ somewhere: the
+    text without its redaction marks (a copy that holds the secrets in clear), and
+    each half of it (a copy changed in the other half)."""
+    plain = REDACTION_MARK.sub(" ", content)
+    words = plain.split()
+    halves = [" ".join(words[:len(words) // 2]), " ".join(words[len(words) // 2:])]
+    queries: List[str] = []
+    for query in [search_query(plain)] + [search_query(half) for half in halves]:
+        if len(query) >= 2 and query != search_query(content) and query not in queries:
+            queries.append(query)
+    return queries
+
+
+SEARCH_WORD = re.compile(r"[a-z0-9]{3,}")
+
+
+def shared_word_searches(sought: List[Sought], unseen: List[Sought]) -> List[Tuple[str, str]]:
+    """(namespace, word) searches that each find several unseen rows at once: words that
+    two or more of them share but, as far as these rows tell, at most SEARCH_CAP records of
+    the namespace hold.  Most shared first; each search covers rows no earlier one did."""
+    by_namespace: Dict[str, Tuple[List[Sought], set]] = {}
+    for s in sought:
+        if s.namespace:
+            by_namespace.setdefault(s.namespace, ([], set()))[0].append(s)
+    for s in unseen:
+        if s.namespace:
+            by_namespace[s.namespace][1].add(s.row.id)
+    searches = []
+    for namespace, (rows, pending) in sorted(by_namespace.items()):
+        holders: Dict[str, set] = {}  # word -> the namespace's rows that hold it
+        for s in rows:
+            for word in set(SEARCH_WORD.findall(s.content.lower())):
+                holders.setdefault(word, set()).add(s.row.id)
+        shared = [(len(ids & pending), word) for word, ids in holders.items() if len(ids) <= SEARCH_CAP]
+        for _, word in sorted(shared, reverse=True):
+            found = holders[word] & pending
+            if len(found) >= 2:
+                searches.append((namespace, word))
+                pending -= found
+    return searches
+
+
+# --- deciding a row's class -------------------------------------------------
+
+def classify(planned: PlannedWrite, lookup: Lookup) -> Finding:
+    """The row's class, from what the finder learned: every class is decided here."""
+    expected = planned.target.namespace
+    record = lookup.record
+    if record is None:
+        if lookup.refused:
+            return Finding(planned, UNVERIFIABLE, "the plugin refused a search for it (%s)" % lookup.refused)
+        if lookup.complete and lookup.searchable:
+            return Finding(planned, MISSING, "in no namespace of the tenant; -apply writes it to %s"
+                           % expected)
+        return Finding(planned, UNVERIFIABLE, (
+            "not among the newest %d of %s, and a search for its words matches too many "
+            "records or finds no searchable word" % (SEARCH_CAP, expected)))
+    namespace = record.get("namespace")
+    if namespace != expected:
+        return Finding(planned, WRONG_NAMESPACE, "expected in %s, found in %s" % (expected, namespace),
+                       namespace)
+    content = record.get("content") if isinstance(record.get("content"), str) else ""
+    wanted = planned.body["content"]
+    if content != wanted:
+        redacted, labels = redact(content)
+        if labels and platform_content(redacted, planned.target.kind, redaction=False)[0] == wanted:
+            labels = tuple(sorted(labels))
+            return Finding(planned, UNREDACTED, "the plugin's copy holds secrets in clear (%s)"
+                           % ", ".join(labels), namespace, labels)
+        return Finding(planned, CONTENT_DIFFERS, first_difference(redact(wanted)[0], redacted), namespace)
+    propagation = record.get("propagation")
+    legacy = propagation.get("legacy") if isinstance(propagation, dict) else None
+    provenance = planned.body["propagation"]["legacy"]
+    if legacy != provenance:
+        if not isinstance(legacy, dict):
+            return Finding(planned, PROVENANCE, "propagation.legacy is missing", namespace)
+        fields = sorted(key for key in set(legacy) | set(provenance)
+                        if legacy.get(key) != provenance.get(key))
+        return Finding(planned, PROVENANCE, "propagation.legacy differs in %s" % ", ".join(fields),
+                       namespace)
+    return Finding(planned, MATCH, found_in=namespace)
+
+
+def first_difference(expected: str, found: str) -> str:
+    """Where two (redacted) texts first differ, with a short window of each around it."""
+    at = next((n for n, (a, b) in enumerate(zip(expected, found)) if a != b),
+              min(len(expected), len(found)))
+    if at == len(expected) == len(found):
+        return "the difference lies inside redacted secrets"
+    start = max(0, at - DIFF_CONTEXT_CHARS)
+
+    def window(text: str) -> str:
+        end = at + DIFF_CONTEXT_CHARS
+        return "%s%s%s" % ("..." if start else "", json.dumps(text[start:end], ensure_ascii=False),
+                           "..." if end < len(text) else "")
+
+    return "from character %d: expected %s, found %s" % (at + 1, window(expected), window(found))
+
+
+# ===========================================================================
+# -rollback
+# ===========================================================================
+
+ROLLBACK_GROUP_ROWS = 2000  # rows read, deleted and looked for at a time
+
+
+@dataclass
+class RollbackReport:
+    plugin: PluginAddress
+    deleting: bool  # --yes
+    scanned: int = 0
+    deleted: Counter = field(default_factory=Counter)  # by namespace kind
+    to_delete: Counter = field(default_factory=Counter)  # by namespace kind, without --yes
+    absent: int = 0
+    errors: int = 0
+    problems: List[str] = field(default_factory=list)  # "id: message", capped
+    plugin_status: Optional[str] = None
+    failures_path: Optional[str] = None
+    load: Optional[Dict[str, object]] = None
+    stopped: Optional[str] = None
+    stopped_status: Optional[ExitStatus] = None
+
+    @property
+    def done(self) -> int:
+        return sum(self.deleted.values()) + sum(self.to_delete.values()) + self.absent + self.errors
+
+    def count_error(self, row_id: str, error: object) -> None:
+        self.errors += 1
+        if len(self.problems) < SHOWN_PROBLEMS:
+            self.problems.append("%s: %s" % (row_id, error))
+
+    def exit_status(self) -> ExitStatus:
+        if self.stopped_status is not None:
+            return self.stopped_status
+        return ExitStatus.INCOMPLETE if self.errors else ExitStatus.OK
+
+    def to_json(self) -> Dict[str, object]:
+        return {
+            "mode": "rollback", "yes": self.deleting, "scanned": self.scanned,
+            "deleted": sum(self.deleted.values()), "deleted_by_namespace_kind": dict(self.deleted),
+            "would_delete": sum(self.to_delete.values()),
+            "would_delete_by_namespace_kind": dict(self.to_delete),
+            "absent": self.absent, "errors": self.errors, "error_rows": self.problems,
+            "plugin_url": self.plugin.url, "plugin_url_is_default": self.plugin.default,
+            "plugin": self.plugin_status, "deletes": self.load, "failures_file": self.failures_path,
+            "stopped": self.stopped, "exit_status": int(self.exit_status()),
+        }
+
+
+def rollback(settings: Settings, log, stderr=None) -> RollbackReport:
+    """-rollback: for every row -apply would select, delete the plugin's record with that
+    row's id, wherever in the tenant it is (only those: REFERENCE §4 says a record with a
+    legacy row's id was written by a backfill).  Without --yes, find them and delete nothing.
+
+    With --yes, each group of rows is first deleted where -apply writes it (a 204
+    proves the record was there); the finder then looks for the rest in the whole
+    tree, and those found elsewhere are deleted where they are.  Deletes go
+    through the write stream; a signal or a lost dependency stops it cleanly.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    report = RollbackReport(settings.plugin, settings.yes, failures_path=settings.failures)
+    plugin = PluginClient(settings.plugin, settings.timeout, settings.retries, connections=settings.searches)
+    report.plugin_status = "ok (version %s)" % plugin.check_health()
+    stop = threading.Event()
+    stream = WriteStream(settings.plugin, settings.write_ceiling, settings.timeout, plugin.retry,
+                         settings.max_rate, stop)
+    stopped: Optional[BackfillError] = None
+    with LegacyDatabase(settings.database) as database, \
+            ThreadPoolExecutor(settings.searches, thread_name_prefix="search") as pool:
+        workspaces = [settings.workspace] if settings.workspace else None  # a refusal here: nothing deleted
+        tree = database.read_workspaces()
+        total = database.count_rows(workspaces, settings.limit)
+        holders = database.workspaces_of(workspaces, settings.limit)
+        finder = RecordFinder(plugin, database, tree, holders, pool)
+        failures = FailureLog(settings.failures)
+        deletes = RollbackDeletes(plugin.address, report, log, failures, stream)
+        with signals_stop(stop) as received:
+            try:
+                with show_progress(settings, report, total, stderr, stream.describe_load):
+                    selected = database.rows(workspaces, settings.limit, by_workspace=True)
+                    for rows, finished in row_groups(selected, ROLLBACK_GROUP_ROWS):
+                        if stop.is_set():
+                            break
+                        deletes.back_out(rows, tree, settings, finder)
+                        finder.done_with(finished)
+                stopped = stream.fatal
+            except BackfillError as exc:
+                stopped = exc
+            finally:
+                stream.close()
+                failures.close()
+    report.load = stream.load()
+    if received:
+        stopped = Interrupted(received[0])
+    if stopped is None and report.to_delete:
+        stopped = UsageError("Nothing was deleted: run the same command with --yes to delete these %d "
+                             "records." % sum(report.to_delete.values()))
+    if stopped is not None:
+        report.stopped, report.stopped_status = str(stopped), stopped.status
+        stopped.report = report
+        raise stopped
+    return report
+
+
+def delete_request(address: PluginAddress, record_id: str, namespace: str) -> bytes:
+    """DELETE /v1/memories/{id}, from the namespace that holds it (REFERENCE §4)."""
+    head = request_head(address, "DELETE", "/v1/memories/" + quote(record_id, safe=""))
+    return with_body(head, JSON_ENCODER.encode({"requested_by_namespace": namespace}).encode("ascii"))
+
+
+def namespace_kind(namespace: str) -> str:
+    return namespace.partition(":")[0]
+
+
+class RollbackDeletes:
+    """-rollback's side of the write stream, one group of rows at a time."""
+
+    def __init__(self, address: PluginAddress, report: RollbackReport, log, failures: FailureLog,
+                 stream: WriteStream):
+        self.address = address
+        self.report = report
+        self.log = log
+        self.failures = failures
+        self.stream = stream
+        self.not_there: List[Sought] = []  # deleted where -apply writes them: 404
+
+    def back_out(self, rows: List[LegacyRow], tree: WorkspaceTree, settings: Settings,
+                 finder: RecordFinder) -> None:
+        sought = []
+        for row in rows:
+            self.report.scanned += 1
+            outcome = plan_row(row, tree, settings.redact)
+            if isinstance(outcome, PlannedWrite):
+                sought.append(Sought(row, outcome.body["content"], outcome.target.namespace))
+            elif row.content.strip():  # a row -apply skips: an older backfill may have written it
+                kind = SCOPE_KINDS.get(row.scope, "workspace")
+                sought.append(Sought(row, platform_content(row.content, kind, settings.redact)[0], None))
+            else:  # the plugin refuses empty content: no backfill can have written it
+                self._absent(row)
+        if settings.yes:
+            self.not_there = []
+            self._delete([(s, s.namespace, True) for s in sought if s.namespace])
+            if self.stream.stop.is_set():
+                return
+            sought = self.not_there + [s for s in sought if not s.namespace]
+        lookups = finder.find(sought)
+        found = []
+        for s in sought:
+            lookup = lookups[s.row.id]
+            if lookup.record is not None:
+                namespace = str(lookup.record.get("namespace"))
+                if settings.yes:
+                    found.append((s, namespace, False))
+                else:
+                    self.report.to_delete[namespace_kind(namespace)] += 1
+                    self.log("would delete %s from %s", s.row.id, namespace)
+            elif lookup.refused:
+                self._error(s.row, None, "could not be looked up: the plugin refused a search for it (%s)"
+                            % lookup.refused)
+            elif lookup.complete and lookup.searchable:
+                self._absent(s.row)
+            else:
+                self._error(s.row, None, "could not be looked up: a search for its words matches too "
+                            "many records or finds no searchable word")
+        self._delete(found)
+
+    def _delete(self, targets: List[Tuple[Sought, str, bool]]) -> None:
+        """DELETE each (row, namespace, blind) through the stream; `blind`: where -apply writes it,
+        so a 404 there sends the row to the finder instead of being an error."""
+        pending = iter(enumerate(targets))
+
+        def fill(room: int) -> bool:
+            for _ in range(room):
+                number, target = next(pending, (None, None))
+                if target is None:
+                    return False
+                sought, namespace, _ = target
+                request = delete_request(self.address, sought.row.id, namespace)
+                self.stream.submit(Job(number, target, request))
+            return True
+
+        self.stream.run(fill, self._answered)
+
+    def _answered(self, job: Job, response: Response) -> None:
+        sought, namespace, blind = job.item
+        status = response.head.status
+        if 200 <= status < 300:
+            self.report.deleted[namespace_kind(namespace)] += 1
+            self.log("deleted %s from %s", sought.row.id, namespace)
+        elif status == 404 and blind:
+            self.not_there.append(sought)
+        elif status == 404:
+            self._error(sought.row, namespace, "no longer in %s (moved or deleted meanwhile); run "
+                        "-rollback again" % namespace, status)
+        else:
+            self._error(sought.row, namespace, plugin_rejected(response), status)
+
+    def _absent(self, row: LegacyRow) -> None:
+        self.report.absent += 1
+        self.log("absent %s", row.id)
+
+    def _error(self, row: LegacyRow, namespace: Optional[str], error: object,
+               status: Optional[int] = None) -> None:
+        self.failures.record_row(row, namespace=namespace, error=str(error), status=status)
+        self.log("error %s: %s", row.id, error)
+        self.report.count_error(row.id, error)
+
+
+# ===========================================================================
 # Reporting
-# ---------------------------------------------------------------------------
+# ===========================================================================
+
+def _counts(counter: Counter) -> str:
+    return ", ".join("%s=%d" % item for item in sorted(counter.items())) or "none"
+
+
+def _plugin_line(plugin: PluginAddress, status: Optional[str]) -> List[str]:
+    return ["plugin: %s: %s" % (plugin.describe(), status)] if status else []
+
+
+def _load_line(load: Optional[Dict[str, object]], what: str) -> List[str]:
+    if not load or not load["in_flight_max"]:
+        return []
+    line = "%s in flight: %d-%d while there was more to send (%d connections at the end)" % (
+        what, load["in_flight_min"], load["in_flight_max"], load["connections"])
+    if load["latency_p50_ms"] is not None:
+        line += "; plugin answer latency p50 %.1f ms, p99 %.1f ms" % (load["latency_p50_ms"],
+                                                                      load["latency_p99_ms"])
+    return [line]
+
+
+def _problem_lines(problems: List[str], failures_path: Optional[str], listed: str) -> List[str]:
+    lines = []
+    if problems:
+        lines.append("errors (first %d):" % SHOWN_PROBLEMS)
+        lines.extend("  " + problem for problem in problems)
+    if failures_path:
+        lines.append("%s are listed in %s" % (listed, failures_path))
+    return lines
+
 
 def format_backfill(report: BackfillReport) -> List[str]:
-    def counts(counter: Counter) -> str:
-        return ", ".join("%s=%d" % item for item in sorted(counter.items())) or "none"
-
     verb = "copied" if report.mode == "apply" else "to copy"
-    lines = ["memory-backfill -%s" % report.mode]
-    if report.plugin_status:
-        lines.append("plugin: %s" % report.plugin_status)
+    lines = ["memory-backfill -%s" % report.mode] + _plugin_line(report.plugin, report.plugin_status)
     if report.resumed_from:
         lines.append("resumed from checkpoint %s after row %s"
                      % (report.checkpoint_path, report.resumed_from["id"]))
-    lines.append("rows %s by scope: %s" % (verb, counts(report.by_scope)))
+    lines.append("rows %s by scope: %s" % (verb, _counts(report.by_scope)))
     lines.append("rows %s by namespace kind: %s (%d namespaces)"
-                 % (verb, counts(report.by_kind), len(report.namespaces)))
+                 % (verb, _counts(report.by_kind), len(report.namespaces)))
     lines.append("skipped by reason:" if report.skipped else "skipped: none")
     for reason, count in sorted(report.skip_reasons.items()):
         lines.append("  %6d  %s" % (count, reason))
     if report.redact:
-        lines.append("redactions by label: %s" % counts(report.redactions))
+        lines.append("redactions by label: %s" % _counts(report.redactions))
     else:
         lines.append("redaction: OFF (--no-redact): contents are copied unredacted")
-    if report.errors:
-        lines.append("errors (first %d):" % SHOWN_PROBLEMS)
-        lines.extend("  " + problem for problem in report.problems)
-    if report.failures_path:
-        lines.append("skipped and failed rows are listed in %s" % report.failures_path)
+    lines += _load_line(report.load, "writes")
+    lines += _problem_lines(report.problems, report.failures_path, "skipped and failed rows")
     if report.stopped:
         lines.append("STOPPED EARLY: %s" % report.stopped)
         if report.checkpoint_path:
@@ -2344,7 +2984,7 @@ def format_backfill(report: BackfillReport) -> List[str]:
 
 
 def format_verify(report: VerifyReport) -> List[str]:
-    lines = ["memory-backfill -verify"]
+    lines = ["memory-backfill -verify", "plugin: %s" % report.plugin.describe()]
     problems = report.mismatches + report.errors
     if problems:
         lines.append("problems (%s):" % ("all %d" % problems if problems <= SHOWN_PROBLEMS
@@ -2363,9 +3003,66 @@ def format_verify(report: VerifyReport) -> List[str]:
     return lines
 
 
-# ---------------------------------------------------------------------------
+def format_rollback(report: RollbackReport) -> List[str]:
+    lines = ["memory-backfill -rollback" + ("" if report.deleting else " (without --yes: nothing deleted)")]
+    lines += _plugin_line(report.plugin, report.plugin_status)
+    if report.deleting:
+        lines.append("records deleted by namespace kind: %s" % _counts(report.deleted))
+    else:
+        lines.append("records to delete by namespace kind: %s" % _counts(report.to_delete))
+    lines.append("rows with no record in the plugin (absent): %d" % report.absent)
+    lines += _load_line(report.load, "deletes")
+    lines += _problem_lines(report.problems, report.failures_path, "rows whose record could not be deleted")
+    deleted = sum(report.deleted.values())
+    if report.deleting or not report.to_delete:
+        if report.stopped:
+            lines.append("STOPPED EARLY: %s" % report.stopped)
+            lines.append("run the same command again: it deletes what is left")
+        lines.append("Rollback %s: scanned=%d deleted=%d absent=%d errors=%d" % (
+            "stopped" if report.stopped else "complete", report.scanned, deleted, report.absent,
+            report.errors))
+    else:
+        lines.append("Rollback not done (no --yes): scanned=%d would_delete=%d absent=%d errors=%d" % (
+            report.scanned, sum(report.to_delete.values()), report.absent, report.errors))
+    return lines
+
+
+# ===========================================================================
 # Command line
-# ---------------------------------------------------------------------------
+# ===========================================================================
+
+HELP_EPILOG = """\
+configuration:
+  DATABASE_URL       the platform's PostgreSQL, libpq style:
+                     postgres://USER:PASSWORD@HOST:PORT/DB?sslmode=prefer
+                     (opened read-only; every mode needs it)
+  MEMORY_PLUGIN_URL  the memory plugin; when unset, %s (the
+                     tenant image's bundled plugin); the summary says which
+
+exit statuses:
+  0    done: every row copied (or would be), everything verified, or every
+       record found deleted
+  1    finished, but some rows failed, -verify found problem or
+       unverifiable rows (-apply rewrites them by id), or some deletes failed
+  2    usage or configuration error, or -rollback without --yes (nothing
+       was touched)
+  3    a dependency is unusable: database or plugin unreachable, login
+       refused, agent_memories missing, plugin not healthy, not speaking
+       HTTP or ignoring ids, or lost mid-run (-apply stops cleanly: see
+       --checkpoint)
+  130  interrupted by SIGINT (143: SIGTERM); -apply and -rollback stop cleanly
+
+  After a stop, run the same command again: writes are idempotent, and
+  with --checkpoint FILE the run continues where it stopped.
+
+examples:
+  memory-backfill -dry-run
+  memory-backfill -apply -workspace 6f9619ff-8b86-d011-b42d-00cf4fc964ff -limit 100
+  memory-backfill -apply --checkpoint /tmp/backfill.json --failures /tmp/failures.jsonl
+  memory-backfill -verify -verify-sample 0 --failures /tmp/verify.jsonl
+  memory-backfill -rollback --yes -workspace 6f9619ff-8b86-d011-b42d-00cf4fc964ff
+""" % DEFAULT_PLUGIN_URL
+
 
 class HelpShown(Exception):
     """--help was printed; the run ends with status 0."""
@@ -2384,7 +3081,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Copy the legacy agent_memories table into the memory plugin, "
-                    "exactly as the live platform would have written it.\n"
+                    "exactly as the live platform would have written it; verify the copy; "
+                    "back it out.\n"
                     "Choose exactly one mode; every option also works with one or two "
                     "dashes and as -name=value.",
         epilog=HELP_EPILOG,
@@ -2392,13 +3090,15 @@ def build_parser() -> argparse.ArgumentParser:
     modes = parser.add_argument_group("modes (exactly one)")
     for name, text in (("dry-run", "read and decide everything, write nothing"),
                        ("apply", "copy the rows into the plugin (safe to re-run)"),
-                       ("verify", "check the plugin against the legacy table")):
+                       ("verify", "check the plugin against the legacy table"),
+                       ("rollback", "delete the plugin's records that carry a selected row's id "
+                                    "(with --yes; without it, only count them)")):
         modes.add_argument("-" + name, "--" + name, dest="modes", action="append_const",
                            const=name, help=text)
     options = parser.add_argument_group("options")
     options.add_argument("-workspace", "--workspace", metavar="UUID",
                          help="only this workspace's rows")
-    options.add_argument("-limit", "--limit", metavar="N", help="at most N rows this run")
+    options.add_argument("-limit", "--limit", metavar="N", help="at most N rows this run (oldest first)")
     options.add_argument("-verify-sample", "--verify-sample", metavar="N",
                          default=str(DEFAULT_VERIFY_SAMPLE),
                          help="workspaces -verify checks (default %(default)s; 0 = all)")
@@ -2407,21 +3107,27 @@ def build_parser() -> argparse.ArgumentParser:
     options.add_argument("-database-url", "--database-url", metavar="URL",
                          help="overrides DATABASE_URL")
     options.add_argument("-plugin-url", "--plugin-url", metavar="URL",
-                         help="overrides MEMORY_PLUGIN_URL")
+                         help="overrides MEMORY_PLUGIN_URL (default %s)" % DEFAULT_PLUGIN_URL)
     options.add_argument("-no-redact", "--no-redact", action="store_true",
                          help="copy contents without secret redaction (said in the summary)")
+    options.add_argument("-yes", "--yes", action="store_true",
+                         help="-rollback: really delete")
     options.add_argument("-timeout", "--timeout", metavar="SECONDS", default=str(DEFAULT_TIMEOUT),
-                         help="per-request timeout for the plugin (default %(default)s)")
+                         help="seconds a plugin request may take, from sending it to its whole "
+                              "answer; then it is retried (default %(default)s)")
     options.add_argument("-concurrency", "--concurrency", metavar="N",
-                         default=str(DEFAULT_CONCURRENCY),
-                         help="-apply: at most N writes in flight at the plugin, pipelined "
-                              "%d per keep-alive connection (N=8: 2 connections); -verify: N "
-                              "searches at once (default %%(default)s)" % PIPELINE_DEPTH)
+                         help="-apply and -rollback: at most N writes (deletes) in flight at the "
+                              "plugin (default %d); below that the tool opens as many connections "
+                              "as the plugin serves without a queue forming, judged from its "
+                              "answers, and pipelines up to %d requests on each (N=1: one at a "
+                              "time); -verify, -rollback: N searches at once (default %d)"
+                              % (DEFAULT_WRITE_CEILING, PIPELINE_DEPTH, DEFAULT_SEARCHES))
     options.add_argument("-checkpoint", "--checkpoint", metavar="FILE",
                          help="-apply: save progress here; if FILE exists, resume after it")
     options.add_argument("-failures", "--failures", metavar="FILE",
                          help="-apply: every skipped or failed row; -verify: every problem row; "
-                              "one JSON object per line (ids, reasons, namespaces, never content)")
+                              "-rollback: every row whose record could not be deleted; one JSON "
+                              "object per line (ids, reasons, namespaces, never content)")
     options.add_argument("-max-consecutive-failures", "--max-consecutive-failures", metavar="N",
                          default=str(DEFAULT_MAX_CONSECUTIVE_FAILURES),
                          help="-apply stops (exit 3) after N rows in a row fail (default %(default)s)")
@@ -2429,7 +3135,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="retries of a plugin request on connection errors, timeouts and "
                               "429/502/503/504, with exponential backoff (default %(default)s)")
     options.add_argument("-max-rate", "--max-rate", metavar="N", default="0",
-                         help="-apply: at most N writes per second (default 0 = no cap)")
+                         help="-apply, -rollback: at most N writes (deletes) per second "
+                              "(default 0 = no cap)")
     options.add_argument("-q", "-quiet", "--quiet", action="store_true",
                          help="no progress line on stderr")
     options.add_argument("-json", "--json", action="store_true",
@@ -2441,29 +3148,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _whole_number(text: str, option: str, minimum: int) -> int:
-    try:
-        value = int(text)
-    except (TypeError, ValueError):
-        value = minimum - 1
-    if value < minimum:
-        kind = "a positive whole number" if minimum > 0 else "a whole number, 0 or more"
-        raise UsageError("%s must be %s, not %r." % (option, kind, str(text)[:40]))
-    return value
-
-
 def parse_settings(argv: Optional[Sequence[str]], environ: Dict[str, str]) -> Settings:
     """Turn the command line and environment into Settings, or raise UsageError."""
     args = build_parser().parse_args(argv)
     modes = args.modes or []
     if len(modes) != 1:
-        raise UsageError("Choose exactly one mode: -dry-run, -apply or -verify%s."
+        raise UsageError("Choose exactly one mode: -dry-run, -apply, -verify or -rollback%s."
                          % (" (got %s)" % " and ".join("-" + m for m in modes) if modes else ""))
     mode = modes[0]
     if args.checkpoint and mode != "apply":
         raise UsageError("--checkpoint goes with -apply only.")
     if args.failures and mode == "dry-run":  # -dry-run writes nothing anywhere
-        raise UsageError("--failures goes with -apply and -verify only.")
+        raise UsageError("--failures goes with -apply, -verify and -rollback only.")
+    if args.yes and mode != "rollback":
+        raise UsageError("--yes goes with -rollback only.")
     try:
         timeout = float(args.timeout)
     except ValueError:
@@ -2472,21 +3170,20 @@ def parse_settings(argv: Optional[Sequence[str]], environ: Dict[str, str]) -> Se
         raise UsageError("--timeout must be a positive number of seconds, not %r."
                          % args.timeout[:40])
     database = parse_database_url(args.database_url or environ.get("DATABASE_URL"))
-    plugin_url = args.plugin_url or environ.get("MEMORY_PLUGIN_URL")
-    if mode != "dry-run" or plugin_url:
-        plugin_url = parse_plugin_url(plugin_url)
+    plugin = parse_plugin_url(args.plugin_url or environ.get("MEMORY_PLUGIN_URL"))
     return Settings(
-        mode=mode, database=database, plugin_url=plugin_url,
+        mode=mode, database=database, plugin=plugin,
         workspace=parse_uuid(args.workspace) if args.workspace is not None else None,
         limit=_whole_number(args.limit, "-limit", 1) if args.limit is not None else None,
         verify_sample=_whole_number(args.verify_sample, "-verify-sample", 0),
         seed=_whole_number(args.seed, "--seed", 0),
-        concurrency=_whole_number(args.concurrency, "--concurrency", 1),
+        concurrency=(_whole_number(args.concurrency, "--concurrency", 1)
+                     if args.concurrency is not None else None),
         max_rate=_whole_number(args.max_rate, "--max-rate", 0),
         max_consecutive_failures=_whole_number(args.max_consecutive_failures,
                                                "--max-consecutive-failures", 1),
         retries=_whole_number(args.retries, "--retries", 0),
-        checkpoint=args.checkpoint, failures=args.failures,
+        checkpoint=args.checkpoint, failures=args.failures, yes=args.yes,
         redact=not args.no_redact, timeout=timeout,
         json_output=args.json, verbose=args.verbose, quiet=args.quiet,
     )
@@ -2507,9 +3204,13 @@ def version_text() -> str:
         ".".join(map(str, sys.version_info[:3])))
 
 
+MODE_RUNS = {"dry-run": (dry_run, format_backfill), "apply": (apply, format_backfill),
+             "verify": (verify, format_verify), "rollback": (rollback, format_rollback)}
+
+
 def run(argv: Optional[Sequence[str]] = None, environ: Optional[Dict[str, str]] = None,
-        stdout=None, stderr=None) -> int:
-    """Run the tool; return 0 or 1, raise BackfillError for anything that stops it."""
+        stdout=None, stderr=None) -> ExitStatus:
+    """Run the tool; return OK or INCOMPLETE, raise BackfillError for anything that stops it."""
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -2520,6 +3221,7 @@ def run(argv: Optional[Sequence[str]] = None, environ: Optional[Dict[str, str]] 
         settings = parse_settings(argv, dict(os.environ if environ is None else environ))
     except HelpShown:
         return ExitStatus.OK
+    mode, format_report = MODE_RUNS[settings.mode]
 
     def log(line: str, *args) -> None:  # formats only when shown: it runs once per row
         if settings.verbose:
@@ -2528,15 +3230,13 @@ def run(argv: Optional[Sequence[str]] = None, environ: Optional[Dict[str, str]] 
     def show(report) -> None:
         if settings.json_output:
             print(json.dumps(report.to_json(), sort_keys=True), file=stdout, flush=True)
-        elif isinstance(report, VerifyReport):
-            print("\n".join(format_verify(report)), file=stdout, flush=True)
         else:
-            print("\n".join(format_backfill(report)), file=stdout, flush=True)
+            print("\n".join(format_report(report)), file=stdout, flush=True)
 
     try:
-        report = verify(settings, log) if settings.mode == "verify" else backfill(settings, log, stderr)
+        report = mode(settings, log, stderr)
     except BackfillError as exc:
-        if exc.report is not None:  # -apply stopped part-way: say how far it got
+        if exc.report is not None:  # stopped part-way: say how far it got
             show(exc.report)
         raise
     show(report)
@@ -2550,14 +3250,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               % (PROG, *MIN_PYTHON, sys.version.split()[0]), file=sys.stderr)
         return ExitStatus.USAGE
     try:
-        return int(run(argv))
+        return run(argv)
     except BackfillError as exc:
         print("%s: %s" % (PROG, exc), file=sys.stderr)
-        return int(exc.status)
+        return exc.status
     except KeyboardInterrupt:
         print("%s: interrupted; re-run the same command to continue (writes are "
               "idempotent)." % PROG, file=sys.stderr)
-        return 130
+        return ExitStatus.INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -9,11 +9,15 @@ full-text search and substring search behave as they do in production, with
 the same indexes: a stored tsvector column with a GIN index, and one on the
 namespace.
 
-It also counts requests, for tests that assert how the backfill used it.
+It also counts requests, for tests that assert how the backfill used it, and
+can behave as an older plugin that ignores the ids it is given.
 
-For the benchmark, PluginProcesses serves the same plugin from several
-processes behind one port: one Python process cannot use both cores of this
-machine, while the real (Go) plugin does.
+Load shapes, for the benchmark: `wait` seconds spent on every request (as
+when the plugin's PostgreSQL commits to a slow disk), and a `capacity` (at
+most K requests worked on at once, the others queue: a pipe holding K
+tokens, shared by every process of the plugin).  PluginProcesses serves the
+same plugin from several processes behind one port: one Python process
+cannot use both cores of this machine, while the real (Go) plugin does.
 """
 
 from __future__ import annotations
@@ -73,8 +77,11 @@ class _Server(ThreadingHTTPServer):
 class PluginServer:
     """Serve the plugin API on 127.0.0.1:<free port>, storing into PostgreSQL."""
 
-    def __init__(self, connect_kwargs: dict, connections: int = 8):
+    def __init__(self, connect_kwargs: dict, connections: int = 8, wait: float = 0.0,
+                 capacity: tuple = None):
         self.connect_kwargs = connect_kwargs
+        self.wait = wait  # seconds every request takes, at least
+        self.capacity = capacity  # (read fd, write fd) of the token pipe, or None
         self.pool: queue.Queue[pg8000.native.Connection] = queue.Queue()
         for _ in range(connections):
             self.pool.put(pg8000.native.Connection(**connect_kwargs))
@@ -86,7 +93,8 @@ class PluginServer:
         self.namespace_puts: Counter = Counter()  # namespace -> PUT count
         self.first_writes: list = []  # row ids in the order they first arrived
         self.written: set = set()
-        self.reject_ids: set = set()  # writes of these ids get a 400
+        self.reject_ids: set = set()  # writes and deletes of these ids get a 400
+        self.ignore_ids = False  # as a plugin from before idempotent upsert: every write a new id
         self.open_connections: set = set()
         self.clear_faults()
         self.lock = threading.Lock()
@@ -134,6 +142,7 @@ class PluginServer:
         self.first_writes.clear()
         self.written.clear()
         self.reject_ids.clear()
+        self.ignore_ids = False
         self.clear_faults()
 
     def clear_faults(self) -> None:
@@ -214,6 +223,8 @@ class PluginServer:
         if body.get("source") not in SOURCES:
             raise BadRequest("source must be one of agent, runtime, user")
         memory_id = _optional(body, "id", str)
+        if self.ignore_ids:
+            memory_id = None
         if memory_id is not None:
             try:
                 memory_id = str(uuid.UUID(memory_id))
@@ -255,6 +266,33 @@ class PluginServer:
                 self.written.add(memory_id)
                 self.first_writes.append(memory_id)
         return 201, {"id": memory_id, "namespace": namespace}
+
+    def delete_memory(self, memory_id: str, body):
+        namespace = body.get("requested_by_namespace") if isinstance(body, dict) else None
+        if not isinstance(namespace, str):
+            raise BadRequest("requested_by_namespace is required")
+        _check_namespace_name(namespace)
+        try:
+            memory_id = str(uuid.UUID(memory_id))
+        except ValueError:
+            raise BadRequest("id must be a UUID") from None
+        if memory_id in self.reject_ids:
+            raise BadRequest("rejected by the test")
+        with self.connection() as db:
+            deleted = db.run("DELETE FROM memories WHERE id = CAST(:id AS uuid) AND namespace = :ns "
+                             "RETURNING id", id=memory_id, ns=namespace)
+        if not deleted:
+            return 404, {"code": "not_found", "message": "memory not found"}
+        return 204, None
+
+    def delete_namespace(self, name: str):
+        _check_namespace_name(name)
+        with self.connection() as db:
+            db.run("DELETE FROM memories WHERE namespace = :name", name=name)
+            deleted = db.run("DELETE FROM namespaces WHERE name = :name RETURNING name", name=name)
+        if not deleted:
+            return 404, {"code": "not_found", "message": "namespace not found"}
+        return 204, None
 
     def search(self, body):
         if not isinstance(body, dict):
@@ -369,10 +407,13 @@ def _handler_for(plugin: PluginServer):
                 self.close_connection = True
                 self.connection.shutdown(2)
                 return
-            data = json.dumps(payload).encode("utf-8")
             self.send_response(status)
             for name, value in dict(headers).items():
                 self.send_header(name, value)
+            if status == 204:  # no body, and no Content-Length (as Go's net/http)
+                self.end_headers()
+                return
+            data = json.dumps(payload).encode("utf-8")
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
@@ -387,6 +428,18 @@ def _handler_for(plugin: PluginServer):
                 raise BadRequest("body is not valid JSON") from None
 
         def _dispatch(self, method: str) -> None:
+            if plugin.capacity is None:
+                self._serve(method)
+                return
+            os.read(plugin.capacity[0], 1)  # a token: one of the K requests worked on at once
+            try:
+                self._serve(method)
+            finally:
+                os.write(plugin.capacity[1], b"t")
+
+        def _serve(self, method: str) -> None:
+            if plugin.wait:
+                time.sleep(plugin.wait)
             path = self.path.split("?", 1)[0]
             parts = path.split("/")
             fault = self._fault() if path != "/v1/health" or plugin.down else None
@@ -411,6 +464,12 @@ def _handler_for(plugin: PluginServer):
                 elif method == "POST" and path == "/v1/search":
                     body = self._body()
                     route, call = "search", lambda: plugin.search(body)
+                elif method == "DELETE" and len(parts) == 4 and parts[:3] == ["", "v1", "memories"]:
+                    body = self._body()
+                    route, call = "delete_memory", lambda: plugin.delete_memory(unquote(parts[3]), body)
+                elif method == "DELETE" and len(parts) == 4 and parts[:3] == ["", "v1", "namespaces"]:
+                    self._body()
+                    route, call = "delete_namespace", lambda: plugin.delete_namespace(unquote(parts[3]))
                 else:
                     self._body()
                     self._send(404, {"code": "not_found", "message": "no such route"})
@@ -433,6 +492,9 @@ def _handler_for(plugin: PluginServer):
         def do_POST(self):
             self._dispatch("POST")
 
+        def do_DELETE(self):
+            self._dispatch("DELETE")
+
     return Handler
 
 
@@ -447,19 +509,26 @@ class PluginProcesses:
     core idle, and the bench's rounds at 2 connections varied by 30 %.
     """
 
-    def __init__(self, connect_kwargs: dict, workers: int = 2, connections: int = 4):
+    def __init__(self, connect_kwargs: dict, workers: int = 2, connections: int = 4, wait: float = 0.0,
+                 capacity: int = 0):
         self.store = PluginServer(connect_kwargs, connections=1)  # schema, count, reset
-        self.listener = socket.create_server(("127.0.0.1", 0), backlog=128)
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=512)
         self.url = "http://127.0.0.1:%d" % self.listener.getsockname()[1]
         env = {**os.environ, "PLUGIN_STORE": json.dumps(connect_kwargs)}
+        tokens = os.pipe() if capacity else None
+        if tokens:
+            os.write(tokens[1], b"t" * capacity)
         self.channels, self.processes = [], []
         for _ in range(workers):
             ours, theirs = socket.socketpair()
             self.channels.append(ours)
+            shape = [str(wait), "%d,%d" % tokens if tokens else "-"]
             self.processes.append(subprocess.Popen(
-                [sys.executable, __file__, str(connections), str(theirs.fileno())],
-                env=env, stdout=subprocess.PIPE, pass_fds=[theirs.fileno()]))
+                [sys.executable, __file__, str(connections), str(theirs.fileno()), *shape],
+                env=env, stdout=subprocess.PIPE, pass_fds=[theirs.fileno(), *(tokens or ())]))
             theirs.close()
+        for fd in tokens or ():
+            os.close(fd)
         for process in self.processes:  # each says so once it serves
             if process.stdout.readline() != b"serving\n":
                 self.stop()
@@ -491,11 +560,11 @@ class PluginProcesses:
         self.store.stop()
 
 
-def serve_handed_connections(connections: int, channel_fd: int) -> None:
+def serve_handed_connections(connections: int, channel_fd: int, wait: float, capacity) -> None:
     """A worker of PluginProcesses: serve each connection handed over the channel
     (the server's own listening socket stays unused); end when the channel closes,
     as it does when the process that started this one ends."""
-    server = PluginServer(json.loads(os.environ["PLUGIN_STORE"]), connections)
+    server = PluginServer(json.loads(os.environ["PLUGIN_STORE"]), connections, wait, capacity)
     channel = socket.socket(fileno=channel_fd)
     print("serving", flush=True)
     while True:
@@ -512,4 +581,5 @@ def serve_handed_connections(connections: int, channel_fd: int) -> None:
 
 
 if __name__ == "__main__":
-    serve_handed_connections(*(int(arg) for arg in sys.argv[1:3]))
+    tokens = None if sys.argv[4] == "-" else tuple(int(fd) for fd in sys.argv[4].split(","))
+    serve_handed_connections(int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), tokens)

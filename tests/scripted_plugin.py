@@ -14,6 +14,7 @@ import socket
 import struct
 import threading
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -41,18 +42,22 @@ class Reply:
     hang: bool = False  # no reply, ever (the connection stays open)
     raw: Optional[bytes] = None  # these bytes instead of a reply, then the connection ends
     byte_by_byte: bool = False  # each byte in its own segment, a moment apart
+    interim_forever: bool = False  # "100 Continue" every 50 ms, never a final answer
+    drip: bool = False  # the head, then the body a byte every 200 ms (slower than any --timeout here)
 
 
 class ScriptedPlugin:
     def __init__(self, script: Callable[[Write], Reply] = lambda write: Reply(),
-                 http10: bool = False, close_every: bool = False):
+                 http10: bool = False, close_every: bool = False, ignore_ids: bool = False):
         self.script = script
+        self.ignore_ids = ignore_ids  # an old plugin: each write stored under a new random id
         self.http10 = http10  # answer as an HTTP/1.0 server: one request per connection
         self.close_every = close_every  # HTTP/1.1, but "Connection: close" on every reply
         self.records: dict = {}  # id -> the memory as written
         self.arrivals: Counter = Counter()  # id -> writes received
         self.acks: Counter = Counter()  # id -> 2xx replies sent
         self.writes = 0
+        self.log: list = []  # every Write, in the order they arrived
         self.connections = 0
         self.lock = threading.Lock()
         self.stopped = threading.Event()
@@ -117,15 +122,26 @@ class ScriptedPlugin:
             with self.lock:
                 write = Write(self.writes, number, index, memory_id, self.arrivals[memory_id])
                 self.writes += 1
+                self.log.append(write)
                 self.arrivals[memory_id] += 1
             reply = self.script(write)
-            payload = {"id": memory_id, "namespace": path.split("/")[3]}
+            stored = str(uuid.uuid4()) if self.ignore_ids else memory_id
+            payload = {"id": stored, "namespace": path.split("/")[3]}
         elif method == "GET" and path == "/v1/health":
             reply, payload = Reply(200), {"status": "ok", "version": "scripted", "capabilities": []}
         else:
             reply, payload = Reply(200), {"name": path.split("/")[-1], "kind": "workspace"}
         if reply.hang:
             self.stopped.wait()
+            return False
+        if reply.interim_forever or reply.drip:
+            data = self._render(reply, json.dumps(payload).encode(), False)
+            start = data.index(b"\r\n\r\n") + 4
+            if reply.drip:
+                connection.sendall(data[:start])
+            while not self.stopped.wait(0.2 if reply.drip else 0.05):
+                connection.sendall(data[start:start + 1] if reply.drip else b"HTTP/1.1 100 Continue\r\n\r\n")
+                start += 1
             return False
         if reply.reset:
             connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

@@ -138,7 +138,7 @@ def test_every_skip_reason_is_named_and_nothing_skipped_is_written(cli, legacy, 
     legacy.workspace(parent=a, workspace_id=b)
     legacy.memory(None, "orphan")
     legacy.memory(str(uuid.uuid4()), "lost workspace")
-    legacy.memory(a, "in a cycle")
+    legacy.memory(a, "global in a cycle", "GLOBAL")
     legacy.memory(root, "strange scope", "PRIVATE")
     legacy.memory(child, "global from a child", "GLOBAL")
     legacy.memory(root, " \n\t ")
@@ -148,10 +148,47 @@ def test_every_skip_reason_is_named_and_nothing_skipped_is_written(cli, legacy, 
 
     assert result.status == 0, result.output()
     assert counts(result) == (7, 1, 6, 0)
-    for reason in (mb.SKIP_NO_WORKSPACE, mb.SKIP_WORKSPACE_NOT_FOUND, mb.SKIP_CYCLE,
-                   mb.SKIP_UNKNOWN_SCOPE, mb.SKIP_GLOBAL_NOT_ROOT, mb.SKIP_EMPTY_CONTENT):
-        assert re.search(r"^\s+1  %s$" % re.escape(reason), result.stdout, re.M), reason
+    for reason, count in ((mb.SKIP_NO_WORKSPACE, 1), (mb.SKIP_WORKSPACE_NOT_FOUND, 1),
+                          (mb.SKIP_UNKNOWN_SCOPE, 1), (mb.SKIP_GLOBAL_NOT_ROOT, 2),
+                          (mb.SKIP_EMPTY_CONTENT, 1)):
+        assert re.search(r"^\s+%d  %s$" % (count, re.escape(reason)), result.stdout, re.M), reason
     assert list(plugin.records()) == [good]
+
+
+def test_the_platforms_mapping_for_lost_parents_cycles_and_the_delimiter_guard(cli, legacy, plugin, env):
+    """REFERENCE §3: writing needs no parent chain; §5: GLOBAL content gets the guard."""
+    legacy.create_schema()
+    grandparent, parent = legacy.chain(1)
+    orphan = legacy.workspace(parent=parent)
+    orphan_root = legacy.workspace()
+    a, b = str(uuid.uuid4()), str(uuid.uuid4())
+    legacy.db.run("SET session_replication_role = replica")  # FK bypassed, as on a broken tenant
+    legacy.workspace(parent=b, workspace_id=a)
+    legacy.workspace(parent=a, workspace_id=b)
+    legacy.db.run("DELETE FROM workspaces WHERE id = CAST(:id AS uuid)", id=parent)  # hard-deleted
+    expected = {
+        legacy.memory(orphan, "orphan local [MEMORY x] note", "LOCAL"): ("workspace:" + orphan,
+                                                                        "orphan local [MEMORY x] note"),
+        legacy.memory(orphan, "orphan team note", "TEAM"): ("team:" + parent, "orphan team note"),
+        legacy.memory(orphan_root, "org rule [MEMORY id=9] keep Bearer tok7", "GLOBAL"): (
+            "org:" + orphan_root, "org rule [_MEMORY id=9] keep [REDACTED:BEARER_TOKEN]"),
+        legacy.memory(a, "cycle local", "LOCAL"): ("workspace:" + a, "cycle local"),
+        legacy.memory(b, "cycle team", "TEAM"): ("team:" + a, "cycle team"),
+        legacy.memory(grandparent, "[MEMORY a][MEMORY b]", "GLOBAL"): ("org:" + grandparent,
+                                                                       "[_MEMORY a][_MEMORY b]"),
+    }
+    legacy.memory(orphan, "global of a child whose parent is gone", "GLOBAL")  # not a root: skipped
+    legacy.memory(a, "global in a cycle", "GLOBAL")
+
+    result = cli("-apply")
+
+    assert result.status == 0, result.output()
+    assert counts(result) == (8, 6, 2, 0)
+    assert re.search(r"^\s+2  %s$" % re.escape(mb.SKIP_GLOBAL_NOT_ROOT), result.stdout, re.M)
+    assert {i: (r["namespace"], r["content"]) for i, r in plugin.records().items()} == expected
+    result = cli("-verify", "-verify-sample", "0")
+    assert result.status == 0, result.output()
+    assert counts(result, LAST_VERIFY) == (5, 6, 0, 0)
 
 
 def test_apply_redacts_and_reports_counts_not_secrets(cli, legacy, tree, plugin, env):
@@ -263,22 +300,58 @@ def test_dry_run_writes_nothing_anywhere(cli, legacy, tree, plugin, env):
     assert plugin.count() == 0 and plugin.namespaces() == {}
     assert plugin.requests["put_namespace"] == plugin.requests["write_memory"] == 0
     assert plugin.requests["health"] == 1
-    assert "plugin: ok (version test-plugin): -apply could start" in result.stdout
+    assert "plugin: %s: ok (version test-plugin): -apply could start" % plugin.url in result.stdout
     assert "rows to copy by scope: LOCAL=10" in result.stdout
     assert legacy.snapshot() == before
 
 
-def test_dry_run_without_plugin_and_with_a_broken_one(cli, legacy, tree, monkeypatch):
+@pytest.fixture
+def nothing_on_the_default_port():
+    """Port 9100 bound without listening, so that a connection to it is refused for sure."""
+    import socket
+
+    held = []
+    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        sock = socket.socket(family)
+        try:
+            sock.bind((host, 9100))
+        except OSError as exc:
+            sock.close()
+            if family == socket.AF_INET or exc.errno != __import__("errno").EADDRNOTAVAIL:
+                pytest.skip("port 9100 is in use here: %s" % exc)
+            continue
+        held.append(sock)
+    yield
+    for sock in held:
+        sock.close()
+
+
+def test_without_a_plugin_url_the_tenant_images_plugin_is_used_and_named(cli, legacy, tree, monkeypatch,
+                                                                          nothing_on_the_default_port):
     monkeypatch.setenv("DATABASE_URL", legacy.url)
     monkeypatch.delenv("MEMORY_PLUGIN_URL", raising=False)
     legacy.memory(tree["root"], "one")
     result = cli("-dry-run")
     assert result.status == 0 and counts(result) == (1, 1, 0, 0)
-    assert "plugin:" not in result.stdout
+    assert ("plugin: http://localhost:9100 (the default: MEMORY_PLUGIN_URL is not set): NOT ready, "
+            "-apply would stop: Cannot reach the memory plugin at http://localhost:9100 (") in result.stdout
 
-    result = cli("-dry-run", "--plugin-url", "http://127.0.0.1:%d" % free_port())
+    result = cli("-apply", "--retries", "1")
+    assert result.status == 3
+    assert result.stderr.startswith("memory-backfill: Cannot reach the memory plugin at "
+                                    "http://localhost:9100 (")
+    assert result.stderr.endswith("); the default, as MEMORY_PLUGIN_URL is not set; set it (or "
+                                  "--plugin-url) if the plugin listens elsewhere.\n")
+    assert result.stderr.count("\n") == 1 and result.stdout == ""
+
+
+def test_dry_run_with_a_broken_plugin(cli, legacy, tree, monkeypatch):
+    monkeypatch.setenv("DATABASE_URL", legacy.url)
+    legacy.memory(tree["root"], "one")
+    url = "http://127.0.0.1:%d" % free_port()
+    result = cli("-dry-run", "--plugin-url", url)
     assert result.status == 0
-    assert "plugin: NOT ready, -apply would stop: Cannot reach the memory plugin" in result.stdout
+    assert "plugin: %s: NOT ready, -apply would stop: Cannot reach the memory plugin" % url in result.stdout
 
 
 def test_the_database_session_refuses_writes(cluster, legacy):
@@ -372,9 +445,9 @@ def test_usage_errors_exit_2_before_connecting(cli, monkeypatch):
     monkeypatch.setenv("DATABASE_URL", "postgres://u:pw@127.0.0.1:%d/d" % free_port())
     monkeypatch.setenv("MEMORY_PLUGIN_URL", "http://127.0.0.1:9")
     for argv, sentence in [
-        ((), "memory-backfill: Choose exactly one mode: -dry-run, -apply or -verify."),
+        ((), "memory-backfill: Choose exactly one mode: -dry-run, -apply, -verify or -rollback."),
         (("-apply", "-verify"),
-         "Choose exactly one mode: -dry-run, -apply or -verify (got -apply and -verify)."),
+         "Choose exactly one mode: -dry-run, -apply, -verify or -rollback (got -apply and -verify)."),
         (("-apply", "-limit", "0"), "-limit must be a positive whole number, not '0'."),
         (("-apply", "-workspace", "42"), "-workspace must be a workspace UUID, not '42'."),
     ]:
@@ -526,7 +599,8 @@ def test_progress_line_on_a_terminal_and_none_with_quiet(legacy, tree, plugin, e
     status, seen = _run_on_a_terminal(["-apply", "--max-rate", "200"], env)
     assert status == 0
     assert "\r" in seen
-    assert re.search(r"\d+/300 rows \(\d+%\), \d+ rows/s, ETA \S+, errors 0, capped by --max-rate", seen)
+    assert re.search(r"\d+/300 rows \(\d+%\), \d+ rows/s, ETA \S+, errors 0, in flight \d+ \(\d+-\d+\), "
+                     r"latency p50 [\d.]+ ms p99 [\d.]+ ms, capped by --max-rate", seen)
     assert "\r300/300 rows (100%)" in seen  # the last refresh: everything done
 
     plugin.reset()

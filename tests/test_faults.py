@@ -139,7 +139,7 @@ def test_plugin_killed_part_way_then_restarted_and_resumed(legacy, root, plugin,
 
     writes_before = plugin.requests["write_memory"]  # the restarted plugin
     assert "resumed from checkpoint" in resume_completes(legacy, plugin, env, checkpoint, ids)
-    assert plugin.requests["write_memory"] - writes_before <= (2000 - done) + 2 * mb.DEFAULT_CONCURRENCY
+    assert plugin.requests["write_memory"] - writes_before <= (2000 - done) + 2 * mb.DEFAULT_WRITE_CEILING
     assert read_checkpoint(checkpoint)["complete"] is True
 
     # Resuming a completed run copies nothing and says so.
@@ -230,14 +230,14 @@ def test_an_unexpected_error_while_writing_stops_the_run(legacy, root, plugin, e
                                                          tmp_path):
     ids = legacy.many(root, 50)
     checkpoint = tmp_path / "cp.json"
-    written = mb.Writer._written
+    answered = mb.ApplyWrites.answered
 
-    def buggy_written(writer, write):
-        if write.planned.row.id == ids[20]:
+    def buggy_answered(writes, job, response):
+        if job.item.row.id == ids[20]:
             raise KeyError("a defect of the tool, not a refused row")
-        written(writer, write)
+        answered(writes, job, response)
 
-    monkeypatch.setattr(mb.Writer, "_written", buggy_written)
+    monkeypatch.setattr(mb.ApplyWrites, "answered", buggy_answered)
 
     status = mb.main(["-apply", "-q", "--concurrency", "1", "--checkpoint", str(checkpoint)])
 
@@ -332,7 +332,8 @@ def test_unwritable_paths_are_refused(legacy, root, plugin, env, capsys, option)
 
 @pytest.mark.parametrize("option, modes, sentence", [
     ("--checkpoint", ("-dry-run", "-verify"), "--checkpoint goes with -apply only."),
-    ("--failures", ("-dry-run",), "--failures goes with -apply and -verify only."),
+    ("--failures", ("-dry-run",), "--failures goes with -apply, -verify and -rollback only."),
+    ("--checkpoint", ("-rollback",), "--checkpoint goes with -apply only."),
 ])
 def test_files_go_with_the_modes_that_write_them(legacy, root, env, capsys, tmp_path, option, modes,
                                                  sentence):

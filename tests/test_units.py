@@ -1,5 +1,6 @@
 """The pure parts: URL parsing, scope mapping, redaction, planning, options."""
 
+import re
 import uuid
 from collections import Counter
 
@@ -60,15 +61,36 @@ def test_database_url_host_as_query_parameter_and_unix_socket_folder():
 
 
 def test_plugin_url_trailing_slash_is_harmless():
-    assert mb.parse_plugin_url("http://localhost:9100/") == "http://localhost:9100"
+    assert mb.parse_plugin_url("http://localhost:9100/").url == "http://localhost:9100"
     for bad in ("localhost:9100", "ftp://x", "http://", "http://h:port"):
         with pytest.raises(mb.UsageError):
             mb.parse_plugin_url(bad)
 
 
 def test_plugin_userinfo_never_shown():
-    client = mb.PluginClient("http://user:hunter2@127.0.0.1:9/")
-    assert "hunter2" not in client.base_url and client.base_url == "http://127.0.0.1:9/"
+    address = mb.parse_plugin_url("http://user:hunter2@127.0.0.1:9/")
+    assert "hunter2" not in repr(address) and address.url == "http://127.0.0.1:9"
+
+
+def test_plugin_address_is_parsed_once_for_both_clients():
+    assert mb.parse_plugin_url("http://bücher.example:9100/x/") == mb.PluginAddress(
+        "http://bücher.example:9100/x", "bücher.example", 9100, False, "/x", "xn--bcher-kva.example:9100")
+    assert mb.parse_plugin_url("https://[::1]/") == mb.PluginAddress(
+        "https://[::1]", "::1", 443, True, "", "[::1]")
+    assert mb.parse_plugin_url("http://localhost:80").host_header == "localhost"
+
+
+@pytest.mark.parametrize("environ", [{}, {"MEMORY_PLUGIN_URL": ""}])
+def test_without_a_plugin_url_every_mode_uses_the_tenant_images_plugin(environ):
+    for mode in ("-dry-run", "-apply", "-verify", "-rollback"):
+        settings = mb.parse_settings([mode], {"DATABASE_URL": "postgres://u@h/d", **environ})
+        assert settings.plugin == mb.PluginAddress("http://localhost:9100", "localhost", 9100, False, "",
+                                                   "localhost:9100", default=True)
+        assert settings.plugin.describe() == \
+            "http://localhost:9100 (the default: MEMORY_PLUGIN_URL is not set)"
+    named = mb.parse_settings(["-apply"], {"DATABASE_URL": "postgres://u@h/d",
+                                           "MEMORY_PLUGIN_URL": "http://localhost:9100"})
+    assert not named.plugin.default and named.plugin.describe() == "http://localhost:9100"
 
 
 def test_parse_embedding_pgvector_and_array_forms():
@@ -80,8 +102,10 @@ def test_parse_embedding_pgvector_and_array_forms():
 # --- scope mapping: every row of REFERENCE §3 -------------------------------------
 
 ROOT, CHILD, GRANDCHILD = "r", "c", "g"
+ORPHAN, CYCLE_A, CYCLE_B = "o", "a", "b"  # o's parent row is gone; a and b are each other's parent
 TREE = mb.WorkspaceTree([(ROOT, None, "active"), (CHILD, ROOT, "active"),
-                         (GRANDCHILD, CHILD, "removed")])
+                         (GRANDCHILD, CHILD, "removed"), (ORPHAN, "gone", "active"),
+                         (CYCLE_A, CYCLE_B, "active"), (CYCLE_B, CYCLE_A, "active")])
 
 
 @pytest.mark.parametrize("workspace, scope, namespace, kind", [
@@ -92,6 +116,10 @@ TREE = mb.WorkspaceTree([(ROOT, None, "active"), (CHILD, ROOT, "active"),
     (CHILD, "TEAM", "team:r", "team"),
     (ROOT, "TEAM", "team:r", "team"),
     (ROOT, "GLOBAL", "org:r", "org"),
+    (ORPHAN, "LOCAL", "workspace:o", "workspace"),  # the chain is never needed to write
+    (ORPHAN, "TEAM", "team:gone", "team"),  # the parent_id as it stands
+    (CYCLE_A, "LOCAL", "workspace:a", "workspace"),
+    (CYCLE_A, "TEAM", "team:b", "team"),
 ])
 def test_scope_mapping(workspace, scope, namespace, kind):
     assert mb.resolve_target(workspace, scope, TREE) == mb.Target(namespace, kind)
@@ -102,28 +130,35 @@ def test_scope_mapping(workspace, scope, namespace, kind):
     ("missing", "LOCAL", mb.SKIP_WORKSPACE_NOT_FOUND),
     (CHILD, "GLOBAL", mb.SKIP_GLOBAL_NOT_ROOT),
     (GRANDCHILD, "GLOBAL", mb.SKIP_GLOBAL_NOT_ROOT),
+    (ORPHAN, "GLOBAL", mb.SKIP_GLOBAL_NOT_ROOT),  # it has a parent_id, so it is no root
+    (CYCLE_A, "GLOBAL", mb.SKIP_GLOBAL_NOT_ROOT),
     (ROOT, "local", mb.SKIP_UNKNOWN_SCOPE),
 ])
 def test_scope_mapping_skips(workspace, scope, reason):
-    with pytest.raises(mb.RowSkipped) as raised:
+    with pytest.raises(mb.RowSkipped, match="^%s$" % re.escape(reason)):
         mb.resolve_target(workspace, scope, TREE)
-    assert raised.value.reason == reason
 
 
-def test_chain_of_exactly_50_hops_resolves_and_51_is_a_cycle():
+def test_the_org_a_workspace_reads_is_the_last_reached_within_50_hops():
     chain = [("w0", None, None)] + [("w%d" % i, "w%d" % (i - 1), None) for i in range(1, 52)]
     tree = mb.WorkspaceTree(chain)
-    assert tree.root_of("w50") == "w0"
-    with pytest.raises(mb.RowSkipped, match="50 hops"):
-        tree.root_of("w51")
-    cycle = mb.WorkspaceTree([("a", "b", None), ("b", "a", None)])
-    with pytest.raises(mb.RowSkipped, match="cycle"):
-        mb.resolve_target("a", "LOCAL", cycle)
+    assert tree.top("w50") == "w0"  # exactly 50 hops: the root
+    assert tree.top("w51") == "w1"  # longer: the one 50 hops up
+    assert TREE.top(CYCLE_A) == CYCLE_A  # 50 hops around a 2-cycle end where they began
+    assert TREE.top(ORPHAN) == ORPHAN  # its parent row is gone: the last that exists
+    assert TREE.top(GRANDCHILD) == ROOT
 
 
 def test_readable_namespaces():
     assert TREE.readable_namespaces(GRANDCHILD) == ["workspace:g", "team:c", "org:r"]
     assert TREE.readable_namespaces(ROOT) == ["workspace:r", "team:r", "org:r"]
+    assert TREE.readable_namespaces(ORPHAN) == ["workspace:o", "team:gone", "org:o"]
+    assert TREE.readable_namespaces(CYCLE_B) == ["workspace:b", "team:a", "org:b"]
+
+
+def test_a_row_of_a_root_reads_what_it_writes():
+    for scope in mb.SCOPE_KINDS:
+        assert mb.resolve_target(ROOT, scope, TREE).namespace in TREE.readable_namespaces(ROOT)
 
 
 # --- redaction: every label of REFERENCE §5 ---------------------------------------
@@ -160,6 +195,19 @@ def test_redaction_per_label(label):
     text, counts = mb.redact("before %s after" % SECRETS[label])
     assert text == "before [REDACTED:%s] after" % label
     assert counts == Counter({label: 1})
+
+
+def test_global_memories_get_the_delimiter_guard_after_redaction():
+    text = "[MEMORY x] see [MEMORY y] and Bearer abc [MEMORY"
+    assert mb.platform_content(text, "org") == (
+        "[_MEMORY x] see [_MEMORY y] and [REDACTED:BEARER_TOKEN] [MEMORY", Counter({"BEARER_TOKEN": 1}))
+    assert mb.platform_content(text, "workspace")[0] == \
+        "[MEMORY x] see [MEMORY y] and [REDACTED:BEARER_TOKEN] [MEMORY"
+    assert mb.platform_content("[_MEMORY z]", "org")[0] == "[_MEMORY z]"  # idempotent
+    assert mb.platform_content("Bearer a [MEMORY b", "org", redaction=False)[0] == "Bearer a [_MEMORY b"
+    row = _row("GLOBAL [MEMORY id=1] note", scope="GLOBAL")
+    assert mb.plan_row(row, TREE).body["content"] == "GLOBAL [_MEMORY id=1] note"
+    assert mb.plan_row(_row("[MEMORY a", scope="TEAM"), TREE).body["content"] == "[MEMORY a"
 
 
 def test_redaction_reference_example_and_idempotence():
@@ -220,28 +268,54 @@ def _copy(planned, **changes):
     return {**record, **changes}
 
 
+def found(record):
+    return mb.Lookup(record, True, True, None)
+
+
 def test_classify_every_class():
     planned = _planned("deploy key ghp_%s then Bearer tok9 at 5 pm" % ("Z" * 20))
-    assert mb.classify(planned, _copy(planned)).verdict == mb.MATCH
-    missing = mb.classify(planned, None)
+    assert mb.classify(planned, found(_copy(planned))).verdict == mb.MATCH
+    missing = mb.classify(planned, found(None))
     assert (missing.verdict, missing.detail) == (
         mb.MISSING, "in no namespace of the tenant; -apply writes it to workspace:c")
-    moved = mb.classify(planned, _copy(planned, namespace="team:r"))
+    moved = mb.classify(planned, found(_copy(planned, namespace="team:r")))
     assert (moved.verdict, moved.detail, moved.found_in) == (
         mb.WRONG_NAMESPACE, "expected in workspace:c, found in team:r", "team:r")
-    clear = mb.classify(planned, _copy(planned, content=planned.row.content))
+    clear = mb.classify(planned, found(_copy(planned, content=planned.row.content)))
     assert (clear.verdict, clear.labels) == (mb.UNREDACTED, ("BEARER_TOKEN", "GITHUB_PAT"))
     assert clear.detail == "the plugin's copy holds secrets in clear (BEARER_TOKEN, GITHUB_PAT)"
-    changed = mb.classify(planned, _copy(planned, content=planned.body["content"].replace("5", "6")))
+    changed = mb.classify(planned, found(_copy(planned, content=planned.body["content"].replace("5", "6"))))
     assert changed.verdict == mb.CONTENT_DIFFERS and "found" in changed.detail
     for propagation, detail in [(None, "propagation.legacy is missing"),
                                 ({}, "propagation.legacy is missing"),
                                 ({"legacy": {**planned.row.legacy, "scope": "TEAM"}},
                                  "propagation.legacy differs in scope")]:
-        found = mb.classify(planned, _copy(planned, propagation=propagation))
-        assert (found.verdict, found.detail) == (mb.PROVENANCE, detail)
+        finding = mb.classify(planned, found(_copy(planned, propagation=propagation)))
+        assert (finding.verdict, finding.detail) == (mb.PROVENANCE, detail)
     shown = repr([(f.line(), f.to_json()) for f in (missing, moved, clear, changed)])
     assert "Z" * 20 not in shown and "tok9" not in shown
+
+
+def test_a_row_not_found_is_missing_only_when_a_whole_search_would_have_found_it():
+    planned = _planned()
+    for lookup, verdict, detail in [
+            (mb.Lookup(None, True, True, None), mb.MISSING, "in no namespace"),
+            (mb.Lookup(None, False, True, None), mb.UNVERIFIABLE, "matches too many records"),
+            (mb.Lookup(None, True, False, None), mb.UNVERIFIABLE, "no searchable word"),
+            (mb.Lookup(None, True, True, "HTTP 400: no"), mb.UNVERIFIABLE, "refused a search for it"),
+            (mb.Lookup(_copy(planned), False, False, "HTTP 400: no"), mb.MATCH, "")]:
+        finding = mb.classify(planned, lookup)
+        assert finding.verdict == verdict and detail in finding.detail
+
+
+def test_a_global_copy_without_the_delimiter_guard_differs_and_one_in_clear_is_unredacted():
+    planned = mb.plan_row(_row("org rule [MEMORY 7] Bearer tok5", scope="GLOBAL"), TREE)
+    assert planned.body["content"] == "org rule [_MEMORY 7] [REDACTED:BEARER_TOKEN]"
+    unguarded = mb.classify(planned, found(_copy(
+        planned, content="org rule [MEMORY 7] [REDACTED:BEARER_TOKEN]")))
+    assert unguarded.verdict == mb.CONTENT_DIFFERS and '"org rule [_MEMORY 7]' in unguarded.detail
+    upstream = mb.classify(planned, found(_copy(planned, content=planned.row.content)))
+    assert (upstream.verdict, upstream.labels) == (mb.UNREDACTED, ("BEARER_TOKEN",))
 
 
 def test_a_content_difference_shows_both_sides_around_it_redacted():
@@ -254,7 +328,7 @@ def test_a_content_difference_shows_both_sides_around_it_redacted():
         "the difference lies inside redacted secrets"
     planned = _planned("note: " + "y" * 90 + " Bearer tok1 end")
     altered = planned.row.content.replace("end", "Bearer tok2 fin")
-    detail = mb.classify(planned, _copy(planned, content=altered)).detail
+    detail = mb.classify(planned, found(_copy(planned, content=altered))).detail
     assert "tok1" not in detail and "tok2" not in detail and "[REDACTED:BEARER_TOKEN] fin" in detail
 
 
@@ -272,6 +346,8 @@ def test_shared_word_searches_cover_unseen_rows_with_words_few_records_hold():
     rows = [_planned("%s svc%d note%d" % (common, n % 3, n)) for n in range(12)]
     rows += [_planned("%s svc9 other%d" % (common, n)) for n in range(120)]  # svc9: too many holders
     unseen = rows[:6] + [rows[12], rows[13]]
+    rows = [mb.Sought(p.row, p.body["content"], p.target.namespace) for p in rows]
+    unseen = [mb.Sought(p.row, p.body["content"], p.target.namespace) for p in unseen]
     searches = mb.shared_word_searches(rows, unseen)
     assert searches == [("workspace:c", "svc2"), ("workspace:c", "svc1"), ("workspace:c", "svc0")]
     assert mb.shared_word_searches(rows, []) == []
@@ -279,7 +355,7 @@ def test_shared_word_searches_cover_unseen_rows_with_words_few_records_hold():
 
 def test_a_verify_failure_entry_names_namespaces_and_labels_never_content():
     planned = _planned("key ghp_%s here" % ("Q" * 20))
-    entry = mb.classify(planned, _copy(planned, content=planned.row.content)).to_json()
+    entry = mb.classify(planned, found(_copy(planned, content=planned.row.content))).to_json()
     assert entry == {"id": planned.row.id, "workspace_id": CHILD, "class": "unredacted",
                      "expected_namespace": "workspace:c", "found_namespace": "workspace:c",
                      "labels": ["GITHUB_PAT"]}
@@ -304,20 +380,22 @@ URLS = {"DATABASE_URL": "postgres://u:pw@h/d", "MEMORY_PLUGIN_URL": "http://p:91
 ])
 def test_option_spellings(argv):
     settings = mb.parse_settings(argv, URLS)
-    assert (settings.mode, settings.limit, settings.plugin_url) == ("apply", 10, "http://p:9100")
+    assert (settings.mode, settings.limit, settings.plugin.url) == ("apply", 10, "http://p:9100")
 
 
 def test_options_override_environment():
     settings = mb.parse_settings(["-verify", "--database-url", "postgres://x@y/z",
                                   "--plugin-url=http://q:1", "-verify-sample=0",
                                   "-workspace", "6F9619FF-8B86-D011-B42D-00CF4FC964FF"], URLS)
-    assert (settings.database.host, settings.plugin_url, settings.verify_sample) == ("y", "http://q:1", 0)
+    assert (settings.database.host, settings.plugin.url, settings.verify_sample) == ("y", "http://q:1", 0)
     assert settings.workspace == "6f9619ff-8b86-d011-b42d-00cf4fc964ff"
 
 
-def test_dry_run_needs_no_plugin_url():
-    settings = mb.parse_settings(["-dry-run"], {"DATABASE_URL": "postgres://u@h/d"})
-    assert settings.plugin_url is None
+def test_concurrency_is_the_write_ceiling_and_the_searches_at_once():
+    settings = mb.parse_settings(["-apply"], URLS)
+    assert (settings.write_ceiling, settings.searches) == (mb.DEFAULT_WRITE_CEILING, mb.DEFAULT_SEARCHES)
+    settings = mb.parse_settings(["-rollback", "--concurrency", "3"], URLS)
+    assert (settings.write_ceiling, settings.searches) == (3, 3)
 
 
 @pytest.mark.parametrize("argv, complaint", [
@@ -336,9 +414,11 @@ def test_usage_errors(argv, complaint):
         mb.parse_settings(argv, URLS)
 
 
-def test_apply_needs_the_plugin_url():
-    with pytest.raises(mb.UsageError, match="MEMORY_PLUGIN_URL is not set"):
-        mb.parse_settings(["-apply"], {"DATABASE_URL": "postgres://u@h/d"})
+def test_yes_goes_with_rollback_only():
+    assert mb.parse_settings(["-rollback", "--yes"], URLS).yes
+    assert not mb.parse_settings(["-rollback"], URLS).yes
+    with pytest.raises(mb.UsageError, match="--yes goes with -rollback only"):
+        mb.parse_settings(["-apply", "--yes"], URLS)
 
 
 @given(st.text(alphabet=st.sampled_from(list("abcAKIA_-=:/+ sktokenBearer0123456789ghpvcx\n")),

@@ -4,6 +4,7 @@ writer against a scripted server that answers in every way HTTP/1.x allows
 exactly once, and the checkpoint never passes a row that was not acknowledged.
 """
 
+import itertools
 import json
 import time
 
@@ -27,8 +28,10 @@ RESPONSES = [
     (b"HTTP/1.1 400 Bad Request\r\nX-Folded: one\r\n two\r\nContent-Length: 2, 2\r\n\r\n{}",
      (400, b"{}", True)),
     (b"HTTP/1.1 204 No Content\r\nContent-Length: 7\r\n\r\n", (204, b"", True)),
-    (b"HTTP/1.1 201 Created\r\nConnection: keep-alive, Close\r\nContent-Length: 2\r\n\r\n{}",
-     (201, b"{}", False)),
+    (b"HTTP/1.2 201 Created\r\nContent-Length: 0000000000000000002\r\n\r\n{}", (201, b"{}", True)),
+    (b"HTTP/1.1 599 Odd\r\nTransfer-Encoding: chunked\r\n\r\n00000000000000000001\r\nx\r\n0\r\n"
+     b"X-Folded: a\r\n\tb\r\n\r\n", (599, b"x", True)),
+    (b"HTTP/1.1 099 Oops\r\nContent-Length: 3\r\n\r\nnot", (99, b"not", True)),  # final, never interim
     (b"HTTP/1.0 201 Created\r\nContent-Type: application/json\r\n\r\n{\"id\":\"c\"}",  # until close
      (201, b'{"id":"c"}', False)),
 ]
@@ -42,11 +45,11 @@ def parse(pieces):
         parser.feed(piece)
         response = parser.next_response()
         while response is not None:
-            found.append((response.status, response.body, response.persistent))
+            found.append((response.head.status, response.body, response.head.persistent))
             response = parser.next_response()
     final = parser.end_of_stream()
     if final is not None:
-        found.append((final.status, final.body, final.persistent))
+        found.append((final.head.status, final.body, final.head.persistent))
     return found
 
 
@@ -57,15 +60,33 @@ def test_a_pipelined_stream_parses_the_same_split_at_every_byte_boundary():
     assert parse([STREAM[n:n + 1] for n in range(len(STREAM))]) == EXPECTED
 
 
+def test_a_response_that_closes_the_connection_ends_the_reading_whatever_follows():
+    closing = b"HTTP/1.1 200 OK\r\nConnection: keep-alive, Close\r\nContent-Length: 2\r\n\r\nok"
+    for after in (b"\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", b"garbage\x00"):
+        data = closing + after
+        assert parse([data]) == [(200, b"ok", False)]
+        for cut in range(1, len(data)):
+            assert parse([data[:cut], data[cut:]]) == [(200, b"ok", False)], cut
+
+
+def test_a_status_below_100_is_a_final_answer_never_an_interim_one():
+    """The fuzzer's repro: 099 skipped as interim made its body read as the next response."""
+    data = b"HTTP/1.1 099 Oops\r\nContent-Length: 38\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+    assert parse([data]) == [(99, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", True)]
+    rule = mb.RetryRule(3)
+    assert all(rule.retryable(status) for status in (0, 99, 600, 999, 429, 502, 503, 504))
+    assert not any(rule.retryable(status) for status in (100, 200, 201, 400, 404, 500, 599))
+
+
 def test_header_fields_are_read_case_insensitively_and_repeated_ones_joined():
     parser = mb.ResponseParser()
     parser.feed(b"HTTP/1.1 503 Busy\r\nRetry-After: 2\r\nX-A: 1\r\nx-a: 2\r\nContent-Length: 0\r\n\r\n")
-    response = parser.next_response()
-    assert (response.status, response.reason) == (503, "Busy")
-    assert response.field(b"retry-after") == b"2" and response.field(b"x-a") == b"1, 2"
-    assert response.field(b"date") is None
+    head = parser.next_response().head
+    assert (head.status, head.reason) == (503, "Busy")
+    assert head.field(b"retry-after") == b"2" and head.field(b"x-a") == b"1, 2"
+    assert head.field(b"date") is None
     parser.feed(b"HTTP/1.1 429 Slow Down\r\nRetry-After:\r\n  7\r\nContent-Length: 0\r\n\r\n")
-    assert parser.next_response().field(b"retry-after") == b"7"  # an obs-fold, unfolded
+    assert parser.next_response().head.field(b"retry-after") == b"7"  # an obs-fold, unfolded
 
 
 @pytest.mark.parametrize("data, complaint", [
@@ -104,21 +125,293 @@ def test_a_response_cut_by_the_close_is_a_lost_connection(data):
         parse([data])
 
 
-def test_plugin_address_gives_the_host_header_and_path_prefix():
-    assert mb.parse_plugin_address("http://bücher.example:9100/x/") == mb.PluginAddress(
-        "bücher.example", 9100, False, "/x", "xn--bcher-kva.example:9100")
-    assert mb.parse_plugin_address("https://[::1]/") == mb.PluginAddress("::1", 443, True, "", "[::1]")
-    assert mb.parse_plugin_address("http://localhost:80").host_header == "localhost"
 
 
-def test_connection_layout_spreads_concurrency_over_pipelined_connections():
-    assert mb.connection_depths(1) == [1]
-    assert mb.connection_depths(8) == [4, 4]
-    assert mb.connection_depths(6) == [3, 3]
-    assert mb.connection_depths(9) == [3, 3, 3]
-    assert mb.connection_depths(16) == [4, 4, 4, 4]
-    assert all(sum(mb.connection_depths(n)) == n and max(mb.connection_depths(n)) <= mb.PIPELINE_DEPTH
-               for n in range(1, 100))
+@pytest.mark.parametrize("data, complaint", [
+    (b"HTTP/1.1 200 OK\r\nX: " + b"y" * (mb.MAX_RESPONSE_HEAD - 23) + b"\r\n\r\n", "head longer than 65536"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1;" + b"e" * mb.MAX_CHUNK_LINE + b"\r\n",
+     "chunk size line longer than 4096"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX: " + b"t" * mb.MAX_TRAILERS + b"\r\n\r\n",
+     "trailer section longer than 65536"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"80000\r\n" + b"b" * 0x80000 + b"\r\n"
+     + b"80001\r\n", "a body longer than 1048576"),
+    (b"HTTP/1.0 200 OK\r\n\r\n" + b"u" * (mb.MAX_RESPONSE_BODY + 1), "a body longer than 1048576"),
+], ids=["head", "chunk line", "trailers", "chunked body", "body until close"])
+def test_each_limit_holds_the_same_however_the_bytes_are_split_and_says_which(data, complaint):
+    at_limit = {"head longer": (b"HTTP/1.1 204 OK\r\nX: " + b"y" * (mb.MAX_RESPONSE_HEAD - 24) + b"\r\n\r\n"
+                                + b"HTTP/1.1 204 No\r\n\r\n")}
+    for size in (1, 7, 1024, 65536, len(data)):
+        with pytest.raises(mb.ProtocolError, match=complaint):
+            parse([data[n:n + size] for n in range(0, len(data), size)] + [b"HTTP/1.1 200 OK\r\n\r\n"])
+    for name, ok in at_limit.items():  # one byte shorter: accepted, however split
+        if name in complaint:
+            for size in (1, 1000, len(ok)):
+                assert [status for status, _, _ in parse([ok[n:n + size] for n in range(0, len(ok), size)])] \
+                    == [204, 204]
+
+
+def scanned(data: bytes, size: int) -> int:
+    parser = mb.ResponseParser()
+    for n in range(0, len(data), size):
+        parser.feed(data[n:n + size])
+        while parser.next_response() is not None:
+            pass
+    assert parser.closed or parser.end_of_stream() is None
+    return parser.scanned
+
+
+def test_the_parsers_work_is_linear_in_the_bytes_fed_however_they_are_split():
+    chunked = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"1\r\nx\r\n" * (1 << 20)
+               + b"0\r\nT: 1\r\n\r\n")
+    assert scanned(chunked, 1024) <= 2 * len(chunked)  # 1 MiB in 1-byte chunks, fed 1 KiB at a time
+    head = b"HTTP/1.1 204 No Content\r\nX: " + b"h" * (64 * 1024 - 40) + b"\r\n\r\n"
+    assert scanned(head, 1) <= 4 * len(head)  # a 64 KiB head fed a byte at a time
+
+
+def test_leading_zeros_and_later_minor_versions_are_read_as_http_1_1():
+    data = (b"HTTP/1.9 201 Created\r\nContent-Length: " + b"0" * 40 + b"2\r\n\r\n{}"
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"0" * 30 + b"3\r\nabc\r\n0\r\n\r\n")
+    assert parse([data]) == [(201, b"{}", True), (200, b"abc", True)]
+
+
+# --- the parser against h11 (the oracle) ------------------------------------------
+
+h11 = pytest.importorskip("h11")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+TEXT = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7e), max_size=12).map(
+    lambda text: text.strip().encode())
+NAMES = st.sampled_from([b"X-A", b"Server", b"Date", b"x-b", b"Content-Type", b"Cache-Control"])
+# Where the two may answer differently, and the rule that makes ours the stricter (or,
+# for a status outside 100-599, the one RFC 9110 asks for).
+RULES = {
+    "te_and_cl": "RFC 9112 §6.3: Transfer-Encoding with Content-Length ought to be handled as an error",
+    "te_on_1.0": "RFC 9112 §6.1: no Transfer-Encoding in an HTTP/1.0 response",
+    "control": "RFC 9110 §5.5: a field value holds no control character",
+    "bare_lf": "RFC 9112 §2.2: only CRLF ends a line (a bare LF MAY be accepted; we do not)",
+    "status_below_100": "RFC 9110 §15: a status outside 100-599 is a final answer, a server error",
+}
+STRICTER = {"te_and_cl", "te_on_1.0", "control", "bare_lf"}
+
+
+@st.composite
+def responses(draw, last: bool):
+    """One response as (bytes, the rules it touches, whether it ends the connection)."""
+    rules = set()
+    version = draw(st.sampled_from([b"1.1"] * 6 + [b"1.0", b"1.2", b"1.9"]))
+    status = draw(st.sampled_from([200, 201, 204, 304, 400, 404, 429, 500, 503, 599, 600, 999, 99, 0, 42]))
+    if status < 100:
+        rules.add("status_below_100")
+    reason = draw(st.one_of(st.none(), TEXT, st.just(b"caf\xe9")))
+    head = [b"HTTP/%s %03d%s" % (version, status, b"" if reason is None else b" " + reason)]
+    interim = b"".join(draw(st.lists(st.sampled_from([b"HTTP/1.1 100 Continue\r\n\r\n",
+                                                      b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"]),
+                                     max_size=2)))
+    for _ in range(draw(st.integers(0, 3))):
+        value = draw(TEXT)
+        if draw(st.integers(0, 9)) == 0:
+            value += b"\x01"
+            rules.add("control")
+        head.append(draw(NAMES) + b":" + draw(st.sampled_from([b"", b" ", b"\t"])) + value)
+        if draw(st.integers(0, 5)) == 0:
+            head.append(b" \t" + draw(TEXT) + b"x")  # obs-fold
+    close = draw(st.integers(0, 5)) == 0
+    if close:
+        head.append(b"Connection: " + draw(st.sampled_from([b"close", b"Close", b"keep-alive, close"])))
+    body = draw(st.binary(max_size=40))
+    framing = draw(st.sampled_from(["length", "chunked"] + (["close"] if last else [])))
+    no_body = status in (204, 304)
+    if framing == "length" or (framing == "chunked" and no_body):
+        value = b"0" * draw(st.integers(0, 3)) + b"%d" % len(body)
+        head.append(b"Content-Length: " + value + (b", " + value if draw(st.booleans()) else b""))
+        data = b"" if no_body else body
+    elif framing == "chunked":
+        head.append(b"Transfer-Encoding: chunked")
+        if draw(st.integers(0, 9)) == 0:
+            head.append(b"Content-Length: %d" % len(body))
+            rules.add("te_and_cl")
+        if version == b"1.0":
+            rules.add("te_on_1.0")
+        cuts = sorted(draw(st.lists(st.integers(0, len(body)), max_size=3)))
+        parts = [body[a:b] for a, b in zip([0] + cuts, cuts + [len(body)]) if b > a]
+        data = b"".join(b"%s%x%s\r\n%s\r\n" % (b"0" * draw(st.integers(0, 2)), len(part),
+                                               draw(st.sampled_from([b"", b";a=b", b";x"])), part)
+                        for part in parts)
+        data += b"0\r\n" + b"".join(draw(NAMES) + b": " + draw(TEXT) + b"\r\n"
+                                    for _ in range(draw(st.integers(0, 2)))) + b"\r\n"
+    else:  # until close
+        data = b"" if no_body else body
+        close = True
+    text = b"\r\n".join(head) + b"\r\n\r\n"
+    if draw(st.integers(0, 19)) == 0:
+        text = text.replace(b"\r\n", b"\n", 1)
+        rules.add("bare_lf")
+    return interim + text + data, rules, close or version == b"1.0" or framing == "close"
+
+
+@st.composite
+def streams(draw):
+    count = draw(st.integers(1, 4))
+    made = [draw(responses(last=n == count - 1)) for n in range(count)]
+    data = b"".join(response for response, _, _ in made)
+    cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=6)))
+    pieces = [data[a:b] for a, b in zip([0] + cuts, cuts + [len(data)])]
+    return data, pieces, [rules for _, rules, _ in made]
+
+
+def ours(pieces):
+    """(status, body, persistent) of each response, and how the stream ended."""
+    found = []
+    try:
+        return parse(pieces), "clean"
+    except mb.ProtocolError:
+        end = "error"
+    except mb.ConnectionLost:
+        end = "lost"
+    parser = mb.ResponseParser()  # again, to keep what came before the failure
+    try:
+        for piece in pieces:
+            parser.feed(piece)
+            response = parser.next_response()
+            while response is not None:
+                found.append((response.head.status, response.body, response.head.persistent))
+                response = parser.next_response()
+    except mb.ProtocolError:
+        pass
+    return found, end
+
+
+def theirs(pieces):
+    """The same, from h11 as a client that sent one POST per response."""
+    connection = h11.Connection(h11.CLIENT, max_incomplete_event_size=mb.MAX_RESPONSE_HEAD)
+
+    def ask():
+        connection.send(h11.Request(method="POST", target="/",
+                                    headers=[("Host", "p"), ("Content-Length", "0")]))
+        connection.send(h11.EndOfMessage())
+
+    ask()
+    found, head, body, waiting = [], None, bytearray(), False  # waiting: in the middle of a response
+    for piece in [piece for piece in pieces if piece] + [b""]:  # b"": the end of the stream
+        if piece == b"" and not waiting and not connection.trailing_data[0]:
+            return found, "clean"  # (h11 would fault the close of a connection we asked more of)
+        try:
+            connection.receive_data(piece)
+            while True:
+                event = connection.next_event()
+                if event in (h11.NEED_DATA, h11.PAUSED) or isinstance(event, h11.ConnectionClosed):
+                    break
+                waiting = True
+                if isinstance(event, h11.Response):
+                    head, body = event, bytearray()
+                elif isinstance(event, h11.Data):
+                    body += event.data
+                elif isinstance(event, h11.EndOfMessage):
+                    persistent = connection.their_state is h11.DONE and piece != b""  # not ended by the close
+                    found.append((head.status_code, bytes(body), persistent))
+                    waiting = False
+                    if not persistent:
+                        return found, "clean"
+                    connection.start_next_cycle()
+                    ask()
+                else:  # an interim response: a final one must follow
+                    waiting = True
+        except h11.RemoteProtocolError:
+            return found, "lost" if piece == b"" else "error"
+    return found, "lost" if waiting or connection.trailing_data[0] else "clean"
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+@given(streams())
+def test_the_parser_agrees_with_h11_or_is_stricter_by_a_named_rule(stream):
+    data, pieces, rules = stream
+    mine, h11s = ours(pieces), theirs(pieces)
+    assert ours([data]) == mine  # the split never changes our answer
+    if mine == h11s:
+        return
+    first = next((n for n, touched in enumerate(rules) if touched), None)
+    assert first is not None, "differs from h11 with no rule to name: %r %r %r" % (data, mine, h11s)
+    named = sorted(rules[first])
+    assert all(rule in RULES for rule in named)
+    assert mine[0][:first] == h11s[0][:first], named
+    if set(named) & STRICTER:  # ours refuses what h11 lets through
+        assert len(mine[0]) == first and mine[1] in ("error", "lost"), (named, mine, h11s)
+    else:  # a status below 100: a final answer (h11 refuses it)
+        assert mine[0][first][0] < 100 and (len(h11s[0]), h11s[1]) == (first, "error"), (mine, h11s)
+
+
+# --- the limiter and the retry rule (pure) -----------------------------------------
+
+def drive(limit, seconds_per_request, windows=40, stall=None):
+    """Feed the limiter the answers of a plugin whose time per request is `seconds_per_request`
+    (a function of the connections in use); return the connections it chose, window by window."""
+    now, chosen = 0.0, []
+    for window in range(windows):
+        connections = limit.connections
+        service = seconds_per_request(connections)
+        if stall is not None and window == stall:
+            service *= 50  # nothing answers for a while
+        for fed in itertools.count():  # answers, until the limiter decides
+            now += service / connections
+            limit.answered(now, connections)
+            if fed and limit.answers == 0 and limit.window_start == now:
+                break
+        chosen.append(limit.connections)
+    return chosen
+
+
+def test_the_limiter_climbs_while_the_time_per_request_stays_flat():
+    chosen = drive(mb.ConcurrencyLimit(64), lambda c: 0.02)
+    assert chosen[:6] == [2, 4, 8, 16, 32, 64] and chosen[-1] == 64  # doubling, then the ceiling
+
+
+def test_the_limiter_backs_off_when_a_queue_forms_and_holds_near_the_knee():
+    chosen = drive(mb.ConcurrencyLimit(64), lambda c: 0.005 * max(1.0, c / 4))  # 4 served at once
+    assert max(chosen) <= 8 and all(4 + mb.QUEUE_LOW <= c <= 4 + mb.QUEUE_HIGH + 1 for c in chosen[-10:])
+
+
+def test_the_limiter_never_passes_its_ceiling_and_holds_one_at_one():
+    assert max(drive(mb.ConcurrencyLimit(5), lambda c: 0.001)) == 5
+    assert set(drive(mb.ConcurrencyLimit(1), lambda c: 0.001)) == {1}
+    limit = mb.ConcurrencyLimit(1)
+    limit.stalled()
+    assert limit.connections == 1
+
+
+def test_the_limiter_recovers_after_a_stall_and_after_a_lost_connection():
+    chosen = drive(mb.ConcurrencyLimit(16), lambda c: 0.01, windows=30, stall=10)
+    assert chosen[9] == 16 and chosen[10] < 16 and chosen[-1] == 16
+    limit = mb.ConcurrencyLimit(16)
+    drive(limit, lambda c: 0.01, windows=10)
+    limit.stalled()
+    assert limit.connections == 8 and drive(limit, lambda c: 0.01, windows=10)[-1] == 16
+
+
+def test_a_plugin_that_became_slower_for_good_is_relearned_at_one_connection():
+    limit = mb.ConcurrencyLimit(16)
+    drive(limit, lambda c: 0.001, windows=10)
+    chosen = drive(limit, lambda c: 0.01, windows=150)  # ten times slower, still serving all at once
+    assert chosen[-1] == 16 and 1 in chosen  # relearned at one connection
+
+
+def test_the_limiter_probes_at_one_connection_now_and_then_and_comes_back():
+    limit = mb.ConcurrencyLimit(64)
+    chosen = drive(limit, lambda c: 0.005 * max(1.0, c / 4), windows=300)  # 30 s and more
+    probes = [n for n, c in enumerate(chosen) if c == 1]
+    assert 2 <= len(probes) <= 4 and all(4 <= c <= 8 for c in chosen[probes[-1] + 2:])
+
+
+def test_the_retry_rule_backs_off_doubling_and_follows_retry_after():
+    rule = mb.RetryRule(4)
+    assert rule.delay(1) == 0.0
+    assert 0.4 <= rule.delay(2) <= 0.5 and 0.8 <= rule.delay(3) <= 0.9 and 1.6 <= rule.delay(4) <= 1.7
+    assert rule.delay(5) is None and rule.delay(5, b"1") is None
+    assert rule.delay(2, b"3") == 3.0 and rule.delay(2, b" 7 ") == 7.0
+    assert rule.delay(2, b"86400") == mb.RETRY_AFTER_MAX
+    assert rule.delay(2, b"Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date in the past: now
+    assert 0.4 <= rule.delay(2, b"soon") <= 0.5  # not a Retry-After: the backoff
+    assert mb.RetryRule(0).delay(1) is None
 
 
 # --- the writer against a scripted server -----------------------------------------
@@ -166,7 +459,7 @@ def test_responses_arriving_byte_by_byte_and_chunked(scripted, legacy, rows, tmp
     server = scripted(lambda w: Reply(byte_by_byte=w.number < 12, chunked=w.number % 3 == 0))
     assert apply(server, legacy, rows, tmp_path) == 0
     assert_every_row_once(server, legacy, rows)
-    assert max(server.acks.values()) == 1 and server.connections == 3  # 1 for urllib3, 2 pipelined
+    assert max(server.acks.values()) == 1 and sum(server.arrivals.values()) == 40  # none sent twice
 
 
 def test_connection_close_after_k_of_n_pipelined_requests(scripted, legacy, rows, tmp_path):
@@ -241,6 +534,45 @@ def test_a_server_that_answers_once_per_connection_still_gets_every_row(scripted
     assert apply(server, legacy, rows, tmp_path, "--retries", "0") == 0
     assert_every_row_once(server, legacy, rows)
     assert max(server.acks.values()) == 1 and server.connections >= 40
+
+
+@pytest.mark.parametrize("reply", [Reply(interim_forever=True), Reply(drip=True)], ids=["interim", "drip"])
+def test_timeout_bounds_the_whole_answer_however_the_bytes_keep_coming(scripted, legacy, rows, tmp_path,
+                                                                      reply):
+    server = scripted(lambda w: reply if w.id == rows[5] and w.attempt == 0 else Reply())
+    started = time.monotonic()
+    assert apply(server, legacy, rows, tmp_path, "--timeout", "1") == 0
+    assert time.monotonic() - started >= 1.0
+    assert_every_row_once(server, legacy, rows)
+    assert server.arrivals[rows[5]] == 2
+
+
+def test_a_plugin_that_serves_a_connection_one_request_at_a_time_gets_more_connections(scripted, legacy,
+                                                                                       tmp_path):
+    legacy.create_schema()
+    legacy.many(legacy.workspace(), 300)
+    order = [r[0] for r in legacy.db.run("SELECT id::text FROM agent_memories ORDER BY %s" % mb.READ_ORDER)]
+    server = scripted(lambda w: time.sleep(0.01) or Reply())  # 10 ms each, one at a time per connection
+    assert apply(server, legacy, order, tmp_path) == 0
+    assert_every_row_once(server, legacy, order)
+    writers = {write.connection for write in server.log}
+    assert len(writers) > 1 and sum(server.arrivals.values()) == 300
+
+
+def test_a_plugin_that_ignores_ids_stops_the_run_at_the_first_answer(scripted, legacy, rows, tmp_path,
+                                                                     capsys):
+    server = scripted(ignore_ids=True)
+    for _ in range(2):  # and a re-run does the same
+        before = server.writes
+        assert apply(server, legacy, rows, tmp_path, "--concurrency", "8") == 3
+        captured = capsys.readouterr()
+        assert captured.err.startswith("memory-backfill: The memory plugin at %s ignores the ids it is given "
+                                       "(row %s was stored as " % (server.url, rows[0]))
+        assert captured.err.endswith(", so every re-run would duplicate every row; stopped: upgrade the "
+                                     "plugin to one with idempotent upsert by id, then run again.\n")
+        assert captured.err.count("\n") == 1 and "STOPPED EARLY" in captured.out
+        assert server.writes - before <= 8  # at most what was in flight
+        assert json.loads((tmp_path / "cp.json").read_text())["position"] is None
 
 
 # --- https ---------------------------------------------------------------------------
