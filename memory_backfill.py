@@ -1410,8 +1410,9 @@ MAX_PACE_SECONDS = 0.01  # the longest pause between reads of answers (see Write
 RECEIVE_BYTES = 65536
 IDLE_CHECK_SECONDS = 1.0  # a connection idle this long is checked before it is used again
 STOP_CHECK_SECONDS = 0.25  # the loop notices a signal at least this often
-# The limiter: the plugin's queue, in connections, that it keeps between these.
-QUEUE_LOW, QUEUE_HIGH = 1.0, 3.0
+# The limiter keeps the plugin's queue, in connections, between QUEUE_LOW * log10(connections)
+# and QUEUE_HIGH * log10(connections) (at least 1 and 3), as Netflix's Vegas limit does.
+QUEUE_LOW, QUEUE_HIGH = 3.0, 6.0
 LIMIT_WINDOW_SECONDS = 0.1  # one decision per window of at least this long ...
 LIMIT_WINDOW_ANSWERS = 4  # ... and this many answers per connection
 PROBE_SECONDS = 10.0  # the plugin's time per request without a queue is measured at least this often
@@ -1427,8 +1428,8 @@ class ConcurrencyLimit:
     reading answers in batches does not blur it).  The lowest S seen is its time
     without a queue; the queue is then C - X * lowest: our connections waiting for
     the plugin (and the live tenant's requests waiting behind them) rather than
-    being served.  Below QUEUE_LOW: one connection more (doubling at first), while
-    they are all in use; above QUEUE_HIGH: one fewer.  At one connection there can
+    being served.  Below queue_band(): one connection more (doubling at first), while
+    they are all in use; above it: one fewer.  At one connection there can
     be no queue, so S there is the time without one: if none was measured for
     PROBE_SECONDS, one window runs at one connection to learn it again (the plugin
     may have become slower for good), as BBR probes its round-trip time.  A lost
@@ -1471,13 +1472,14 @@ class ConcurrencyLimit:
             self.probing, self.connections = self.connections, 1
             return
         queue = busy - throughput * self.lowest
-        if queue < QUEUE_LOW:
+        low, high = queue_band(self.connections)
+        if queue < low:
             if busy >= self.connections - 0.5:  # all in use: more would be used too
                 self.connections = min(self.ceiling, self.connections * 2 if self.doubling
                                        else self.connections + 1)
         else:
             self.doubling = False
-            if queue > QUEUE_HIGH:
+            if queue > high:
                 self.connections = max(1, self.connections - 1)
 
     def stalled(self) -> None:
@@ -1486,6 +1488,14 @@ class ConcurrencyLimit:
         self.connections = max(1, (self.probing or self.connections) // 2)
         self.probing = None
         self.window_start, self.answers, self.busy = None, 0, 0
+
+
+def queue_band(connections: int) -> Tuple[float, float]:
+    """The queue (in connections) below which the limiter adds one, and above which it takes one
+    away: wider as there are more, so that the plugin's throughput, which still grows a little
+    with each connection where it is CPU bound, is not given away for the noise in it."""
+    scale = math.log10(max(connections, 1))
+    return max(1.0, QUEUE_LOW * scale), max(3.0, QUEUE_HIGH * scale)
 
 
 def request_head(address: PluginAddress, method: str, path: str) -> bytes:

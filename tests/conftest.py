@@ -209,6 +209,22 @@ def zipapp_file(tmp_path_factory) -> Path:
     return build_zipapp(tmp_path_factory.mktemp("zipapp") / "memory-backfill")
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "module_only: a long run whose zipapp twin would add time and "
+                                       "nothing else (the same code, started once more)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked module_only run in-process only."""
+    keep, drop = [], []
+    for item in items:
+        zipapp = getattr(item, "callspec", None) and item.callspec.params.get("cli") == "zipapp"
+        (drop if zipapp and item.get_closest_marker("module_only") else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
 @pytest.fixture(params=["module", "zipapp"])
 def cli(request, capsys):
     """Run the tool in-process (module) or as the built file (zipapp)."""

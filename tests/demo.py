@@ -1,9 +1,10 @@
-"""`make demo`: the three modes on a throwaway tenant, end to end.
+"""`make demo`: every mode on a throwaway tenant, end to end.
 
 Starts a temporary PostgreSQL with a small legacy tenant (a three-level
 workspace tree, every scope, a few secrets, a few rows that must be skipped)
-and the test plugin, then runs -dry-run, -apply and -verify and shows what
-each printed.  Everything is removed at the end.
+and the test plugin, then runs -dry-run, -apply and -verify, backs the copy
+out with -rollback (first without --yes), copies it again and verifies it,
+showing what each printed.  Everything is removed at the end.
 """
 
 import os
@@ -63,14 +64,16 @@ def main() -> int:
         plugin.start()
         os.environ["DATABASE_URL"] = cluster.url(legacy)
         os.environ["MEMORY_PLUGIN_URL"] = plugin.url
+        runs = [(["-dry-run"], 0), (["-apply"], 0), (["-verify"], 0), (["-rollback"], 2),
+                (["-rollback", "--yes"], 0), (["-apply"], 0), (["-verify"], 0)]
         statuses = []
-        for mode in ("-dry-run", "-apply", "-verify"):
-            print("\n$ memory-backfill %s" % mode, flush=True)
-            statuses.append(memory_backfill.main([mode]))
+        for argv, _ in runs:
+            print("\n$ memory-backfill %s" % " ".join(argv), flush=True)
+            statuses.append(memory_backfill.main(argv))
             print("(exit status %d)" % statuses[-1], flush=True)
         print("\nThe plugin now holds %d memories in %d namespaces."
               % (plugin.count(), len(plugin.namespaces())))
-        return 0 if statuses == [0, 0, 0] else 1
+        return 0 if statuses == [expected for _, expected in runs] else 1
     finally:
         if plugin is not None:
             plugin.stop()

@@ -96,6 +96,7 @@ def test_apply_copies_oldest_first(cli, legacy, tree, plugin, env):
     assert plugin.first_writes == [undated, older, newer]
 
 
+@pytest.mark.module_only
 def test_concurrent_writers_write_each_row_once_and_each_namespace_once(cli, legacy, plugin, env):
     legacy.create_schema()
     roots = [legacy.workspace() for _ in range(5)]
@@ -306,10 +307,14 @@ def test_dry_run_writes_nothing_anywhere(cli, legacy, tree, plugin, env):
 
 
 @pytest.fixture
-def nothing_on_the_default_port():
-    """Port 9100 bound without listening, so that a connection to it is refused for sure."""
+def nothing_on_the_default_port(tmp_path_factory):
+    """Port 9100 bound without listening, so that a connection to it is refused for sure (one test
+    at a time holds it, whichever pytest worker runs it)."""
+    import fcntl
     import socket
 
+    lock = open(tmp_path_factory.getbasetemp().parent / "port-9100.lock", "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)
     held = []
     for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
         sock = socket.socket(family)
@@ -318,12 +323,14 @@ def nothing_on_the_default_port():
         except OSError as exc:
             sock.close()
             if family == socket.AF_INET or exc.errno != __import__("errno").EADDRNOTAVAIL:
+                lock.close()
                 pytest.skip("port 9100 is in use here: %s" % exc)
             continue
         held.append(sock)
     yield
     for sock in held:
         sock.close()
+    lock.close()
 
 
 def test_without_a_plugin_url_the_tenant_images_plugin_is_used_and_named(cli, legacy, tree, monkeypatch,
@@ -395,6 +402,7 @@ def test_verify_passes_after_apply_and_fails_after_tampering(cli, legacy, tree, 
         in result.stdout
 
 
+@pytest.mark.module_only
 def test_verify_a_workspace_with_250_memories(cli, legacy, tree, plugin, env):
     ids = legacy.many(tree["child"], 250, words=("kubernetes", "rollout"))
     assert cli("-apply").status == 0
@@ -422,6 +430,7 @@ def test_verify_calls_an_unsearchable_old_row_unverifiable_never_a_match(cli, le
     assert "unverifiable %s" % stopwords in result.stdout
 
 
+@pytest.mark.module_only
 def test_verify_samples_deterministically_and_skips_removed_workspaces(cli, legacy, plugin, env):
     legacy.create_schema()
     workspaces = [legacy.workspace() for _ in range(6)]
@@ -558,6 +567,7 @@ def _ipv6_listening(cluster) -> bool:
 
 # --- progress and pacing -------------------------------------------------------------
 
+@pytest.mark.module_only
 def test_max_rate_caps_writes_per_second(cli, legacy, tree, plugin, env):
     import time
     legacy.many(tree["root"], 1000)
@@ -608,6 +618,7 @@ def test_progress_line_on_a_terminal_and_none_with_quiet(legacy, tree, plugin, e
     assert status == 0 and seen == ""
 
 
+@pytest.mark.module_only
 def test_progress_without_a_terminal_is_plain_and_rare(cli, legacy, tree, plugin, env):
     legacy.many(tree["root"], 1300)
     result = cli("-apply", "--max-rate", "200")  # about 6.5 s

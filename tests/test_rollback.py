@@ -147,11 +147,15 @@ def test_it_refuses_like_every_mode_when_a_dependency_is_missing(legacy, plugin,
 @pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_stops_it_cleanly_with_what_was_deleted_so_far(legacy, plugin, env, signum, status):
     legacy.create_schema()
-    ids = legacy.many(legacy.workspace(), 2000)
-    assert mb.main(["-apply", "-q"]) == 0
+    workspace = legacy.workspace()
+    ids = legacy.many(workspace, 2000)
+    namespace = "workspace:" + workspace
+    plugin.execute("INSERT INTO namespaces (name, kind) VALUES (:ns, 'workspace')", ns=namespace)
+    plugin.execute("INSERT INTO memories (id, namespace, content, kind, source) SELECT id, :ns, 'x', 'fact', "
+                   "'agent' FROM unnest(CAST(:ids AS uuid[])) id", ns=namespace, ids=ids)
     plugin.delay = 0.003
-    run = subprocess.Popen(TOOL + ["-rollback", "--yes", "-q"], env=os.environ, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+    run = subprocess.Popen(TOOL + ["-rollback", "--yes", "-q", "--concurrency", "4"], env=os.environ,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while plugin.requests["delete_memory"] < 300:
         assert time.monotonic() < deadline
