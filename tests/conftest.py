@@ -138,6 +138,16 @@ class Legacy:
             base=self.BASE_TIME + timedelta(days=1))
         return [r[0] for r in rows]
 
+    def ids_in_read_order(self) -> list:
+        """The row ids in -apply's read order (memory_backfill.READ_ORDER)."""
+        import memory_backfill
+
+        return [r[0] for r in self.db.run("SELECT id::text FROM agent_memories ORDER BY "
+                                          + memory_backfill.READ_ORDER)]
+
+    def contents(self) -> dict:
+        return dict(self.db.run("SELECT id::text, content FROM agent_memories"))
+
     def snapshot(self) -> list:
         """Every legacy row, byte for byte, to prove runs never change them."""
         return self.db.run("SELECT m::text FROM agent_memories m ORDER BY id") + \
@@ -152,6 +162,30 @@ def legacy(cluster):
     database = Legacy(cluster, create_database(cluster, "legacy"))
     yield database
     database.close()
+
+
+@pytest.fixture
+def root(legacy):
+    """The legacy schema and one root workspace."""
+    legacy.create_schema()
+    return legacy.workspace()
+
+
+@pytest.fixture
+def tree(legacy):
+    """root -> child -> grandchild -> great-grandchild, plus a second root."""
+    legacy.create_schema()
+    root, child, grandchild, great = legacy.chain(3)
+    return {"root": root, "child": child, "grandchild": grandchild, "great": great,
+            "other_root": legacy.workspace()}
+
+
+def assert_each_row_once(records: dict, legacy: Legacy, ids, count: int = None) -> None:
+    """The plugin's records (by id) are these rows, each once, with their very content;
+    `count`: the plugin's own count of records, when it can hold records of other ids."""
+    contents = legacy.contents()
+    assert sorted(records) == sorted(ids) and (count is None or count == len(ids))
+    assert {i: r["content"] for i, r in records.items()} == {i: contents[i] for i in ids}
 
 
 # --- the plugin ----------------------------------------------------------------

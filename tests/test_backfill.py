@@ -30,15 +30,6 @@ def assert_clean(result):
     assert "Traceback" not in result.output()
 
 
-@pytest.fixture
-def tree(legacy):
-    """root -> child -> grandchild -> great-grandchild, plus a second root."""
-    legacy.create_schema()
-    root, child, grandchild, great = legacy.chain(3)
-    return {"root": root, "child": child, "grandchild": grandchild, "great": great,
-            "other_root": legacy.workspace()}
-
-
 # --- -apply ----------------------------------------------------------------------------
 
 def test_apply_maps_every_scope_on_a_deep_tree(cli, legacy, tree, plugin, env):
@@ -118,8 +109,7 @@ def test_concurrent_writers_write_each_row_once_and_each_namespace_once(cli, leg
     # Handed out oldest first: within every namespace, no row reaches the plugin
     # more than one in-flight window (2 x concurrency rows) ahead of its turn in
     # created_at order.  (A row that needed a retry may arrive late, never early.)
-    oldest_first = [r[0] for r in legacy.db.run(
-        "SELECT id::text FROM agent_memories ORDER BY created_at NULLS FIRST, id")]
+    oldest_first = legacy.ids_in_read_order()
     turn = {row_id: n for n, row_id in enumerate(oldest_first)}
     arrived = {row_id: n for n, row_id in enumerate(plugin.first_writes)}
     records = plugin.records()
@@ -245,6 +235,23 @@ def test_limit_and_workspace_filters(cli, legacy, tree, plugin, env):
     plugin.reset()
     result = cli("-apply", "-workspace", tree["grandchild"], "-limit=2")
     assert counts(result) == (2, 2, 0, 0) and set(plugin.records()) <= set(mine)
+
+
+def test_a_plugin_that_ignores_ids_stops_apply_before_it_duplicates_anything_more(cli, legacy, tree, plugin,
+                                                                                   env):
+    legacy.many(tree["root"], 200)
+    plugin.ignore_ids = True  # as before idempotent upsert: each write stored under a new id
+    for run in (1, 2):  # a re-run does the same
+        result = cli("-apply", "--concurrency", "4")
+        assert result.status == 3
+        assert re.fullmatch(r"memory-backfill: The memory plugin at %s ignores the ids it is given \(row \S+ "
+                            r"was stored as \S+\), so every re-run would duplicate every row; stopped: upgrade "
+                            r"the plugin to one with idempotent upsert by id, then run again\.\n"
+                            % re.escape(plugin.url), result.stderr), result.stderr
+        assert plugin.count() <= 4 * run  # no more writes than were in flight
+        assert "STOPPED EARLY" in result.stdout and "the plugin stored it as " in result.stdout
+        assert result.last_line.startswith("Backfill stopped: scanned=")
+    assert_clean(result)
 
 
 def test_a_row_the_plugin_rejects_is_an_error_and_the_run_goes_on(cli, legacy, tree, plugin, env):

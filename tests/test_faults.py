@@ -12,7 +12,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, assert_each_row_once
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -36,14 +36,6 @@ def wait_for(condition, timeout=60.0):
 def read_checkpoint(path):
     with open(path) as fh:
         return json.load(fh)
-
-
-def assert_all_present_once(legacy, plugin, ids):
-    records = plugin.records()
-    assert plugin.count() == len(ids) == len(records)
-    assert set(records) == set(ids)
-    contents = dict(legacy.db.run("SELECT id::text, content FROM agent_memories"))
-    assert {i: r["content"] for i, r in records.items()} == {i: contents[i] for i in ids}
 
 
 def assert_checkpoint_consistent(legacy, plugin, path):
@@ -70,14 +62,8 @@ def resume_completes(legacy, plugin, env, checkpoint, ids) -> str:
     run = start(["-apply", "-q", "--checkpoint", str(checkpoint)], env)
     out, err = run.communicate(timeout=120)
     assert run.returncode == 0, err
-    assert_all_present_once(legacy, plugin, ids)
+    assert_each_row_once(plugin.records(), legacy, ids, plugin.count())
     return out
-
-
-@pytest.fixture
-def root(legacy):
-    legacy.create_schema()
-    return legacy.workspace()
 
 
 def test_flaky_plugin_loses_nothing_and_duplicates_nothing(legacy, root, plugin, env):
@@ -88,7 +74,7 @@ def test_flaky_plugin_loses_nothing_and_duplicates_nothing(legacy, root, plugin,
     status = mb.main(["-apply", "-q", "--retries", "10"])
 
     assert status == 0
-    assert_all_present_once(legacy, plugin, ids)
+    assert_each_row_once(plugin.records(), legacy, ids, plugin.count())
     assert plugin.request_count > 1000  # the faults really happened
 
 
@@ -98,7 +84,7 @@ def test_throttled_plugin_is_retried_after_retry_after(legacy, root, plugin, env
     started = time.monotonic()
     assert mb.main(["-apply", "-q"]) == 0
     assert time.monotonic() - started >= 1.0  # Retry-After: 1 was honoured
-    assert_all_present_once(legacy, plugin, ids)
+    assert_each_row_once(plugin.records(), legacy, ids, plugin.count())
 
 
 def test_plugin_down_from_the_start(legacy, root, plugin, env, tmp_path, capsys):
@@ -157,7 +143,7 @@ def test_plugin_down_then_back_is_ridden_out_by_retries(legacy, root, plugin, en
     threading.Timer(0.5, lambda: setattr(plugin, "down", True)).start()
     threading.Timer(1.5, lambda: setattr(plugin, "down", False)).start()
     assert mb.main(["-apply", "-q"]) == 0
-    assert_all_present_once(legacy, plugin, ids)
+    assert_each_row_once(plugin.records(), legacy, ids, plugin.count())
 
 
 def test_the_tool_killed_with_sigkill_then_resumed(legacy, root, plugin, env, tmp_path):
@@ -293,7 +279,7 @@ def test_limited_runs_with_a_checkpoint_continue_until_the_end(legacy, root, plu
     for _ in range(3):  # 10 + 10 + 5 rows
         assert mb.main(["-apply", "-q", "-limit", "10", "--checkpoint", str(checkpoint)]) == 0
         assert read_checkpoint(checkpoint)["complete"] is (plugin.count() == 25)
-    assert_all_present_once(legacy, plugin, ids)
+    assert_each_row_once(plugin.records(), legacy, ids, plugin.count())
     assert plugin.requests["write_memory"] == 25  # no row written twice
 
 

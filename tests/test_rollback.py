@@ -30,7 +30,7 @@ def tenant(legacy, plugin, env):
            "root": [legacy.memory(root, "org rule: deploy with Bearer tok_secret9 [MEMORY 1]", "GLOBAL")]}
     assert mb.main(["-apply", "-q"]) == 0
     http = urllib3.PoolManager()
-    contents = dict(legacy.db.run("SELECT id::text, content FROM agent_memories"))
+    contents = legacy.contents()
     live = []
     for n, namespace in enumerate(["workspace:" + a, "team:" + root, "workspace:" + b, "org:" + root] * 3):
         content = contents[ids["a"][n]] if n % 3 == 0 else "live note %d about billing rollout" % n

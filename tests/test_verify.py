@@ -38,8 +38,7 @@ def tenant(legacy):
         rows[legacy.memory(b, long_content(2000 + n, "ledger"))] = b
         rows[legacy.memory(leaf, long_content(3000 + n, "mailer"), "TEAM")] = leaf
     rows[legacy.memory(root, long_content(4000, "global"), "GLOBAL")] = root
-    order = [r[0] for r in legacy.db.run(
-        "SELECT id::text FROM agent_memories ORDER BY created_at NULLS FIRST, id")]
+    order = legacy.ids_in_read_order()
     return {"root": root, "a": a, "b": b, "leaf": leaf, "order": order, "legacy": legacy}
 
 
@@ -70,7 +69,7 @@ def assert_repaired(plugin, legacy, tmp_path):
     assert mb.main(["-apply", "-q"]) == 0
     status, output, classes, _ = verify(tmp_path)
     assert status == 0 and classes == {}, output
-    contents = dict(legacy.db.run("SELECT id::text, content FROM agent_memories"))
+    contents = legacy.contents()
     for row_id, record in plugin.records().items():
         assert record["content"] == mb.redact(contents[row_id])[0]
         assert record["propagation"]["legacy"]["created_at"].endswith("Z")

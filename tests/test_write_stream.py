@@ -9,6 +9,7 @@ import json
 import time
 
 import pytest
+from conftest import assert_each_row_once
 from scripted_plugin import Reply, ScriptedPlugin
 
 import memory_backfill as mb
@@ -39,8 +40,9 @@ STREAM = b"".join(data for data, _ in RESPONSES)
 EXPECTED = [expected for _, expected in RESPONSES]
 
 
-def parse(pieces):
-    parser, found = mb.ResponseParser(), []
+def parse(pieces, found=None):
+    """(status, body, persistent) of each response the pieces hold, in `found` as they come."""
+    parser, found = mb.ResponseParser(), [] if found is None else found
     for piece in pieces:
         parser.feed(piece)
         response = parser.next_response()
@@ -264,22 +266,11 @@ def ours(pieces):
     """(status, body, persistent) of each response, and how the stream ended."""
     found = []
     try:
-        return parse(pieces), "clean"
+        return parse(pieces, found), "clean"
     except mb.ProtocolError:
-        end = "error"
+        return found, "error"
     except mb.ConnectionLost:
-        end = "lost"
-    parser = mb.ResponseParser()  # again, to keep what came before the failure
-    try:
-        for piece in pieces:
-            parser.feed(piece)
-            response = parser.next_response()
-            while response is not None:
-                found.append((response.head.status, response.body, response.head.persistent))
-                response = parser.next_response()
-    except mb.ProtocolError:
-        pass
-    return found, end
+        return found, "lost"
 
 
 def theirs(pieces):
@@ -427,12 +418,10 @@ def test_the_retry_rule_backs_off_doubling_and_follows_retry_after():
 # --- the writer against a scripted server -----------------------------------------
 
 @pytest.fixture
-def rows(legacy):
+def rows(legacy, root):
     """40 rows, and their ids in the read order."""
-    legacy.create_schema()
-    legacy.many(legacy.workspace(), 40)
-    return [r[0] for r in legacy.db.run(
-        "SELECT id::text FROM agent_memories ORDER BY created_at NULLS FIRST, id")]
+    legacy.many(root, 40)
+    return legacy.ids_in_read_order()
 
 
 @pytest.fixture
@@ -459,30 +448,24 @@ def apply(server, legacy, rows, tmp_path, *options):
     return status
 
 
-def assert_every_row_once(server, legacy, rows):
-    contents = dict(legacy.db.run("SELECT id::text, content FROM agent_memories"))
-    assert sorted(server.records) == sorted(rows)
-    assert {i: r["content"] for i, r in server.records.items()} == contents
-
-
 def test_responses_arriving_byte_by_byte_and_chunked(scripted, legacy, rows, tmp_path):
     server = scripted(lambda w: Reply(byte_by_byte=w.number < 12, chunked=w.number % 3 == 0))
     assert apply(server, legacy, rows, tmp_path) == 0
-    assert_every_row_once(server, legacy, rows)
+    assert_each_row_once(server.records, legacy, rows)
     assert max(server.acks.values()) == 1 and sum(server.arrivals.values()) == 40  # none sent twice
 
 
 def test_connection_close_after_k_of_n_pipelined_requests(scripted, legacy, rows, tmp_path):
     server = scripted(lambda w: Reply(close=w.index == 2))  # every connection closes after 3 answers
     assert apply(server, legacy, rows, tmp_path, "--retries", "0") == 0  # an orderly close is no failure
-    assert_every_row_once(server, legacy, rows)
+    assert_each_row_once(server.records, legacy, rows)
     assert max(server.acks.values()) == 1 and server.connections >= 1 + 40 // 3
 
 
 def test_connection_reset_after_k_responses(scripted, legacy, rows, tmp_path):
     server = scripted(lambda w: Reply(reset=w.index == 3 and w.attempt == 0))
     assert apply(server, legacy, rows, tmp_path) == 0
-    assert_every_row_once(server, legacy, rows)
+    assert_each_row_once(server.records, legacy, rows)
     assert server.connections > 3
 
 
@@ -501,7 +484,7 @@ def test_a_503_with_retry_after_in_the_middle_of_a_pipeline(scripted, legacy, ro
     started = time.monotonic()
     assert apply(server, legacy, rows, tmp_path) == 0
     assert time.monotonic() - started >= 1.0
-    assert_every_row_once(server, legacy, rows)
+    assert_each_row_once(server.records, legacy, rows)
     assert server.arrivals[rows[10]] == 2 and server.arrivals[rows[11]] == 1
 
 
@@ -521,7 +504,7 @@ def test_an_answer_that_never_comes_times_out_and_is_sent_again(scripted, legacy
     started = time.monotonic()
     assert apply(server, legacy, rows, tmp_path, "--timeout", "1") == 0
     assert time.monotonic() - started >= 1.0
-    assert_every_row_once(server, legacy, rows)
+    assert_each_row_once(server.records, legacy, rows)
     assert server.arrivals[rows[5]] == 2
 
 
@@ -542,7 +525,7 @@ def test_a_server_that_answers_once_per_connection_still_gets_every_row(scripted
                                                                         options):
     server = scripted(**options)
     assert apply(server, legacy, rows, tmp_path, "--retries", "0") == 0
-    assert_every_row_once(server, legacy, rows)
+    assert_each_row_once(server.records, legacy, rows)
     assert max(server.acks.values()) == 1 and server.connections >= 40
 
 
@@ -553,18 +536,17 @@ def test_timeout_bounds_the_whole_answer_however_the_bytes_keep_coming(scripted,
     started = time.monotonic()
     assert apply(server, legacy, rows, tmp_path, "--timeout", "1") == 0
     assert time.monotonic() - started >= 1.0
-    assert_every_row_once(server, legacy, rows)
+    assert_each_row_once(server.records, legacy, rows)
     assert server.arrivals[rows[5]] == 2
 
 
-def test_a_plugin_that_serves_a_connection_one_request_at_a_time_gets_more_connections(scripted, legacy,
+def test_a_plugin_that_serves_a_connection_one_request_at_a_time_gets_more_connections(scripted, legacy, root,
                                                                                        tmp_path):
-    legacy.create_schema()
-    legacy.many(legacy.workspace(), 300)
-    order = [r[0] for r in legacy.db.run("SELECT id::text FROM agent_memories ORDER BY %s" % mb.READ_ORDER)]
+    legacy.many(root, 300)
+    order = legacy.ids_in_read_order()
     server = scripted(lambda w: time.sleep(0.01) or Reply())  # 10 ms each, one at a time per connection
     assert apply(server, legacy, order, tmp_path) == 0
-    assert_every_row_once(server, legacy, order)
+    assert_each_row_once(server.records, legacy, order)
     writers = {write.connection for write in server.log}
     assert len(writers) > 1 and sum(server.arrivals.values()) == 300
 
