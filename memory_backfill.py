@@ -61,7 +61,6 @@ __version__ = "0.2.0"
 
 PROG = "memory-backfill"
 MIN_PYTHON = (3, 9)
-MODES = ("dry-run", "apply", "verify", "rollback")
 
 
 # ===========================================================================
@@ -172,11 +171,12 @@ DEFAULT_RETRIES = 8  # backoff 0.2 s doubling to at most 4 s: about 18 s before 
 DEFAULT_WRITE_CEILING = 64  # writes in flight at most; the limiter finds the working point below
 DEFAULT_SEARCHES = 8  # -verify's and -rollback's searches at once
 DEFAULT_MAX_CONSECUTIVE_FAILURES = 20
+SHOWN_PROBLEMS = 20  # per-row errors / problems listed in the text summary
 
 
 @dataclass(frozen=True)
 class Settings:
-    mode: str  # one of MODES
+    mode: str  # dry-run | apply | verify | rollback
     database: DatabaseConfig
     plugin: PluginAddress
     workspace: Optional[str] = None
@@ -236,6 +236,44 @@ class Skipped:
 
 
 Outcome = Union[PlannedWrite, Skipped]
+
+
+@dataclass
+class RunReport:
+    """What a mode that writes (-dry-run, -apply, -rollback) reports: the common part."""
+
+    plugin: PluginAddress
+    scanned: int = 0
+    errors: int = 0
+    problems: List[str] = field(default_factory=list)  # "id: message", the first SHOWN_PROBLEMS
+    plugin_status: Optional[str] = None
+    failures_path: Optional[str] = None
+    load: Optional[Dict[str, object]] = None  # the write stream's, at the end
+    stopped: Optional[str] = None  # why it stopped early
+    stopped_status: Optional[ExitStatus] = None
+
+    def count_error(self, row_id: str, error: object) -> None:
+        self.errors += 1
+        if len(self.problems) < SHOWN_PROBLEMS:
+            self.problems.append("%s: %s" % (row_id, error))
+
+    def stop(self, stopped: Optional[BackfillError]) -> None:
+        """Raise what stopped the run, carrying this report (it is shown before the sentence)."""
+        if stopped is not None:
+            self.stopped, self.stopped_status = str(stopped), stopped.status
+            stopped.report = self
+            raise stopped
+
+    def exit_status(self) -> ExitStatus:
+        if self.stopped_status is not None:
+            return self.stopped_status
+        return ExitStatus.INCOMPLETE if self.errors else ExitStatus.OK
+
+    def to_json(self) -> Dict[str, object]:
+        return {"scanned": self.scanned, "errors": self.errors, "error_rows": self.problems,
+                "plugin_url": self.plugin.url, "plugin_url_is_default": self.plugin.default,
+                "plugin": self.plugin_status, "failures_file": self.failures_path, "stream": self.load,
+                "stopped": self.stopped, "exit_status": int(self.exit_status())}
 
 
 # ---------------------------------------------------------------------------
@@ -1448,8 +1486,8 @@ class ConcurrencyLimit:
         self.busy = 0  # connections busy, summed over the window's answers
 
     def answered(self, now: float, busy: int) -> None:
-        if self.window_start is None:
-            self.window_start = now
+        if self.window_start is None or (self.probing and busy > 1):  # (a probe waits for the rest to drain)
+            self.window_start, self.answers, self.busy = now, 0, 0
             return
         self.answers += 1
         self.busy += busy
@@ -1482,12 +1520,16 @@ class ConcurrencyLimit:
             if queue > high:
                 self.connections = max(1, self.connections - 1)
 
+    def idle(self) -> None:
+        """Nothing is in flight for a while (the mode works on something else): no window spans it."""
+        self.window_start, self.answers, self.busy = None, 0, 0
+
     def stalled(self) -> None:
         """A connection failed or an answer timed out."""
         self.doubling = False
         self.connections = max(1, (self.probing or self.connections) // 2)
         self.probing = None
-        self.window_start, self.answers, self.busy = None, 0, 0
+        self.idle()
 
 
 def queue_band(connections: int) -> Tuple[float, float]:
@@ -1538,9 +1580,10 @@ class WriteConnection:
     send and receive.
     """
 
-    def __init__(self, address: PluginAddress, tls_context, timeout: float):
+    def __init__(self, address: PluginAddress, tls_context, timeout: float, received: memoryview):
         self.address = address
         self.tls_context = tls_context
+        self.received = received  # the stream's one receive buffer (one loop reads them all)
         self.would_block: Tuple[type, ...] = (BlockingIOError,)
         if tls_context is not None:
             import ssl
@@ -1549,7 +1592,6 @@ class WriteConnection:
         self.timeout = timeout
         self.sock = None
         self.parser: Optional[ResponseParser] = None
-        self.received = memoryview(bytearray(RECEIVE_BYTES))
         self.outgoing = b""  # requests the socket has not taken yet
         self.in_flight: Deque[Job] = deque()
         self.pipelining = False
@@ -1659,12 +1701,15 @@ class WriteStream:
         self.rate = RateLimiter(max_rate) if max_rate else None
         self.tls_context = ssl.create_default_context() if address.tls else None
         self.limit = ConcurrencyLimit(ceiling)
+        self.received = memoryview(bytearray(RECEIVE_BYTES))
         self.connections: List[WriteConnection] = []
         self.ready: Deque[Job] = deque()  # to send, oldest first
         self.retrying: List[Job] = []  # to send again after their backoff
         self.fatal: Optional[BackfillError] = None
         self.latency = Quantiles()  # from sending a request to its whole answer
         self.in_flight_range: Optional[Tuple[int, int]] = None  # while there was more to send
+        self.first_sent: Optional[float] = None
+        self.last_answer = 0.0
         self.answer_rate = 0.0  # responses per second, a moving average, while the window is full
         self.pace = 0.0  # pause between reads while the window is full
         self.last_read = 0.0
@@ -1690,11 +1735,11 @@ class WriteStream:
         """Jobs submitted and not yet answered for good."""
         return len(self.ready) + len(self.retrying) + self.in_flight()
 
-    def run(self, fill: Callable[[int], bool], answered: Callable[[Job, Response], None]
-            ) -> Optional[BackfillError]:
+    def drive(self, fill: Callable[[int], bool], answered: Callable[[Job, Response], None]
+              ) -> Optional[BackfillError]:
         """Send every job fill() gives; return when each has its final answer (or the run
         stopped), with what stopped it, if anything.  The connections stay open for the next
-        run() until close()."""
+        drive() until close()."""
         more = True
         while True:
             if self.stop.is_set():
@@ -1706,6 +1751,7 @@ class WriteStream:
                 self._send()
             busy = [connection for connection in self.connections if connection.in_flight]
             if not (busy or self.ready or self.retrying or (more and not self.stop.is_set())):
+                self.limit.idle()
                 return self.fatal
             self._wait(busy, answered)
 
@@ -1718,8 +1764,9 @@ class WriteStream:
         while there was more to send), connections, and the plugin's answer latency."""
         p50, p99 = self.latency.quantile(0.5), self.latency.quantile(0.99)
         low, high = self.in_flight_range or (0, 0)
-        return {"in_flight": self.in_flight(), "in_flight_min": low, "in_flight_max": high,
-                "connections": self.limit.connections,
+        return {"answered": self.answers, "in_flight": self.in_flight(), "in_flight_min": low,
+                "in_flight_max": high, "connections": self.limit.connections,
+                "seconds": round(self.last_answer - self.first_sent, 3) if self.first_sent else 0.0,
                 "latency_p50_ms": None if p50 is None else round(p50 * 1e3, 2),
                 "latency_p99_ms": None if p99 is None else round(p99 * 1e3, 2)}
 
@@ -1745,7 +1792,8 @@ class WriteStream:
             return
         working = self.limit.connections
         while len(self.connections) < working:
-            self.connections.append(WriteConnection(self.address, self.tls_context, self.timeout))
+            self.connections.append(WriteConnection(self.address, self.tls_context, self.timeout,
+                                                    self.received))
         depth, room = self.depth(), self.ceiling - self.in_flight()
         for connection in self.connections[:working]:
             batch: List[Job] = []
@@ -1760,6 +1808,8 @@ class WriteStream:
                     connection.send(batch, now)
                 except OSError as exc:
                     self._connection_failed(connection, exc, now)
+        if self.first_sent is None and self.in_flight():
+            self.first_sent = now
         if self.ready:
             flying = self.in_flight()
             low, high = self.in_flight_range or (flying, flying)
@@ -1841,6 +1891,7 @@ class WriteStream:
                 return
             job = connection.in_flight.popleft()
             self.answers += 1
+            self.last_answer = now
             self.latency.add(now - job.sent_at)
             self.limit.answered(now, busy)
             self._answered(job, response, now, answered)
@@ -2007,29 +2058,17 @@ class LowWaterMark:
 # -dry-run and -apply themselves
 # ---------------------------------------------------------------------------
 
-SHOWN_PROBLEMS = 20  # per-row errors / problems listed in the text summary
-
-
 @dataclass
-class BackfillReport:
-    mode: str
-    plugin: PluginAddress
+class BackfillReport(RunReport):
+    mode: str = "apply"
     redact: bool = True
-    scanned: int = 0
-    errors: int = 0
     by_scope: Counter = field(default_factory=Counter)  # rows copied (or to copy)
     by_kind: Counter = field(default_factory=Counter)
     skip_reasons: Counter = field(default_factory=Counter)
     redactions: Counter = field(default_factory=Counter)
     namespaces: set = field(default_factory=set)
-    problems: List[str] = field(default_factory=list)  # "id: message", capped
-    plugin_status: Optional[str] = None
     checkpoint_path: Optional[str] = None
     resumed_from: Optional[Dict[str, object]] = None
-    failures_path: Optional[str] = None
-    load: Optional[Dict[str, object]] = None  # the write stream's, at the end
-    stopped: Optional[str] = None  # why -apply stopped early
-    stopped_status: Optional[ExitStatus] = None
 
     @property
     def copied(self) -> int:
@@ -2050,28 +2089,13 @@ class BackfillReport:
         if planned.redactions:
             self.redactions.update(planned.redactions)
 
-    def count_error(self, row_id: str, error: Exception) -> None:
-        self.errors += 1
-        if len(self.problems) < SHOWN_PROBLEMS:
-            self.problems.append("%s: %s" % (row_id, error))
-
-    def exit_status(self) -> ExitStatus:
-        if self.stopped_status is not None:
-            return self.stopped_status
-        return ExitStatus.INCOMPLETE if self.errors else ExitStatus.OK
-
     def to_json(self) -> Dict[str, object]:
-        return {
-            "mode": self.mode, "scanned": self.scanned, "copied": self.copied,
-            "skipped": self.skipped, "errors": self.errors, "redaction": self.redact,
-            "rows_by_scope": dict(self.by_scope), "rows_by_namespace_kind": dict(self.by_kind),
-            "namespaces": len(self.namespaces), "skipped_by_reason": dict(self.skip_reasons),
-            "redactions_by_label": dict(self.redactions), "error_rows": self.problems,
-            "plugin_url": self.plugin.url, "plugin_url_is_default": self.plugin.default,
-            "plugin": self.plugin_status, "writes": self.load, "checkpoint": self.checkpoint_path,
-            "resumed_from": self.resumed_from, "failures_file": self.failures_path,
-            "stopped": self.stopped, "exit_status": int(self.exit_status()),
-        }
+        return {**super().to_json(),
+                "mode": self.mode, "copied": self.copied, "skipped": self.skipped, "redaction": self.redact,
+                "rows_by_scope": dict(self.by_scope), "rows_by_namespace_kind": dict(self.by_kind),
+                "namespaces": len(self.namespaces), "skipped_by_reason": dict(self.skip_reasons),
+                "redactions_by_label": dict(self.redactions), "checkpoint": self.checkpoint_path,
+                "resumed_from": self.resumed_from}
 
 
 def planned_outcomes(rows: Iterable[LegacyRow], tree: WorkspaceTree, settings: Settings,
@@ -2088,7 +2112,7 @@ def planned_outcomes(rows: Iterable[LegacyRow], tree: WorkspaceTree, settings: S
 
 def dry_run(settings: Settings, log, stderr=None) -> BackfillReport:
     """-dry-run: read and decide everything, write nothing; say whether -apply could start."""
-    report = BackfillReport(settings.mode, settings.plugin, redact=settings.redact)
+    report = BackfillReport(settings.plugin, mode=settings.mode, redact=settings.redact)
     try:
         version = PluginClient(settings.plugin, settings.timeout, 0).check_health()
         report.plugin_status = "ok (version %s): -apply could start" % version
@@ -2114,7 +2138,7 @@ def apply(settings: Settings, log, stderr=None) -> BackfillReport:
     flight get their answers, the checkpoint is saved, and the error raised
     carries the report so far.
     """
-    report = BackfillReport(settings.mode, settings.plugin, redact=settings.redact)
+    report = BackfillReport(settings.plugin, mode=settings.mode, redact=settings.redact)
     checkpoint = Checkpoint.open(settings) if settings.checkpoint else None
     if checkpoint is not None:
         report.checkpoint_path = settings.checkpoint
@@ -2141,7 +2165,7 @@ def apply(settings: Settings, log, stderr=None) -> BackfillReport:
         with signals_stop(stop) as received:
             try:
                 with show_progress(settings, report, total, stderr, stream.describe_load):
-                    stopped = stream.run(writes.fill, writes.answered)
+                    stopped = stream.drive(writes.fill, writes.answered)
             except BackfillError as exc:
                 stopped = exc
             except Exception as exc:  # noqa: BLE001 - a defect: stop with the summary and checkpoint
@@ -2161,10 +2185,7 @@ def apply(settings: Settings, log, stderr=None) -> BackfillReport:
             checkpoint.save(complete=stopped is None and report.errors == 0 and reached_end)
         except BackfillError as exc:
             stopped = stopped or exc
-    if stopped is not None:
-        report.stopped, report.stopped_status = str(stopped), stopped.status
-        stopped.report = report
-        raise stopped
+    report.stop(stopped)
     return report
 
 
@@ -2726,46 +2747,21 @@ ROLLBACK_GROUP_ROWS = 2000  # rows read, deleted and looked for at a time
 
 
 @dataclass
-class RollbackReport:
-    plugin: PluginAddress
-    deleting: bool  # --yes
-    scanned: int = 0
+class RollbackReport(RunReport):
+    deleting: bool = False  # --yes
     deleted: Counter = field(default_factory=Counter)  # by namespace kind
     to_delete: Counter = field(default_factory=Counter)  # by namespace kind, without --yes
     absent: int = 0
-    errors: int = 0
-    problems: List[str] = field(default_factory=list)  # "id: message", capped
-    plugin_status: Optional[str] = None
-    failures_path: Optional[str] = None
-    load: Optional[Dict[str, object]] = None
-    stopped: Optional[str] = None
-    stopped_status: Optional[ExitStatus] = None
 
     @property
     def done(self) -> int:
         return sum(self.deleted.values()) + sum(self.to_delete.values()) + self.absent + self.errors
 
-    def count_error(self, row_id: str, error: object) -> None:
-        self.errors += 1
-        if len(self.problems) < SHOWN_PROBLEMS:
-            self.problems.append("%s: %s" % (row_id, error))
-
-    def exit_status(self) -> ExitStatus:
-        if self.stopped_status is not None:
-            return self.stopped_status
-        return ExitStatus.INCOMPLETE if self.errors else ExitStatus.OK
-
     def to_json(self) -> Dict[str, object]:
-        return {
-            "mode": "rollback", "yes": self.deleting, "scanned": self.scanned,
-            "deleted": sum(self.deleted.values()), "deleted_by_namespace_kind": dict(self.deleted),
-            "would_delete": sum(self.to_delete.values()),
-            "would_delete_by_namespace_kind": dict(self.to_delete),
-            "absent": self.absent, "errors": self.errors, "error_rows": self.problems,
-            "plugin_url": self.plugin.url, "plugin_url_is_default": self.plugin.default,
-            "plugin": self.plugin_status, "deletes": self.load, "failures_file": self.failures_path,
-            "stopped": self.stopped, "exit_status": int(self.exit_status()),
-        }
+        return {**super().to_json(), "mode": "rollback", "yes": self.deleting,
+                "deleted": sum(self.deleted.values()), "deleted_by_namespace_kind": dict(self.deleted),
+                "would_delete": sum(self.to_delete.values()),
+                "would_delete_by_namespace_kind": dict(self.to_delete), "absent": self.absent}
 
 
 def rollback(settings: Settings, log, stderr=None) -> RollbackReport:
@@ -2780,7 +2776,7 @@ def rollback(settings: Settings, log, stderr=None) -> RollbackReport:
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    report = RollbackReport(settings.plugin, settings.yes, failures_path=settings.failures)
+    report = RollbackReport(settings.plugin, deleting=settings.yes, failures_path=settings.failures)
     plugin = PluginClient(settings.plugin, settings.timeout, settings.retries, connections=settings.searches)
     report.plugin_status = "ok (version %s)" % plugin.check_health()
     stop = threading.Event()
@@ -2817,10 +2813,7 @@ def rollback(settings: Settings, log, stderr=None) -> RollbackReport:
     if stopped is None and report.to_delete:
         stopped = UsageError("Nothing was deleted: run the same command with --yes to delete these %d "
                              "records." % sum(report.to_delete.values()))
-    if stopped is not None:
-        report.stopped, report.stopped_status = str(stopped), stopped.status
-        stopped.report = report
-        raise stopped
+    report.stop(stopped)
     return report
 
 
@@ -2901,7 +2894,7 @@ class RollbackDeletes:
                 self.stream.submit(Job(number, target, request))
             return True
 
-        self.stream.run(fill, self._answered)
+        self.stream.drive(fill, self._answered)
 
     def _answered(self, job: Job, response: Response) -> None:
         sought, namespace, blind = job.item
@@ -2941,10 +2934,11 @@ def _plugin_line(plugin: PluginAddress, status: Optional[str]) -> List[str]:
 
 
 def _load_line(load: Optional[Dict[str, object]], what: str) -> List[str]:
-    if not load or not load["in_flight_max"]:
+    if not load or not load["answered"]:
         return []
-    line = "%s in flight: %d-%d while there was more to send (%d connections at the end)" % (
-        what, load["in_flight_min"], load["in_flight_max"], load["connections"])
+    line = "%s: %d answered in %.1f s; in flight %d-%d while there was more to send (%d connections " \
+           "at the end)" % (what, load["answered"], load["seconds"], load["in_flight_min"],
+                            load["in_flight_max"], load["connections"])
     if load["latency_p50_ms"] is not None:
         line += "; plugin answer latency p50 %.1f ms, p99 %.1f ms" % (load["latency_p50_ms"],
                                                                       load["latency_p99_ms"])

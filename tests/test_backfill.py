@@ -244,9 +244,10 @@ def test_a_plugin_that_ignores_ids_stops_apply_before_it_duplicates_anything_mor
     for run in (1, 2):  # a re-run does the same
         result = cli("-apply", "--concurrency", "4")
         assert result.status == 3
-        assert re.fullmatch(r"memory-backfill: The memory plugin at %s ignores the ids it is given \(row \S+ "
-                            r"was stored as \S+\), so every re-run would duplicate every row; stopped: upgrade "
-                            r"the plugin to one with idempotent upsert by id, then run again\.\n"
+        assert re.fullmatch(r"memory-backfill: The memory plugin at %s ignores the ids it is given "
+                            r"\(row \S+ was stored as \S+\), so every re-run would duplicate every row; "
+                            r"stopped: upgrade the plugin to one with idempotent upsert by id, then run "
+                            r"again\.\n"
                             % re.escape(plugin.url), result.stderr), result.stderr
         assert plugin.count() <= 4 * run  # no more writes than were in flight
         assert "STOPPED EARLY" in result.stdout and "the plugin stored it as " in result.stdout

@@ -298,7 +298,12 @@ def test_checkpoint_that_becomes_unwritable_stops_the_run(legacy, root, plugin, 
     checkpoint = tmp_path / "cp.json"
     run = start_slow_apply(plugin, env, checkpoint)
     wait_for(lambda: plugin.count() >= 200)
-    (tmp_path / "cp.json.tmp").mkdir()  # the next save cannot write its temporary file
+    while True:  # the next save cannot write its temporary file (unless a save is writing it now)
+        try:
+            (tmp_path / "cp.json.tmp").mkdir()
+            break
+        except FileExistsError:
+            time.sleep(0.001)
     out, err = run.communicate(timeout=60)
     assert run.returncode == 2
     assert err.startswith("memory-backfill: Cannot write the checkpoint %s" % checkpoint)
