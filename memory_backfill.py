@@ -1366,8 +1366,7 @@ class ResponseParser:
         return data
 
     def _read_head(self) -> Optional[ResponseHead]:
-        start = bytes(self.buffer[:7])
-        if start != b"HTTP/1."[:len(start)]:
+        if not self.buffer.startswith(b"HTTP/1."[:len(self.buffer)]):
             raise ProtocolError("%r where an HTTP/1.x status line should be" % bytes(self.buffer[:24]))
         end = self._line_end(b"\r\n\r\n")
         if end + 4 > MAX_RESPONSE_HEAD or (end < 0 and len(self.buffer) >= MAX_RESPONSE_HEAD):
@@ -2205,8 +2204,15 @@ def write_request(address: PluginAddress, planned: PlannedWrite, heads: Dict[str
     return with_body(head, payload)
 
 
+# The 201 body as the plugin (Go's encoding/json) writes it: read without a JSON parse.
+STORED_BODY = re.compile(rb'\{"id":"([0-9a-f-]{36})","namespace":"[^"\\]*"\}\n?')
+
+
 def stored_id(body: bytes) -> Optional[str]:
     """The id in a 201 body, {"id": "...", "namespace": "..."}; None if it is not that object."""
+    plain = STORED_BODY.fullmatch(body)
+    if plain is not None:
+        return plain.group(1).decode("ascii")
     try:
         data = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):

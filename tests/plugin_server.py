@@ -14,8 +14,9 @@ can behave as an older plugin that ignores the ids it is given.
 
 Load shapes, for the benchmark: `wait` seconds spent on every request (as
 when the plugin's PostgreSQL commits to a slow disk), and a `capacity` (at
-most K requests worked on at once, the others queue: a pipe holding K
-tokens, shared by every process of the plugin).  PluginProcesses serves the
+most K requests worked on at once, the others queue in the order they came,
+as at a database pool that hands a freed connection to the oldest waiter:
+CapacityGate, shared by every process of the plugin).  PluginProcesses serves the
 same plugin from several processes behind one port: one Python process
 cannot use both cores of this machine, while the real (Go) plugin does.
 """
@@ -78,10 +79,10 @@ class PluginServer:
     """Serve the plugin API on 127.0.0.1:<free port>, storing into PostgreSQL."""
 
     def __init__(self, connect_kwargs: dict, connections: int = 8, wait: float = 0.0,
-                 capacity: tuple = None):
+                 capacity: str = None):
         self.connect_kwargs = connect_kwargs
         self.wait = wait  # seconds every request takes, at least
-        self.capacity = capacity  # (read fd, write fd) of the token pipe, or None
+        self.capacity = capacity  # the CapacityGate's socket path, or None
         self.pool: queue.Queue[pg8000.native.Connection] = queue.Queue()
         for _ in range(connections):
             self.pool.put(pg8000.native.Connection(**connect_kwargs))
@@ -431,11 +432,10 @@ def _handler_for(plugin: PluginServer):
             if plugin.capacity is None:
                 self._serve(method)
                 return
-            os.read(plugin.capacity[0], 1)  # a token: one of the K requests worked on at once
-            try:
+            with socket.socket(socket.AF_UNIX) as gate:  # in the queue ...
+                gate.connect(plugin.capacity)
+                gate.recv(1)  # ... until it is one of the K worked on; closing it frees the place
                 self._serve(method)
-            finally:
-                os.write(plugin.capacity[1], b"t")
 
         def _serve(self, method: str) -> None:
             if plugin.wait:
@@ -515,20 +515,16 @@ class PluginProcesses:
         self.listener = socket.create_server(("127.0.0.1", 0), backlog=512)
         self.url = "http://127.0.0.1:%d" % self.listener.getsockname()[1]
         env = {**os.environ, "PLUGIN_STORE": json.dumps(connect_kwargs)}
-        tokens = os.pipe() if capacity else None
-        if tokens:
-            os.write(tokens[1], b"t" * capacity)
+        self.gate = CapacityGate(capacity) if capacity else None
         self.channels, self.processes = [], []
         for _ in range(workers):
             ours, theirs = socket.socketpair()
             self.channels.append(ours)
-            shape = [str(wait), "%d,%d" % tokens if tokens else "-"]
+            shape = [str(wait), self.gate.path if self.gate else "-"]
             self.processes.append(subprocess.Popen(
                 [sys.executable, __file__, str(connections), str(theirs.fileno()), *shape],
-                env=env, stdout=subprocess.PIPE, pass_fds=[theirs.fileno(), *(tokens or ())]))
+                env=env, stdout=subprocess.PIPE, pass_fds=[theirs.fileno()]))
             theirs.close()
-        for fd in tokens or ():
-            os.close(fd)
         for process in self.processes:  # each says so once it serves
             if process.stdout.readline() != b"serving\n":
                 self.stop()
@@ -560,6 +556,40 @@ class PluginProcesses:
         self.store.stop()
 
 
+class CapacityGate:
+    """At most `capacity` requests worked on at once, in all the plugin's processes; the others
+    wait in the order they came.  A request connects to the gate's Unix socket, is worked on once
+    the gate writes a byte back, and frees its place by closing the connection."""
+
+    def __init__(self, capacity: int):
+        import tempfile
+
+        self.capacity = capacity
+        self.path = os.path.join(tempfile.mkdtemp(prefix="plugin-gate-"), "gate")
+        self.listener = socket.socket(socket.AF_UNIX)
+        self.listener.bind(self.path)
+        self.listener.listen(1024)
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        import collections
+        import select
+
+        waiting, working = collections.deque(), set()
+        while True:
+            readable, _, _ = select.select([self.listener, *working], [], [])
+            for sock in readable:
+                if sock is self.listener:
+                    waiting.append(self.listener.accept()[0])
+                elif not sock.recv(1):  # closed: its place is free
+                    working.discard(sock)
+                    sock.close()
+            while waiting and len(working) < self.capacity:
+                sock = waiting.popleft()
+                sock.send(b"g")
+                working.add(sock)
+
+
 def serve_handed_connections(connections: int, channel_fd: int, wait: float, capacity) -> None:
     """A worker of PluginProcesses: serve each connection handed over the channel
     (the server's own listening socket stays unused); end when the channel closes,
@@ -581,5 +611,5 @@ def serve_handed_connections(connections: int, channel_fd: int, wait: float, cap
 
 
 if __name__ == "__main__":
-    tokens = None if sys.argv[4] == "-" else tuple(int(fd) for fd in sys.argv[4].split(","))
-    serve_handed_connections(int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), tokens)
+    serve_handed_connections(int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]),
+                             None if sys.argv[4] == "-" else sys.argv[4])

@@ -414,6 +414,15 @@ def test_usage_errors(argv, complaint):
         mb.parse_settings(argv, URLS)
 
 
+def test_the_id_a_201_body_names():
+    row_id = "6f9619ff-8b86-d011-b42d-00cf4fc964ff"
+    for body in (b'{"id":"%s","namespace":"workspace:w"}\n' % row_id.encode(),  # as Go writes it
+                 b'{ "namespace": "a\\"b", "id": "%s" }' % row_id.upper().encode()):
+        assert mb.stored_id(body) == row_id
+    for body in (b'{"namespace":"w"}', b"[]", b"", b"\xff", b'{"id": 7}', b'{"id":"%s"' % row_id.encode()):
+        assert mb.stored_id(body) is None, body
+
+
 def test_yes_goes_with_rollback_only():
     assert mb.parse_settings(["-rollback", "--yes"], URLS).yes
     assert not mb.parse_settings(["-rollback"], URLS).yes
