@@ -42,19 +42,7 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum
-from typing import (
-    Callable,
-    Deque,
-    Dict,
-    Iterable,
-    Iterator,
-    List,
-    NamedTuple,
-    Optional,
-    Sequence,
-    Tuple,
-    Union,
-)
+from typing import Callable, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 __version__ = "0.2.0"
@@ -140,7 +128,7 @@ class DatabaseConfig:
     sslrootcert: Optional[str] = None
     connect_timeout: Optional[float] = None
     application_name: str = PROG
-    startup_params: Dict[str, str] = field(default_factory=dict)
+    startup_params: dict[str, str] = field(default_factory=dict)
 
     def describe(self) -> str:
         """Where the database is, for messages: never includes the password."""
@@ -211,8 +199,8 @@ class LegacyRow:
     workspace_id: Optional[str]
     content: str
     scope: str
-    legacy: Dict[str, object]  # what goes to propagation["legacy"]
-    embedding: Optional[List[float]] = None
+    legacy: dict[str, object]  # what goes to propagation["legacy"]
+    embedding: Optional[list[float]] = None
 
 
 @dataclass(frozen=True)
@@ -225,7 +213,7 @@ class Target:
 class PlannedWrite:
     row: LegacyRow
     target: Target
-    body: Dict[str, object]  # the MemoryWrite sent to the plugin
+    body: dict[str, object]  # the MemoryWrite sent to the plugin
     redactions: Counter
 
 
@@ -245,10 +233,10 @@ class RunReport:
     plugin: PluginAddress
     scanned: int = 0
     errors: int = 0
-    problems: List[str] = field(default_factory=list)  # "id: message", the first SHOWN_PROBLEMS
+    problems: list[str] = field(default_factory=list)  # "id: message", the first SHOWN_PROBLEMS
     plugin_status: Optional[str] = None
     failures_path: Optional[str] = None
-    load: Optional[Dict[str, object]] = None  # the write stream's, at the end
+    load: Optional[dict[str, object]] = None  # the write stream's, at the end
     stopped: Optional[str] = None  # why it stopped early
     stopped_status: Optional[ExitStatus] = None
 
@@ -269,7 +257,7 @@ class RunReport:
             return self.stopped_status
         return ExitStatus.INCOMPLETE if self.errors else ExitStatus.OK
 
-    def to_json(self) -> Dict[str, object]:
+    def to_json(self) -> dict[str, object]:
         return {"scanned": self.scanned, "errors": self.errors, "error_rows": self.problems,
                 "plugin_url": self.plugin.url, "plugin_url_is_default": self.plugin.default,
                 "plugin": self.plugin_status, "failures_file": self.failures_path, "stream": self.load,
@@ -372,7 +360,7 @@ def parse_uuid(value: str) -> str:
         raise UsageError("-workspace must be a workspace UUID, not %r." % value[:60]) from None
 
 
-def parse_embedding(text: Optional[str]) -> Optional[List[float]]:
+def parse_embedding(text: Optional[str]) -> Optional[list[float]]:
     """pgvector's '[1,2,3]' (or an array's '{1,2,3}') as a list of numbers."""
     if text is None:
         return None
@@ -413,9 +401,9 @@ NAMESPACE_KINDS = tuple(SCOPE_KINDS.values())
 class WorkspaceTree:
     """All workspaces of the tenant (id -> parent_id, status), read once."""
 
-    def __init__(self, workspaces: Iterable[Tuple[str, Optional[str], Optional[str]]]):
-        self.parent: Dict[str, Optional[str]] = {}
-        self.status: Dict[str, Optional[str]] = {}
+    def __init__(self, workspaces: Iterable[tuple[str, Optional[str], Optional[str]]]):
+        self.parent: dict[str, Optional[str]] = {}
+        self.status: dict[str, Optional[str]] = {}
         for workspace_id, parent_id, status in workspaces:
             self.parent[workspace_id] = parent_id
             self.status[workspace_id] = status
@@ -445,11 +433,11 @@ class WorkspaceTree:
             return self.parent[workspace_id] or workspace_id  # as it stands, even if that row is gone
         return self.top(workspace_id)
 
-    def readable_namespaces(self, workspace_id: str) -> List[str]:
+    def readable_namespaces(self, workspace_id: str) -> list[str]:
         """The workspace:, team: and org: namespaces the workspace reads."""
         return ["%s:%s" % (kind, self.owner(kind, workspace_id)) for kind in NAMESPACE_KINDS]
 
-    def namespaces(self) -> List[str]:
+    def namespaces(self) -> list[str]:
         """Every namespace of the tenant's tree: each kind, named after each workspace (a
         misplaced record may sit where the scope rule would never write)."""
         return sorted(kind + ":" + workspace_id for workspace_id in self.parent for kind in NAMESPACE_KINDS)
@@ -476,7 +464,7 @@ def resolve_target(workspace_id: Optional[str], scope: str, tree: WorkspaceTree)
 # SAFE-T1201, applied in this order, each over the output of the previous one.
 # The platform's patterns are RE2: its \b, \s, \w are ASCII-only, hence re.ASCII.
 _I = re.IGNORECASE
-REDACTION_PATTERNS: Tuple[Tuple[str, str, int], ...] = (
+REDACTION_PATTERNS: tuple[tuple[str, str, int], ...] = (
     ("API_KEY", r"\b[A-Z][A-Z0-9_]*_API_KEY\s*=\s*\S+", _I),
     ("TOKEN", r"\b[A-Z][A-Z0-9_]*_TOKEN\s*=\s*\S+", _I),
     ("SECRET", r"\b[A-Z][A-Z0-9_]*_SECRET\s*=\s*\S+", _I),
@@ -505,7 +493,7 @@ MEMORY_DELIMITER, GUARDED_DELIMITER = "[MEMORY ", "[_MEMORY "
 
 
 @functools.cache
-def redaction_rules() -> Tuple[Tuple[str, re.Pattern, str], ...]:
+def redaction_rules() -> tuple[tuple[str, re.Pattern, str], ...]:
     """The compiled patterns (compiled on first use: --help need not pay for them)."""
     return tuple((label, re.compile(pattern, flags | re.ASCII), "[REDACTED:%s]" % label)
                  for label, pattern, flags in REDACTION_PATTERNS)
@@ -532,7 +520,7 @@ def may_hold_secret(text: str) -> bool:
             or base64_run().search(text) is not None)
 
 
-def redact(text: str) -> Tuple[str, Counter]:
+def redact(text: str) -> tuple[str, Counter]:
     """Apply SAFE-T1201; return the redacted text and the matches per label."""
     if not may_hold_secret(text):
         return text, NO_REDACTIONS
@@ -544,7 +532,7 @@ def redact(text: str) -> Tuple[str, Counter]:
     return text, counts
 
 
-def platform_content(content: str, kind: str, redaction: bool = True) -> Tuple[str, Counter]:
+def platform_content(content: str, kind: str, redaction: bool = True) -> tuple[str, Counter]:
     """What the live platform stores for a memory written to a namespace of this kind:
     redacted (unless --no-redact), then, in org namespaces, with the delimiter guard."""
     text, counts = redact(content) if redaction else (content, NO_REDACTIONS)
@@ -571,7 +559,7 @@ class LegacyDatabase:
     def __init__(self, config: DatabaseConfig):
         self.config = config
         self.connection = None
-        self.columns: Tuple[str, ...] = ()
+        self.columns: tuple[str, ...] = ()
 
     def __enter__(self) -> LegacyDatabase:
         self.connection = _connect(self.config)
@@ -608,8 +596,8 @@ class LegacyDatabase:
             return WorkspaceTree(self.connection.run(
                 "SELECT id::text, parent_id::text, %s FROM workspaces" % status))  # noqa: S608
 
-    def count_rows(self, workspaces: Optional[List[str]] = None, limit: Optional[int] = None,
-                   after: Optional[Dict] = None) -> int:
+    def count_rows(self, workspaces: Optional[list[str]] = None, limit: Optional[int] = None,
+                   after: Optional[dict] = None) -> int:
         """How many rows rows() will yield (same snapshot, so exact)."""
         where, params = _row_filter(workspaces, after)
         sql = "SELECT count(*) FROM agent_memories" + where  # noqa: S608 - fixed text, bound values
@@ -617,8 +605,8 @@ class LegacyDatabase:
             [[count]] = self.connection.run(sql, **params)
         return count if limit is None else min(count, limit)
 
-    def rows(self, workspaces: Optional[List[str]] = None, limit: Optional[int] = None,
-             after: Optional[Dict] = None, by_workspace: bool = False) -> Iterator[LegacyRow]:
+    def rows(self, workspaces: Optional[list[str]] = None, limit: Optional[int] = None,
+             after: Optional[dict] = None, by_workspace: bool = False) -> Iterator[LegacyRow]:
         """The rows of these workspaces (None: all), oldest first, after a checkpoint position,
         at most `limit`; by_workspace: that same selection, one workspace after another."""
         where, params = _row_filter(workspaces, after)  # only fixed text is spliced in
@@ -643,7 +631,7 @@ class LegacyDatabase:
         select += [as_text[name] if name in self.columns else "NULL" for name in OPTIONAL_COLUMNS]
         return "SELECT %s FROM agent_memories" % ", ".join(select)  # noqa: S608 - fixed column text
 
-    def _stream(self, sql: str, params: Dict) -> Iterator[LegacyRow]:
+    def _stream(self, sql: str, params: dict) -> Iterator[LegacyRow]:
         """The rows of a query, through a server-side cursor, FETCH_ROWS at a time."""
         with self._errors():
             self.connection.run("DECLARE legacy_rows NO SCROLL CURSOR FOR " + sql, **params)
@@ -659,7 +647,7 @@ class LegacyDatabase:
 
     def _legacy_row(self, record: Sequence) -> LegacyRow:
         row_id, workspace_id, content, scope, created_at, namespace, updated_at, embedding = record
-        legacy: Dict[str, object] = {
+        legacy: dict[str, object] = {
             "workspace_id": workspace_id, "scope": scope, "created_at": created_at,
         }
         if "updated_at" in self.columns:
@@ -668,7 +656,7 @@ class LegacyDatabase:
             legacy["namespace"] = namespace
         return LegacyRow(row_id, workspace_id, content, scope, legacy, parse_embedding(embedding))
 
-    def workspaces_of(self, workspaces: Optional[List[str]] = None, limit: Optional[int] = None) -> List[str]:
+    def workspaces_of(self, workspaces: Optional[list[str]] = None, limit: Optional[int] = None) -> list[str]:
         """The workspaces that hold rows of that selection (as rows() makes it)."""
         where, params = _row_filter(workspaces, None)
         if limit is not None:
@@ -680,7 +668,7 @@ class LegacyDatabase:
                 "SELECT DISTINCT workspace_id::text FROM agent_memories%s" % where, **params)  # noqa: S608
                 if w is not None]
 
-    def have_search_words(self, texts: List[str]) -> List[bool]:
+    def have_search_words(self, texts: list[str]) -> list[bool]:
         """Whether PostgreSQL's English full-text parser finds any word in each text."""
         if not texts:
             return []
@@ -690,7 +678,7 @@ class LegacyDatabase:
                 "WITH ORDINALITY AS t(text, n) ORDER BY n", texts=texts)]
 
 
-def _row_filter(workspaces: Optional[List[str]], after: Optional[Dict]) -> Tuple[str, Dict[str, object]]:
+def _row_filter(workspaces: Optional[list[str]], after: Optional[dict]) -> tuple[str, dict[str, object]]:
     """WHERE clause for the workspaces and a checkpoint position (in READ_ORDER)."""
     conditions, params = [], {}
     if workspaces is not None:
@@ -881,7 +869,7 @@ class PluginClient:
             headers={"Content-Type": "application/json", "User-Agent": USER_AGENT},
         )
 
-    def _request(self, method: str, path: str, body: Optional[Dict] = None,
+    def _request(self, method: str, path: str, body: Optional[dict] = None,
                  rule: Optional[RetryRule] = None):
         import urllib3
 
@@ -929,8 +917,8 @@ class PluginClient:
     def put_namespace(self, name: str, kind: str) -> None:
         self._request("PUT", "/v1/namespaces/" + quote(name, safe=""), {"kind": kind})
 
-    def search(self, namespaces: List[str], query: Optional[str] = None) -> List[Dict]:
-        body: Dict[str, object] = {"namespaces": namespaces, "limit": SEARCH_CAP}
+    def search(self, namespaces: list[str], query: Optional[str] = None) -> list[dict]:
+        body: dict[str, object] = {"namespaces": namespaces, "limit": SEARCH_CAP}
         if query:
             body["query"] = query
         data = self._request("POST", "/v1/search", body)
@@ -998,7 +986,7 @@ class FailureLog:
         self.write({"id": row.id, "workspace_id": row.workspace_id, "scope": row.scope,
                     **{key: value for key, value in entry.items() if value is not None}})
 
-    def write(self, entry: Dict[str, object]) -> None:
+    def write(self, entry: dict[str, object]) -> None:
         if self.file is not None:
             self.file.write(json.dumps(entry, ensure_ascii=False) + "\n")
             self.file.flush()
@@ -1088,7 +1076,7 @@ def signals_stop(stop: threading.Event):
     """First SIGINT/SIGTERM: set `stop` (the run winds down); a second: exit at once."""
     import signal
 
-    received: List[int] = []
+    received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield received
         return
@@ -1150,7 +1138,7 @@ def plan_row(row: LegacyRow, tree: WorkspaceTree, redaction: bool = True) -> Out
     if not row.content.strip():
         return Skipped(row, SKIP_EMPTY_CONTENT)
     content, counts = platform_content(row.content, target.kind, redaction)
-    body: Dict[str, object] = {
+    body: dict[str, object] = {
         "id": row.id, "content": content, "kind": "fact", "source": "agent",
         "propagation": {"legacy": row.legacy},
     }
@@ -1197,7 +1185,7 @@ class Framing(Enum):
 class ResponseHead:
     status: int
     reason: str
-    fields: Tuple[Tuple[bytes, bytes], ...]  # (name in lower case, value), obs-folds unfolded
+    fields: tuple[tuple[bytes, bytes], ...]  # (name in lower case, value), obs-folds unfolded
     framing: Framing
     length: int  # of the body, for Framing.LENGTH
     persistent: bool  # the connection takes further requests after this response
@@ -1215,20 +1203,20 @@ class Response(NamedTuple):
     body: bytes
 
 
-def field_value(fields: Iterable[Tuple[bytes, bytes]], name: bytes) -> Optional[bytes]:
+def field_value(fields: Iterable[tuple[bytes, bytes]], name: bytes) -> Optional[bytes]:
     """A field's value (name in lower case); repeated fields joined by ", " (RFC 9110 §5.3)."""
     values = [value for key, value in fields if key == name]
     return b", ".join(values) if values else None
 
 
-def _tokens(value: Optional[bytes]) -> List[bytes]:
+def _tokens(value: Optional[bytes]) -> list[bytes]:
     return [] if value is None else [item.strip().lower() for item in value.split(b",")]
 
 
-def parse_field_lines(lines: Iterable[bytes], what: str = "header") -> Tuple[Tuple[bytes, bytes], ...]:
+def parse_field_lines(lines: Iterable[bytes], what: str = "header") -> tuple[tuple[bytes, bytes], ...]:
     """Field lines as (name in lower case, value); an obs-fold line continues the one before
     it, as one space (RFC 9112 §5.2)."""
-    fields: List[List[bytes]] = []
+    fields: list[list[bytes]] = []
     for line in lines:
         field_line = FIELD_LINE.fullmatch(line)
         if field_line is not None:
@@ -1309,7 +1297,7 @@ class ResponseParser:
         self.body = bytearray()  # of a chunked response, so far
         self.chunk_state = CHUNK_SIZE
         self.chunk_left = 0  # bytes of the current chunk still to come
-        self.trailers: List[bytes] = []
+        self.trailers: list[bytes] = []
         self.trailer_bytes = 0
         self.closed = False  # a response that ends the connection was read
 
@@ -1531,7 +1519,7 @@ class ConcurrencyLimit:
         self.idle()
 
 
-def queue_band(connections: int) -> Tuple[float, float]:
+def queue_band(connections: int) -> tuple[float, float]:
     """The queue (in connections) below which the limiter adds one, and above which it takes one
     away: wider as there are more, so that the plugin's throughput, which still grows a little
     with each connection where it is CPU bound, is not given away for the noise in it."""
@@ -1583,7 +1571,7 @@ class WriteConnection:
         self.address = address
         self.tls_context = tls_context
         self.received = received  # the stream's one receive buffer (one loop reads them all)
-        self.would_block: Tuple[type, ...] = (BlockingIOError,)
+        self.would_block: tuple[type, ...] = (BlockingIOError,)
         if tls_context is not None:
             import ssl
 
@@ -1592,7 +1580,7 @@ class WriteConnection:
         self.sock = None
         self.parser: Optional[ResponseParser] = None
         self.outgoing = b""  # requests the socket has not taken yet
-        self.in_flight: Deque[Job] = deque()
+        self.in_flight: deque[Job] = deque()
         self.pipelining = False
         self.last_used = 0.0
 
@@ -1609,7 +1597,7 @@ class WriteConnection:
         responses and dripped bytes included, must be complete by then."""
         return self.in_flight[0].sent_at + self.timeout
 
-    def send(self, jobs: List[Job], now: float) -> None:
+    def send(self, jobs: list[Job], now: float) -> None:
         """Send the requests, pipelined; on OSError they stay in flight, unanswered."""
         if (self.sock is not None and not self.in_flight and now - self.last_used > IDLE_CHECK_SECONDS
                 and select.select([self.sock], [], [], 0)[0]):
@@ -1643,7 +1631,7 @@ class WriteConnection:
             raise
         self.sock, self.parser, self.pipelining, self.outgoing = sock, ResponseParser(), False, b""
 
-    def receive(self, now: float) -> Tuple[List[Response], bool]:
+    def receive(self, now: float) -> tuple[list[Response], bool]:
         """The responses that have arrived (maybe none), and whether the server closed."""
         try:
             size = self.sock.recv_into(self.received)
@@ -1663,7 +1651,7 @@ class WriteConnection:
             response = self.parser.next_response()
         return responses, False
 
-    def close(self) -> List[Job]:
+    def close(self) -> list[Job]:
         """Close the connection; return the requests still unanswered on it."""
         if self.sock is not None:
             self.sock.close()
@@ -1701,12 +1689,12 @@ class WriteStream:
         self.tls_context = ssl.create_default_context() if address.tls else None
         self.limit = ConcurrencyLimit(ceiling)
         self.received = memoryview(bytearray(RECEIVE_BYTES))
-        self.connections: List[WriteConnection] = []
-        self.ready: Deque[Job] = deque()  # to send, oldest first
-        self.retrying: List[Job] = []  # to send again after their backoff
+        self.connections: list[WriteConnection] = []
+        self.ready: deque[Job] = deque()  # to send, oldest first
+        self.retrying: list[Job] = []  # to send again after their backoff
         self.fatal: Optional[BackfillError] = None
         self.latency = Quantiles()  # from sending a request to its whole answer
-        self.in_flight_range: Optional[Tuple[int, int]] = None  # while there was more to send
+        self.in_flight_range: Optional[tuple[int, int]] = None  # while there was more to send
         self.first_sent: Optional[float] = None
         self.last_answer = 0.0
         self.answer_rate = 0.0  # responses per second, a moving average, while the window is full
@@ -1758,7 +1746,7 @@ class WriteStream:
         for connection in self.connections:
             connection.close()
 
-    def load(self) -> Dict[str, object]:
+    def load(self) -> dict[str, object]:
         """What an operator watches on a live tenant: writes in flight now (and their range
         while there was more to send), connections, and the plugin's answer latency."""
         p50, p99 = self.latency.quantile(0.5), self.latency.quantile(0.99)
@@ -1795,7 +1783,7 @@ class WriteStream:
                                                     self.received))
         depth, room = self.depth(), self.ceiling - self.in_flight()
         for connection in self.connections[:working]:
-            batch: List[Job] = []
+            batch: list[Job] = []
             slots = min(connection.free_slots(depth), room)
             while slots > len(batch) and self.ready and not self.stop.is_set():
                 if self.rate is not None and self.rate.delay(now) > 0:
@@ -1816,7 +1804,7 @@ class WriteStream:
 
     # --- receiving --------------------------------------------------------
 
-    def _wait(self, busy: List[WriteConnection], answered: Callable[[Job, Response], None]) -> None:
+    def _wait(self, busy: list[WriteConnection], answered: Callable[[Job, Response], None]) -> None:
         """Wait for answers (or the next retry, rate slot or timeout), then handle them.
 
         With the window full, answers are read only every so often (`pace`: about
@@ -1948,7 +1936,7 @@ class Checkpoint:
     another mode, -workspace or database refuses it.
     """
 
-    def __init__(self, path: str, identity: Dict[str, object], position: Optional[Dict] = None,
+    def __init__(self, path: str, identity: dict[str, object], position: Optional[dict] = None,
                  rows_done: int = 0, complete: bool = False):
         self.path = path
         self.identity = identity
@@ -1989,7 +1977,7 @@ class Checkpoint:
                              "options, or another checkpoint file." % (path, " and ".join(differ)))
         return checkpoint
 
-    def advance(self, position: Tuple[Optional[str], str], rows_done_this_run: int) -> None:
+    def advance(self, position: tuple[Optional[str], str], rows_done_this_run: int) -> None:
         self.position = {"created_at": position[0], "id": position[1]}
         self.rows_done = self.rows_done_before + rows_done_this_run
         if time.monotonic() - self.saved_at >= CHECKPOINT_SAVE_SECONDS:
@@ -2021,7 +2009,7 @@ class LowWaterMark:
         self.next_number = 0
         self.low_water = -1  # every row numbered <= this is done
         self.settled: set = set()  # rows done above the mark
-        self.positions: Dict[int, Tuple[Optional[str], str]] = {}
+        self.positions: dict[int, tuple[Optional[str], str]] = {}
         # After a refused row the mark cannot pass it in this run: stop tracking
         # (memory stays flat); a resume starts again at that row.
         self.frozen = False
@@ -2067,7 +2055,7 @@ class BackfillReport(RunReport):
     redactions: Counter = field(default_factory=Counter)
     namespaces: set = field(default_factory=set)
     checkpoint_path: Optional[str] = None
-    resumed_from: Optional[Dict[str, object]] = None
+    resumed_from: Optional[dict[str, object]] = None
 
     @property
     def copied(self) -> int:
@@ -2088,7 +2076,7 @@ class BackfillReport(RunReport):
         if planned.redactions:
             self.redactions.update(planned.redactions)
 
-    def to_json(self) -> Dict[str, object]:
+    def to_json(self) -> dict[str, object]:
         return {**super().to_json(),
                 "mode": self.mode, "copied": self.copied, "skipped": self.skipped, "redaction": self.redact,
                 "rows_by_scope": dict(self.by_scope), "rows_by_namespace_kind": dict(self.by_kind),
@@ -2191,7 +2179,7 @@ def apply(settings: Settings, log, stderr=None) -> BackfillReport:
 JSON_ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"), check_circular=False)
 
 
-def write_request(address: PluginAddress, planned: PlannedWrite, heads: Dict[str, bytes]) -> bytes:
+def write_request(address: PluginAddress, planned: PlannedWrite, heads: dict[str, bytes]) -> bytes:
     """The POST of one memory, ready to send (`heads` caches each namespace's head)."""
     namespace = planned.target.namespace
     head = heads.get(namespace)
@@ -2238,7 +2226,7 @@ class ApplyWrites:
         self.outcomes = outcomes
         self.max_consecutive_failures = settings.max_consecutive_failures
         self.mark = LowWaterMark(checkpoint)
-        self.heads: Dict[str, bytes] = {}  # namespace -> the start of its POST
+        self.heads: dict[str, bytes] = {}  # namespace -> the start of its POST
         self.namespaces: set = set()  # upserted in this run
         self.consecutive_failures = 0
 
@@ -2360,14 +2348,14 @@ class Finding:
     verdict: str  # one of VERIFY_CLASSES
     detail: str = ""
     found_in: Optional[str] = None  # the namespace that holds the plugin's copy
-    labels: Tuple[str, ...] = ()  # unredacted: the labels of the secrets in clear
+    labels: tuple[str, ...] = ()  # unredacted: the labels of the secrets in clear
 
     def line(self) -> str:
         row = self.planned.row
         return "%s %s (workspace %s): %s" % (self.verdict, row.id, row.workspace_id, self.detail)
 
-    def to_json(self) -> Dict[str, object]:
-        entry: Dict[str, object] = {
+    def to_json(self) -> dict[str, object]:
+        entry: dict[str, object] = {
             "id": self.planned.row.id, "workspace_id": self.planned.row.workspace_id,
             "class": self.verdict, "expected_namespace": self.planned.target.namespace,
             "found_namespace": self.found_in}
@@ -2381,7 +2369,7 @@ class VerifyReport:
     plugin: PluginAddress
     workspaces_sampled: int = 0
     classes: Counter = field(default_factory=Counter)
-    problems: List[str] = field(default_factory=list)  # the first SHOWN_PROBLEMS lines
+    problems: list[str] = field(default_factory=list)  # the first SHOWN_PROBLEMS lines
     failures_path: Optional[str] = None
 
     @property
@@ -2404,7 +2392,7 @@ class VerifyReport:
     def exit_status(self) -> ExitStatus:
         return ExitStatus.INCOMPLETE if self.mismatches or self.errors else ExitStatus.OK
 
-    def to_json(self) -> Dict[str, object]:
+    def to_json(self) -> dict[str, object]:
         return {
             "mode": "verify", "plugin_url": self.plugin.url, "plugin_url_is_default": self.plugin.default,
             "workspaces_sampled": self.workspaces_sampled,
@@ -2453,7 +2441,7 @@ def verify(settings: Settings, log, stderr=None) -> VerifyReport:
     return report
 
 
-def sample_workspaces(candidates: Iterable[str], size: int, seed: int) -> List[str]:
+def sample_workspaces(candidates: Iterable[str], size: int, seed: int) -> list[str]:
     """A deterministic sample (size 0 = all), in sorted order."""
     import random
 
@@ -2463,11 +2451,11 @@ def sample_workspaces(candidates: Iterable[str], size: int, seed: int) -> List[s
     return sorted(random.Random(seed).sample(ordered, size))
 
 
-def row_groups(rows: Iterable[LegacyRow], size: int) -> Iterator[Tuple[List[LegacyRow], List[str]]]:
+def row_groups(rows: Iterable[LegacyRow], size: int) -> Iterator[tuple[list[LegacyRow], list[str]]]:
     """Rows (ordered by workspace) in groups of about `size`, cut between workspaces
     unless one workspace alone is far bigger; each with the workspaces it finishes."""
-    group: List[LegacyRow] = []
-    finished: List[str] = []
+    group: list[LegacyRow] = []
+    finished: list[str] = []
     current = first = object()
     for row in rows:
         if row.workspace_id != current:
@@ -2500,7 +2488,7 @@ class Sought:
 class Lookup(NamedTuple):
     """What the finder learned about one row."""
 
-    record: Optional[Dict]  # the plugin's record with the row's id, wherever it is
+    record: Optional[dict]  # the plugin's record with the row's id, wherever it is
     complete: bool  # a search of the whole tenant that must have returned it came back whole
     searchable: bool  # that search could find it: its text has words, or is one character
     refused: Optional[str]  # the plugin refused a search for it
@@ -2520,7 +2508,7 @@ class RecordFinder:
     """
 
     def __init__(self, plugin: PluginClient, database: LegacyDatabase, tree: WorkspaceTree,
-                 workspaces: List[str], pool):
+                 workspaces: list[str], pool):
         self.plugin = plugin
         self.database = database
         self.tree = tree
@@ -2528,11 +2516,11 @@ class RecordFinder:
         namespaces = tree.namespaces()
         self.tenant_namespaces = [namespaces[n:n + NAMESPACES_PER_SEARCH]
                                   for n in range(0, len(namespaces), NAMESPACES_PER_SEARCH)]
-        self.listings: Dict[str, List[str]] = {}  # namespace -> the ids of its newest records
-        self.listed: Dict[str, Dict] = {}  # row id -> the plugin's record, from the listings kept
+        self.listings: dict[str, list[str]] = {}  # namespace -> the ids of its newest records
+        self.listed: dict[str, dict] = {}  # row id -> the plugin's record, from the listings kept
         self.users = Counter(name for workspace in workspaces for name in self._written(workspace))
 
-    def _written(self, workspace: Optional[str]) -> List[str]:
+    def _written(self, workspace: Optional[str]) -> list[str]:
         """The namespaces the workspace's rows are written to."""
         names = []
         for scope in SCOPE_KINDS:
@@ -2540,7 +2528,7 @@ class RecordFinder:
                 names.append(resolve_target(workspace, scope, self.tree).namespace)
         return names
 
-    def done_with(self, workspaces: List[Optional[str]]) -> None:
+    def done_with(self, workspaces: list[Optional[str]]) -> None:
         """Forget what only these (finished) workspaces needed: memory stays flat."""
         for workspace in workspaces:
             for namespace in self._written(workspace):
@@ -2549,7 +2537,7 @@ class RecordFinder:
                     for row_id in self.listings.pop(namespace):
                         self.listed.pop(row_id, None)
 
-    def find(self, sought: List[Sought]) -> Dict[str, Lookup]:
+    def find(self, sought: list[Sought]) -> dict[str, Lookup]:
         """Look for a group of rows; a Lookup for each, by row id."""
         wanted = {s.row.id for s in sought}
         unlisted = sorted({s.namespace for s in sought if s.namespace} - set(self.listings))
@@ -2561,7 +2549,7 @@ class RecordFinder:
         searches = shared_word_searches(sought, unseen)
         for records, _, _ in self.pool.map(lambda search: self._search([search[0]], search[1]), searches):
             _keep(seen, records, wanted)  # a refused one: its rows are searched for one by one
-        refused: Dict[str, str] = {}
+        refused: dict[str, str] = {}
         unseen = [s for s in unseen if s.row.id not in seen]
         for s, (records, _, error) in zip(unseen, self.pool.map(
                 lambda s: self._search(self._nearby(s), search_query(s.content)), unseen)):
@@ -2569,7 +2557,7 @@ class RecordFinder:
             if error:
                 refused[s.row.id] = error
         unseen = [s for s in unseen if s.row.id not in seen and s.row.id not in refused]
-        complete: Dict[str, bool] = {}
+        complete: dict[str, bool] = {}
         for s, (records, whole, error) in zip(unseen, self.pool.map(self._search_everywhere, unseen)):
             _keep(seen, records, wanted)
             complete[s.row.id] = whole
@@ -2582,8 +2570,8 @@ class RecordFinder:
         return {s.row.id: Lookup(seen.get(s.row.id), complete.get(s.row.id, False),
                                  searchable.get(s.row.id, False), refused.get(s.row.id)) for s in sought}
 
-    def _search(self, namespaces: List[str], query: Optional[str] = None
-                ) -> Tuple[List[Dict], bool, Optional[str]]:
+    def _search(self, namespaces: list[str], query: Optional[str] = None
+                ) -> tuple[list[dict], bool, Optional[str]]:
         """One search: what it found, whether that is all there is (under the cap), and the
         plugin's refusal, if it refused."""
         if not namespaces:  # a row of no workspace: only the tenant-wide search looks for it
@@ -2594,10 +2582,10 @@ class RecordFinder:
             return [], False, str(exc)
         return found, len(found) < SEARCH_CAP, None
 
-    def _search_everywhere(self, sought: Sought) -> Tuple[List[Dict], bool, Optional[str]]:
+    def _search_everywhere(self, sought: Sought) -> tuple[list[dict], bool, Optional[str]]:
         """Searches for a copy changed somewhere, then for the row's own words in the whole
         tenant: what they found, whether the tenant-wide search was whole, a refusal."""
-        records: List[Dict] = []
+        records: list[dict] = []
         refused = None
         nearby = self._nearby(sought)
         for query in fallback_queries(sought.content):
@@ -2615,14 +2603,14 @@ class RecordFinder:
                 return records, True, None
         return records, whole, refused
 
-    def _nearby(self, sought: Sought) -> List[str]:
+    def _nearby(self, sought: Sought) -> list[str]:
         """The namespaces the row's workspace reads, and the one the row is written to."""
         names = set(self.tree.readable_namespaces(sought.row.workspace_id)) \
             if sought.row.workspace_id in self.tree else set()
         return sorted(names | ({sought.namespace} if sought.namespace else set()))
 
 
-def _keep(seen: Dict[str, Dict], records: List[Dict], wanted: set) -> None:
+def _keep(seen: dict[str, dict], records: list[dict], wanted: set) -> None:
     """Remember the records of the rows sought (only those: memory stays flat)."""
     for record in records:
         if record["id"] in wanted:
@@ -2645,14 +2633,14 @@ def search_query(content: str) -> str:
 REDACTION_MARK = re.compile(r"\[REDACTED:[A-Z0-9_]+\]")
 
 
-def fallback_queries(content: str) -> List[str]:
+def fallback_queries(content: str) -> list[str]:
     """Searches that find a copy of this content whose words differ somewhere: the
     text without its redaction marks (a copy that holds the secrets in clear), and
     each half of it (a copy changed in the other half)."""
     plain = REDACTION_MARK.sub(" ", content)
     words = plain.split()
     halves = [" ".join(words[:len(words) // 2]), " ".join(words[len(words) // 2:])]
-    queries: List[str] = []
+    queries: list[str] = []
     for query in [search_query(plain)] + [search_query(half) for half in halves]:
         if len(query) >= 2 and query != search_query(content) and query not in queries:
             queries.append(query)
@@ -2662,11 +2650,11 @@ def fallback_queries(content: str) -> List[str]:
 SEARCH_WORD = re.compile(r"[a-z0-9]{3,}")
 
 
-def shared_word_searches(sought: List[Sought], unseen: List[Sought]) -> List[Tuple[str, str]]:
+def shared_word_searches(sought: list[Sought], unseen: list[Sought]) -> list[tuple[str, str]]:
     """(namespace, word) searches that each find several unseen rows at once: words that
     two or more of them share but, as far as these rows tell, at most SEARCH_CAP records of
     the namespace hold.  Most shared first; each search covers rows no earlier one did."""
-    by_namespace: Dict[str, Tuple[List[Sought], set]] = {}
+    by_namespace: dict[str, tuple[list[Sought], set]] = {}
     for s in sought:
         if s.namespace:
             by_namespace.setdefault(s.namespace, ([], set()))[0].append(s)
@@ -2675,7 +2663,7 @@ def shared_word_searches(sought: List[Sought], unseen: List[Sought]) -> List[Tup
             by_namespace[s.namespace][1].add(s.row.id)
     searches = []
     for namespace, (rows, pending) in sorted(by_namespace.items()):
-        holders: Dict[str, set] = {}  # word -> the namespace's rows that hold it
+        holders: dict[str, set] = {}  # word -> the namespace's rows that hold it
         for s in rows:
             for word in set(SEARCH_WORD.findall(s.content.lower())):
                 holders.setdefault(word, set()).add(s.row.id)
@@ -2763,7 +2751,7 @@ class RollbackReport(RunReport):
     def done(self) -> int:
         return sum(self.deleted.values()) + sum(self.to_delete.values()) + self.absent + self.errors
 
-    def to_json(self) -> Dict[str, object]:
+    def to_json(self) -> dict[str, object]:
         return {**super().to_json(), "mode": "rollback", "yes": self.deleting,
                 "deleted": sum(self.deleted.values()), "deleted_by_namespace_kind": dict(self.deleted),
                 "would_delete": sum(self.to_delete.values()),
@@ -2843,9 +2831,9 @@ class RollbackDeletes:
         self.log = log
         self.failures = failures
         self.stream = stream
-        self.not_there: List[Sought] = []  # deleted where -apply writes them: 404
+        self.not_there: list[Sought] = []  # deleted where -apply writes them: 404
 
-    def back_out(self, rows: List[LegacyRow], tree: WorkspaceTree, settings: Settings,
+    def back_out(self, rows: list[LegacyRow], tree: WorkspaceTree, settings: Settings,
                  finder: RecordFinder) -> None:
         sought = []
         for row in rows:
@@ -2885,7 +2873,7 @@ class RollbackDeletes:
                             "many records or finds no searchable word")
         self._delete(found)
 
-    def _delete(self, targets: List[Tuple[Sought, str, bool]]) -> None:
+    def _delete(self, targets: list[tuple[Sought, str, bool]]) -> None:
         """DELETE each (row, namespace, blind) through the stream; `blind`: where -apply writes it,
         so a 404 there sends the row to the finder instead of being an error."""
         pending = iter(enumerate(targets))
@@ -2935,11 +2923,11 @@ def _counts(counter: Counter) -> str:
     return ", ".join("%s=%d" % item for item in sorted(counter.items())) or "none"
 
 
-def _plugin_line(plugin: PluginAddress, status: Optional[str]) -> List[str]:
+def _plugin_line(plugin: PluginAddress, status: Optional[str]) -> list[str]:
     return ["plugin: %s: %s" % (plugin.describe(), status)] if status else []
 
 
-def _load_line(load: Optional[Dict[str, object]], what: str) -> List[str]:
+def _load_line(load: Optional[dict[str, object]], what: str) -> list[str]:
     if not load or not load["answered"]:
         return []
     line = "%s: %d answered in %.1f s; in flight %d-%d while there was more to send (%d connections " \
@@ -2951,7 +2939,7 @@ def _load_line(load: Optional[Dict[str, object]], what: str) -> List[str]:
     return [line]
 
 
-def _problem_lines(problems: List[str], failures_path: Optional[str], listed: str) -> List[str]:
+def _problem_lines(problems: list[str], failures_path: Optional[str], listed: str) -> list[str]:
     lines = []
     if problems:
         lines.append("errors (first %d):" % SHOWN_PROBLEMS)
@@ -2961,7 +2949,7 @@ def _problem_lines(problems: List[str], failures_path: Optional[str], listed: st
     return lines
 
 
-def format_backfill(report: BackfillReport) -> List[str]:
+def format_backfill(report: BackfillReport) -> list[str]:
     verb = "copied" if report.mode == "apply" else "to copy"
     lines = ["memory-backfill -%s" % report.mode] + _plugin_line(report.plugin, report.plugin_status)
     if report.resumed_from:
@@ -2993,7 +2981,7 @@ def format_backfill(report: BackfillReport) -> List[str]:
     return lines
 
 
-def format_verify(report: VerifyReport) -> List[str]:
+def format_verify(report: VerifyReport) -> list[str]:
     lines = ["memory-backfill -verify", "plugin: %s" % report.plugin.describe()]
     problems = report.mismatches + report.errors
     if problems:
@@ -3013,7 +3001,7 @@ def format_verify(report: VerifyReport) -> List[str]:
     return lines
 
 
-def format_rollback(report: RollbackReport) -> List[str]:
+def format_rollback(report: RollbackReport) -> list[str]:
     lines = ["memory-backfill -rollback" + ("" if report.deleting else " (without --yes: nothing deleted)")]
     lines += _plugin_line(report.plugin, report.plugin_status)
     if report.deleting:
@@ -3158,7 +3146,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_settings(argv: Optional[Sequence[str]], environ: Dict[str, str]) -> Settings:
+def parse_settings(argv: Optional[Sequence[str]], environ: dict[str, str]) -> Settings:
     """Turn the command line and environment into Settings, or raise UsageError."""
     args = build_parser().parse_args(argv)
     modes = args.modes or []
@@ -3218,7 +3206,7 @@ MODE_RUNS = {"dry-run": (dry_run, format_backfill), "apply": (apply, format_back
              "verify": (verify, format_verify), "rollback": (rollback, format_rollback)}
 
 
-def run(argv: Optional[Sequence[str]] = None, environ: Optional[Dict[str, str]] = None,
+def run(argv: Optional[Sequence[str]] = None, environ: Optional[dict[str, str]] = None,
         stdout=None, stderr=None) -> ExitStatus:
     """Run the tool; return OK or INCOMPLETE, raise BackfillError for anything that stops it."""
     stdout = stdout or sys.stdout

@@ -499,15 +499,6 @@ def test_a_400_for_one_row_fails_that_row_only(scripted, legacy, rows, tmp_path,
     assert rows.index(checkpoint["position"]["id"]) < 10 and not checkpoint["complete"]  # a resume retries it
 
 
-def test_an_answer_that_never_comes_times_out_and_is_sent_again(scripted, legacy, rows, tmp_path):
-    server = scripted(lambda w: Reply(hang=w.id == rows[5] and w.attempt == 0))
-    started = time.monotonic()
-    assert apply(server, legacy, rows, tmp_path, "--timeout", "1") == 0
-    assert time.monotonic() - started >= 1.0
-    assert_each_row_once(server.records, legacy, rows)
-    assert server.arrivals[rows[5]] == 2
-
-
 def test_garbage_instead_of_a_status_line_stops_the_run(scripted, legacy, rows, tmp_path, capsys):
     server = scripted(lambda w: Reply(raw=b"SSH-2.0-OpenSSH_9.6\r\n") if w.number == 10 else Reply())
     assert apply(server, legacy, rows, tmp_path) == 3
@@ -529,9 +520,11 @@ def test_a_server_that_answers_once_per_connection_still_gets_every_row(scripted
     assert max(server.acks.values()) == 1 and server.connections >= 40
 
 
-@pytest.mark.parametrize("reply", [Reply(interim_forever=True), Reply(drip=True)], ids=["interim", "drip"])
-def test_timeout_bounds_the_whole_answer_however_the_bytes_keep_coming(scripted, legacy, rows, tmp_path,
-                                                                      reply):
+@pytest.mark.parametrize("reply", [Reply(hang=True), Reply(interim_forever=True), Reply(drip=True)],
+                         ids=["never", "interim responses forever", "a byte at a time"])
+def test_an_answer_that_is_not_whole_in_time_times_out_and_is_sent_again(scripted, legacy, rows, tmp_path,
+                                                                         reply):
+    """--timeout bounds the time from sending a request to its whole answer, however bytes keep coming."""
     server = scripted(lambda w: reply if w.id == rows[5] and w.attempt == 0 else Reply())
     started = time.monotonic()
     assert apply(server, legacy, rows, tmp_path, "--timeout", "1") == 0
