@@ -2930,8 +2930,8 @@ def _plugin_line(plugin: PluginAddress, status: Optional[str]) -> list[str]:
 def _load_line(load: Optional[dict[str, object]], what: str) -> list[str]:
     if not load or not load["answered"]:
         return []
-    line = "%s: %d answered in %.1f s; in flight %d-%d while there was more to send (%d connections " \
-           "at the end)" % (what, load["answered"], load["seconds"], load["in_flight_min"],
+    line = "%s: %d answered in %.1f s; in flight %d-%d while there was more to send; connections at " \
+           "the end: %d" % (what, load["answered"], load["seconds"], load["in_flight_min"],
                             load["in_flight_max"], load["connections"])
     if load["latency_p50_ms"] is not None:
         line += "; plugin answer latency p50 %.1f ms, p99 %.1f ms" % (load["latency_p50_ms"],
