@@ -2327,6 +2327,7 @@ SEARCH_QUERY_CHARS = 2000  # cap on the text of a targeted search
 DIFF_CONTEXT_CHARS = 30  # (redacted) content shown on each side of a first difference
 NAMESPACES_PER_SEARCH = 500  # a search over the whole tenant is split into searches this big
 VERIFY_GROUP_ROWS = 2000  # -verify reads, lists and searches this many rows at a time
+SEARCH_BATCH = 64  # rows searched for one by one at a time (then those found meanwhile are dropped)
 
 # What -verify finds for a row: exactly one of these.
 MATCH = "match"
@@ -2551,11 +2552,13 @@ class RecordFinder:
             _keep(seen, records, wanted)  # a refused one: its rows are searched for one by one
         refused: dict[str, str] = {}
         unseen = [s for s in unseen if s.row.id not in seen]
-        for s, (records, _, error) in zip(unseen, self.pool.map(
-                lambda s: self._search(self._nearby(s), search_query(s.content)), unseen)):
-            _keep(seen, records, wanted)
-            if error:
-                refused[s.row.id] = error
+        for start in range(0, len(unseen), SEARCH_BATCH):  # a row another's search found is not searched for
+            batch = [s for s in unseen[start:start + SEARCH_BATCH] if s.row.id not in seen]
+            for s, (records, _, error) in zip(batch, self.pool.map(
+                    lambda s: self._search(self._nearby(s), search_query(s.content)), batch)):
+                _keep(seen, records, wanted)
+                if error:
+                    refused[s.row.id] = error
         unseen = [s for s in unseen if s.row.id not in seen and s.row.id not in refused]
         complete: dict[str, bool] = {}
         for s, (records, whole, error) in zip(unseen, self.pool.map(self._search_everywhere, unseen)):
