@@ -1216,16 +1216,16 @@ def _tokens(value: Optional[bytes]) -> list[bytes]:
 def parse_field_lines(lines: Iterable[bytes], what: str = "header") -> tuple[tuple[bytes, bytes], ...]:
     """Field lines as (name in lower case, value); an obs-fold line continues the one before
     it, as one space (RFC 9112 §5.2)."""
-    fields: list[list[bytes]] = []
+    fields: list[tuple[bytes, list[bytes]]] = []  # (name, the value's parts, one per line)
     for line in lines:
         field_line = FIELD_LINE.fullmatch(line)
         if field_line is not None:
-            fields.append([field_line.group(1).lower(), field_line.group(2).strip(b" \t")])
+            fields.append((field_line.group(1).lower(), [field_line.group(2).strip(b" \t")]))
         elif fields and CONTINUATION_LINE.fullmatch(line):
-            fields[-1][1] = (fields[-1][1] + b" " + line.strip(b" \t")).strip(b" ")
+            fields[-1][1].append(line.strip(b" \t"))
         else:
             raise ProtocolError("a malformed %s field line: %r" % (what, line[:40]))
-    return tuple((name, value) for name, value in fields)
+    return tuple((name, b" ".join(part for part in parts if part)) for name, parts in fields)
 
 
 @functools.lru_cache(maxsize=64)
