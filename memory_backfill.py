@@ -185,6 +185,11 @@ class Settings:
     quiet: bool = False
 
     @property
+    def workspaces(self) -> Optional[list[str]]:
+        """-workspace as the list of workspaces to read (None: all)."""
+        return [self.workspace] if self.workspace else None
+
+    @property
     def write_ceiling(self) -> int:
         return self.concurrency or DEFAULT_WRITE_CEILING
 
@@ -609,17 +614,15 @@ class LegacyDatabase:
              after: Optional[dict] = None, by_workspace: bool = False) -> Iterator[LegacyRow]:
         """The rows of these workspaces (None: all), oldest first, after a checkpoint position,
         at most `limit`; by_workspace: that same selection, one workspace after another."""
-        where, params = _row_filter(workspaces, after)  # only fixed text is spliced in
-        order = " ORDER BY " + READ_ORDER
-        if limit is not None:
-            params["limit"] = limit
-            if by_workspace:
-                where = (" WHERE id IN (SELECT id FROM agent_memories%s%s LIMIT :limit)"  # noqa: S608
-                         % (where, order))
-            else:
-                order += " LIMIT :limit"
         if by_workspace:
+            where, params = _selection(workspaces, limit, after)
             order = " ORDER BY workspace_id, " + READ_ORDER
+        else:  # only fixed text is spliced in
+            where, params = _row_filter(workspaces, after)
+            order = " ORDER BY " + READ_ORDER
+            if limit is not None:
+                order += " LIMIT :limit"
+                params["limit"] = limit
         return self._stream(self._select() + where + order, params)
 
     def _select(self) -> str:
@@ -658,11 +661,7 @@ class LegacyDatabase:
 
     def workspaces_of(self, workspaces: Optional[list[str]] = None, limit: Optional[int] = None) -> list[str]:
         """The workspaces that hold rows of that selection (as rows() makes it)."""
-        where, params = _row_filter(workspaces, None)
-        if limit is not None:
-            where = " WHERE id IN (SELECT id FROM agent_memories%s ORDER BY %s LIMIT :limit)" % (  # noqa: S608
-                where, READ_ORDER)
-            params["limit"] = limit
+        where, params = _selection(workspaces, limit)
         with self._errors():
             return [w for (w,) in self.connection.run(
                 "SELECT DISTINCT workspace_id::text FROM agent_memories%s" % where, **params)  # noqa: S608
@@ -693,6 +692,18 @@ def _row_filter(workspaces: Optional[list[str]], after: Optional[dict]) -> tuple
         params["after_at"] = after["created_at"]
         params["after_id"] = after["id"]
     return (" WHERE " + " AND ".join(conditions) if conditions else ""), params
+
+
+def _selection(workspaces: Optional[list[str]], limit: Optional[int],
+               after: Optional[dict] = None) -> tuple[str, dict[str, object]]:
+    """WHERE clause for the rows -apply selects, in any order: these workspaces' rows (after a
+    checkpoint position), and with a limit only the first `limit` of them in READ_ORDER."""
+    where, params = _row_filter(workspaces, after)
+    if limit is None:
+        return where, params
+    params["limit"] = limit
+    return (" WHERE id IN (SELECT id FROM agent_memories%s ORDER BY %s LIMIT :limit)"  # noqa: S608
+            % (where, READ_ORDER)), params
 
 
 def _ssl_context(config: DatabaseConfig):
@@ -1920,6 +1931,25 @@ class WriteStream:
             "Check that MEMORY_PLUGIN_URL points at the memory plugin, then re-run to resume."
             % (self.address.url, error)))
 
+def drive_stopping(mode: str, stream: WriteStream, failures: FailureLog,
+                   work: Callable[[], Optional[BackfillError]]) -> Optional[BackfillError]:
+    """Run a mode's `work` on the stream, the first SIGINT/SIGTERM winding it down; return what
+    stopped it early: a signal, a lost dependency, or a defect of this tool (stopped cleanly all
+    the same, so that the summary and checkpoint are kept).  Closes the stream and `failures`."""
+    with signals_stop(stream.stop) as received:
+        try:
+            stopped = work()
+        except BackfillError as exc:
+            stopped = exc
+        except Exception as exc:  # noqa: BLE001 - a defect: stop with the summary and checkpoint
+            stopped = BackfillError("%s failed unexpectedly (%s, a defect of %s); stopped. Re-run to "
+                                    "resume." % (mode, type(exc).__name__, PROG))
+        finally:
+            stream.close()
+            failures.close()
+    return Interrupted(received[0]) if received else stopped
+
+
 # ---------------------------------------------------------------------------
 # Checkpoint and low-water mark (-apply)
 # ---------------------------------------------------------------------------
@@ -2105,13 +2135,12 @@ def dry_run(settings: Settings, log, stderr=None) -> BackfillReport:
         report.plugin_status = "ok (version %s): -apply could start" % version
     except DependencyError as exc:
         report.plugin_status = "NOT ready, -apply would stop: %s" % exc
-    workspaces = [settings.workspace] if settings.workspace else None
     with LegacyDatabase(settings.database) as database:
         tree = database.read_workspaces()
-        total = database.count_rows(workspaces, settings.limit)
+        total = database.count_rows(settings.workspaces, settings.limit)
         with show_progress(settings, report, total, stderr):
-            for outcome in planned_outcomes(database.rows(workspaces, settings.limit), tree, settings,
-                                            report, log):
+            rows = database.rows(settings.workspaces, settings.limit)
+            for outcome in planned_outcomes(rows, tree, settings, report, log):
                 if isinstance(outcome, PlannedWrite):
                     report.count_copy(outcome)
                     log("would copy %s -> %s", outcome.row.id, outcome.target.namespace)
@@ -2135,35 +2164,24 @@ def apply(settings: Settings, log, stderr=None) -> BackfillReport:
             return report
     plugin = PluginClient(settings.plugin, settings.timeout, settings.retries)
     report.plugin_status = "ok (version %s)" % plugin.check_health()
-    stop = threading.Event()
     stream = WriteStream(settings.plugin, settings.write_ceiling, settings.timeout, plugin.retry,
-                         settings.max_rate, stop)
-    stopped: Optional[BackfillError] = None
+                         settings.max_rate, threading.Event())
     with LegacyDatabase(settings.database) as database:  # a refusal here comes before any write
         after = checkpoint.position if checkpoint else None
-        workspaces = [settings.workspace] if settings.workspace else None
         tree = database.read_workspaces()
-        total = database.count_rows(workspaces, settings.limit, after)
-        outcomes = planned_outcomes(database.rows(workspaces, settings.limit, after), tree, settings,
-                                    report, log)
+        total = database.count_rows(settings.workspaces, settings.limit, after)
+        outcomes = planned_outcomes(database.rows(settings.workspaces, settings.limit, after), tree,
+                                    settings, report, log)
         failures = FailureLog(settings.failures, append=bool(checkpoint and checkpoint.position))
         report.failures_path = settings.failures
         writes = ApplyWrites(plugin, settings, report, log, checkpoint, failures, stream, outcomes)
-        with signals_stop(stop) as received:
-            try:
-                with show_progress(settings, report, total, stderr, stream.describe_load):
-                    stopped = stream.drive(writes.fill, writes.answered)
-            except BackfillError as exc:
-                stopped = exc
-            except Exception as exc:  # noqa: BLE001 - a defect: stop with the summary and checkpoint
-                stopped = BackfillError("-apply failed unexpectedly (%s, a defect of %s); stopped. "
-                                        "Re-run to resume." % (type(exc).__name__, PROG))
-            finally:
-                stream.close()
-                failures.close()
+
+        def write() -> Optional[BackfillError]:
+            with show_progress(settings, report, total, stderr, stream.describe_load):
+                return stream.drive(writes.fill, writes.answered)
+
+        stopped = drive_stopping("-apply", stream, failures, write)
     report.load = stream.load()
-    if received:
-        stopped = Interrupted(received[0])
     if checkpoint is not None:
         # Complete only when the table was read to its end: a -limit run that
         # used up its limit leaves the rest for the next run.
@@ -2417,8 +2435,8 @@ def verify(settings: Settings, log, stderr=None) -> VerifyReport:
         with LegacyDatabase(settings.database) as database, \
                 ThreadPoolExecutor(settings.searches, thread_name_prefix="search") as pool:
             tree = database.read_workspaces()
-            if settings.workspace:
-                sample = [settings.workspace]
+            if settings.workspaces:
+                sample = settings.workspaces
             else:
                 candidates = [w for w in database.workspaces_of() if w in tree and not tree.is_removed(w)]
                 sample = sample_workspaces(candidates, settings.verify_sample, settings.seed)
@@ -2776,37 +2794,29 @@ def rollback(settings: Settings, log, stderr=None) -> RollbackReport:
     report = RollbackReport(settings.plugin, deleting=settings.yes, failures_path=settings.failures)
     plugin = PluginClient(settings.plugin, settings.timeout, settings.retries, connections=settings.searches)
     report.plugin_status = "ok (version %s)" % plugin.check_health()
-    stop = threading.Event()
     stream = WriteStream(settings.plugin, settings.write_ceiling, settings.timeout, plugin.retry,
-                         settings.max_rate, stop)
-    stopped: Optional[BackfillError] = None
+                         settings.max_rate, threading.Event())
     with LegacyDatabase(settings.database) as database, \
             ThreadPoolExecutor(settings.searches, thread_name_prefix="search") as pool:
-        workspaces = [settings.workspace] if settings.workspace else None  # a refusal here: nothing deleted
-        tree = database.read_workspaces()
-        total = database.count_rows(workspaces, settings.limit)
-        holders = database.workspaces_of(workspaces, settings.limit)
+        tree = database.read_workspaces()  # a refusal here comes before any delete
+        total = database.count_rows(settings.workspaces, settings.limit)
+        holders = database.workspaces_of(settings.workspaces, settings.limit)
         finder = RecordFinder(plugin, database, tree, holders, pool)
         failures = FailureLog(settings.failures)
         deletes = RollbackDeletes(plugin.address, report, log, failures, stream)
-        with signals_stop(stop) as received:
-            try:
-                with show_progress(settings, report, total, stderr, stream.describe_load):
-                    selected = database.rows(workspaces, settings.limit, by_workspace=True)
-                    for rows, finished in row_groups(selected, ROLLBACK_GROUP_ROWS):
-                        if stop.is_set():
-                            break
-                        deletes.back_out(rows, tree, settings, finder)
-                        finder.done_with(finished)
-                stopped = stream.fatal
-            except BackfillError as exc:
-                stopped = exc
-            finally:
-                stream.close()
-                failures.close()
+
+        def delete() -> Optional[BackfillError]:
+            with show_progress(settings, report, total, stderr, stream.describe_load):
+                selected = database.rows(settings.workspaces, settings.limit, by_workspace=True)
+                for rows, finished in row_groups(selected, ROLLBACK_GROUP_ROWS):
+                    if stream.stop.is_set():
+                        break
+                    deletes.back_out(rows, tree, settings, finder)
+                    finder.done_with(finished)
+            return stream.fatal
+
+        stopped = drive_stopping("-rollback", stream, failures, delete)
     report.load = stream.load()
-    if received:
-        stopped = Interrupted(received[0])
     if stopped is None and report.to_delete:
         stopped = UsageError("Nothing was deleted: run the same command with --yes to delete these %d "
                              "records." % sum(report.to_delete.values()))

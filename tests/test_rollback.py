@@ -132,6 +132,18 @@ def test_deletes_the_plugin_refuses_are_listed_and_exit_1(tenant, plugin, tmp_pa
     assert_clean(out, err, (tmp_path / "f.jsonl").read_text())
 
 
+def test_a_defect_while_deleting_stops_it_cleanly_like_apply(tenant, plugin, monkeypatch):
+    def buggy(deletes, job, response):
+        raise KeyError("a defect of the tool")
+
+    monkeypatch.setattr(mb.RollbackDeletes, "_answered", buggy)
+    status, out, err = rollback("--yes")
+    assert status == 3
+    assert err == ("memory-backfill: -rollback failed unexpectedly (KeyError, a defect of memory-backfill); "
+                   "stopped. Re-run to resume.\n")
+    assert out.rstrip().splitlines()[-1].startswith("Rollback stopped: scanned=")
+
+
 def test_it_refuses_like_every_mode_when_a_dependency_is_missing(legacy, plugin, env, monkeypatch):
     legacy.db.run("CREATE TABLE workspaces (id uuid PRIMARY KEY, name text, parent_id uuid)")
     status, out, err = rollback("--yes")
