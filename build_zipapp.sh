@@ -22,22 +22,10 @@ cp "$here/memory_backfill.py" "$stage/app/memory_backfill.py"
 # neither compiling memory_backfill.py (zipimport compiles from source on
 # every run) nor importing argparse.
 COLUMNS=80 "$python" -I "$here/memory_backfill.py" --help > "$stage/app/help.txt"
-cat > "$stage/app/__main__.py" <<'MAIN'
-import sys
-
-if sys.version_info < (3, 9):
-    sys.stderr.write("memory-backfill: needs Python 3.9 or newer, this is %s; run it "
-                     "with a newer python3.\n" % sys.version.split()[0])
-    sys.exit(2)
-
-if sys.argv[1:] in (["--help"], ["-help"], ["-h"]):
-    sys.stdout.write(__loader__.get_data("help.txt").decode("utf-8"))
-    sys.exit(0)
-
-import memory_backfill  # noqa: E402
-
-sys.exit(memory_backfill.main())
-MAIN
+# The entry point, also the module's own (zipapp_main): the Python floor is
+# checked before anything is imported.
+"$python" -I -B -c 'import sys; sys.path[:0] = [sys.argv[1]]; import memory_backfill as m; sys.stdout.write(m.zipapp_main())' \
+    "$here" > "$stage/app/__main__.py"
 rm -rf "$stage/app/bin"
 find "$stage/app" -name __pycache__ -prune -exec rm -rf {} +
 

@@ -48,7 +48,14 @@ from urllib.parse import parse_qsl, quote, unquote, urlsplit
 __version__ = "0.2.0"
 
 PROG = "memory-backfill"
-MIN_PYTHON = (3, 9)
+# REFERENCE §1: 3.9 reached its end of life in October 2025, and the urllib3
+# releases that fix its 2026 advisories need 3.10.
+MIN_PYTHON = (3, 10)
+PYTHON_TOO_OLD = (
+    PROG + ": needs Python %d.%d or newer, this is %%s; run it with a newer python3: in the tenant "
+    "image, Alpine's python3 package; on RHEL-family 9 hosts (whose python3 is 3.9), python3.11 or "
+    "python3.12 (dnf install python3.12); elsewhere, your distribution's newer python3 package.\n"
+) % MIN_PYTHON
 
 
 # ===========================================================================
@@ -2560,7 +2567,8 @@ class RecordFinder:
         """Look for a group of rows; a Lookup for each, by row id."""
         wanted = {s.row.id for s in sought}
         unlisted = sorted({s.namespace for s in sought if s.namespace} - set(self.listings))
-        for namespace, (listed, _, _) in zip(unlisted, self.pool.map(lambda n: self._search([n]), unlisted)):
+        listings = self.pool.map(lambda n: self._search([n]), unlisted)
+        for namespace, (listed, _, _) in zip(unlisted, listings, strict=True):
             self.listings[namespace] = [record["id"] for record in listed]
             self.listed.update((record["id"], record) for record in listed)
         seen = {row_id: self.listed[row_id] for row_id in wanted if row_id in self.listed}
@@ -2573,13 +2581,14 @@ class RecordFinder:
         for start in range(0, len(unseen), SEARCH_BATCH):  # a row another's search found is not searched for
             batch = [s for s in unseen[start:start + SEARCH_BATCH] if s.row.id not in seen]
             for s, (records, _, error) in zip(batch, self.pool.map(
-                    lambda s: self._search(self._nearby(s), search_query(s.content)), batch)):
+                    lambda s: self._search(self._nearby(s), search_query(s.content)), batch), strict=True):
                 _keep(seen, records, wanted)
                 if error:
                     refused[s.row.id] = error
         unseen = [s for s in unseen if s.row.id not in seen and s.row.id not in refused]
         complete: dict[str, bool] = {}
-        for s, (records, whole, error) in zip(unseen, self.pool.map(self._search_everywhere, unseen)):
+        everywhere = self.pool.map(self._search_everywhere, unseen)
+        for s, (records, whole, error) in zip(unseen, everywhere, strict=True):
             _keep(seen, records, wanted)
             complete[s.row.id] = whole
             if error:
@@ -2587,7 +2596,7 @@ class RecordFinder:
         unseen = [s for s in unseen if s.row.id not in seen and s.row.id not in refused]
         queries = [search_query(s.content) for s in unseen]
         searchable = {s.row.id: has_words or len(query) < 2 for s, query, has_words in zip(
-            unseen, queries, self.database.have_search_words(queries))}
+            unseen, queries, self.database.have_search_words(queries), strict=True)}
         return {s.row.id: Lookup(seen.get(s.row.id), complete.get(s.row.id, False),
                                  searchable.get(s.row.id, False), refused.get(s.row.id)) for s in sought}
 
@@ -2740,7 +2749,7 @@ def classify(planned: PlannedWrite, lookup: Lookup) -> Finding:
 
 def first_difference(expected: str, found: str) -> str:
     """Where two (redacted) texts first differ, with a short window of each around it."""
-    at = next((n for n, (a, b) in enumerate(zip(expected, found)) if a != b),
+    at = next((n for n, (a, b) in enumerate(zip(expected, found, strict=False)) if a != b),
               min(len(expected), len(found)))
     if at == len(expected) == len(found):
         return "the difference lies inside redacted secrets"
@@ -3254,11 +3263,30 @@ def run(argv: Optional[Sequence[str]] = None, environ: Optional[dict[str, str]] 
     return report.exit_status()
 
 
+def zipapp_main() -> str:
+    """The zipapp's __main__.py, which build_zipapp.sh writes: it checks the Python floor
+    before this module (which an older Python may not even compile) is imported, and
+    prints the help text rendered at build time without importing it at all."""
+    return """import sys
+
+if sys.version_info < %r:
+    sys.stderr.write(%r %% sys.version.split()[0])
+    sys.exit(%d)
+
+if sys.argv[1:] in (["--help"], ["-help"], ["-h"]):
+    sys.stdout.write(__loader__.get_data("help.txt").decode("utf-8"))
+    sys.exit(0)
+
+import memory_backfill  # noqa: E402
+
+sys.exit(memory_backfill.main())
+""" % (MIN_PYTHON, PYTHON_TOO_OLD, ExitStatus.USAGE)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point: run(), with every error mapped to its exit status here."""
     if sys.version_info < MIN_PYTHON:
-        print("%s: needs Python %d.%d or newer, this is %s; run it with a newer python3."
-              % (PROG, *MIN_PYTHON, sys.version.split()[0]), file=sys.stderr)
+        sys.stderr.write(PYTHON_TOO_OLD % sys.version.split()[0])
         return ExitStatus.USAGE
     try:
         return run(argv)

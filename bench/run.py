@@ -326,7 +326,7 @@ def bench(quick: bool) -> dict:
                  raw_rates=[20000 / x.wall for x in raws],
                  apply_cpu=median(x.cpu for x in applies), raw_cpu=median(x.cpu for x in raws),
                  apply_wall=median(x.wall for x in applies),
-                 rollback_ratio=median(x.wall / y.wall for x, y in zip(rollbacks, applies)),
+                 rollback_ratio=median(x.wall / y.wall for x, y in zip(rollbacks, applies, strict=True)),
                  rollback_wall=median(x.wall for x in rollbacks))
         if largest > 20000:
             r["big_apply_cpu"] = b.apply(largest).cpu

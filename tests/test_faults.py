@@ -364,7 +364,7 @@ def test_any_content_arrives_as_its_redaction(cluster, plugin_server, contents):
         status = mb.run(["-apply", "-q", "--database-url", legacy.url, "--plugin-url", plugin_server.url],
                         stdout=open(os.devnull, "w"))
         records = plugin_server.records()
-        for row_id, content in zip(ids, contents):
+        for row_id, content in zip(ids, contents, strict=True):
             if content.strip():
                 assert records[row_id]["content"] == mb.redact(content)[0]
             else:

@@ -236,7 +236,7 @@ def responses(draw, last: bool):
         if version == b"1.0":
             rules.add("te_on_1.0")
         cuts = sorted(draw(st.lists(st.integers(0, len(body)), max_size=3)))
-        parts = [body[a:b] for a, b in zip([0] + cuts, cuts + [len(body)]) if b > a]
+        parts = [body[a:b] for a, b in zip([0] + cuts, cuts + [len(body)], strict=True) if b > a]
         data = b"".join(b"%s%x%s\r\n%s\r\n" % (b"0" * draw(st.integers(0, 2)), len(part),
                                                draw(st.sampled_from([b"", b";a=b", b";x"])), part)
                         for part in parts)
@@ -258,7 +258,7 @@ def streams(draw):
     made = [draw(responses(last=n == count - 1)) for n in range(count)]
     data = b"".join(response for response, _, _ in made)
     cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=6)))
-    pieces = [data[a:b] for a, b in zip([0] + cuts, cuts + [len(data)])]
+    pieces = [data[a:b] for a, b in zip([0] + cuts, cuts + [len(data)], strict=True)]
     return data, pieces, [rules for _, rules, _ in made]
 
 
