@@ -40,7 +40,7 @@ import sys
 import threading
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum, IntEnum
 from typing import Callable, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
@@ -80,6 +80,8 @@ class BackfillError(Exception):
 
     status = ExitStatus.UNAVAILABLE
     report = None  # the report so far, when a mode stopped part-way
+    advise_rerun = True  # whether running the same command again is the way on
+    shown_as_json = False  # run() printed it in the --json object already
 
 
 class UsageError(BackfillError):
@@ -88,6 +90,18 @@ class UsageError(BackfillError):
 
 class DependencyError(BackfillError):
     status = ExitStatus.UNAVAILABLE
+
+
+class PluginIgnoresIds(DependencyError):
+    """The plugin stored a write under an id of its own: every run would duplicate every row."""
+
+    advise_rerun = False
+
+
+class Incomplete(BackfillError):
+    """The mode ran to its end, but not everything went through (exit 1)."""
+
+    status = ExitStatus.INCOMPLETE
 
 
 class Interrupted(BackfillError):
@@ -122,6 +136,10 @@ class PluginRejected(RowFailed):
 # Data types
 # ---------------------------------------------------------------------------
 
+DEFAULT_CONNECT_TIMEOUT = 10.0  # seconds to connect to the database, unless the URL says
+DEFAULT_STATEMENT_TIMEOUT = 60.0  # seconds a database statement (a lock wait included) may take
+
+
 @dataclass(frozen=True)
 class DatabaseConfig:
     """A parsed DATABASE_URL.  The password never appears in repr()."""
@@ -133,7 +151,8 @@ class DatabaseConfig:
     password: Optional[str] = field(default=None, repr=False)
     sslmode: str = "prefer"
     sslrootcert: Optional[str] = None
-    connect_timeout: Optional[float] = None
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT  # the URL's connect_timeout: connecting only
+    statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT  # each statement, lock waits included
     application_name: str = PROG
     startup_params: dict[str, str] = field(default_factory=dict)
 
@@ -154,6 +173,7 @@ class PluginAddress:
     prefix: str  # the URL's path, before /v1/...
     host_header: str
     default: bool = False  # no MEMORY_PLUGIN_URL or --plugin-url: the tenant image's constant
+    named_by: str = "MEMORY_PLUGIN_URL"  # or --plugin-url
 
     def describe(self) -> str:
         return self.url + (" (the default: MEMORY_PLUGIN_URL is not set)" if self.default else "")
@@ -190,6 +210,7 @@ class Settings:
     json_output: bool = False
     verbose: bool = False
     quiet: bool = False
+    show_content: bool = False  # -verify: windows of the memories' (redacted) text around a difference
 
     @property
     def workspaces(self) -> Optional[list[str]]:
@@ -249,8 +270,7 @@ class RunReport:
     plugin_status: Optional[str] = None
     failures_path: Optional[str] = None
     load: Optional[dict[str, object]] = None  # the write stream's, at the end
-    stopped: Optional[str] = None  # why it stopped early
-    stopped_status: Optional[ExitStatus] = None
+    stopped: Optional[BackfillError] = None  # what stopped it early
 
     def count_error(self, row_id: str, error: object) -> None:
         self.errors += 1
@@ -260,20 +280,27 @@ class RunReport:
     def stop(self, stopped: Optional[BackfillError]) -> None:
         """Raise what stopped the run, carrying this report (it is shown before the sentence)."""
         if stopped is not None:
-            self.stopped, self.stopped_status = str(stopped), stopped.status
-            stopped.report = self
+            self.stopped, stopped.report = stopped, self
             raise stopped
 
-    def exit_status(self) -> ExitStatus:
-        if self.stopped_status is not None:
-            return self.stopped_status
-        return ExitStatus.INCOMPLETE if self.errors else ExitStatus.OK
+    def failed_rows(self) -> str:
+        """What to do about the rows counted as errors (the sentence of exit 1)."""
+        raise NotImplementedError
+
+    def verdict(self) -> Optional[BackfillError]:
+        """How the run ended, when not well: what stopped it, or the rows that failed."""
+        if self.stopped is None and self.errors:
+            return Incomplete(self.failed_rows())
+        return self.stopped
+
+    def listed(self) -> str:
+        return " and in " + self.failures_path if self.failures_path else ""
 
     def to_json(self) -> dict[str, object]:
         return {"scanned": self.scanned, "errors": self.errors, "error_rows": self.problems,
-                "plugin_url": self.plugin.url, "plugin_url_is_default": self.plugin.default,
                 "plugin": self.plugin_status, "failures_file": self.failures_path, "stream": self.load,
-                "stopped": self.stopped, "exit_status": int(self.exit_status())}
+                "retries": self.load["retries"] if self.load else 0,
+                "stopped": None if self.stopped is None else str(self.stopped)}
 
 
 # ---------------------------------------------------------------------------
@@ -318,9 +345,12 @@ def parse_database_url(url: Optional[str]) -> DatabaseConfig:
         raise UsageError(bad % ("sslmode must be one of " + ", ".join(SSL_MODES)))
     timeout = params.pop("connect_timeout", None)
     try:
-        connect_timeout = float(timeout) if timeout and float(timeout) > 0 else None
+        # libpq reads 0 as "wait for ever"; here every wait is bounded, so 0 is the default.
+        connect_timeout = float(timeout) if timeout and float(timeout) > 0 else DEFAULT_CONNECT_TIMEOUT
     except ValueError:
         raise UsageError(bad % "connect_timeout must be a number of seconds") from None
+    for bound in ("statement_timeout", "lock_timeout"):  # --statement-timeout sets both
+        params.pop(bound, None)
     return DatabaseConfig(
         user=user, host=host, port=port or 5432, database=database, password=password,
         sslmode=sslmode, sslrootcert=params.pop("sslrootcert", None),
@@ -338,19 +368,20 @@ def _strip_secrets(text: str, url: str) -> str:
     return text
 
 
-def parse_plugin_url(url: Optional[str]) -> PluginAddress:
-    """MEMORY_PLUGIN_URL as an address; with none, the tenant image's constant (REFERENCE §1)."""
+def parse_plugin_url(url: Optional[str], named_by: str = "MEMORY_PLUGIN_URL") -> PluginAddress:
+    """MEMORY_PLUGIN_URL (or --plugin-url) as an address; with none, the tenant image's constant
+    (REFERENCE §1)."""
     default = not url
     url = url or DEFAULT_PLUGIN_URL
     try:
         parts = urlsplit(url.strip())
         port = parts.port
     except ValueError:
-        raise UsageError("MEMORY_PLUGIN_URL is malformed: the port is not a number; "
-                         "expected http://HOST:PORT.") from None
+        raise UsageError("%s is malformed: the port is not a number; "
+                         "expected http://HOST:PORT." % named_by) from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise UsageError("MEMORY_PLUGIN_URL is malformed: expected http://HOST:PORT "
-                         "(for example %s)." % DEFAULT_PLUGIN_URL)
+        raise UsageError("%s is malformed: expected http://HOST:PORT (for example %s)."
+                         % (named_by, DEFAULT_PLUGIN_URL))
     tls = parts.scheme == "https"
     default_port = 443 if tls else 80
     host = parts.hostname
@@ -360,7 +391,7 @@ def parse_plugin_url(url: Optional[str]) -> PluginAddress:
     prefix = parts.path.rstrip("/")
     netloc = parts.netloc.rpartition("@")[2]  # never show userinfo
     return PluginAddress("%s://%s%s" % (parts.scheme, netloc, prefix), host, port or default_port, tls,
-                         prefix, shown, default)
+                         prefix, shown, default, named_by)
 
 
 def parse_uuid(value: str) -> str:
@@ -553,6 +584,58 @@ def platform_content(content: str, kind: str, redaction: bool = True) -> tuple[s
     return text, counts
 
 # ---------------------------------------------------------------------------
+# A failed connection, in words (exception reprs end up in tickets and chats)
+# ---------------------------------------------------------------------------
+
+NOT_TLS_REASONS = ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG", "HTTP_REQUEST")
+URLLIB3_TIMEOUTS = ("ConnectTimeoutError", "ReadTimeoutError")  # not TimeoutError subclasses
+
+
+def network_problem(error: BaseException, timeout: Optional[float] = None, waiting: str = "an answer") -> str:
+    """What went wrong with a connection, said plainly: from the error or what caused it."""
+    import http.client
+    import ssl
+
+    for cause in _causes(error):
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return "its TLS certificate was not accepted: %s" % cause.verify_message
+        if isinstance(cause, ssl.SSLError):
+            if cause.reason in NOT_TLS_REASONS:
+                return "it does not speak TLS there: is the URL https:// where the server speaks plain http://?"
+            reason = str(cause.reason or "no reason given")
+            return "the TLS handshake failed (%s)" % reason.lower().replace("_", " ")
+        if isinstance(cause, socket.gaierror):
+            return "the host name does not resolve"
+        if isinstance(cause, ConnectionRefusedError):
+            return "connection refused: nothing listens on that port"
+        if isinstance(cause, TimeoutError) or type(cause).__name__ in URLLIB3_TIMEOUTS:
+            return "no answer within %g s of %s" % (timeout, waiting) if timeout else "no answer in time"
+        if isinstance(cause, http.client.RemoteDisconnected):
+            return "it closed the connection without an HTTP answer: does that port speak HTTP?"
+        if isinstance(cause, http.client.BadStatusLine):
+            return "it answered with something that is not HTTP: does that port speak HTTP?"
+        if isinstance(cause, ConnectionResetError):
+            return "the connection was reset"
+        if isinstance(cause, ConnectionLost):
+            return str(cause)
+    strerror = getattr(error, "strerror", None) or getattr(error.__cause__, "strerror", None)
+    return strerror.lower() if strerror else "the connection failed"
+
+
+def _causes(error: BaseException) -> Iterator[BaseException]:
+    """The error, and every error it names as its cause or carries (urllib3 wraps them)."""
+    pending, seen = [error], set()
+    while pending:
+        cause = pending.pop(0)
+        if id(cause) in seen:
+            continue
+        seen.add(id(cause))
+        yield cause
+        named = (cause.__cause__, cause.__context__, getattr(cause, "reason", None), *cause.args)
+        pending += [c for c in named if isinstance(c, BaseException)]
+
+
+# ---------------------------------------------------------------------------
 # The legacy database (pg8000, read only): REFERENCE §2
 # ---------------------------------------------------------------------------
 
@@ -731,11 +814,18 @@ def _ssl_context(config: DatabaseConfig):
     return context
 
 
+READ_MARGIN_SECONDS = 10.0  # a statement's answer may take this much longer than the server's bound
+
+
 def _connect(config: DatabaseConfig):
+    """A read-only session whose every wait is bounded: connecting by connect_timeout; each
+    statement, lock waits included, by the server (statement_timeout, lock_timeout); each read
+    of an answer by the socket, a little later, for a server or network gone silent."""
     import pg8000.native
 
-    params = dict(config.startup_params)
-    params["default_transaction_read_only"] = "on"  # the session refuses writes
+    bound = "%d" % (config.statement_timeout * 1000)  # milliseconds
+    params = {**config.startup_params, "statement_timeout": bound, "lock_timeout": bound,
+              "default_transaction_read_only": "on"}  # the session refuses writes
     unix_sock = None
     if config.host.startswith("/"):
         unix_sock = "%s/.s.PGSQL.%d" % (config.host, config.port)
@@ -746,12 +836,15 @@ def _connect(config: DatabaseConfig):
     )
     with _database_errors(config):
         try:
-            return pg8000.native.Connection(ssl_context=_ssl_context(config), **kwargs)
+            connection = pg8000.native.Connection(ssl_context=_ssl_context(config), **kwargs)
         except pg8000.native.DatabaseError as exc:
             # sslmode=allow: plain first, TLS when the server insists on it.
             if config.sslmode != "allow" or _sqlstate(exc) != "28000":
                 raise
-            return pg8000.native.Connection(ssl_context=True, **kwargs)
+            connection = pg8000.native.Connection(ssl_context=True, **kwargs)
+    # pg8000 keeps its connect timeout on the socket for good; connect_timeout bounds connecting only.
+    connection._usock.settimeout(config.statement_timeout + READ_MARGIN_SECONDS)
+    return connection
 
 
 def _sqlstate(exc: Exception) -> str:
@@ -760,7 +853,8 @@ def _sqlstate(exc: Exception) -> str:
 
 
 class _database_errors:
-    """Turn pg8000 and socket errors into one clear DependencyError sentence."""
+    """Turn pg8000 and socket errors into one clear DependencyError sentence that names the
+    database (never its password), what went wrong and what to check."""
 
     def __init__(self, config: DatabaseConfig, connected: bool = False):
         self.config = config
@@ -769,41 +863,58 @@ class _database_errors:
     def __enter__(self):
         return self
 
-    def _lost(self, detail) -> DependencyError:
-        return DependencyError(
-            "The connection to the legacy database %s was lost (%s); check that it is running, "
-            "then run the same command again." % (self.config.describe(), detail))
-
     def __exit__(self, exc_type, exc, tb):
         if exc is None or isinstance(exc, (BackfillError, GeneratorExit)):
             return False
         import pg8000.exceptions
 
-        where = self.config.describe()
         if isinstance(exc, pg8000.exceptions.DatabaseError):
-            code = _sqlstate(exc)
-            message = exc.args[0].get("M", "") if isinstance(exc.args[0], dict) else str(exc)
-            if code in ("28P01", "28000"):
-                raise DependencyError(
-                    "The legacy database refused the login for %s (%s); check the user and "
-                    "password in DATABASE_URL." % (where, message)) from None
-            if code.startswith(("57P", "08")) and self.connected:
-                raise self._lost(message) from None
-            if code == "3D000":
-                raise DependencyError(
-                    "The legacy database %s does not exist; check the database name in "
-                    "DATABASE_URL." % where) from None
-            raise DependencyError(
-                "The legacy database %s failed (SQLSTATE %s: %s); the run stopped, nothing "
-                "further was written." % (where, code, message)) from None
+            raise self._refused(_sqlstate(exc), exc.args[0].get("M", "") if isinstance(exc.args[0], dict)
+                                else str(exc)) from None
         if isinstance(exc, (pg8000.exceptions.InterfaceError, OSError)):
             cause = exc.__cause__ or exc
-            if self.connected:
-                raise self._lost(cause) from None
-            raise DependencyError(
-                "Cannot reach the legacy database %s (%s); check that it is running and "
-                "that DATABASE_URL is right." % (where, cause)) from None
+            raise self._unreachable(cause, str(exc) if cause is exc and not isinstance(exc, OSError)
+                                    else network_problem(cause, self.config.connect_timeout,
+                                                         "connecting (connect_timeout in the URL)")) from None
         return False
+
+    def _refused(self, code: str, message: str) -> DependencyError:
+        where, bound = self.config.describe(), self.config.statement_timeout
+        if code in ("28P01", "28000"):
+            return DependencyError("The legacy database refused the login for %s (%s); check the user and "
+                                   "password in DATABASE_URL." % (where, message))
+        if code in ("57014", "55P03"):  # statement_timeout, lock_timeout
+            return DependencyError(
+                "The legacy database %s did not finish a statement within %g s (--statement-timeout): "
+                "another session may hold a lock on agent_memories (a migration takes ACCESS EXCLUSIVE), "
+                "or the server is overloaded; check pg_stat_activity and pg_locks there, then run the same "
+                "command again (with a larger --statement-timeout SECONDS if it is only slow)."
+                % (where, bound))
+        if code.startswith(("57P", "08")) and self.connected:
+            return self._lost(message)
+        if code == "3D000":
+            return DependencyError("The legacy database %s does not exist; check the database name in "
+                                   "DATABASE_URL." % where)
+        return DependencyError("The legacy database %s failed (SQLSTATE %s: %s); the run stopped, nothing "
+                               "further was written." % (where, code, message))
+
+    def _unreachable(self, cause: BaseException, detail: str) -> DependencyError:
+        """`detail`: the driver's own words, or the cause's (network_problem)."""
+        where = self.config.describe()
+        if not self.connected:
+            return DependencyError("Cannot reach the legacy database %s (%s); check that it is running and "
+                                   "that DATABASE_URL is right." % (where, detail))
+        if isinstance(cause, TimeoutError):
+            return DependencyError(
+                "The legacy database %s did not answer for %g s after a statement (--statement-timeout, plus "
+                "%g s); check the network to it and its load, then run the same command again."
+                % (where, self.config.statement_timeout + READ_MARGIN_SECONDS, READ_MARGIN_SECONDS))
+        return self._lost(detail)
+
+    def _lost(self, detail: str) -> DependencyError:
+        return DependencyError(
+            "The connection to the legacy database %s was lost (%s); check that it is running, "
+            "then run the same command again." % (self.config.describe(), detail))
 
 
 # ---------------------------------------------------------------------------
@@ -820,29 +931,40 @@ class RetryRule:
     """Every plugin request, through urllib3 or the write stream, is retried by this rule:
     after a lost connection or a timeout, and after a 429/502/503/504 or a status outside
     100-599 (RFC 9110 §15: treated as a server error), up to `retries` times.  The first
-    retry goes at once, then the wait doubles from 0.2 s to at most 4 s, plus up to 0.1 s of
-    jitter; a Retry-After from the plugin replaces that wait.  Every request is safe to
-    repeat: writes carry the row's id, deletes name it."""
+    retry goes at once, the second after 0.4 s, and the wait doubles from there to at most
+    4 s, plus up to 0.1 s of jitter; a Retry-After from the plugin replaces that wait.  Every
+    request is safe to repeat: writes carry the row's id, deletes name it.  It counts the
+    retries it grants, and the last reason, for the progress line and the summary."""
 
     def __init__(self, retries: int):
         self.retries = retries
+        self.granted = 0
+        self.last_reason: Optional[str] = None
+        self.lock = threading.Lock()  # -verify's searches ask from several threads
 
     @staticmethod
     def retryable(status: int) -> bool:
         return status in RETRY_STATUSES or not 100 <= status <= 599
 
-    def delay(self, attempt: int, retry_after: Optional[bytes] = None) -> Optional[float]:
-        """Seconds to wait before retry number `attempt` (from 1), or None: no retry left."""
+    def delay(self, attempt: int, retry_after: Optional[bytes] = None, reason: str = "") -> Optional[float]:
+        """Seconds to wait before retry number `attempt` (from 1) of a request that failed for
+        `reason`, or None: no retry left."""
         import random
 
         if attempt > self.retries:
             return None
+        with self.lock:
+            self.granted += 1
+            self.last_reason = reason
         asked = parse_retry_after(retry_after) if retry_after is not None else None
         if asked is not None:
             return asked
         if attempt <= 1:
             return 0.0
         return min(BACKOFF_MAX, BACKOFF_FACTOR * 2 ** (attempt - 1) + random.random() * BACKOFF_JITTER)
+
+    def describe(self) -> str:
+        return "retries %d (last: %s)" % (self.granted, self.last_reason) if self.granted else "retries 0"
 
 
 def parse_retry_after(value: bytes) -> Optional[float]:
@@ -879,6 +1001,7 @@ class PluginClient:
         import urllib3
 
         self.address = address
+        self.timeout = timeout
         self.retry = RetryRule(retries)
         pool = urllib3.HTTPSConnectionPool if address.tls else urllib3.HTTPConnectionPool
         self.pool = pool(
@@ -899,15 +1022,17 @@ class PluginClient:
                 response = self.pool.urlopen(method, self.address.prefix + path, body=payload)
             except urllib3.exceptions.HTTPError as exc:
                 attempt += 1
-                delay = rule.delay(attempt)
+                delay = rule.delay(attempt, reason="no answer" if isinstance(
+                    exc, urllib3.exceptions.TimeoutError) else "connection failed")
                 if delay is None:
-                    raise plugin_unreachable(self.address, exc) from None
+                    raise plugin_unreachable(self.address, exc, self.timeout) from None
             else:
                 if not rule.retryable(response.status):
                     break
                 attempt += 1
                 retry_after = response.headers.get("Retry-After")
-                delay = rule.delay(attempt, None if retry_after is None else retry_after.encode("latin-1"))
+                delay = rule.delay(attempt, None if retry_after is None else retry_after.encode("latin-1"),
+                                   "HTTP %d" % response.status)
                 if delay is None:
                     break
             time.sleep(delay)
@@ -920,16 +1045,23 @@ class PluginClient:
 
     def check_health(self) -> str:
         """Raise DependencyError unless /v1/health says ok; return its version."""
+        address = self.address
         try:
             data = self._request("GET", "/v1/health", rule=RetryRule(min(HEALTH_RETRIES, self.retry.retries)))
         except PluginRejected as exc:
+            if exc.status == 404:  # no plugin answers 404 there: the URL is wrong, not the plugin
+                raise DependencyError(
+                    "%s %s answers 404 at %s/v1/health: check the URL's path and port (the memory plugin's "
+                    "base URL, such as %s, has no /v1)." % (
+                        "The default plugin URL" if address.default else address.named_by, address.url,
+                        address.url, DEFAULT_PLUGIN_URL)) from None
             raise DependencyError(
                 "The memory plugin at %s is not healthy (%s); fix the plugin, then run "
-                "again." % (self.address.url, exc)) from None
+                "again." % (address.url, exc)) from None
         if not isinstance(data, dict) or data.get("status") != "ok":
             raise DependencyError(
-                "The memory plugin at %s did not report status ok on /v1/health; fix the "
-                "plugin, then run again." % self.address.url)
+                "The memory plugin at %s did not report status ok on /v1/health; check that %s names the "
+                "memory plugin, then run again." % (address.url, address.named_by))
         return str(data.get("version", "unknown"))
 
     def put_namespace(self, name: str, kind: str) -> None:
@@ -944,21 +1076,14 @@ class PluginClient:
         return [m for m in memories if isinstance(m, dict) and isinstance(m.get("id"), str)]
 
 
-def plugin_unreachable(address: PluginAddress, reason: object) -> DependencyError:
+def plugin_unreachable(address: PluginAddress, error: BaseException, timeout: float) -> DependencyError:
     if address.default:
         advice = ("the default, as MEMORY_PLUGIN_URL is not set; set it (or --plugin-url) if the "
                   "plugin listens elsewhere")
     else:
-        advice = "check that it is running and that MEMORY_PLUGIN_URL is right"
+        advice = "check that it is running and that %s is right" % address.named_by
     return DependencyError("Cannot reach the memory plugin at %s (%s); %s."
-                           % (address.url, _short(_reason(reason)), advice))
-
-
-def _reason(error: object) -> object:
-    """What went wrong, without urllib3's object reprs."""
-    reason = getattr(error, "reason", None) or error
-    text = str(reason)
-    return text.split(">: ", 1)[1] if text.startswith("<") and ">: " in text else text
+                           % (address.url, network_problem(error, timeout, "a request (--timeout)"), advice))
 
 
 def plugin_rejected(response: Response) -> PluginRejected:
@@ -1035,37 +1160,54 @@ class RateLimiter:
 
 
 class Progress:
-    """Rows done / total, rows per second, ETA, errors and what `details` adds, on stderr.
+    """The progress line on stderr, from the first second: what the run waits for (connecting,
+    reading, checking the plugin) until rows move; then rows done / total, rows per second,
+    ETA, errors and what `details` adds.
 
-    On a terminal: one line that rewrites itself; otherwise a plain line at
-    most every PROGRESS_LOG_SECONDS.  Runs in its own thread; `report` has
-    `done` and `errors`.
+    On a terminal: one line that rewrites itself; otherwise a plain line at most every
+    PROGRESS_LOG_SECONDS.  Runs in its own thread; nothing at all when not `shown`
+    (-q, -v).  `report` has `done` and `errors`.
     """
 
-    def __init__(self, report, total: int, stream, details: Callable[[], str] = str):
-        self.report = report
-        self.total = total
+    def __init__(self, stream, shown: bool = True):
         self.stream = stream
-        self.details = details
+        self.shown = shown
         self.tty = bool(getattr(stream, "isatty", lambda: False)())
-        self.started = time.monotonic()
+        self.activity, self.since = "starting", time.monotonic()
+        self.report = None
+        self.total = 0
+        self.details: Callable[[], str] = str
+        self.drawn = False  # a line of ours is on the terminal
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, name="progress", daemon=True)
 
     def __enter__(self) -> Progress:
-        self.thread.start()
+        if self.shown:
+            self.thread.start()
         return self
 
     def __exit__(self, *exc_info) -> None:
+        if not self.shown:
+            return
         self.stopped.set()
         self.thread.join()
-        if self.tty:
-            self.stream.write("\r%s\n" % self.line())
+        if self.tty and self.drawn:  # the last redraw: clear what it overwrites, and keep the rows line
+            self.stream.write("\r\x1b[K" + (self.line() + "\n" if self.report is not None else ""))
             self.stream.flush()
 
+    def doing(self, activity: str) -> None:
+        """What the run waits for now, until count() is called."""
+        self.activity, self.since = activity, time.monotonic()
+
+    def count(self, report, total: int, details: Callable[[], str] = str) -> None:
+        """Rows move from now on."""
+        self.report, self.total, self.details, self.since = report, total, details, time.monotonic()
+
     def line(self) -> str:
+        elapsed = max(time.monotonic() - self.since, 1e-6)
+        if self.report is None:
+            return "%s (%.0f s)" % (self.activity, elapsed)
         done = self.report.done
-        elapsed = max(time.monotonic() - self.started, 1e-6)
         rate = done / elapsed
         eta = "%ds" % ((self.total - done) / rate) if rate > 0 and done < self.total else "-"
         percent = 100.0 * done / self.total if self.total else 100.0
@@ -1077,16 +1219,10 @@ class Progress:
         while not self.stopped.wait(interval):
             if self.tty:
                 self.stream.write("\r\x1b[K" + self.line())
+                self.drawn = True
             else:
                 self.stream.write("progress: %s\n" % self.line())
             self.stream.flush()
-
-
-def show_progress(settings: Settings, report, total: int, stderr, details: Callable[[], str] = str):
-    """The progress line while the block runs, unless -q or -v."""
-    if settings.quiet or settings.verbose:
-        return contextlib.nullcontext()
-    return Progress(report, total, stderr or sys.stderr, details)
 
 
 @contextlib.contextmanager
@@ -1138,6 +1274,30 @@ class Quantiles:
             if seen >= wanted:
                 return self.LOWEST * self.STEP ** bucket
         return None
+
+
+# ---------------------------------------------------------------------------
+# Starting a mode: each dependency in turn, said on the progress line
+# ---------------------------------------------------------------------------
+
+def check_plugin(plugin: PluginClient, progress: Progress) -> str:
+    progress.doing("checking the memory plugin at %s" % plugin.address.url)
+    return plugin.check_health()
+
+
+def open_database(settings: Settings, progress: Progress) -> LegacyDatabase:
+    progress.doing("connecting to the legacy database %s" % settings.database.describe())
+    return LegacyDatabase(settings.database)
+
+
+def read_tree(database: LegacyDatabase, settings: Settings, progress: Progress) -> WorkspaceTree:
+    """The tenant's workspaces; a -workspace that names neither a workspace nor a row is refused."""
+    progress.doing("reading the workspaces and counting rows")
+    tree = database.read_workspaces()
+    if settings.workspace and settings.workspace not in tree and not database.count_rows(settings.workspaces):
+        raise UsageError("-workspace %s names no workspace and no row of agent_memories in %s; check the "
+                         "UUID (nothing was written)." % (settings.workspace, settings.database.describe()))
+    return tree
 
 
 # ===========================================================================
@@ -1773,7 +1933,8 @@ class WriteStream:
                 "in_flight_max": high, "connections": self.limit.connections,
                 "seconds": round(self.last_answer - self.first_sent, 3) if self.first_sent else 0.0,
                 "latency_p50_ms": None if p50 is None else round(p50 * 1e3, 2),
-                "latency_p99_ms": None if p99 is None else round(p99 * 1e3, 2)}
+                "latency_p99_ms": None if p99 is None else round(p99 * 1e3, 2),
+                "retries": self.retry.granted, "last_retry_reason": self.retry.last_reason}
 
     def describe_load(self) -> str:
         load = self.load()
@@ -1782,7 +1943,7 @@ class WriteStream:
             text += ", latency p50 %.1f ms p99 %.1f ms" % (load["latency_p50_ms"], load["latency_p99_ms"])
         if self.rate is not None and self.rate.limiting():
             text += ", capped by --max-rate"
-        return text
+        return text + ", " + self.retry.describe()
 
     # --- sending ----------------------------------------------------------
 
@@ -1865,7 +2026,7 @@ class WriteStream:
         for connection in self.connections:
             if connection.in_flight and now >= connection.deadline():
                 self._connection_failed(connection, ConnectionLost(
-                    "no whole answer within %g s (--timeout)" % self.timeout), now)
+                    "no whole answer within %g s (--timeout)" % self.timeout), now, "no answer")
 
     def _wake_time(self, now: float) -> float:
         """When to stop waiting for answers: a timeout, a retry or rate slot due, or a signal."""
@@ -1910,25 +2071,27 @@ class WriteStream:
     def _answered(self, job: Job, response: Response, now: float,
                   answered: Callable[[Job, Response], None]) -> None:
         head = response.head
-        if not (self.retry.retryable(head.status) and self._retry(job, now, head.field(b"retry-after"))):
+        if not (self.retry.retryable(head.status)
+                and self._retry(job, now, "HTTP %d" % head.status, head.field(b"retry-after"))):
             answered(job, response)
 
-    def _retry(self, job: Job, now: float, retry_after: Optional[bytes] = None) -> bool:
+    def _retry(self, job: Job, now: float, reason: str, retry_after: Optional[bytes] = None) -> bool:
         """Queue the job to go again, as RetryRule says; False when it has no retry left."""
         job.retries += 1
-        delay = self.retry.delay(job.retries, retry_after)
+        delay = self.retry.delay(job.retries, retry_after, reason)
         if delay is None:
             return False
         job.not_before = now + delay
         self.retrying.append(job)
         return True
 
-    def _connection_failed(self, connection: WriteConnection, error: Exception, now: float) -> None:
+    def _connection_failed(self, connection: WriteConnection, error: Exception, now: float,
+                           reason: str = "connection lost") -> None:
         """Every unanswered request on the connection goes again, on a fresh one (a retry of each)."""
         self.limit.stalled()
         for job in connection.close():
-            if not self._retry(job, now):
-                self.fail(plugin_unreachable(self.address, error))
+            if not self._retry(job, now, reason):
+                self.fail(plugin_unreachable(self.address, error, self.timeout))
                 return
 
     def _protocol_error(self, connection: WriteConnection, error: ProtocolError) -> None:
@@ -2093,6 +2256,8 @@ class BackfillReport(RunReport):
     namespaces: set = field(default_factory=set)
     checkpoint_path: Optional[str] = None
     resumed_from: Optional[dict[str, object]] = None
+    # A plugin that ignores ids stored these under ids of its own: (row id, its id, namespace).
+    stored_as_others: list[tuple[str, str, Optional[str]]] = field(default_factory=list)
 
     @property
     def copied(self) -> int:
@@ -2113,8 +2278,15 @@ class BackfillReport(RunReport):
         if planned.redactions:
             self.redactions.update(planned.redactions)
 
+    def failed_rows(self) -> str:
+        return ("%d rows were not copied (the plugin refused them: listed above%s); fix what the plugin "
+                "says, then run -apply again: rows already copied are rewritten by id, never duplicated."
+                % (self.errors, self.listed()))
+
     def to_json(self) -> dict[str, object]:
         return {**super().to_json(),
+                "stored_under_other_ids": [{"row_id": row_id, "stored_id": stored, "namespace": namespace}
+                                           for row_id, stored, namespace in self.stored_as_others],
                 "mode": self.mode, "copied": self.copied, "skipped": self.skipped, "redaction": self.redact,
                 "rows_by_scope": dict(self.by_scope), "rows_by_namespace_kind": dict(self.by_kind),
                 "namespaces": len(self.namespaces), "skipped_by_reason": dict(self.skip_reasons),
@@ -2134,27 +2306,27 @@ def planned_outcomes(rows: Iterable[LegacyRow], tree: WorkspaceTree, settings: S
         yield outcome
 
 
-def dry_run(settings: Settings, log, stderr=None) -> BackfillReport:
+def dry_run(settings: Settings, log, progress: Progress) -> BackfillReport:
     """-dry-run: read and decide everything, write nothing; say whether -apply could start."""
     report = BackfillReport(settings.plugin, mode=settings.mode, redact=settings.redact)
     try:
-        version = PluginClient(settings.plugin, settings.timeout, 0).check_health()
+        version = check_plugin(PluginClient(settings.plugin, settings.timeout, 0), progress)
         report.plugin_status = "ok (version %s): -apply could start" % version
     except DependencyError as exc:
         report.plugin_status = "NOT ready, -apply would stop: %s" % exc
-    with LegacyDatabase(settings.database) as database:
-        tree = database.read_workspaces()
+    with open_database(settings, progress) as database:
+        tree = read_tree(database, settings, progress)
         total = database.count_rows(settings.workspaces, settings.limit)
-        with show_progress(settings, report, total, stderr):
-            rows = database.rows(settings.workspaces, settings.limit)
-            for outcome in planned_outcomes(rows, tree, settings, report, log):
-                if isinstance(outcome, PlannedWrite):
-                    report.count_copy(outcome)
-                    log("would copy %s -> %s", outcome.row.id, outcome.target.namespace)
+        progress.count(report, total)
+        rows = database.rows(settings.workspaces, settings.limit)
+        for outcome in planned_outcomes(rows, tree, settings, report, log):
+            if isinstance(outcome, PlannedWrite):
+                report.count_copy(outcome)
+                log("would copy %s -> %s", outcome.row.id, outcome.target.namespace)
     return report
 
 
-def apply(settings: Settings, log, stderr=None) -> BackfillReport:
+def apply(settings: Settings, log, progress: Progress) -> BackfillReport:
     """-apply: copy the rows, oldest first, through the write stream.
 
     It stops early, cleanly, on a lost dependency or a signal: the writes in
@@ -2170,24 +2342,21 @@ def apply(settings: Settings, log, stderr=None) -> BackfillReport:
             report.plugin_status = "not contacted: the checkpoint says this backfill is complete"
             return report
     plugin = PluginClient(settings.plugin, settings.timeout, settings.retries)
-    report.plugin_status = "ok (version %s)" % plugin.check_health()
+    report.plugin_status = "ok (version %s)" % check_plugin(plugin, progress)
     stream = WriteStream(settings.plugin, settings.write_ceiling, settings.timeout, plugin.retry,
                          settings.max_rate, threading.Event())
-    with LegacyDatabase(settings.database) as database:  # a refusal here comes before any write
+    with open_database(settings, progress) as database:  # a refusal here comes before any write
         after = checkpoint.position if checkpoint else None
-        tree = database.read_workspaces()
+        tree = read_tree(database, settings, progress)
         total = database.count_rows(settings.workspaces, settings.limit, after)
         outcomes = planned_outcomes(database.rows(settings.workspaces, settings.limit, after), tree,
                                     settings, report, log)
         failures = FailureLog(settings.failures, append=bool(checkpoint and checkpoint.position))
         report.failures_path = settings.failures
         writes = ApplyWrites(plugin, settings, report, log, checkpoint, failures, stream, outcomes)
-
-        def write() -> Optional[BackfillError]:
-            with show_progress(settings, report, total, stderr, stream.describe_load):
-                return stream.drive(writes.fill, writes.answered)
-
-        stopped = drive_stopping("-apply", stream, failures, write)
+        progress.count(report, total, stream.describe_load)
+        stopped = drive_stopping("-apply", stream, failures,
+                                 lambda: stream.drive(writes.fill, writes.answered))
     report.load = stream.load()
     if checkpoint is not None:
         # Complete only when the table was read to its end: a -limit run that
@@ -2304,26 +2473,32 @@ class ApplyWrites:
             return
         found = stored_id(response.body)
         if found != planned.row.id:
-            self._duplicated(job, found)
+            self._duplicated(job, found, response.body)
             return
         self.report.count_copy(planned)
         self.consecutive_failures = 0
         self._settle(job.number)
         self.log("copy %s -> %s", planned.row.id, planned.target.namespace)
 
-    def _duplicated(self, job: Job, found: Optional[str]) -> None:
+    def _duplicated(self, job: Job, found: Optional[str], body: bytes) -> None:
         """The plugin stored the write under another id (or said nothing readable)."""
         row = job.item.row
         error = RowFailed("the plugin stored it as %s, not under its own id" % found if found else
                           "the plugin's 201 body does not name the id it stored")
-        self.failures.record_row(row, error=str(error), stored_id=found)
+        namespace = None
+        if found:
+            with contextlib.suppress(ValueError, AttributeError):
+                namespace = json.loads(body.decode("utf-8")).get("namespace")
+            self.report.stored_as_others.append((row.id, found, namespace))
+        self.failures.record_row(row, error=str(error), stored_id=found, stored_namespace=namespace)
         self.report.count_error(row.id, error)
         self.mark.freeze()
-        self.stream.fail(DependencyError(
-            "The memory plugin at %s ignores the ids it is given (row %s was stored %s), so every "
-            "re-run would duplicate every row; stopped: upgrade the plugin to one with idempotent "
-            "upsert by id, then run again." % (self.plugin.address.url, row.id,
-                                               "as %s" % found if found else "without naming its id")))
+        self.stream.fail(PluginIgnoresIds(
+            "The memory plugin at %s ignores the ids it is given (row %s was stored %s), so every run "
+            "would duplicate every row; stopped. Do not run -apply again until the plugin is upgraded to one "
+            "with idempotent upsert by id; then delete the records it stored under ids of its own (listed "
+            "above, in --json and in --failures) as the README's \"A plugin that ignores ids\" shows."
+            % (self.plugin.address.url, row.id, "as %s" % found if found else "without naming its id")))
 
     def _refused(self, job: Job, error: RowFailed) -> None:
         row = job.item.row
@@ -2394,9 +2569,15 @@ class Finding:
 class VerifyReport:
     plugin: PluginAddress
     workspaces_sampled: int = 0
+    scanned: int = 0  # rows read, skipped ones included
     classes: Counter = field(default_factory=Counter)
     problems: list[str] = field(default_factory=list)  # the first SHOWN_PROBLEMS lines
     failures_path: Optional[str] = None
+    retries: int = 0  # of searches
+
+    @property
+    def done(self) -> int:
+        return self.scanned
 
     @property
     def matches(self) -> int:
@@ -2415,33 +2596,42 @@ class VerifyReport:
         if finding.verdict != MATCH and len(self.problems) < SHOWN_PROBLEMS:
             self.problems.append(finding.line())
 
-    def exit_status(self) -> ExitStatus:
-        return ExitStatus.INCOMPLETE if self.mismatches or self.errors else ExitStatus.OK
+    def verdict(self) -> Optional[BackfillError]:
+        """Exit 1, with what to do, unless every sampled row matches."""
+        listed = "listed above" + (" and in " + self.failures_path if self.failures_path else "")
+        advice = []
+        if self.mismatches:
+            advice.append("%d sampled rows do not match (%s): run -apply to rewrite them by id, then "
+                          "-verify again" % (self.mismatches, listed))
+        if self.errors:
+            advice.append("%d rows could not be looked up (unverifiable, %s): check those ids in the "
+                          "plugin by hand, or run -verify again if the plugin refused searches"
+                          % (self.errors, listed))
+        return Incomplete("; ".join(advice) + ".") if advice else None
 
     def to_json(self) -> dict[str, object]:
         return {
-            "mode": "verify", "plugin_url": self.plugin.url, "plugin_url_is_default": self.plugin.default,
-            "workspaces_sampled": self.workspaces_sampled,
+            "mode": "verify", "workspaces_sampled": self.workspaces_sampled, "scanned": self.scanned,
             "matches": self.matches, "mismatches": self.mismatches, "errors": self.errors,
-            "unverifiable": self.errors, "problems": self.problems,
+            "unverifiable": self.errors, "problems": self.problems, "retries": self.retries,
             "rows_by_class": {verdict.replace(" ", "_"): self.classes[verdict]
                               for verdict in VERIFY_CLASSES},
-            "failures_file": self.failures_path, "exit_status": int(self.exit_status()),
+            "failures_file": self.failures_path,
         }
 
 
-def verify(settings: Settings, log, stderr=None) -> VerifyReport:
+def verify(settings: Settings, log, progress: Progress) -> VerifyReport:
     """-verify: every row -apply would write, for a sample of workspaces, looked up in the plugin."""
     from concurrent.futures import ThreadPoolExecutor
 
     report = VerifyReport(settings.plugin, failures_path=settings.failures)
     plugin = PluginClient(settings.plugin, settings.timeout, settings.retries, connections=settings.searches)
-    plugin.check_health()
+    check_plugin(plugin, progress)
     failures = FailureLog(settings.failures)
     try:
-        with LegacyDatabase(settings.database) as database, \
+        with open_database(settings, progress) as database, \
                 ThreadPoolExecutor(settings.searches, thread_name_prefix="search") as pool:
-            tree = database.read_workspaces()
+            tree = read_tree(database, settings, progress)
             if settings.workspaces:
                 sample = settings.workspaces
             else:
@@ -2449,12 +2639,14 @@ def verify(settings: Settings, log, stderr=None) -> VerifyReport:
                 sample = sample_workspaces(candidates, settings.verify_sample, settings.seed)
             report.workspaces_sampled = len(sample)
             finder = RecordFinder(plugin, database, tree, sample, pool)
+            progress.count(report, database.count_rows(sample), lambda: ", " + plugin.retry.describe())
             for rows, finished in row_groups(database.rows(sample, by_workspace=True), VERIFY_GROUP_ROWS):
+                report.scanned += len(rows)
                 planned = [outcome for outcome in (plan_row(row, tree, settings.redact) for row in rows)
                            if isinstance(outcome, PlannedWrite)]
                 lookups = finder.find([Sought(p.row, p.body["content"], p.target.namespace) for p in planned])
                 for p in planned:
-                    finding = classify(p, lookups[p.row.id])
+                    finding = classify(p, lookups[p.row.id], settings.show_content)
                     report.count(finding)
                     if finding.verdict == MATCH:
                         log("match %s", p.row.id)
@@ -2708,8 +2900,9 @@ def shared_word_searches(sought: list[Sought], unseen: list[Sought]) -> list[tup
 
 # --- deciding a row's class -------------------------------------------------
 
-def classify(planned: PlannedWrite, lookup: Lookup) -> Finding:
-    """The row's class, from what the finder learned: every class is decided here."""
+def classify(planned: PlannedWrite, lookup: Lookup, show_content: bool = False) -> Finding:
+    """The row's class, from what the finder learned: every class is decided here.  No memory
+    text goes into the finding unless `show_content` (--show-content)."""
     expected = planned.target.namespace
     record = lookup.record
     if record is None:
@@ -2733,7 +2926,8 @@ def classify(planned: PlannedWrite, lookup: Lookup) -> Finding:
             labels = tuple(sorted(labels))
             return Finding(planned, UNREDACTED, "the plugin's copy holds secrets in clear (%s)"
                            % ", ".join(labels), namespace, labels)
-        return Finding(planned, CONTENT_DIFFERS, first_difference(redact(wanted)[0], redacted), namespace)
+        return Finding(planned, CONTENT_DIFFERS, first_difference(redact(wanted)[0], redacted, show_content),
+                       namespace)
     propagation = record.get("propagation")
     legacy = propagation.get("legacy") if isinstance(propagation, dict) else None
     provenance = planned.body["propagation"]["legacy"]
@@ -2747,12 +2941,22 @@ def classify(planned: PlannedWrite, lookup: Lookup) -> Finding:
     return Finding(planned, MATCH, found_in=namespace)
 
 
-def first_difference(expected: str, found: str) -> str:
-    """Where two (redacted) texts first differ, with a short window of each around it."""
+def first_difference(expected: str, found: str, show_content: bool = False) -> str:
+    """Where two (redacted) texts first differ: the character, the lengths and the secrets whose
+    redaction marks only one side holds; with `show_content`, a short window of each around it."""
     at = next((n for n, (a, b) in enumerate(zip(expected, found, strict=False)) if a != b),
               min(len(expected), len(found)))
     if at == len(expected) == len(found):
         return "the difference lies inside redacted secrets"
+    if not show_content:
+        longer = ("the plugin's copy is longer" if len(found) > len(expected) else
+                  "the plugin's copy is shorter" if len(found) < len(expected) else "same length")
+        marks = Counter(REDACTION_MARK.findall(expected))
+        marks.subtract(Counter(REDACTION_MARK.findall(found)))
+        labels = sorted({mark[10:-1] for mark, count in marks.items() if count})
+        return "from character %d: expected %d characters, found %d (%s)%s; --show-content shows the text" % (
+            at + 1, len(expected), len(found), longer,
+            "; secrets involved: " + ", ".join(labels) if labels else "")
     start = max(0, at - DIFF_CONTEXT_CHARS)
 
     def window(text: str) -> str:
@@ -2781,6 +2985,10 @@ class RollbackReport(RunReport):
     def done(self) -> int:
         return sum(self.deleted.values()) + sum(self.to_delete.values()) + self.absent + self.errors
 
+    def failed_rows(self) -> str:
+        return ("%d records could not be deleted or looked up (listed above%s); fix what the plugin says, "
+                "then run -rollback --yes again: it deletes what is left." % (self.errors, self.listed()))
+
     def to_json(self) -> dict[str, object]:
         return {**super().to_json(), "mode": "rollback", "yes": self.deleting,
                 "deleted": sum(self.deleted.values()), "deleted_by_namespace_kind": dict(self.deleted),
@@ -2788,7 +2996,7 @@ class RollbackReport(RunReport):
                 "would_delete_by_namespace_kind": dict(self.to_delete), "absent": self.absent}
 
 
-def rollback(settings: Settings, log, stderr=None) -> RollbackReport:
+def rollback(settings: Settings, log, progress: Progress) -> RollbackReport:
     """-rollback: for every row -apply would select, delete the plugin's record with that
     row's id, wherever in the tenant it is (only those: REFERENCE §4 says a record with a
     legacy row's id was written by a backfill).  Without --yes, find them and delete nothing.
@@ -2802,26 +3010,26 @@ def rollback(settings: Settings, log, stderr=None) -> RollbackReport:
 
     report = RollbackReport(settings.plugin, deleting=settings.yes, failures_path=settings.failures)
     plugin = PluginClient(settings.plugin, settings.timeout, settings.retries, connections=settings.searches)
-    report.plugin_status = "ok (version %s)" % plugin.check_health()
+    report.plugin_status = "ok (version %s)" % check_plugin(plugin, progress)
     stream = WriteStream(settings.plugin, settings.write_ceiling, settings.timeout, plugin.retry,
                          settings.max_rate, threading.Event())
-    with LegacyDatabase(settings.database) as database, \
+    with open_database(settings, progress) as database, \
             ThreadPoolExecutor(settings.searches, thread_name_prefix="search") as pool:
-        tree = database.read_workspaces()  # a refusal here comes before any delete
+        tree = read_tree(database, settings, progress)  # a refusal here comes before any delete
         total = database.count_rows(settings.workspaces, settings.limit)
         holders = database.workspaces_of(settings.workspaces, settings.limit)
         finder = RecordFinder(plugin, database, tree, holders, pool)
         failures = FailureLog(settings.failures)
         deletes = RollbackDeletes(plugin.address, report, log, failures, stream)
+        progress.count(report, total, stream.describe_load)
 
         def delete() -> Optional[BackfillError]:
-            with show_progress(settings, report, total, stderr, stream.describe_load):
-                selected = database.rows(settings.workspaces, settings.limit, by_workspace=True)
-                for rows, finished in row_groups(selected, ROLLBACK_GROUP_ROWS):
-                    if stream.stop.is_set():
-                        break
-                    deletes.back_out(rows, tree, settings, finder)
-                    finder.done_with(finished)
+            selected = database.rows(settings.workspaces, settings.limit, by_workspace=True)
+            for rows, finished in row_groups(selected, ROLLBACK_GROUP_ROWS):
+                if stream.stop.is_set():
+                    break
+                deletes.back_out(rows, tree, settings, finder)
+                finder.done_with(finished)
             return stream.fatal
 
         stopped = drive_stopping("-rollback", stream, failures, delete)
@@ -2952,9 +3160,11 @@ def _plugin_line(plugin: PluginAddress, status: Optional[str]) -> list[str]:
 def _load_line(load: Optional[dict[str, object]], what: str) -> list[str]:
     if not load or not load["answered"]:
         return []
-    line = "%s: %d answered in %.1f s; in flight %d-%d while there was more to send; connections at " \
-           "the end: %d" % (what, load["answered"], load["seconds"], load["in_flight_min"],
-                            load["in_flight_max"], load["connections"])
+    line = "%s: %d answered in %.1f s; %d retries%s; in flight %d-%d while there was more to " \
+           "send; connections at the end: %d" % (
+               what, load["answered"], load["seconds"], load["retries"],
+               " (the last after %s)" % load["last_retry_reason"] if load["retries"] else "",
+               load["in_flight_min"], load["in_flight_max"], load["connections"])
     if load["latency_p50_ms"] is not None:
         line += "; plugin answer latency p50 %.1f ms, p99 %.1f ms" % (load["latency_p50_ms"],
                                                                       load["latency_p99_ms"])
@@ -2989,22 +3199,32 @@ def format_backfill(report: BackfillReport) -> list[str]:
         lines.append("redaction: OFF (--no-redact): contents are copied unredacted")
     lines += _load_line(report.load, "writes")
     lines += _problem_lines(report.problems, report.failures_path, "skipped and failed rows")
+    if report.stored_as_others:
+        lines.append("records the plugin stored under ids of its own (delete them: README, \"A plugin that "
+                     "ignores ids\"):")
+        lines.extend("  row %s: stored as %s in %s" % entry for entry in report.stored_as_others)
     if report.stopped:
         lines.append("STOPPED EARLY: %s" % report.stopped)
+    if report.stopped and report.stopped.advise_rerun:
         if report.checkpoint_path:
             lines.append("progress is saved in %s; run the same command again to resume"
                          % report.checkpoint_path)
         else:
             lines.append("run the same command again: rows already copied are rewritten, "
                          "never duplicated (use --checkpoint FILE to resume instead)")
-    lines.append("Backfill %s: scanned=%d copied=%d skipped=%d errors=%d" % (
-        "stopped" if report.stopped else "complete",
-        report.scanned, report.copied, report.skipped, report.errors))
+    counters = "scanned=%d copied=%d skipped=%d errors=%d" % (report.scanned, report.copied, report.skipped,
+                                                            report.errors)
+    if report.mode == "dry-run":
+        lines.append("Dry run complete (nothing written): " + counters)
+    else:
+        lines.append("Backfill %s: %s" % ("stopped" if report.stopped else "complete", counters))
     return lines
 
 
 def format_verify(report: VerifyReport) -> list[str]:
     lines = ["memory-backfill -verify", "plugin: %s" % report.plugin.describe()]
+    if report.retries:
+        lines.append("searches retried: %d" % report.retries)
     problems = report.mismatches + report.errors
     if problems:
         lines.append("problems (%s):" % ("all %d" % problems if problems <= SHOWN_PROBLEMS
@@ -3055,9 +3275,12 @@ HELP_EPILOG = """\
 configuration:
   DATABASE_URL       the platform's PostgreSQL, libpq style:
                      postgres://USER:PASSWORD@HOST:PORT/DB?sslmode=prefer
-                     (opened read-only; every mode needs it)
+                     (opened read-only; every mode needs it; connecting
+                     waits at most connect_timeout=SECONDS, default %g)
   MEMORY_PLUGIN_URL  the memory plugin; when unset, %s (the
-                     tenant image's bundled plugin); the summary says which
+                     tenant image's bundled plugin)
+  The first line on stderr names the mode, the database, the plugin and
+  the selection, before anything is read or written.
 
 exit statuses:
   0    done: every row copied (or would be), everything verified, or every
@@ -3066,14 +3289,12 @@ exit statuses:
        unverifiable rows (-apply rewrites them by id), or some deletes failed
   2    usage or configuration error, or -rollback without --yes (nothing
        was touched)
-  3    a dependency is unusable: database or plugin unreachable, login
-       refused, agent_memories missing, plugin not healthy, not speaking
-       HTTP or ignoring ids, or lost mid-run (-apply stops cleanly: see
-       --checkpoint)
+  3    a dependency is unusable: database or plugin unreachable, too slow
+       (see --statement-timeout), login refused, agent_memories missing,
+       plugin not healthy, not speaking HTTP or ignoring ids, or lost
+       mid-run (-apply stops cleanly: see --checkpoint)
   130  interrupted by SIGINT (143: SIGTERM); -apply and -rollback stop cleanly
-
-  After a stop, run the same command again: writes are idempotent, and
-  with --checkpoint FILE the run continues where it stopped.
+  Every status but 0 ends with one sentence on stderr saying what to do.
 
 examples:
   memory-backfill -dry-run
@@ -3081,11 +3302,11 @@ examples:
   memory-backfill -apply --checkpoint /tmp/backfill.json --failures /tmp/failures.jsonl
   memory-backfill -verify -verify-sample 0 --failures /tmp/verify.jsonl
   memory-backfill -rollback --yes -workspace 6f9619ff-8b86-d011-b42d-00cf4fc964ff
-""" % DEFAULT_PLUGIN_URL
+""" % (DEFAULT_CONNECT_TIMEOUT, DEFAULT_PLUGIN_URL)
 
 
 class HelpShown(Exception):
-    """--help was printed; the run ends with status 0."""
+    """--help was printed, or --version is to be (its text); the run ends with status 0."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -3097,80 +3318,122 @@ class _Parser(argparse.ArgumentParser):
         raise HelpShown()
 
 
-def build_parser() -> argparse.ArgumentParser:
+FLAG_ACTIONS = ("store_true", "append_const", "help", "version")  # options that take no value
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, bool]]:
+    """The parser, and every option name it accepts (whether it takes a value)."""
     parser = _Parser(
-        prog=PROG, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Copy the legacy agent_memories table into the memory plugin, "
-                    "exactly as the live platform would have written it; verify the copy; "
-                    "back it out.\n"
-                    "Choose exactly one mode; every option also works with one or two "
-                    "dashes and as -name=value.",
+        prog=PROG, allow_abbrev=False, add_help=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Copy the legacy agent_memories table into the memory plugin, exactly as the\n"
+                    "live platform would have written it; verify the copy; back it out.\n"
+                    "Choose exactly one mode. Options are taken only by their full names, with\n"
+                    "one or two dashes, and as -name=value.",
         epilog=HELP_EPILOG,
     )
+    names: dict[str, bool] = {}
+
+    def option(group, *flags: str, **kwargs) -> None:
+        names.update(dict.fromkeys(flags, kwargs.get("action") not in FLAG_ACTIONS))
+        group.add_argument(*flags, **kwargs)
+
     modes = parser.add_argument_group("modes (exactly one)")
     for name, text in (("dry-run", "read and decide everything, write nothing"),
                        ("apply", "copy the rows into the plugin (safe to re-run)"),
                        ("verify", "check the plugin against the legacy table"),
                        ("rollback", "delete the plugin's records that carry a selected row's id "
                                     "(with --yes; without it, only count them)")):
-        modes.add_argument("-" + name, "--" + name, dest="modes", action="append_const",
-                           const=name, help=text)
-    options = parser.add_argument_group("options")
-    options.add_argument("-workspace", "--workspace", metavar="UUID",
-                         help="only this workspace's rows")
-    options.add_argument("-limit", "--limit", metavar="N", help="at most N rows this run (oldest first)")
-    options.add_argument("-verify-sample", "--verify-sample", metavar="N",
-                         default=str(DEFAULT_VERIFY_SAMPLE),
-                         help="workspaces -verify checks (default %(default)s; 0 = all)")
-    options.add_argument("-seed", "--seed", metavar="N", default=str(DEFAULT_SEED),
-                         help="seed of the -verify sample (default fixed: %(default)s)")
-    options.add_argument("-database-url", "--database-url", metavar="URL",
-                         help="overrides DATABASE_URL")
-    options.add_argument("-plugin-url", "--plugin-url", metavar="URL",
-                         help="overrides MEMORY_PLUGIN_URL (default %s)" % DEFAULT_PLUGIN_URL)
-    options.add_argument("-no-redact", "--no-redact", action="store_true",
-                         help="copy contents without secret redaction (said in the summary)")
-    options.add_argument("-yes", "--yes", action="store_true",
-                         help="-rollback: really delete")
-    options.add_argument("-timeout", "--timeout", metavar="SECONDS", default=str(DEFAULT_TIMEOUT),
-                         help="seconds a plugin request may take, from sending it to its whole "
-                              "answer; then it is retried (default %(default)s)")
-    options.add_argument("-concurrency", "--concurrency", metavar="N",
-                         help="-apply and -rollback: at most N writes (deletes) in flight at the "
-                              "plugin (default %d); below that the tool opens as many connections "
-                              "as the plugin serves without a queue forming, judged from its "
-                              "answers, and pipelines up to %d requests on each (N=1: one at a "
-                              "time); -verify, -rollback: N searches at once (default %d)"
-                              % (DEFAULT_WRITE_CEILING, PIPELINE_DEPTH, DEFAULT_SEARCHES))
-    options.add_argument("-checkpoint", "--checkpoint", metavar="FILE",
-                         help="-apply: save progress here; if FILE exists, resume after it")
-    options.add_argument("-failures", "--failures", metavar="FILE",
-                         help="-apply: every skipped or failed row; -verify: every problem row; "
-                              "-rollback: every row whose record could not be deleted; one JSON "
-                              "object per line (ids, reasons, namespaces, never content)")
-    options.add_argument("-max-consecutive-failures", "--max-consecutive-failures", metavar="N",
-                         default=str(DEFAULT_MAX_CONSECUTIVE_FAILURES),
-                         help="-apply stops (exit 3) after N rows in a row fail (default %(default)s)")
-    options.add_argument("-retries", "--retries", metavar="N", default=str(DEFAULT_RETRIES),
-                         help="retries of a plugin request on connection errors, timeouts and "
-                              "429/502/503/504, with exponential backoff (default %(default)s)")
-    options.add_argument("-max-rate", "--max-rate", metavar="N", default="0",
-                         help="-apply, -rollback: at most N writes (deletes) per second "
-                              "(default 0 = no cap)")
-    options.add_argument("-q", "-quiet", "--quiet", action="store_true",
-                         help="no progress line on stderr")
-    options.add_argument("-json", "--json", action="store_true",
-                         help="print the final report as one JSON object on stdout")
-    options.add_argument("-v", "-verbose", "--verbose", action="store_true",
-                         help="one line per row on stderr (ids only, never content)")
-    options.add_argument("-version", "--version", action="store_true",
-                         help="print the version and the vendored library versions")
-    return parser
+        option(modes, "-" + name, "--" + name, dest="modes", action="append_const", const=name, help=text)
+    selection = parser.add_argument_group("selection")
+    option(selection, "-workspace", "--workspace", metavar="UUID", help="only this workspace's rows")
+    option(selection, "-limit", "--limit", metavar="N", help="at most N rows this run (oldest first)")
+    option(selection, "-verify-sample", "--verify-sample", metavar="N", default=str(DEFAULT_VERIFY_SAMPLE),
+           help="workspaces -verify checks (default %(default)s; 0 = all)")
+    option(selection, "-seed", "--seed", metavar="N", default=str(DEFAULT_SEED),
+           help="seed of the -verify sample (default fixed: %(default)s)")
+    connections = parser.add_argument_group("connections")
+    option(connections, "-database-url", "--database-url", metavar="URL", help="overrides DATABASE_URL")
+    option(connections, "-plugin-url", "--plugin-url", metavar="URL",
+           help="overrides MEMORY_PLUGIN_URL (default %s)" % DEFAULT_PLUGIN_URL)
+    option(connections, "-statement-timeout", "--statement-timeout", metavar="SECONDS",
+           default="%g" % DEFAULT_STATEMENT_TIMEOUT,
+           help="seconds each database statement may take, waiting for a lock included (default "
+                "%(default)s); then the run stops with exit 3")
+    option(connections, "-timeout", "--timeout", metavar="SECONDS", default="%g" % DEFAULT_TIMEOUT,
+           help="seconds a plugin request may take, from sending it to its whole answer; then it is "
+                "retried (default %(default)s)")
+    option(connections, "-retries", "--retries", metavar="N", default=str(DEFAULT_RETRIES),
+           help="retries of a plugin request on connection errors, timeouts and 429/502/503/504, "
+                "with exponential backoff (default %(default)s)")
+    option(connections, "-concurrency", "--concurrency", metavar="N",
+           help="-apply and -rollback: at most N writes (deletes) in flight at the plugin (default %d); "
+                "below that the tool opens as many connections as the plugin serves without a queue "
+                "forming, judged from its answers, and pipelines up to %d requests on each (N=1: one at "
+                "a time); -verify, -rollback: N searches at once (default %d)"
+                % (DEFAULT_WRITE_CEILING, PIPELINE_DEPTH, DEFAULT_SEARCHES))
+    writing = parser.add_argument_group("writing")
+    option(writing, "-no-redact", "--no-redact", action="store_true",
+           help="copy contents without secret redaction (said in the summary)")
+    option(writing, "-yes", "--yes", action="store_true", help="-rollback: really delete")
+    option(writing, "-max-rate", "--max-rate", metavar="N", default="0",
+           help="-apply, -rollback: at most N writes (deletes) per second (default 0 = no cap)")
+    option(writing, "-checkpoint", "--checkpoint", metavar="FILE",
+           help="-apply: save progress here; if FILE exists, resume after it")
+    option(writing, "-max-consecutive-failures", "--max-consecutive-failures", metavar="N",
+           default=str(DEFAULT_MAX_CONSECUTIVE_FAILURES),
+           help="-apply stops (exit 3) after N rows in a row fail (default %(default)s)")
+    output = parser.add_argument_group("output")
+    option(output, "-failures", "--failures", metavar="FILE",
+           help="-apply: every skipped or failed row; -verify: every problem row; -rollback: every row "
+                "whose record could not be deleted; one JSON object per line (ids, reasons, "
+                "namespaces, never content)")
+    option(output, "-show-content", "--show-content", action="store_true",
+           help="-verify: show a window of both texts around a difference (redacted, but customer "
+                "text: without it, no memory text is ever printed)")
+    option(output, "-q", "-quiet", "--quiet", action="store_true",
+           help="no progress line on stderr (the target line and the final sentence remain)")
+    option(output, "-json", "--json", action="store_true",
+           help="print the report as one JSON object on stdout, on every exit")
+    option(output, "-v", "-verbose", "--verbose", action="store_true",
+           help="one line per row on stderr (ids only, never content)")
+    option(output, "-version", "--version", action="store_true",
+           help="print the version and the vendored library versions")
+    option(output, "-h", "-help", "--help", action="help", help="show this help")
+    return parser, names
+
+
+def refuse_inexact_options(argv: Sequence[str], names: dict[str, bool]) -> None:
+    """Only an option's full name runs: argparse would take a prefix of a one-dash option
+    (-n for -no-redact, -y for -yes) whatever allow_abbrev says.  Checked before anything else."""
+    import difflib
+
+    value_next = False
+    for arg in argv:
+        if value_next:
+            value_next = False
+            continue
+        if not arg.startswith("-"):
+            continue  # argparse refuses a stray word
+        name, has_value = arg.split("=", 1)[0], "=" in arg
+        if name in names:
+            value_next = names[name] and not has_value
+            continue
+        meant = [known for known in names if known.startswith(name)] if name.strip("-") else []
+        meant = sorted(meant or difflib.get_close_matches(name, names, n=1, cutoff=0.75))
+        raise UsageError("%s is not an option: options are taken only by their full names%s; run with "
+                         "--help for usage." % (name, "" if not meant else "; did you mean %s?" % (
+                             " or ".join(meant) if len(meant) < 3 else
+                             ", ".join(meant[:-1]) + " or " + meant[-1])))
 
 
 def parse_settings(argv: Optional[Sequence[str]], environ: dict[str, str]) -> Settings:
     """Turn the command line and environment into Settings, or raise UsageError."""
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, names = build_parser()
+    refuse_inexact_options(argv, names)
+    args = parser.parse_args(argv)
+    if args.version:
+        raise HelpShown(version_text())
     modes = args.modes or []
     if len(modes) != 1:
         raise UsageError("Choose exactly one mode: -dry-run, -apply, -verify or -rollback%s."
@@ -3182,15 +3445,12 @@ def parse_settings(argv: Optional[Sequence[str]], environ: dict[str, str]) -> Se
         raise UsageError("--failures goes with -apply, -verify and -rollback only.")
     if args.yes and mode != "rollback":
         raise UsageError("--yes goes with -rollback only.")
-    try:
-        timeout = float(args.timeout)
-    except ValueError:
-        timeout = 0
-    if not timeout > 0:
-        raise UsageError("--timeout must be a positive number of seconds, not %r."
-                         % args.timeout[:40])
+    if args.show_content and mode != "verify":
+        raise UsageError("--show-content goes with -verify only.")
     database = parse_database_url(args.database_url or environ.get("DATABASE_URL"))
-    plugin = parse_plugin_url(args.plugin_url or environ.get("MEMORY_PLUGIN_URL"))
+    database = replace(database, statement_timeout=_seconds(args.statement_timeout, "--statement-timeout"))
+    plugin = parse_plugin_url(args.plugin_url or environ.get("MEMORY_PLUGIN_URL"),
+                              "--plugin-url" if args.plugin_url else "MEMORY_PLUGIN_URL")
     return Settings(
         mode=mode, database=database, plugin=plugin,
         workspace=parse_uuid(args.workspace) if args.workspace is not None else None,
@@ -3204,9 +3464,19 @@ def parse_settings(argv: Optional[Sequence[str]], environ: dict[str, str]) -> Se
                                                "--max-consecutive-failures", 1),
         retries=_whole_number(args.retries, "--retries", 0),
         checkpoint=args.checkpoint, failures=args.failures, yes=args.yes,
-        redact=not args.no_redact, timeout=timeout,
-        json_output=args.json, verbose=args.verbose, quiet=args.quiet,
+        redact=not args.no_redact, timeout=_seconds(args.timeout, "--timeout"),
+        json_output=args.json, verbose=args.verbose, quiet=args.quiet, show_content=args.show_content,
     )
+
+
+def _seconds(text: str, option: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0
+    if not 0 < value < float("inf"):
+        raise UsageError("%s must be a positive number of seconds, not %r." % (option, text[:40]))
+    return value
 
 
 def version_text() -> str:
@@ -3224,43 +3494,69 @@ def version_text() -> str:
         ".".join(map(str, sys.version_info[:3])))
 
 
+def target_line(settings: Settings) -> str:
+    """What the run is about to touch, said first: mode, database, plugin, selection."""
+    if settings.workspace:
+        selection = "workspace %s only" % settings.workspace
+    elif settings.mode == "verify":
+        selection = ("every workspace" if not settings.verify_sample else
+                     "a sample of %d workspaces (seed %d)" % (settings.verify_sample, settings.seed))
+    else:
+        selection = "every workspace"
+    if settings.limit is not None and settings.mode != "verify":
+        selection += ", at most %d rows (-limit)" % settings.limit
+    return "%s -%s: database %s; plugin %s; %s" % (PROG, settings.mode, settings.database.describe(),
+                                                   settings.plugin.describe(), selection)
+
+
 MODE_RUNS = {"dry-run": (dry_run, format_backfill), "apply": (apply, format_backfill),
              "verify": (verify, format_verify), "rollback": (rollback, format_rollback)}
 
 
 def run(argv: Optional[Sequence[str]] = None, environ: Optional[dict[str, str]] = None,
         stdout=None, stderr=None) -> ExitStatus:
-    """Run the tool; return OK or INCOMPLETE, raise BackfillError for anything that stops it."""
+    """Run the tool and print its report; return OK, or raise the BackfillError that says
+    why not (with its status).  With --json the report is one JSON object, error included."""
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--version" in argv or "-version" in argv:
-        print(version_text(), file=stdout)
-        return ExitStatus.OK
     try:
         settings = parse_settings(argv, dict(os.environ if environ is None else environ))
-    except HelpShown:
+    except HelpShown as shown:
+        if shown.args:
+            print(shown.args[0], file=stdout)
         return ExitStatus.OK
+    print(target_line(settings), file=stderr, flush=True)
     mode, format_report = MODE_RUNS[settings.mode]
 
     def log(line: str, *args) -> None:  # formats only when shown: it runs once per row
         if settings.verbose:
             print(line % args if args else line, file=stderr, flush=True)
 
-    def show(report) -> None:
-        if settings.json_output:
-            print(json.dumps(report.to_json(), sort_keys=True), file=stdout, flush=True)
-        else:
-            print("\n".join(format_report(report)), file=stdout, flush=True)
+    with Progress(stderr, shown=not (settings.quiet or settings.verbose)) as progress:
+        try:
+            report = mode(settings, log, progress)
+            error = report.verdict()
+        except BackfillError as exc:
+            report, error = exc.report, exc
+    if settings.json_output:
+        data = report.to_json() if report is not None else {"mode": settings.mode}
+        data.update(database=settings.database.describe(), plugin_url=settings.plugin.url,
+                    plugin_url_is_default=settings.plugin.default)
+        print(json_line(data, error), file=stdout, flush=True)
+    elif report is not None:
+        print("\n".join(format_report(report)), file=stdout, flush=True)
+    if error is not None:
+        error.shown_as_json = settings.json_output
+        raise error
+    return ExitStatus.OK
 
-    try:
-        report = mode(settings, log, stderr)
-    except BackfillError as exc:
-        if exc.report is not None:  # stopped part-way: say how far it got
-            show(exc.report)
-        raise
-    show(report)
-    return report.exit_status()
+
+def json_line(data: dict[str, object], error: Optional[BaseException], status: Optional[int] = None) -> str:
+    """The one JSON object --json prints, on every exit: with its exit_status and the sentence."""
+    if status is None:
+        status = getattr(error, "status", ExitStatus.OK)
+    return json.dumps({**data, "exit_status": int(status), "error": None if error is None else str(error)},
+                      sort_keys=True)
 
 
 def zipapp_main() -> str:
@@ -3288,15 +3584,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if sys.version_info < MIN_PYTHON:
         sys.stderr.write(PYTHON_TOO_OLD % sys.version.split()[0])
         return ExitStatus.USAGE
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return run(argv)
     except BackfillError as exc:
-        print("%s: %s" % (PROG, exc), file=sys.stderr)
-        return exc.status
+        error, status = exc, exc.status
     except KeyboardInterrupt:
-        print("%s: interrupted; re-run the same command to continue (writes are "
-              "idempotent)." % PROG, file=sys.stderr)
-        return ExitStatus.INTERRUPTED
+        error = BackfillError("interrupted; re-run the same command to continue (writes are idempotent).")
+        status = ExitStatus.INTERRUPTED
+    print("%s: %s" % (PROG, error), file=sys.stderr)
+    if {"-json", "--json"} & set(argv) and not error.shown_as_json:
+        print(json_line({}, error, status), flush=True)
+    return status
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -216,6 +217,9 @@ def env(legacy, plugin, monkeypatch):
 
 # --- running the tool ----------------------------------------------------------
 
+TARGET_LINE = re.compile(r"memory-backfill -(dry-run|apply|verify|rollback): database \S+; plugin ")
+
+
 @dataclass
 class Result:
     status: int
@@ -229,6 +233,16 @@ class Result:
 
     def output(self) -> str:
         return self.stdout + self.stderr
+
+    @property
+    def said(self) -> str:
+        return said(self.stderr)
+
+
+def said(stderr: str) -> str:
+    """stderr after the target line, which every run that gets past the command line prints first."""
+    first, _, rest = stderr.partition("\n")
+    return rest if TARGET_LINE.match(first) else stderr
 
 
 def build_zipapp(target: Path) -> Path:

@@ -14,6 +14,8 @@ from conftest import APP_PASSWORD, free_port
 import memory_backfill as mb
 
 LAST_BACKFILL = re.compile(r"^Backfill complete: scanned=(\d+) copied=(\d+) skipped=(\d+) errors=(\d+)$")
+LAST_DRY_RUN = re.compile(
+    r"^Dry run complete \(nothing written\): scanned=(\d+) copied=(\d+) skipped=(\d+) errors=(\d+)$")
 LAST_VERIFY = re.compile(
     r"^Verify complete: workspaces_sampled=(\d+) matches=(\d+) mismatches=(\d+) errors=(\d+)$")
 
@@ -241,16 +243,24 @@ def test_a_plugin_that_ignores_ids_stops_apply_before_it_duplicates_anything_mor
                                                                                    env):
     legacy.many(tree["root"], 200)
     plugin.ignore_ids = True  # as before idempotent upsert: each write stored under a new id
+    before = set()
     for run in (1, 2):  # a re-run does the same
         result = cli("-apply", "--concurrency", "4")
         assert result.status == 3
         assert re.fullmatch(r"memory-backfill: The memory plugin at %s ignores the ids it is given "
-                            r"\(row \S+ was stored as \S+\), so every re-run would duplicate every row; "
-                            r"stopped: upgrade the plugin to one with idempotent upsert by id, then run "
-                            r"again\.\n"
-                            % re.escape(plugin.url), result.stderr), result.stderr
+                            r"\(row \S+ was stored as \S+\), so every run would duplicate every row; "
+                            r"stopped\. Do not run -apply again until the plugin is upgraded to one "
+                            r"with idempotent upsert by id; then delete the records it stored under ids of "
+                            r"its own \(listed above, in --json and in --failures\) as the README's \"A "
+                            r"plugin that ignores ids\" shows\.\n"
+                            % re.escape(plugin.url), result.said), result.stderr
         assert plugin.count() <= 4 * run  # no more writes than were in flight
         assert "STOPPED EARLY" in result.stdout and "the plugin stored it as " in result.stdout
+        assert "run the same command again" not in result.output()
+        listed = re.findall(r"^  row (\S+): stored as (\S+) in (\S+)$", result.stdout, re.M)
+        stored = {i: r["namespace"] for i, r in plugin.records().items() if i not in before}
+        assert sorted((stored_id, namespace) for _, stored_id, namespace in listed) == sorted(stored.items())
+        before = set(plugin.records())
         assert result.last_line.startswith("Backfill stopped: scanned=")
     assert_clean(result)
 
@@ -269,6 +279,9 @@ def test_a_row_the_plugin_rejects_is_an_error_and_the_run_goes_on(cli, legacy, t
     assert re.search(r"^  %s: HTTP 400: rejected by the test$" % rejected, result.stdout, re.M)
     assert re.search(r"^  %s: the embedding holds NaN or Infinity, which JSON cannot carry$" % nan,
                      result.stdout, re.M)
+    assert result.said == ("memory-backfill: 2 rows were not copied (the plugin refused them: listed "
+                           "above); fix what the plugin says, then run -apply again: rows already copied "
+                           "are rewritten by id, never duplicated.\n")
 
 
 def test_json_report(cli, legacy, tree, plugin, env):
@@ -305,7 +318,7 @@ def test_dry_run_writes_nothing_anywhere(cli, legacy, tree, plugin, env):
     result = cli("-dry-run")
 
     assert result.status == 0
-    assert counts(result) == (11, 10, 1, 0)
+    assert counts(result, LAST_DRY_RUN) == (11, 10, 1, 0)
     assert plugin.count() == 0 and plugin.namespaces() == {}
     assert plugin.requests["put_namespace"] == plugin.requests["write_memory"] == 0
     assert plugin.requests["health"] == 1
@@ -347,17 +360,17 @@ def test_without_a_plugin_url_the_tenant_images_plugin_is_used_and_named(cli, le
     monkeypatch.delenv("MEMORY_PLUGIN_URL", raising=False)
     legacy.memory(tree["root"], "one")
     result = cli("-dry-run")
-    assert result.status == 0 and counts(result) == (1, 1, 0, 0)
+    assert result.status == 0 and counts(result, LAST_DRY_RUN) == (1, 1, 0, 0)
     assert ("plugin: http://localhost:9100 (the default: MEMORY_PLUGIN_URL is not set): NOT ready, "
             "-apply would stop: Cannot reach the memory plugin at http://localhost:9100 (") in result.stdout
 
     result = cli("-apply", "--retries", "1")
     assert result.status == 3
-    assert result.stderr.startswith("memory-backfill: Cannot reach the memory plugin at "
-                                    "http://localhost:9100 (")
+    assert result.said.startswith("memory-backfill: Cannot reach the memory plugin at "
+                                  "http://localhost:9100 (")
     assert result.stderr.endswith("); the default, as MEMORY_PLUGIN_URL is not set; set it (or "
                                   "--plugin-url) if the plugin listens elsewhere.\n")
-    assert result.stderr.count("\n") == 1 and result.stdout == ""
+    assert result.said.count("\n") == 1 and result.stdout == ""
 
 
 def test_dry_run_with_a_broken_plugin(cli, legacy, tree, monkeypatch):
@@ -402,12 +415,19 @@ def test_verify_passes_after_apply_and_fails_after_tampering(cli, legacy, tree, 
     assert counts(result, LAST_VERIFY) == (3, 1, 3, 0)
     assert ("  missing %s (workspace %s): in no namespace of the tenant; -apply writes it to org:%s\n"
             % (ids[0], tree["root"], tree["root"])) in result.stdout
-    assert ('  content differs %s (workspace %s): from character 1: expected "child fact number 1", '
-            'found "tampered"\n' % (ids[1], tree["child"])) in result.stdout
+    assert ("  content differs %s (workspace %s): from character 1: expected 19 characters, found 8 "
+            "(the plugin's copy is shorter); --show-content shows the text\n"
+            % (ids[1], tree["child"])) in result.stdout
+    assert "child fact" not in result.output() and "tampered" not in result.output()
     assert "  wrong namespace %s (workspace %s): expected in team:%s, found in workspace:%s\n" % (
         ids[3], tree["great"], tree["grandchild"], tree["great"]) in result.stdout
     assert "to repair: run -apply to rewrite these 3 rows by id; it repairs every class above" \
         in result.stdout
+    assert result.said == ("memory-backfill: 3 sampled rows do not match (listed above): run -apply to "
+                           "rewrite them by id, then -verify again.\n")
+    shown = cli("-verify", "--show-content")
+    assert ('  content differs %s (workspace %s): from character 1: expected "child fact number 1", '
+            'found "tampered"\n' % (ids[1], tree["child"])) in shown.stdout
 
 
 @pytest.mark.module_only
@@ -497,8 +517,8 @@ def test_database_unreachable_exits_3(cli, plugin, monkeypatch):
     monkeypatch.setenv("MEMORY_PLUGIN_URL", plugin.url)
     result = cli("-apply")
     assert result.status == 3
-    assert result.stderr.startswith("memory-backfill: Cannot reach the legacy database u@127.0.0.1:")
-    assert "hunter2" not in result.output() and result.stderr.count("\n") == 1
+    assert result.said.startswith("memory-backfill: Cannot reach the legacy database u@127.0.0.1:")
+    assert "hunter2" not in result.output() and result.said.count("\n") == 1
 
 
 def test_login_refused_exits_3_without_the_password(cli, cluster, legacy, plugin, monkeypatch):
@@ -619,11 +639,11 @@ def test_progress_line_on_a_terminal_and_none_with_quiet(legacy, tree, plugin, e
     assert "\r" in seen
     assert re.search(r"\d+/300 rows \(\d+%\), \d+ rows/s, ETA \S+, errors 0, in flight \d+ \(\d+-\d+\), "
                      r"latency p50 [\d.]+ ms p99 [\d.]+ ms, capped by --max-rate", seen)
-    assert "\r300/300 rows (100%)" in seen  # the last refresh: everything done
+    assert "\r\x1b[K300/300 rows (100%)" in seen  # the last refresh: everything done, the line cleared
 
     plugin.reset()
     status, seen = _run_on_a_terminal(["-apply", "--max-rate", "200", "-q"], env)
-    assert status == 0 and seen == ""
+    assert status == 0 and re.fullmatch(r"memory-backfill -apply: database [^\r\n]+\r\n", seen), seen
 
 
 @pytest.mark.module_only

@@ -12,7 +12,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, assert_each_row_once
+from conftest import ROOT, assert_each_row_once, said
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -96,7 +96,7 @@ def test_plugin_down_from_the_start(legacy, root, plugin, env, tmp_path, capsys)
     status = mb.main(["-apply", "--checkpoint", str(checkpoint)])
 
     assert status == 3 and time.monotonic() - started < 5
-    err = capsys.readouterr().err
+    err = said(capsys.readouterr().err)
     assert err.count("\n") == 1 and "Cannot reach the memory plugin" in err
     data = read_checkpoint(checkpoint)
     assert data["position"] is None and data["rows_done"] == 0 and not data["complete"]
@@ -116,6 +116,7 @@ def test_plugin_killed_part_way_then_restarted_and_resumed(legacy, root, plugin,
     wait_for(lambda: plugin.count() >= 800)
     doomed.kill()  # the sidecar is gone: open connections cut, new ones refused
     out, err = run.communicate(timeout=60)
+    err = said(err)
 
     assert run.returncode == 3, err
     assert "Cannot reach the memory plugin" in err and err.count("\n") == 1
@@ -167,6 +168,7 @@ def test_first_signal_winds_down_then_resume_completes(legacy, root, plugin, env
     wait_for(lambda: plugin.count() >= 500)
     run.send_signal(signum)
     out, err = run.communicate(timeout=60)
+    err = said(err)
 
     assert run.returncode == status
     assert "Interrupted by %s" % signal.Signals(signum).name in err and err.count("\n") == 1
@@ -186,6 +188,7 @@ def test_database_connection_terminated_part_way(cluster, legacy, root, plugin, 
                        "WHERE application_name = 'memory-backfill'")
     admin.close()
     out, err = run.communicate(timeout=60)
+    err = said(err)
 
     assert killed and run.returncode == 3, err
     assert err.startswith("memory-backfill: The connection to the legacy database backfill_app@")
@@ -205,7 +208,7 @@ def test_too_many_refused_rows_in_a_row_stop_the_run(legacy, root, plugin, env, 
 
     captured = capsys.readouterr()
     assert status == 3
-    assert "The plugin refused 5 rows in a row" in captured.err
+    assert "The plugin refused 5 rows in a row" in said(captured.err)
     assert plugin.count() == 50
     lines = [json.loads(line) for line in failures.read_text().splitlines()]
     assert len(lines) == 5 and {line["status"] for line in lines} == {400}
@@ -229,7 +232,7 @@ def test_an_unexpected_error_while_writing_stops_the_run(legacy, root, plugin, e
 
     captured = capsys.readouterr()
     assert status == 3
-    assert captured.err == ("memory-backfill: -apply failed unexpectedly (KeyError, a defect of "
+    assert said(captured.err) == ("memory-backfill: -apply failed unexpectedly (KeyError, a defect of "
                             "memory-backfill); stopped. Re-run to resume.\n")
     assert "STOPPED EARLY" in captured.out
     assert set(plugin.records()) == set(ids[:21])  # one write in flight at a time
@@ -268,7 +271,7 @@ def test_bad_checkpoint_is_refused(legacy, root, plugin, env, tmp_path, capsys, 
     checkpoint = tmp_path / "cp.json"
     checkpoint.write_text(content)
     assert mb.main(["-apply", "--checkpoint", str(checkpoint)]) == 2
-    err = capsys.readouterr().err
+    err = said(capsys.readouterr().err)
     assert complaint in err and err.count("\n") == 1
     assert plugin.count() == 0 and plugin.requests["health"] == 0
 
@@ -289,7 +292,7 @@ def test_checkpoint_of_another_workspace_filter_is_refused(legacy, root, plugin,
     assert mb.main(["-apply", "-q", "--checkpoint", str(checkpoint), "-workspace", root]) == 0
     plugin.reset()
     assert mb.main(["-apply", "--checkpoint", str(checkpoint)]) == 2
-    assert "belongs to another run (different workspace)" in capsys.readouterr().err
+    assert "belongs to another run (different workspace)" in said(capsys.readouterr().err)
     assert plugin.count() == 0
 
 
@@ -305,6 +308,7 @@ def test_checkpoint_that_becomes_unwritable_stops_the_run(legacy, root, plugin, 
         except FileExistsError:
             time.sleep(0.001)
     out, err = run.communicate(timeout=60)
+    err = said(err)
     assert run.returncode == 2
     assert err.startswith("memory-backfill: Cannot write the checkpoint %s" % checkpoint)
     assert err.count("\n") == 1 and "STOPPED EARLY" in out
@@ -316,7 +320,7 @@ def test_checkpoint_that_becomes_unwritable_stops_the_run(legacy, root, plugin, 
 def test_unwritable_paths_are_refused(legacy, root, plugin, env, capsys, option):
     legacy.many(root, 10)
     assert mb.main(["-apply", option, "/proc/no-such-dir/file"]) == 2
-    err = capsys.readouterr().err
+    err = said(capsys.readouterr().err)
     assert "choose a writable path" in err and err.count("\n") == 1
     assert plugin.count() == 0
 
@@ -330,7 +334,7 @@ def test_files_go_with_the_modes_that_write_them(legacy, root, env, capsys, tmp_
                                                  sentence):
     for mode in modes:
         assert mb.main([mode, option, str(tmp_path / "x")]) == 2
-        assert capsys.readouterr().err == "memory-backfill: %s\n" % sentence
+        assert said(capsys.readouterr().err) == "memory-backfill: %s\n" % sentence
     assert list(tmp_path.iterdir()) == []
 
 

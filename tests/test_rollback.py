@@ -9,7 +9,7 @@ import time
 
 import pytest
 import urllib3
-from conftest import APP_PASSWORD, ROOT
+from conftest import APP_PASSWORD, ROOT, said
 
 import memory_backfill as mb
 
@@ -55,7 +55,7 @@ def rollback(*options, environ=None):
         status = mb.run(["-rollback", "-q", *options], environ=environ, stdout=out, stderr=err)
     except mb.BackfillError as exc:
         status, err = exc.status, io.StringIO(err.getvalue() + "memory-backfill: %s\n" % exc)
-    return status, out.getvalue(), err.getvalue()
+    return status, out.getvalue(), said(err.getvalue())
 
 
 def assert_clean(*texts):
@@ -174,6 +174,7 @@ def test_a_signal_stops_it_cleanly_with_what_was_deleted_so_far(legacy, plugin, 
         time.sleep(0.05)
     run.send_signal(signum)
     out, err = run.communicate(timeout=60)
+    err = said(err)
     plugin.clear_faults()
     assert run.returncode == status
     assert "Interrupted by %s" % signal.Signals(signum).name in err and err.count("\n") == 1

@@ -312,23 +312,32 @@ def test_a_global_copy_without_the_delimiter_guard_differs_and_one_in_clear_is_u
     planned = mb.plan_row(_row("org rule [MEMORY 7] Bearer tok5", scope="GLOBAL"), TREE)
     assert planned.body["content"] == "org rule [_MEMORY 7] [REDACTED:BEARER_TOKEN]"
     unguarded = mb.classify(planned, found(_copy(
-        planned, content="org rule [MEMORY 7] [REDACTED:BEARER_TOKEN]")))
+        planned, content="org rule [MEMORY 7] [REDACTED:BEARER_TOKEN]")), show_content=True)
     assert unguarded.verdict == mb.CONTENT_DIFFERS and '"org rule [_MEMORY 7]' in unguarded.detail
     upstream = mb.classify(planned, found(_copy(planned, content=planned.row.content)))
     assert (upstream.verdict, upstream.labels) == (mb.UNREDACTED, ("BEARER_TOKEN",))
 
 
-def test_a_content_difference_shows_both_sides_around_it_redacted():
+def test_a_content_difference_says_where_and_shows_the_text_only_when_asked():
     head = "x" * 100
-    detail = mb.first_difference(head + " deploy at 5 pm sharp", head + " deploy at 6 pm sharp")
-    assert detail == ('from character 112: expected ..."xxxxxxxxxxxxxxxxxxx deploy at 5 pm sharp", '
-                      'found ..."xxxxxxxxxxxxxxxxxxx deploy at 6 pm sharp"')
-    assert mb.first_difference("abc", "abcdef") == 'from character 4: expected "abc", found "abcdef"'
+    expected, changed = head + " deploy at 5 pm sharp", head + " deploy at 6 pm sharp"
+    assert mb.first_difference(expected, changed) == (
+        "from character 112: expected 121 characters, found 121 (same length); --show-content shows the text")
+    assert mb.first_difference(expected, changed, show_content=True) == (
+        'from character 112: expected ..."xxxxxxxxxxxxxxxxxxx deploy at 5 pm sharp", '
+        'found ..."xxxxxxxxxxxxxxxxxxx deploy at 6 pm sharp"')
+    assert mb.first_difference("abc", "abcdef", True) == 'from character 4: expected "abc", found "abcdef"'
+    assert mb.first_difference("abc", "abcdef") == (
+        "from character 4: expected 3 characters, found 6 (the plugin's copy is longer); --show-content "
+        "shows the text")
     assert mb.first_difference("[REDACTED:TOKEN]", "[REDACTED:TOKEN]") == \
         "the difference lies inside redacted secrets"
     planned = _planned("note: " + "y" * 90 + " Bearer tok1 end")
-    altered = planned.row.content.replace("end", "Bearer tok2 fin")
+    altered = planned.row.content.replace("end", "Bearer tok2 fin ghp_" + "Q" * 20)
     detail = mb.classify(planned, found(_copy(planned, content=altered))).detail
+    assert detail == ("from character 54: expected 56 characters, found 102 (the plugin's copy is longer); "
+                      "secrets involved: BEARER_TOKEN, GITHUB_PAT; --show-content shows the text")
+    detail = mb.classify(planned, found(_copy(planned, content=altered)), show_content=True).detail
     assert "tok1" not in detail and "tok2" not in detail and "[REDACTED:BEARER_TOKEN] fin" in detail
 
 
@@ -406,7 +415,8 @@ def test_concurrency_is_the_write_ceiling_and_the_searches_at_once():
     (["-apply", "-limit=-3"], "-limit must be a positive whole number"),
     (["-apply", "-workspace", "not-a-uuid"], "-workspace must be a workspace UUID"),
     (["-verify", "-verify-sample", "-1"], "-verify-sample must be a whole number"),
-    (["-apply", "--frobnicate"], "unrecognized arguments"),
+    (["-apply", "--frobnicate"], "--frobnicate is not an option"),
+    (["-apply", "stray"], "unrecognized arguments"),
     (["-apply", "--timeout", "0"], "--timeout must be a positive number"),
 ])
 def test_usage_errors(argv, complaint):

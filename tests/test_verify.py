@@ -7,6 +7,7 @@ import json
 
 import pytest
 import urllib3
+from conftest import said
 
 import memory_backfill as mb
 
@@ -52,11 +53,13 @@ def verify(tmp_path, *options):
     try:
         status = mb.run(["-verify", "-verify-sample", "0", "-q", "--failures", str(failures), *options],
                         environ=dict(os.environ), stdout=out, stderr=err)
+    except mb.Incomplete as exc:  # exit 1: problem rows
+        status = exc.status
     except mb.BackfillError as exc:
         pytest.fail("verify stopped: %s" % exc)
     text = failures.read_text()
     classes = {entry["id"]: entry for entry in map(json.loads, text.splitlines())}
-    return status, out.getvalue() + err.getvalue(), classes, text
+    return status, out.getvalue() + said(err.getvalue()), classes, text
 
 
 def assert_no_secret(*texts):
@@ -117,7 +120,11 @@ def test_a_doctored_plugin_is_diagnosed_row_by_row_then_repaired(tenant, plugin,
     assert "to repair: run -apply to rewrite these 11 rows by id; it repairs every class above" in output
     assert output.rstrip().endswith("matches=%d mismatches=11 errors=0" % (len(order) - 11))
     differs = [line for line in output.splitlines() if line.startswith("  content differs %s" % old[7])]
-    assert len(differs) == 1 and "from character 121" in differs[0] and "ALTERED BY HAND" in differs[0]
+    assert len(differs) == 1 and "from character 121: expected 189 characters, found 199" in differs[0]
+    assert "ALTERED BY HAND" not in output and "Runbook entry" not in output  # no memory text
+    shown = verify(tmp_path, "--show-content")[1]
+    differs = [line for line in shown.splitlines() if line.startswith("  content differs %s" % old[7])]
+    assert "ALTERED BY HAND" in differs[0]
     assert "  provenance %s (workspace %s): propagation.legacy differs in scope" % (old[9], a) in output
     assert_no_secret(output, failures)
     assert "Runbook entry" not in failures

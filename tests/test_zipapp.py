@@ -163,7 +163,7 @@ def test_runs_from_a_read_only_folder_as_an_unprivileged_user(zipapp_file, legac
         assert tool("--help").returncode == 0
         done = tool("-dry-run")
         assert done.returncode == 0 and done.stdout.endswith(
-            "Backfill complete: scanned=3 copied=3 skipped=0 errors=0\n"), done.stderr
+            "Dry run complete (nothing written): scanned=3 copied=3 skipped=0 errors=0\n"), done.stderr
         assert plugin.count() == 0
         done = tool("-apply")
         assert done.returncode == 0, done.stderr
