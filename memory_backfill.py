@@ -3420,10 +3420,12 @@ def refuse_inexact_options(argv: Sequence[str], names: dict[str, bool]) -> None:
             continue
         meant = [known for known in names if known.startswith(name)] if name.strip("-") else []
         meant = sorted(meant or difflib.get_close_matches(name, names, n=1, cutoff=0.75))
-        raise UsageError("%s is not an option: options are taken only by their full names%s; run with "
-                         "--help for usage." % (name, "" if not meant else "; did you mean %s?" % (
-                             " or ".join(meant) if len(meant) < 3 else
-                             ", ".join(meant[:-1]) + " or " + meant[-1])))
+        if not meant:
+            raise UsageError("%s is not an option (options are taken only by their full names); run with "
+                             "--help for the list." % name)
+        raise UsageError("%s is not an option (options are taken only by their full names): did you mean "
+                         "%s?" % (name, " or ".join(meant) if len(meant) < 3 else
+                                  ", ".join(meant[:-1]) + " or " + meant[-1]))
 
 
 def parse_settings(argv: Optional[Sequence[str]], environ: dict[str, str]) -> Settings:
