@@ -240,6 +240,7 @@ def test_a_slow_dependency_is_never_a_blank_screen(plugin):
 
 # --- honest words -------------------------------------------------------------------------
 
+@pytest.mark.module_only
 def test_a_dry_run_says_it_wrote_nothing(cli, legacy, tree, plugin, env):
     legacy.many(tree["root"], 3)
     result = cli("-dry-run")
@@ -248,6 +249,7 @@ def test_a_dry_run_says_it_wrote_nothing(cli, legacy, tree, plugin, env):
     assert "Backfill complete" not in result.stdout and plugin.count() == 0
 
 
+@pytest.mark.module_only
 def test_exit_1_of_rollback_ends_with_what_to_do(cli, legacy, tree, plugin, env):
     ids = legacy.many(tree["root"], 5)
     assert cli("-apply").status == 0
@@ -258,6 +260,7 @@ def test_exit_1_of_rollback_ends_with_what_to_do(cli, legacy, tree, plugin, env)
                            "what the plugin says, then run -rollback --yes again: it deletes what is left.\n")
 
 
+@pytest.mark.module_only
 def test_a_wrong_path_in_the_plugin_url_is_named_as_the_urls_fault(cli, legacy, tree, plugin, env):
     result = cli("-apply", "--plugin-url", plugin.url + "/v1")
     assert result.status == 3
@@ -296,6 +299,7 @@ class NotHttp:
     (b"", "it closed the connection without an HTTP answer: does that port speak HTTP?"),
     (b"SSH-2.0-OpenSSH_9.6\r\n", "it answered with something that is not HTTP: does that port speak HTTP?"),
 ])
+@pytest.mark.module_only
 def test_a_port_that_does_not_speak_http_is_said_in_words(cli, legacy, tree, env, banner, words):
     other = NotHttp(banner)
     result = cli("-apply", "--plugin-url", other.url, "--retries", "1")
@@ -307,6 +311,7 @@ def test_a_port_that_does_not_speak_http_is_said_in_words(cli, legacy, tree, env
         assert python_text not in result.output()
 
 
+@pytest.mark.module_only
 def test_https_to_a_plain_http_plugin_says_so(cli, legacy, tree, plugin, env):
     url = plugin.url.replace("http://", "https://")
     result = cli("-apply", "--plugin-url", url, "--retries", "1")
@@ -319,6 +324,7 @@ def test_https_to_a_plain_http_plugin_says_so(cli, legacy, tree, plugin, env):
 
 # --- no memory text by default ------------------------------------------------------------
 
+@pytest.mark.module_only
 def test_verify_shows_no_memory_text_anywhere_unless_asked(cli, legacy, tree, plugin, env, tmp_path):
     row = legacy.memory(tree["root"], "quarterly payroll export runs on the fifth")
     assert cli("-apply").status == 0
@@ -340,6 +346,7 @@ def test_verify_shows_no_memory_text_anywhere_unless_asked(cli, legacy, tree, pl
 
 # --- no silent mistakes -------------------------------------------------------------------
 
+@pytest.mark.module_only
 def test_a_workspace_that_names_nothing_is_refused(cli, legacy, tree, plugin, env):
     legacy.many(tree["root"], 3)
     ghost = "00000000-0000-4000-8000-00000000dead"
@@ -381,6 +388,7 @@ def test_json_is_one_object_on_every_exit(cli, legacy, tree, plugin, env, monkey
     assert one_object("-apply")["error"].startswith("DATABASE_URL is not set")
 
 
+@pytest.mark.module_only
 def test_the_id_ignoring_stop_lists_what_it_stored_in_json_and_failures(cli, legacy, tree, plugin, env,
                                                                        tmp_path):
     legacy.many(tree["root"], 50)
@@ -396,8 +404,9 @@ def test_the_id_ignoring_stop_lists_what_it_stored_in_json_and_failures(cli, leg
     assert "Do not run -apply again until the plugin is upgraded" in report["error"]
 
 
+@pytest.mark.module_only
 def test_retries_are_shown_while_they_happen_and_counted_at_the_end(cli, legacy, tree, plugin, env):
-    legacy.many(tree["root"], 300)
+    legacy.many(tree["root"], 150)
     plugin.fail_every = 3  # every third request: 503
     seen = on_a_terminal(["-apply", "--max-rate", "100", "--retries", "10"], env, 2.5)
     assert re.search(r"errors 0, .*, retries [1-9]\d* \(last: HTTP 503\)", seen), seen
@@ -405,8 +414,8 @@ def test_retries_are_shown_while_they_happen_and_counted_at_the_end(cli, legacy,
     plugin.fail_every = 3
     result = cli("-apply", "--json", "--retries", "10")
     report = json.loads(result.stdout)
-    assert result.status == 0 and plugin.count() == 300
-    assert report["retries"] == report["stream"]["retries"] >= 100
+    assert result.status == 0 and plugin.count() == 150
+    assert report["retries"] == report["stream"]["retries"] >= 50
     assert report["stream"]["last_retry_reason"] == "HTTP 503"
     text = cli("-apply", "--retries", "10").stdout
     assert re.search(r"^writes: \d+ answered in [\d.]+ s; \d+ retries \(the last after HTTP 503\);", text,
