@@ -183,7 +183,7 @@ DEFAULT_VERIFY_SAMPLE = 50
 DEFAULT_SEED = 20261126
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_RETRIES = 8  # backoff 0.2 s doubling to at most 4 s: about 18 s before giving up
-DEFAULT_WRITE_CEILING = 64  # writes in flight at most; the limiter finds the working point below
+DEFAULT_WRITE_CONNECTIONS = 64  # connections to the plugin at most; the limiter finds the working point below
 DEFAULT_SEARCHES = 8  # -verify's and -rollback's searches at once
 DEFAULT_MAX_CONSECUTIVE_FAILURES = 20
 SHOWN_PROBLEMS = 20  # per-row errors / problems listed in the text summary
@@ -218,8 +218,8 @@ class Settings:
         return [self.workspace] if self.workspace else None
 
     @property
-    def write_ceiling(self) -> int:
-        return self.concurrency or DEFAULT_WRITE_CEILING
+    def write_connections(self) -> int:
+        return self.concurrency or DEFAULT_WRITE_CONNECTIONS
 
     @property
     def searches(self) -> int:
@@ -1140,7 +1140,9 @@ class FailureLog:
 
 
 class RateLimiter:
-    """--max-rate: spaces requests evenly so that they stay under `rate` per second."""
+    """--max-rate: spaces requests evenly so that they go at `rate` per second.  A slot taken
+    late (the loop woke up after it) moves the next one less, so that lateness does not add
+    up; a request never goes more than one slot early."""
 
     def __init__(self, rate: float):
         self.interval = 1.0 / rate
@@ -1152,7 +1154,7 @@ class RateLimiter:
         if now < self.next_slot:
             self.last_wait = now
             return self.next_slot - now
-        self.next_slot = now + self.interval
+        self.next_slot = max(self.next_slot, now - self.interval) + self.interval
         return 0.0
 
     def limiting(self) -> bool:
@@ -1682,8 +1684,9 @@ class ConcurrencyLimit:
                                        else self.connections + 1)
         else:
             self.doubling = False
-            if queue > high:
-                self.connections = max(1, self.connections - 1)
+            if queue > high:  # back at once to what the plugin serves, and the band's least queue
+                served = throughput * self.lowest
+                self.connections = max(1, min(self.connections - 1, math.ceil(served + low)))
 
     def idle(self) -> None:
         """Nothing is in flight for a while (the mode works on something else): no window spans it."""
@@ -1842,9 +1845,12 @@ class WriteConnection:
 class WriteStream:
     """Requests, oldest first, pipelined over keep-alive connections by one loop.
 
-    ConcurrencyLimit decides how many connections carry requests; each carries
-    up to PIPELINE_DEPTH (fewer where the ceiling asks), never more than
-    `ceiling` in flight in all.  A mode drives it with two callables:
+    ConcurrencyLimit decides how many connections carry requests, never more
+    than `ceiling`: the plugin works on one request per connection at a time
+    (REFERENCE §4), so that is how many it works on at once for this run.  Each
+    connection pipelines up to PIPELINE_DEPTH, so that no round trip leaves it
+    idle; with a ceiling of 1, strictly one request at a time.  A mode drives it
+    with two callables:
     fill(room) submits up to `room` more jobs and returns False once it has no
     more; answered(job, response) takes each final answer.  RetryRule decides
     what goes again: a retryable status, and every unanswered request on a
@@ -1888,7 +1894,7 @@ class WriteStream:
         self.stop.set()
 
     def depth(self) -> int:
-        return max(1, min(PIPELINE_DEPTH, self.ceiling // self.limit.connections))
+        return PIPELINE_DEPTH if self.ceiling > 1 else 1
 
     def capacity(self) -> int:
         return self.limit.connections * self.depth()
@@ -1925,12 +1931,15 @@ class WriteStream:
             connection.close()
 
     def load(self) -> dict[str, object]:
-        """What an operator watches on a live tenant: writes in flight now (and their range
-        while there was more to send), connections, and the plugin's answer latency."""
+        """What an operator watches on a live tenant: connections in use (the requests the plugin
+        works on at once) and the ceiling, writes in flight now (and their range while there was
+        more to send), and the plugin's answer latency."""
         p50, p99 = self.latency.quantile(0.5), self.latency.quantile(0.99)
         low, high = self.in_flight_range or (0, 0)
         return {"answered": self.answers, "in_flight": self.in_flight(), "in_flight_min": low,
                 "in_flight_max": high, "connections": self.limit.connections,
+                "connections_in_use": sum(1 for connection in self.connections if connection.in_flight),
+                "connections_ceiling": self.ceiling,
                 "seconds": round(self.last_answer - self.first_sent, 3) if self.first_sent else 0.0,
                 "latency_p50_ms": None if p50 is None else round(p50 * 1e3, 2),
                 "latency_p99_ms": None if p99 is None else round(p99 * 1e3, 2),
@@ -1938,7 +1947,9 @@ class WriteStream:
 
     def describe_load(self) -> str:
         load = self.load()
-        text = ", in flight %d (%d-%d)" % (load["in_flight"], load["in_flight_min"], load["in_flight_max"])
+        text = ", connections in use %d (at most %d), writes in flight %d (%d-%d)" % (
+            load["connections_in_use"], load["connections_ceiling"], load["in_flight"], load["in_flight_min"],
+            load["in_flight_max"])
         if load["latency_p50_ms"] is not None:
             text += ", latency p50 %.1f ms p99 %.1f ms" % (load["latency_p50_ms"], load["latency_p99_ms"])
         if self.rate is not None and self.rate.limiting():
@@ -1960,16 +1971,15 @@ class WriteStream:
         while len(self.connections) < working:
             self.connections.append(WriteConnection(self.address, self.tls_context, self.timeout,
                                                     self.received))
-        depth, room = self.depth(), self.ceiling - self.in_flight()
+        depth = self.depth()
         for connection in self.connections[:working]:
             batch: list[Job] = []
-            slots = min(connection.free_slots(depth), room)
+            slots = connection.free_slots(depth)
             while slots > len(batch) and self.ready and not self.stop.is_set():
                 if self.rate is not None and self.rate.delay(now) > 0:
                     break
                 batch.append(self.ready.popleft())
             if batch:
-                room -= len(batch)
                 try:
                     connection.send(batch, now)
                 except OSError as exc:
@@ -1990,13 +2000,15 @@ class WriteStream:
         the time the plugin takes to answer half of it), so that each system call
         carries several requests and responses: on loopback one send and one
         receive cost more CPU than reading and planning a row.  The plugin has the
-        other half to work on meanwhile.
+        other half to work on meanwhile.  With one request at a time per connection
+        (--concurrency 1) there is nothing to batch: a pause would only add a wake-up
+        to each round trip, so it waits for the answer itself.
         """
         now = time.monotonic()
         if not busy:
             time.sleep(max(0.0, self._wake_time(now) - now))
             return
-        full = sum(len(connection.in_flight) for connection in busy) >= self.capacity()
+        full = self.depth() > 1 and sum(len(connection.in_flight) for connection in busy) >= self.capacity()
         if full and now < self.last_read + self.pace:
             time.sleep(self.last_read + self.pace - now)
             now = time.monotonic()
@@ -2343,7 +2355,7 @@ def apply(settings: Settings, log, progress: Progress) -> BackfillReport:
             return report
     plugin = PluginClient(settings.plugin, settings.timeout, settings.retries)
     report.plugin_status = "ok (version %s)" % check_plugin(plugin, progress)
-    stream = WriteStream(settings.plugin, settings.write_ceiling, settings.timeout, plugin.retry,
+    stream = WriteStream(settings.plugin, settings.write_connections, settings.timeout, plugin.retry,
                          settings.max_rate, threading.Event())
     with open_database(settings, progress) as database:  # a refusal here comes before any write
         after = checkpoint.position if checkpoint else None
@@ -3011,7 +3023,7 @@ def rollback(settings: Settings, log, progress: Progress) -> RollbackReport:
     report = RollbackReport(settings.plugin, deleting=settings.yes, failures_path=settings.failures)
     plugin = PluginClient(settings.plugin, settings.timeout, settings.retries, connections=settings.searches)
     report.plugin_status = "ok (version %s)" % check_plugin(plugin, progress)
-    stream = WriteStream(settings.plugin, settings.write_ceiling, settings.timeout, plugin.retry,
+    stream = WriteStream(settings.plugin, settings.write_connections, settings.timeout, plugin.retry,
                          settings.max_rate, threading.Event())
     with open_database(settings, progress) as database, \
             ThreadPoolExecutor(settings.searches, thread_name_prefix="search") as pool:
@@ -3366,11 +3378,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, bool]]:
            help="retries of a plugin request on connection errors, timeouts and 429/502/503/504, "
                 "with exponential backoff (default %(default)s)")
     option(connections, "-concurrency", "--concurrency", metavar="N",
-           help="-apply and -rollback: at most N writes (deletes) in flight at the plugin (default %d); "
-                "below that the tool opens as many connections as the plugin serves without a queue "
-                "forming, judged from its answers, and pipelines up to %d requests on each (N=1: one at "
-                "a time); -verify, -rollback: N searches at once (default %d)"
-                % (DEFAULT_WRITE_CEILING, PIPELINE_DEPTH, DEFAULT_SEARCHES))
+           help="the most requests the plugin works on for this run at once; lower is gentler on a live "
+                "tenant. -apply and -rollback: at most N connections (default %d), each pipelining up "
+                "to %d writes (deletes); below N the tool uses as many as the plugin serves without a "
+                "queue forming, judged from its answers; N=1: strictly one request at a time. -verify, "
+                "-rollback: N searches at once (default %d)"
+                % (DEFAULT_WRITE_CONNECTIONS, PIPELINE_DEPTH, DEFAULT_SEARCHES))
     writing = parser.add_argument_group("writing")
     option(writing, "-no-redact", "--no-redact", action="store_true",
            help="copy contents without secret redaction (said in the summary)")

@@ -59,6 +59,8 @@ class ScriptedPlugin:
         self.writes = 0
         self.log: list = []  # every Write, in the order they arrived
         self.connections = 0
+        self.busy = 0  # connections working on a request now (one at a time each, as Go's net/http)
+        self.busy_most = 0
         self.lock = threading.Lock()
         self.stopped = threading.Event()
         self.violations: list = []
@@ -106,8 +108,17 @@ class ScriptedPlugin:
         try:
             for index in range(1 << 30):
                 request = _read_request(reader)
-                if request is None or not self._answer(connection, number, index, *request):
+                if request is None:
                     return
+                with self.lock:
+                    self.busy += 1
+                    self.busy_most = max(self.busy_most, self.busy)
+                try:
+                    if not self._answer(connection, number, index, *request):
+                        return
+                finally:
+                    with self.lock:
+                        self.busy -= 1
         except OSError:
             return
         finally:

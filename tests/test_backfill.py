@@ -637,7 +637,9 @@ def test_progress_line_on_a_terminal_and_none_with_quiet(legacy, tree, plugin, e
     status, seen = _run_on_a_terminal(["-apply", "--max-rate", "200"], env)
     assert status == 0
     assert "\r" in seen
-    assert re.search(r"\d+/300 rows \(\d+%\), \d+ rows/s, ETA \S+, errors 0, in flight \d+ \(\d+-\d+\), "
+    assert re.search(r"\d+/300 rows \(\d+%\), \d+ rows/s, ETA \S+, errors 0, "
+                     r"connections in use \d+ \(at most 64\), "
+                     r"writes in flight \d+ \(\d+-\d+\), "
                      r"latency p50 [\d.]+ ms p99 [\d.]+ ms, capped by --max-rate", seen)
     assert "\r\x1b[K300/300 rows (100%)" in seen  # the last refresh: everything done, the line cleared
 

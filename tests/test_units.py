@@ -400,11 +400,12 @@ def test_options_override_environment():
     assert settings.workspace == "6f9619ff-8b86-d011-b42d-00cf4fc964ff"
 
 
-def test_concurrency_is_the_write_ceiling_and_the_searches_at_once():
+def test_concurrency_is_the_connections_and_the_searches_at_once():
     settings = mb.parse_settings(["-apply"], URLS)
-    assert (settings.write_ceiling, settings.searches) == (mb.DEFAULT_WRITE_CEILING, mb.DEFAULT_SEARCHES)
+    defaults = (mb.DEFAULT_WRITE_CONNECTIONS, mb.DEFAULT_SEARCHES)
+    assert (settings.write_connections, settings.searches) == defaults
     settings = mb.parse_settings(["-rollback", "--concurrency", "3"], URLS)
-    assert (settings.write_ceiling, settings.searches) == (3, 3)
+    assert (settings.write_connections, settings.searches) == (3, 3)
 
 
 @pytest.mark.parametrize("argv, complaint", [

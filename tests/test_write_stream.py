@@ -544,6 +544,28 @@ def test_a_plugin_that_serves_a_connection_one_request_at_a_time_gets_more_conne
     assert len(writers) > 1 and sum(server.arrivals.values()) == 300
 
 
+@pytest.mark.parametrize("ceiling", [2, 4, 8])
+def test_concurrency_n_is_n_requests_at_the_plugin_at_once_never_more(scripted, legacy, root, tmp_path,
+                                                                      ceiling):
+    """A plugin that waits 20 ms a request (its database), one request per connection at a time:
+    --concurrency N keeps N of them busy, and never more."""
+    legacy.many(root, 100 * ceiling)
+    order = legacy.ids_in_read_order()
+    server = scripted(lambda w: time.sleep(0.02) or Reply())
+    assert apply(server, legacy, order, tmp_path, "--concurrency", str(ceiling)) == 0
+    assert_each_row_once(server.records, legacy, order)
+    assert sum(server.arrivals.values()) == len(order)  # none sent twice
+    assert server.busy_most == ceiling
+    assert len({write.connection for write in server.log}) == ceiling
+
+
+def test_concurrency_1_is_one_request_at_a_time(scripted, legacy, rows, tmp_path):
+    server = scripted(lambda w: time.sleep(0.002) or Reply())
+    assert apply(server, legacy, rows, tmp_path, "--concurrency", "1") == 0
+    assert_each_row_once(server.records, legacy, rows)
+    assert server.busy_most == 1 and server.connections == 2  # the health check's, and one for the writes
+
+
 def test_a_plugin_that_ignores_ids_stops_the_run_at_the_first_answer(scripted, legacy, rows, tmp_path,
                                                                      capsys):
     server = scripted(ignore_ids=True)
