@@ -1,10 +1,9 @@
 #!/usr/bin/env python3
 """memory-backfill: copy legacy agent memories into the memory plugin, and back out.
 
-Reads every row of the platform's legacy ``agent_memories`` table (read only)
-and writes it to the memory plugin over HTTP exactly as the live platform
-would have: same namespace (the scope rule), same secret redaction and
-delimiter guard, the row's UUID as the idempotency key, so a re-run never
+Reads every row of the platform's legacy ``agent_memories`` table (read only) and writes it to the
+memory plugin over HTTP exactly as the live platform would have: same namespace (the scope rule),
+same secret redaction and delimiter guard, the row's UUID as the idempotency key, so a re-run never
 duplicates anything.
 
 Usage:
@@ -14,38 +13,49 @@ Usage:
     memory-backfill -rollback [options] --yes
                                           delete exactly what a backfill wrote, by id
 
-Configuration comes from DATABASE_URL and MEMORY_PLUGIN_URL (or
---database-url / --plugin-url; the plugin defaults to the tenant image's
-http://localhost:9100).  Run with --help for every option and the exit
-statuses.
+Configuration comes from DATABASE_URL and MEMORY_PLUGIN_URL (or --database-url / --plugin-url;
+the plugin defaults to the tenant image's http://localhost:9100).  --help lists every option.
 
-The module reads top to bottom: the shared core (errors, data types,
-configuration, the scope rule, redaction, the PostgreSQL and plugin
-adapters), then one section per mode (-dry-run and -apply with the write
-stream; -verify; -rollback), then reporting and the command line.
+The module reads top to bottom, each section using only those above it: the core (what the live
+platform would write, decided without I/O); the adapters (PostgreSQL, the plugin over urllib3, the
+write stream, the record finder, local files, progress and signals); one section per mode
+(-dry-run and -apply, -verify, -rollback); reporting; the command line.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import functools
+import http.client
 import json
 import math
 import os
+import random
 import re
 import select
+import signal
 import socket
+import ssl
 import sys
 import threading
 import time
 from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from email.utils import parsedate_to_datetime
 from enum import Enum, IntEnum
+from importlib import metadata
 from typing import Callable, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
+from uuid import UUID
 
 __version__ = "0.2.0"
+__all__ = [  # what a caller may use: the command line, and the pieces the bench drives
+    "__version__", "main", "run", "parse_settings", "Settings", "ExitStatus", "BackfillError",
+    "UsageError", "DependencyError", "Incomplete", "Interrupted", "parse_database_url", "parse_plugin_url",
+    "LegacyDatabase", "resolve_target", "redact", "platform_content", "plan_row", "write_request"]
 
 PROG = "memory-backfill"
 # REFERENCE §1: 3.9 reached its end of life in October 2025, and the urllib3
@@ -59,8 +69,9 @@ PYTHON_TOO_OLD = (
 
 
 # ===========================================================================
-# Shared core
+# The core: what the live platform would write, decided without I/O
 # ===========================================================================
+
 
 # ---------------------------------------------------------------------------
 # Errors and exit statuses
@@ -108,8 +119,6 @@ class Interrupted(BackfillError):
     """SIGINT or SIGTERM: the run wound down cleanly."""
 
     def __init__(self, signum: int):
-        import signal
-
         name = signal.Signals(signum).name
         super().__init__("Interrupted by %s: stopped taking rows and finished the requests in flight; "
                          "re-run the same command to resume." % name)
@@ -117,7 +126,12 @@ class Interrupted(BackfillError):
 
 
 class RowSkipped(Exception):
-    """A row the live platform would not write; its text is the skip reason."""
+    """A row the live platform would not write, and why (its text, `reason`): the one form of a
+    skip, raised by the scope rule and returned by plan_row as the row's outcome, row attached."""
+
+    def __init__(self, reason: str, row: Optional[LegacyRow] = None):
+        super().__init__(reason)
+        self.reason, self.row = reason, row
 
 
 class RowFailed(Exception):
@@ -130,6 +144,15 @@ class PluginRejected(RowFailed):
     def __init__(self, status: int, message: str):
         super().__init__("HTTP %d: %s" % (status, message))
         self.status = status
+
+
+class ProtocolError(Exception):
+    """Bytes that are not an HTTP/1.x response: never retried, never guessed at."""
+
+
+class ConnectionLost(Exception):
+    """The connection ended (or an answer did not come in time) before every request on it was
+    answered."""
 
 
 # ---------------------------------------------------------------------------
@@ -250,25 +273,18 @@ class PlannedWrite:
     redactions: Counter
 
 
-@dataclass(frozen=True)
-class Skipped:
-    row: LegacyRow
-    reason: str
-
-
-Outcome = Union[PlannedWrite, Skipped]
+Outcome = Union[PlannedWrite, RowSkipped]
 
 
 @dataclass
 class RunReport:
     """What a mode that writes (-dry-run, -apply, -rollback) reports: the common part."""
 
-    plugin: PluginAddress
+    settings: Settings
     scanned: int = 0
     errors: int = 0
     problems: list[str] = field(default_factory=list)  # "id: message", the first SHOWN_PROBLEMS
     plugin_status: Optional[str] = None
-    failures_path: Optional[str] = None
     load: Optional[dict[str, object]] = None  # the write stream's, at the end
     stopped: Optional[BackfillError] = None  # what stopped it early
 
@@ -294,11 +310,11 @@ class RunReport:
         return self.stopped
 
     def listed(self) -> str:
-        return " and in " + self.failures_path if self.failures_path else ""
+        return " and in " + self.settings.failures if self.settings.failures else ""
 
     def to_json(self) -> dict[str, object]:
         return {"scanned": self.scanned, "errors": self.errors, "error_rows": self.problems,
-                "plugin": self.plugin_status, "failures_file": self.failures_path, "stream": self.load,
+                "plugin": self.plugin_status, "failures_file": self.settings.failures, "stream": self.load,
                 "retries": self.load["retries"] if self.load else 0,
                 "stopped": None if self.stopped is None else str(self.stopped)}
 
@@ -395,8 +411,6 @@ def parse_plugin_url(url: Optional[str], named_by: str = "MEMORY_PLUGIN_URL") ->
 
 
 def parse_uuid(value: str) -> str:
-    from uuid import UUID
-
     try:
         return str(UUID(value))
     except ValueError:
@@ -419,6 +433,16 @@ def _whole_number(text: str, option: str, minimum: int) -> int:
     if value < minimum:
         kind = "a positive whole number" if minimum > 0 else "a whole number, 0 or more"
         raise UsageError("%s must be %s, not %r." % (option, kind, str(text)[:40]))
+    return value
+
+
+def _seconds(text: str, option: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0
+    if not 0 < value < float("inf"):
+        raise UsageError("%s must be a positive number of seconds, not %r." % (option, text[:40]))
     return value
 
 
@@ -583,6 +607,34 @@ def platform_content(content: str, kind: str, redaction: bool = True) -> tuple[s
         text = text.replace(MEMORY_DELIMITER, GUARDED_DELIMITER)
     return text, counts
 
+
+# ---------------------------------------------------------------------------
+# Planning a row: what the live platform would have written for it
+# ---------------------------------------------------------------------------
+
+def plan_row(row: LegacyRow, tree: WorkspaceTree, redaction: bool = True) -> Outcome:
+    try:
+        target = resolve_target(row.workspace_id, row.scope, tree)
+    except RowSkipped as skip:
+        skip.row = row
+        return skip
+    if not row.content.strip():
+        return RowSkipped(SKIP_EMPTY_CONTENT, row)
+    content, counts = platform_content(row.content, target.kind, redaction)
+    body: dict[str, object] = {
+        "id": row.id, "content": content, "kind": "fact", "source": "agent",
+        "propagation": {"legacy": row.legacy},
+    }
+    if row.embedding is not None:
+        body["embedding"] = row.embedding
+    return PlannedWrite(row, target, body, counts)
+
+
+# ===========================================================================
+# The adapters: PostgreSQL, the plugin, local files and the terminal, for every mode
+# ===========================================================================
+
+
 # ---------------------------------------------------------------------------
 # A failed connection, in words (exception reprs end up in tickets and chats)
 # ---------------------------------------------------------------------------
@@ -593,9 +645,6 @@ URLLIB3_TIMEOUTS = ("ConnectTimeoutError", "ReadTimeoutError")  # not TimeoutErr
 
 def network_problem(error: BaseException, timeout: Optional[float] = None, waiting: str = "an answer") -> str:
     """What went wrong with a connection, said plainly: from the error or what caused it."""
-    import http.client
-    import ssl
-
     for cause in _causes(error):
         if isinstance(cause, ssl.SSLCertVerificationError):
             return "its TLS certificate was not accepted: %s" % cause.verify_message
@@ -674,10 +723,8 @@ class LegacyDatabase:
 
     def __exit__(self, *exc_info) -> None:
         if self.connection is not None:
-            try:
+            with contextlib.suppress(Exception):  # closing a broken connection
                 self.connection.close()
-            except Exception:  # noqa: BLE001 - closing a broken connection
-                pass
 
     def _errors(self):
         return _database_errors(self.config, connected=True)
@@ -798,8 +845,6 @@ def _selection(workspaces: Optional[list[str]], limit: Optional[int],
 
 def _ssl_context(config: DatabaseConfig):
     """pg8000's ssl_context for a libpq sslmode (None = try TLS, else plain)."""
-    import ssl
-
     mode = config.sslmode
     if mode == "require" and config.sslrootcert:
         mode = "verify-ca"  # libpq: require with a root certificate verifies it
@@ -818,9 +863,9 @@ READ_MARGIN_SECONDS = 10.0  # a statement's answer may take this much longer tha
 
 
 def _connect(config: DatabaseConfig):
-    """A read-only session whose every wait is bounded: connecting by connect_timeout; each
-    statement, lock waits included, by the server (statement_timeout, lock_timeout); each read
-    of an answer by the socket, a little later, for a server or network gone silent."""
+    """A read-only session whose every wait is bounded: connecting by connect_timeout; each statement, lock
+    waits included, by the server (statement_timeout, lock_timeout); each read of an answer by the socket, a
+    little later, for a server or network gone silent."""
     import pg8000.native
 
     bound = "%d" % (config.statement_timeout * 1000)  # milliseconds
@@ -918,7 +963,7 @@ class _database_errors:
 
 
 # ---------------------------------------------------------------------------
-# Retries: the one rule that decides when a plugin request goes again
+# The plugin over urllib3 (health, namespaces, searches), and the one retry rule: REFERENCE §4
 # ---------------------------------------------------------------------------
 
 RETRY_STATUSES = (429, 502, 503, 504)
@@ -928,12 +973,11 @@ HEALTH_RETRIES = 2  # a plugin that is down at the start should fail the run fas
 
 
 class RetryRule:
-    """Every plugin request, through urllib3 or the write stream, is retried by this rule:
-    after a lost connection or a timeout, and after a 429/502/503/504 or a status outside
-    100-599 (RFC 9110 §15: treated as a server error), up to `retries` times.  The first
-    retry goes at once, the second after 0.4 s, and the wait doubles from there to at most
-    4 s, plus up to 0.1 s of jitter; a Retry-After from the plugin replaces that wait.  Every
-    request is safe to repeat: writes carry the row's id, deletes name it.  It counts the
+    """Every plugin request, through urllib3 or the write stream, is retried by this rule: after a lost
+    connection or a timeout, and after a 429/502/503/504 or a status outside 100-599 (RFC 9110 §15: treated as
+    a server error), up to `retries` times.  The first retry goes at once, the second after 0.4 s, and the
+    wait doubles from there to at most 4 s, plus up to 0.1 s of jitter; a Retry-After from the plugin replaces
+    that wait.  Every request is safe to repeat: writes carry the row's id, deletes name it.  It counts the
     retries it grants, and the last reason, for the progress line and the summary."""
 
     def __init__(self, retries: int):
@@ -949,8 +993,6 @@ class RetryRule:
     def delay(self, attempt: int, retry_after: Optional[bytes] = None, reason: str = "") -> Optional[float]:
         """Seconds to wait before retry number `attempt` (from 1) of a request that failed for
         `reason`, or None: no retry left."""
-        import random
-
         if attempt > self.retries:
             return None
         with self.lock:
@@ -970,8 +1012,6 @@ class RetryRule:
 def parse_retry_after(value: bytes) -> Optional[float]:
     """Retry-After (RFC 9110 §10.2.3) in seconds from now: delay-seconds or an HTTP-date;
     None when it is neither."""
-    from email.utils import parsedate_to_datetime
-
     text = value.decode("latin-1").strip()
     if text.isdigit():
         return min(float(text), RETRY_AFTER_MAX)
@@ -983,10 +1023,6 @@ def parse_retry_after(value: bytes) -> Optional[float]:
         return None
     return min(max(0.0, when.timestamp() - time.time()), RETRY_AFTER_MAX)
 
-
-# ---------------------------------------------------------------------------
-# The plugin over urllib3 (health, namespaces, searches): REFERENCE §4
-# ---------------------------------------------------------------------------
 
 SEARCH_CAP = 100  # the plugin returns at most this many rows per search
 USER_AGENT = "%s/%s" % (PROG, __version__)
@@ -1097,239 +1133,14 @@ def plugin_error_message(body: bytes, reason: Optional[str]) -> str:
         data = json.loads(body.decode("utf-8")) if body else None
     except ValueError:
         data = None
-    message = data.get("message") if isinstance(data, dict) else None
-    return _short(message or reason or "")
-
-
-def _short(value: object, limit: int = 200) -> str:
-    text = " ".join(str(value).split())
-    return text if len(text) <= limit else text[:limit] + "..."
-
-# ---------------------------------------------------------------------------
-# Local files, progress, pacing and signals (every mode)
-# ---------------------------------------------------------------------------
-
-PROGRESS_TTY_SECONDS = 0.5  # refresh of the self-updating progress line
-PROGRESS_LOG_SECONDS = 5.0  # at most one plain progress line this often otherwise
-
-
-class FailureLog:
-    """--failures FILE: one JSON object per line (ids, reasons, namespaces, never content)."""
-
-    def __init__(self, path: Optional[str], append: bool = False):
-        self.file = None
-        if path:
-            try:
-                self.file = open(path, "a" if append else "w", encoding="utf-8")
-            except OSError as exc:
-                raise UsageError("Cannot write the failures file %s (%s); choose a writable path."
-                                 % (path, exc.strerror)) from None
-
-    def record_row(self, row: LegacyRow, **entry) -> None:
-        self.write({"id": row.id, "workspace_id": row.workspace_id, "scope": row.scope,
-                    **{key: value for key, value in entry.items() if value is not None}})
-
-    def write(self, entry: dict[str, object]) -> None:
-        if self.file is not None:
-            self.file.write(json.dumps(entry, ensure_ascii=False) + "\n")
-            self.file.flush()
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-
-
-class RateLimiter:
-    """--max-rate: spaces requests evenly so that they go at `rate` per second.  A slot taken
-    late (the loop woke up after it) moves the next one less, so that lateness does not add
-    up; a request never goes more than one slot early."""
-
-    def __init__(self, rate: float):
-        self.interval = 1.0 / rate
-        self.next_slot = 0.0
-        self.last_wait = float("-inf")  # when a request last had to wait for the cap
-
-    def delay(self, now: float) -> float:
-        """0 when a request may go now (it takes the slot), else the seconds until it may."""
-        if now < self.next_slot:
-            self.last_wait = now
-            return self.next_slot - now
-        self.next_slot = max(self.next_slot, now - self.interval) + self.interval
-        return 0.0
-
-    def limiting(self) -> bool:
-        return time.monotonic() - self.last_wait < 2.0
-
-
-class Progress:
-    """The progress line on stderr, from the first second: what the run waits for (connecting,
-    reading, checking the plugin) until rows move; then rows done / total, rows per second,
-    ETA, errors and what `details` adds.
-
-    On a terminal: one line that rewrites itself; otherwise a plain line at most every
-    PROGRESS_LOG_SECONDS.  Runs in its own thread; nothing at all when not `shown`
-    (-q, -v).  `report` has `done` and `errors`.
-    """
-
-    def __init__(self, stream, shown: bool = True):
-        self.stream = stream
-        self.shown = shown
-        self.tty = bool(getattr(stream, "isatty", lambda: False)())
-        self.activity, self.since = "starting", time.monotonic()
-        self.report = None
-        self.total = 0
-        self.details: Callable[[], str] = str
-        self.drawn = False  # a line of ours is on the terminal
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="progress", daemon=True)
-
-    def __enter__(self) -> Progress:
-        if self.shown:
-            self.thread.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        if not self.shown:
-            return
-        self.stopped.set()
-        self.thread.join()
-        if self.tty and self.drawn:  # the last redraw: clear what it overwrites, and keep the rows line
-            self.stream.write("\r\x1b[K" + (self.line() + "\n" if self.report is not None else ""))
-            self.stream.flush()
-
-    def doing(self, activity: str) -> None:
-        """What the run waits for now, until count() is called."""
-        self.activity, self.since = activity, time.monotonic()
-
-    def count(self, report, total: int, details: Callable[[], str] = str) -> None:
-        """Rows move from now on."""
-        self.report, self.total, self.details, self.since = report, total, details, time.monotonic()
-
-    def line(self) -> str:
-        elapsed = max(time.monotonic() - self.since, 1e-6)
-        if self.report is None:
-            return "%s (%.0f s)" % (self.activity, elapsed)
-        done = self.report.done
-        rate = done / elapsed
-        eta = "%ds" % ((self.total - done) / rate) if rate > 0 and done < self.total else "-"
-        percent = 100.0 * done / self.total if self.total else 100.0
-        return "%d/%d rows (%.0f%%), %.0f rows/s, ETA %s, errors %d%s" % (
-            done, self.total, percent, rate, eta, self.report.errors, self.details())
-
-    def _run(self) -> None:
-        interval = PROGRESS_TTY_SECONDS if self.tty else PROGRESS_LOG_SECONDS
-        while not self.stopped.wait(interval):
-            if self.tty:
-                self.stream.write("\r\x1b[K" + self.line())
-                self.drawn = True
-            else:
-                self.stream.write("progress: %s\n" % self.line())
-            self.stream.flush()
-
-
-@contextlib.contextmanager
-def signals_stop(stop: threading.Event):
-    """First SIGINT/SIGTERM: set `stop` (the run winds down); a second: exit at once."""
-    import signal
-
-    received: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield received
-        return
-
-    def handler(signum, frame):
-        if received:
-            os._exit(128 + signum)
-        received.append(signum)
-        stop.set()
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield received
-    finally:
-        for signum, old in previous.items():
-            signal.signal(signum, old)
-
-
-class Quantiles:
-    """Percentiles of latencies in flat memory: counts in buckets 5 % wide, 10 µs to 1000 s."""
-
-    LOWEST, STEP = 1e-5, 1.05
-    BUCKETS = int(math.log(1e8) / math.log(STEP)) + 2
-
-    def __init__(self):
-        self.counts = [0] * self.BUCKETS
-        self.total = 0
-
-    def add(self, seconds: float) -> None:
-        bucket = 0 if seconds <= self.LOWEST else int(math.log(seconds / self.LOWEST, self.STEP)) + 1
-        self.counts[min(bucket, self.BUCKETS - 1)] += 1
-        self.total += 1
-
-    def quantile(self, q: float) -> Optional[float]:
-        """The upper edge of the bucket that holds the q-quantile, or None with no samples."""
-        if not self.total:
-            return None
-        wanted, seen = q * self.total, 0
-        for bucket, count in enumerate(self.counts):
-            seen += count
-            if seen >= wanted:
-                return self.LOWEST * self.STEP ** bucket
-        return None
-
-
-# ---------------------------------------------------------------------------
-# Starting a mode: each dependency in turn, said on the progress line
-# ---------------------------------------------------------------------------
-
-def check_plugin(plugin: PluginClient, progress: Progress) -> str:
-    progress.doing("checking the memory plugin at %s" % plugin.address.url)
-    return plugin.check_health()
-
-
-def open_database(settings: Settings, progress: Progress) -> LegacyDatabase:
-    progress.doing("connecting to the legacy database %s" % settings.database.describe())
-    return LegacyDatabase(settings.database)
-
-
-def read_tree(database: LegacyDatabase, settings: Settings, progress: Progress) -> WorkspaceTree:
-    """The tenant's workspaces; a -workspace that names neither a workspace nor a row is refused."""
-    progress.doing("reading the workspaces and counting rows")
-    tree = database.read_workspaces()
-    if settings.workspace and settings.workspace not in tree and not database.count_rows(settings.workspaces):
-        raise UsageError("-workspace %s names no workspace and no row of agent_memories in %s; check the "
-                         "UUID (nothing was written)." % (settings.workspace, settings.database.describe()))
-    return tree
-
-
-# ===========================================================================
-# -dry-run and -apply
-# ===========================================================================
-
-# ---------------------------------------------------------------------------
-# Planning (pure): what the live platform would have written for a row
-# ---------------------------------------------------------------------------
-
-def plan_row(row: LegacyRow, tree: WorkspaceTree, redaction: bool = True) -> Outcome:
-    try:
-        target = resolve_target(row.workspace_id, row.scope, tree)
-    except RowSkipped as skip:
-        return Skipped(row, str(skip))
-    if not row.content.strip():
-        return Skipped(row, SKIP_EMPTY_CONTENT)
-    content, counts = platform_content(row.content, target.kind, redaction)
-    body: dict[str, object] = {
-        "id": row.id, "content": content, "kind": "fact", "source": "agent",
-        "propagation": {"legacy": row.legacy},
-    }
-    if row.embedding is not None:
-        body["embedding"] = row.embedding
-    return PlannedWrite(row, target, body, counts)
+    text = " ".join(str((data.get("message") if isinstance(data, dict) else None) or reason or "").split())
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 # ---------------------------------------------------------------------------
 # HTTP/1.1 response framing (sans-I/O): RFC 9112
 # ---------------------------------------------------------------------------
+
 # The grammar's pieces, named once (RFC 9110 §5.1, §5.5; RFC 9112 §4, §5, §7.1).
 TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 FIELD_TEXT = rb"[\t\x20-\x7e\x80-\xff]*"  # SP, HTAB, VCHAR, obs-text: no CR, LF, NUL or other control
@@ -1342,15 +1153,6 @@ MAX_RESPONSE_HEAD = 64 * 1024  # a status line and its field lines, with every C
 MAX_CHUNK_LINE = 4096  # a chunk size line with its extensions, without its CRLF
 MAX_TRAILERS = 64 * 1024  # a chunked body's trailer section, with every CRLF
 MAX_RESPONSE_BODY = 1024 * 1024  # the plugin's answers to a write are a few hundred bytes
-
-
-class ProtocolError(Exception):
-    """Bytes that are not an HTTP/1.x response: never retried, never guessed at."""
-
-
-class ConnectionLost(Exception):
-    """The connection ended (or an answer did not come in time) before every request on it was
-    answered."""
 
 
 class Framing(Enum):
@@ -1454,32 +1256,134 @@ def parse_content_length(value: bytes) -> int:
     return int(number) if len(number) <= 7 else MAX_RESPONSE_BODY + 1
 
 
-CHUNK_SIZE, CHUNK_DATA, CHUNK_END, TRAILERS = "chunk size", "chunk data", "chunk end", "trailers"
+class ReceiveBuffer(bytearray):
+    """The bytes received and not yet parsed.  A search for a line end goes on where the last one stopped, so
+    each byte is looked at once however the bytes are split (`scanned` counts what the searches looked at)."""
+
+    looked = 0  # how far the search for the current line's end has looked
+    scanned = 0
+
+    def line_end(self, needle: bytes = b"\r\n") -> int:
+        """Where the next `needle` starts, or -1."""
+        start = max(0, self.looked - len(needle) + 1)
+        end = self.find(needle, start)
+        self.scanned += (end + len(needle) if end >= 0 else len(self)) - start
+        self.looked = 0 if end >= 0 else len(self)
+        return end
+
+    def take(self, size: int) -> bytes:
+        data = bytes(self[:size])
+        del self[:size]  # from the front of a bytearray: no copy of the rest
+        return data
+
+
+class BodyReader:
+    """How a response's body ends: one reader per framing (READERS), owning its state."""
+
+    def __init__(self, head: ResponseHead):
+        self.length = head.length
+
+    def read(self, buffer: ReceiveBuffer) -> Optional[bytes]:
+        """The whole body once it is in the buffer, else None."""
+        return buffer.take(self.length) if len(buffer) >= self.length else None
+
+    def end_of_stream(self, buffer: ReceiveBuffer) -> Optional[bytes]:
+        """The body the server's close completes, or None: the close cut it short."""
+        return None
+
+
+class UntilCloseReader(BodyReader):
+    """An HTTP/1.0 body without a length: whatever comes until the server closes."""
+
+    def read(self, buffer: ReceiveBuffer) -> Optional[bytes]:
+        if len(buffer) > MAX_RESPONSE_BODY:
+            raise ProtocolError("a body longer than %d bytes" % MAX_RESPONSE_BODY)
+        return None
+
+    def end_of_stream(self, buffer: ReceiveBuffer) -> Optional[bytes]:
+        return buffer.take(len(buffer))
+
+
+class ChunkedReader(BodyReader):
+    """Chunks, then the trailer section (RFC 9112 §7.1), read on from where the last call stopped: `state`
+    reads the next part, and returns True to go on, None for more bytes, or the whole body."""
+
+    def __init__(self, head: ResponseHead):
+        self.state, self.left, self.body = self._size_line, 0, bytearray()  # left: of the current chunk
+        self.trailers, self.trailer_bytes = [], 0
+
+    def read(self, buffer: ReceiveBuffer) -> Optional[bytes]:
+        step = True
+        while step is True:
+            step = self.state(buffer)
+        return step
+
+    def _size_line(self, buffer: ReceiveBuffer) -> Optional[bool]:
+        end = buffer.line_end()
+        if end > MAX_CHUNK_LINE or (end < 0 and len(buffer) >= MAX_CHUNK_LINE + 2):
+            raise ProtocolError("a chunk size line longer than %d bytes" % MAX_CHUNK_LINE)
+        if end < 0:
+            return None
+        size_line = CHUNK_SIZE_LINE.fullmatch(buffer, 0, end)
+        if size_line is None:
+            raise ProtocolError("a malformed chunk size line: %r" % bytes(buffer[:min(end, 40)]))
+        digits = size_line.group(1).lstrip(b"0") or b"0"  # 1*HEXDIG: leading zeros allowed
+        if len(digits) > 8 or len(self.body) + int(digits, 16) > MAX_RESPONSE_BODY:
+            raise ProtocolError("a body longer than %d bytes" % MAX_RESPONSE_BODY)
+        del buffer[:end + 2]
+        self.left = int(digits, 16)
+        self.state = self._data if self.left else self._trailer_line
+        return True
+
+    def _data(self, buffer: ReceiveBuffer) -> Optional[bool]:
+        """A chunk's data, and the CRLF after it."""
+        data = buffer.take(self.left)
+        self.body += data
+        self.left -= len(data)
+        if self.left or len(buffer) < 2:
+            return None
+        if buffer[:2] != b"\r\n":
+            raise ProtocolError("a chunk longer than its size line says")
+        del buffer[:2]
+        self.state = self._size_line
+        return True
+
+    def _trailer_line(self, buffer: ReceiveBuffer) -> Union[None, bool, bytes]:
+        end = buffer.line_end()
+        if self.trailer_bytes + (end + 2 if end >= 0 else len(buffer)) > MAX_TRAILERS:
+            raise ProtocolError("a trailer section longer than %d bytes" % MAX_TRAILERS)
+        if end < 0:
+            return None
+        self.trailer_bytes += end + 2
+        line = buffer.take(end + 2)[:-2]
+        if line:
+            self.trailers.append(line)
+            return True
+        parse_field_lines(self.trailers, "trailer")  # validated, then not needed
+        return bytes(self.body)
+
+
+READERS = {Framing.LENGTH: BodyReader, Framing.CHUNKED: ChunkedReader, Framing.UNTIL_CLOSE: UntilCloseReader}
 
 
 class ResponseParser:
-    """Cuts the bytes a server sends into responses, by the protocol's framing (h11's pattern:
-    one small reader per framing over one incremental buffer).
+    """Cuts the bytes a server sends into responses, by the protocol's framing (h11's pattern: one small
+    reader per framing, chosen from READERS, over one incremental buffer).
 
-    feed() what arrived, then take next_response() until it returns None (more
-    bytes needed); end_of_stream() when the server closed.  1xx responses are
-    skipped; after a response that closes the connection nothing more is read.
-    Anything that is not HTTP/1.x raises ProtocolError.  Each byte fed is looked
-    at a bounded number of times, however the bytes are split (`scanned` counts
-    what the searches for line ends looked at), and each limit holds the same.
-    """
+    feed() what arrived, then take next_response() until it returns None (more bytes needed); end_of_stream()
+    when the server closed.  1xx responses are skipped; after a response that closes the connection nothing
+    more is read. Anything that is not HTTP/1.x raises ProtocolError.  Each byte fed is looked at a bounded
+    number of times, however the bytes are split, and each limit holds the same."""
 
     def __init__(self):
-        self.buffer = bytearray()
-        self.looked = 0  # how far the search for the current line's end has looked
-        self.scanned = 0
+        self.buffer = ReceiveBuffer()
         self.response: Optional[ResponseHead] = None  # the response whose body is being read
-        self.body = bytearray()  # of a chunked response, so far
-        self.chunk_state = CHUNK_SIZE
-        self.chunk_left = 0  # bytes of the current chunk still to come
-        self.trailers: list[bytes] = []
-        self.trailer_bytes = 0
+        self.reader: Optional[BodyReader] = None
         self.closed = False  # a response that ends the connection was read
+
+    @property
+    def scanned(self) -> int:
+        return self.buffer.scanned
 
     def feed(self, data: bytes) -> None:
         if not self.closed:
@@ -1493,117 +1397,41 @@ class ResponseParser:
             if head is None:
                 return None
             if not head.interim:
-                self.response = head
-        head = self.response
-        if head.framing is Framing.LENGTH:
-            body = self._read_length(head.length)
-        elif head.framing is Framing.CHUNKED:
-            body = self._read_chunked()
-        else:
-            body = self._read_until_close()
-        if body is None:
-            return None
-        self.response = None
+                self.response, self.reader = head, READERS[head.framing](head)
+        body = self.reader.read(self.buffer)
+        return None if body is None else self._complete(body)
+
+    def end_of_stream(self) -> Optional[Response]:
+        """The server closed: the response its close completes, or None when nothing was pending."""
+        body = None if self.response is None else self.reader.end_of_stream(self.buffer)
+        if body is not None:
+            return self._complete(body)
+        if self.response is not None or (self.buffer and not self.closed):
+            raise ConnectionLost("the connection closed in the middle of a response")
+        return None
+
+    def _complete(self, body: bytes) -> Response:
+        head, self.response, self.reader = self.response, None, None
         if not head.persistent:
             self.closed = True
             self.buffer.clear()
         return Response(head, body)
 
-    def end_of_stream(self) -> Optional[Response]:
-        """The server closed: the response its close completes, or None when nothing was pending."""
-        head = self.response
-        if head is not None and head.framing is Framing.UNTIL_CLOSE:
-            body, self.response, self.closed = bytes(self.buffer), None, True
-            self.buffer.clear()
-            return Response(head, body)
-        if head is not None or (self.buffer and not self.closed):
-            raise ConnectionLost("the connection closed in the middle of a response")
-        return None
-
-    def _line_end(self, needle: bytes = b"\r\n") -> int:
-        """Where the next `needle` starts in the buffer, or -1; each byte is looked at once."""
-        start = max(0, self.looked - len(needle) + 1)
-        end = self.buffer.find(needle, start)
-        self.scanned += (end + len(needle) if end >= 0 else len(self.buffer)) - start
-        self.looked = 0 if end >= 0 else len(self.buffer)
-        return end
-
-    def _take(self, size: int) -> bytes:
-        data = bytes(self.buffer[:size])
-        del self.buffer[:size]  # from the front of a bytearray: no copy of the rest
-        return data
-
     def _read_head(self) -> Optional[ResponseHead]:
         if not self.buffer.startswith(b"HTTP/1."[:len(self.buffer)]):
             raise ProtocolError("%r where an HTTP/1.x status line should be" % bytes(self.buffer[:24]))
-        end = self._line_end(b"\r\n\r\n")
+        end = self.buffer.line_end(b"\r\n\r\n")
         if end + 4 > MAX_RESPONSE_HEAD or (end < 0 and len(self.buffer) >= MAX_RESPONSE_HEAD):
             raise ProtocolError("a response head longer than %d bytes" % MAX_RESPONSE_HEAD)
         if end < 0:
             return None
-        head = self._take(end + 4)
-        return parse_response_head(head[:-2])
+        return parse_response_head(self.buffer.take(end + 4)[:-2])
 
-    def _read_length(self, length: int) -> Optional[bytes]:
-        return self._take(length) if len(self.buffer) >= length else None
-
-    def _read_until_close(self) -> None:
-        if len(self.buffer) > MAX_RESPONSE_BODY:
-            raise ProtocolError("a body longer than %d bytes" % MAX_RESPONSE_BODY)
-        return None  # end_of_stream() completes it
-
-    def _read_chunked(self) -> Optional[bytes]:
-        """Chunks, then the trailer section (RFC 9112 §7.1), continued where the last call stopped."""
-        while True:
-            if self.chunk_state is CHUNK_SIZE:
-                end = self._line_end()
-                if end > MAX_CHUNK_LINE or (end < 0 and len(self.buffer) >= MAX_CHUNK_LINE + 2):
-                    raise ProtocolError("a chunk size line longer than %d bytes" % MAX_CHUNK_LINE)
-                if end < 0:
-                    return None
-                size_line = CHUNK_SIZE_LINE.fullmatch(self.buffer, 0, end)
-                if size_line is None:
-                    raise ProtocolError("a malformed chunk size line: %r" % bytes(self.buffer[:min(end, 40)]))
-                digits = size_line.group(1).lstrip(b"0") or b"0"  # 1*HEXDIG: leading zeros allowed
-                if len(digits) > 8 or len(self.body) + int(digits, 16) > MAX_RESPONSE_BODY:
-                    raise ProtocolError("a body longer than %d bytes" % MAX_RESPONSE_BODY)
-                del self.buffer[:end + 2]
-                self.chunk_left = int(digits, 16)
-                self.chunk_state = CHUNK_DATA if self.chunk_left else TRAILERS
-            elif self.chunk_state is CHUNK_DATA:
-                data = self._take(self.chunk_left)
-                self.body += data
-                self.chunk_left -= len(data)
-                if self.chunk_left:
-                    return None
-                self.chunk_state = CHUNK_END
-            elif self.chunk_state is CHUNK_END:  # the CRLF after a chunk's data
-                if len(self.buffer) < 2:
-                    return None
-                if self.buffer[:2] != b"\r\n":
-                    raise ProtocolError("a chunk longer than its size line says")
-                del self.buffer[:2]
-                self.chunk_state = CHUNK_SIZE
-            else:  # trailer field lines, then an empty line
-                end = self._line_end()
-                if self.trailer_bytes + (end + 2 if end >= 0 else len(self.buffer)) > MAX_TRAILERS:
-                    raise ProtocolError("a trailer section longer than %d bytes" % MAX_TRAILERS)
-                if end < 0:
-                    return None
-                self.trailer_bytes += end + 2
-                line = self._take(end + 2)[:-2]
-                if line:
-                    self.trailers.append(line)
-                    continue
-                parse_field_lines(self.trailers, "trailer")  # validated, then not needed
-                body = bytes(self.body)
-                self.body, self.trailers, self.trailer_bytes = bytearray(), [], 0
-                self.chunk_state = CHUNK_SIZE
-                return body
 
 # ---------------------------------------------------------------------------
 # The write stream: pipelined HTTP/1.1 requests on sockets, as many at once as the plugin takes
 # ---------------------------------------------------------------------------
+
 # urllib3 costs several times the CPU of this per request, and in a tenant that
 # CPU is taken from the plugin and the live platform.  One loop drives every
 # connection (no threads, no locks).  -apply's POSTs and -rollback's DELETEs
@@ -1624,22 +1452,18 @@ PROBE_SECONDS = 10.0  # the plugin's time per request without a queue is measure
 
 
 class ConcurrencyLimit:
-    """How many connections keep a request at the plugin: the plugin serves a connection's
-    requests one at a time (REFERENCE §4), so this is how many of ours it works on at once.
+    """How many connections keep a request at the plugin: the plugin serves a connection's requests one at a
+    time (REFERENCE §4), so this is how many of ours it works on at once.
 
-    Pure: fed each answer's time and how many connections were busy, it decides once
-    per window, TCP Vegas style.  From the window's throughput X and busy
-    connections C, the plugin's time per request is S = C / X (Little's law, so
-    reading answers in batches does not blur it).  The lowest S seen is its time
-    without a queue; the queue is then C - X * lowest: our connections waiting for
-    the plugin (and the live tenant's requests waiting behind them) rather than
-    being served.  Below queue_band(): one connection more (doubling at first), while
-    they are all in use; above it: one fewer.  At one connection there can
-    be no queue, so S there is the time without one: if none was measured for
-    PROBE_SECONDS, one window runs at one connection to learn it again (the plugin
-    may have become slower for good), as BBR probes its round-trip time.  A lost
-    connection or a timeout halves it.  Never above `ceiling`, never below 1.
-    """
+    Pure: fed each answer's time and how many connections were busy, it decides once per window, TCP Vegas
+    style.  From the window's throughput X and busy connections C, the plugin's time per request is S = C / X
+    (Little's law, so reading answers in batches does not blur it).  The lowest S seen is its time without a
+    queue; the queue is then C - X * lowest: our connections waiting for the plugin (and the live tenant's
+    requests waiting behind them) rather than being served.  Below queue_band(): one connection more (doubling
+    at first), while they are all in use; above it: one fewer.  At one connection there can be no queue, so S
+    there is the time without one: if none was measured for PROBE_SECONDS, one window runs at one connection
+    to learn it again (the plugin may have become slower for good), as BBR probes its round-trip time.  A lost
+    connection or a timeout halves it.  Never above `ceiling`, never below 1."""
 
     def __init__(self, ceiling: int, start: int = 1):
         self.ceiling = ceiling
@@ -1701,11 +1525,100 @@ class ConcurrencyLimit:
 
 
 def queue_band(connections: int) -> tuple[float, float]:
-    """The queue (in connections) below which the limiter adds one, and above which it takes one
-    away: wider as there are more, so that the plugin's throughput, which still grows a little
-    with each connection where it is CPU bound, is not given away for the noise in it."""
+    """The queue (in connections) below which the limiter adds one, and above which it takes one away: wider
+    as there are more, so that the plugin's throughput, which still grows a little with each connection where
+    it is CPU bound, is not given away for the noise in it."""
     scale = math.log10(max(connections, 1))
     return max(1.0, QUEUE_LOW * scale), max(3.0, QUEUE_HIGH * scale)
+
+
+class LoadStatistics:
+    """What the stream did to the plugin, for the progress line and the summary: answers and their latency
+    (from sending a request to its whole answer; percentiles in flat memory, from counts in buckets 5 % wide,
+    10 µs to 1000 s), writes in flight while there was more to send, and the seconds from the first request to
+    the last answer."""
+
+    LOWEST, STEP = 1e-5, 1.05
+    BUCKETS = int(math.log(1e8) / math.log(STEP)) + 2
+
+    def __init__(self):
+        self.counts = [0] * self.BUCKETS
+        self.answers = 0
+        self.in_flight_range: Optional[tuple[int, int]] = None
+        self.first_sent: Optional[float] = None
+        self.last_answer = 0.0
+
+    def sent(self, now: float, in_flight: int, more: bool) -> None:
+        if self.first_sent is None and in_flight:
+            self.first_sent = now
+        if more:
+            low, high = self.in_flight_range or (in_flight, in_flight)
+            self.in_flight_range = (min(low, in_flight), max(high, in_flight))
+
+    def answered(self, now: float, sent_at: float) -> None:
+        self.answers += 1
+        self.last_answer = now
+        seconds = now - sent_at
+        bucket = 0 if seconds <= self.LOWEST else int(math.log(seconds / self.LOWEST, self.STEP)) + 1
+        self.counts[min(bucket, self.BUCKETS - 1)] += 1
+
+    def latency_ms(self, q: float) -> Optional[float]:
+        """The upper edge of the bucket that holds the q-quantile, or None with no answers."""
+        wanted, seen = q * self.answers, 0
+        for bucket, count in enumerate(self.counts if self.answers else ()):
+            seen += count
+            if seen >= wanted:
+                return round(self.LOWEST * self.STEP ** bucket * 1e3, 2)
+        return None
+
+    def to_json(self) -> dict[str, object]:
+        low, high = self.in_flight_range or (0, 0)
+        return {"answered": self.answers, "in_flight_min": low, "in_flight_max": high,
+                "seconds": round(self.last_answer - self.first_sent, 3) if self.first_sent else 0.0,
+                "latency_p50_ms": self.latency_ms(0.5), "latency_p99_ms": self.latency_ms(0.99)}
+
+
+class Pacing:
+    """When the stream sends and when it reads.  --max-rate: requests go evenly spaced, at `rate` a second; a
+    slot taken late (the loop woke up after it) moves the next one less, so that lateness does not add up, and
+    no request goes more than one slot early.  With the write window full, answers are read only every so
+    often: about the time the plugin takes to answer half of the window, so that each system call carries
+    several requests and responses (on loopback one send and one receive cost more CPU than reading and
+    planning a row) while the plugin works on the other half."""
+
+    def __init__(self, max_rate: float):
+        self.interval = 1.0 / max_rate if max_rate else 0.0
+        self.next_slot = 0.0
+        self.last_wait = float("-inf")  # when a request last had to wait for the cap
+        self.answer_rate = 0.0  # responses per second, a moving average, while the window is full
+        self.read_every = 0.0
+        self.last_read = 0.0
+
+    def send_delay(self, now: float) -> float:
+        """0 when a request may go now (it takes the slot), else the seconds until it may."""
+        if now < self.next_slot:
+            self.last_wait = now
+            return self.next_slot - now
+        self.next_slot = max(self.next_slot, now - self.interval) + self.interval
+        return 0.0
+
+    def capping(self) -> bool:
+        return time.monotonic() - self.last_wait < 2.0
+
+    def read_pause(self, now: float, full: bool) -> float:
+        """Seconds to wait before the next read of answers."""
+        return max(0.0, self.last_read + self.read_every - now) if full else 0.0
+
+    def read(self, now: float, answers: int, window: int, full: bool) -> None:
+        """A read brought `answers` for a `window` of requests, full or not."""
+        if full and answers:
+            rate = answers / max(now - self.last_read, 1e-6)
+            self.answer_rate = rate if not self.answer_rate else 0.8 * self.answer_rate + 0.2 * rate
+            self.read_every = min(MAX_PACE_SECONDS, 0.5 * window / self.answer_rate)
+        self.last_read = now
+
+
+JSON_ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"), check_circular=False)
 
 
 def request_head(address: PluginAddress, method: str, path: str) -> bytes:
@@ -1713,11 +1626,6 @@ def request_head(address: PluginAddress, method: str, path: str) -> bytes:
     return ("%s %s%s HTTP/1.1\r\nHost: %s\r\nUser-Agent: %s\r\nContent-Type: application/json\r\n"
             "Content-Length: " % (method, address.prefix, path, address.host_header, USER_AGENT)
             ).encode("ascii")
-
-
-def write_request_head(address: PluginAddress, namespace: str) -> bytes:
-    """A memory's POST up to its Content-Length value."""
-    return request_head(address, "POST", "/v1/namespaces/%s/memories" % quote(namespace, safe=""))
 
 
 def with_body(head: bytes, payload: bytes) -> bytes:
@@ -1741,12 +1649,9 @@ class Job:
 class WriteConnection:
     """One keep-alive connection to the plugin and the requests in flight on it, oldest first.
 
-    It pipelines only once it has answered as a persistent HTTP/1.1
-    connection; until then it carries one request at a time, so a server that
-    answers once and closes, or speaks HTTP/1.0, still gets every request.  The
-    socket is non-blocking: a timeout on it would cost a poll() before every
-    send and receive.
-    """
+    It pipelines only once it has answered as a persistent HTTP/1.1 connection; until then it carries one
+    request at a time, so a server that answers once and closes, or speaks HTTP/1.0, still gets every request.
+    The socket is non-blocking: a timeout on it would cost a poll() before every send and receive."""
 
     def __init__(self, address: PluginAddress, tls_context, timeout: float, received: memoryview):
         self.address = address
@@ -1754,8 +1659,6 @@ class WriteConnection:
         self.received = received  # the stream's one receive buffer (one loop reads them all)
         self.would_block: tuple[type, ...] = (BlockingIOError,)
         if tls_context is not None:
-            import ssl
-
             self.would_block += (ssl.SSLWantReadError, ssl.SSLWantWriteError)
         self.timeout = timeout
         self.sock = None
@@ -1845,31 +1748,22 @@ class WriteConnection:
 class WriteStream:
     """Requests, oldest first, pipelined over keep-alive connections by one loop.
 
-    ConcurrencyLimit decides how many connections carry requests, never more
-    than `ceiling`: the plugin works on one request per connection at a time
-    (REFERENCE §4), so that is how many it works on at once for this run.  Each
-    connection pipelines up to PIPELINE_DEPTH, so that no round trip leaves it
-    idle; with a ceiling of 1, strictly one request at a time.  A mode drives it
-    with two callables:
-    fill(room) submits up to `room` more jobs and returns False once it has no
-    more; answered(job, response) takes each final answer.  RetryRule decides
-    what goes again: a retryable status, and every unanswered request on a
-    connection that failed or timed out (a retry of each, on a fresh
-    connection); an orderly close re-sends the rest without counting.  A
-    dependency failure (fail()) stops new work; what is in flight still gets
-    its answers.
-    """
+    ConcurrencyLimit decides how many connections carry requests, never more than `ceiling`: the plugin works
+    on one request per connection at a time (REFERENCE §4), so that is how many it works on at once for this
+    run.  Each connection pipelines up to PIPELINE_DEPTH, so that no round trip leaves it idle; with a ceiling
+    of 1, strictly one request at a time.  A mode drives it with two callables: fill(room) submits up to
+    `room` more jobs and returns False once it has no more; answered(job, response) takes each final answer.
+    RetryRule decides what goes again: a retryable status, and every unanswered request on a connection that
+    failed or timed out (a retry of each, on a fresh connection); an orderly close re-sends the rest without
+    counting.  A dependency failure (fail()) stops new work; what is in flight still gets its answers."""
 
     def __init__(self, address: PluginAddress, ceiling: int, timeout: float, retry: RetryRule,
                  max_rate: float, stop: threading.Event):
-        import ssl
-
         self.address = address
         self.ceiling = ceiling
         self.timeout = timeout
         self.retry = retry
         self.stop = stop
-        self.rate = RateLimiter(max_rate) if max_rate else None
         self.tls_context = ssl.create_default_context() if address.tls else None
         self.limit = ConcurrencyLimit(ceiling)
         self.received = memoryview(bytearray(RECEIVE_BYTES))
@@ -1877,14 +1771,8 @@ class WriteStream:
         self.ready: deque[Job] = deque()  # to send, oldest first
         self.retrying: list[Job] = []  # to send again after their backoff
         self.fatal: Optional[BackfillError] = None
-        self.latency = Quantiles()  # from sending a request to its whole answer
-        self.in_flight_range: Optional[tuple[int, int]] = None  # while there was more to send
-        self.first_sent: Optional[float] = None
-        self.last_answer = 0.0
-        self.answer_rate = 0.0  # responses per second, a moving average, while the window is full
-        self.pace = 0.0  # pause between reads while the window is full
-        self.last_read = 0.0
-        self.answers = 0
+        self.stats = LoadStatistics()
+        self.pacing = Pacing(max_rate)
 
     def submit(self, job: Job) -> None:
         self.ready.append(job)
@@ -1908,9 +1796,8 @@ class WriteStream:
 
     def drive(self, fill: Callable[[int], bool], answered: Callable[[Job, Response], None]
               ) -> Optional[BackfillError]:
-        """Send every job fill() gives; return when each has its final answer (or the run
-        stopped), with what stopped it, if anything.  The connections stay open for the next
-        drive() until close()."""
+        """Send every job fill() gives; return when each has its final answer (or the run stopped), with what
+        stopped it, if anything.  The connections stay open for the next drive() until close()."""
         more = True
         while True:
             if self.stop.is_set():
@@ -1932,17 +1819,10 @@ class WriteStream:
 
     def load(self) -> dict[str, object]:
         """What an operator watches on a live tenant: connections in use (the requests the plugin
-        works on at once) and the ceiling, writes in flight now (and their range while there was
-        more to send), and the plugin's answer latency."""
-        p50, p99 = self.latency.quantile(0.5), self.latency.quantile(0.99)
-        low, high = self.in_flight_range or (0, 0)
-        return {"answered": self.answers, "in_flight": self.in_flight(), "in_flight_min": low,
-                "in_flight_max": high, "connections": self.limit.connections,
+        works on at once) and the ceiling, writes in flight, the plugin's answer latency, retries."""
+        return {**self.stats.to_json(), "in_flight": self.in_flight(), "connections": self.limit.connections,
                 "connections_in_use": sum(1 for connection in self.connections if connection.in_flight),
                 "connections_ceiling": self.ceiling,
-                "seconds": round(self.last_answer - self.first_sent, 3) if self.first_sent else 0.0,
-                "latency_p50_ms": None if p50 is None else round(p50 * 1e3, 2),
-                "latency_p99_ms": None if p99 is None else round(p99 * 1e3, 2),
                 "retries": self.retry.granted, "last_retry_reason": self.retry.last_reason}
 
     def describe_load(self) -> str:
@@ -1952,7 +1832,7 @@ class WriteStream:
             load["in_flight_max"])
         if load["latency_p50_ms"] is not None:
             text += ", latency p50 %.1f ms p99 %.1f ms" % (load["latency_p50_ms"], load["latency_p99_ms"])
-        if self.rate is not None and self.rate.limiting():
+        if self.pacing.capping():
             text += ", capped by --max-rate"
         return text + ", " + self.retry.describe()
 
@@ -1976,7 +1856,7 @@ class WriteStream:
             batch: list[Job] = []
             slots = connection.free_slots(depth)
             while slots > len(batch) and self.ready and not self.stop.is_set():
-                if self.rate is not None and self.rate.delay(now) > 0:
+                if self.pacing.send_delay(now) > 0:
                     break
                 batch.append(self.ready.popleft())
             if batch:
@@ -1984,38 +1864,26 @@ class WriteStream:
                     connection.send(batch, now)
                 except OSError as exc:
                     self._connection_failed(connection, exc, now)
-        if self.first_sent is None and self.in_flight():
-            self.first_sent = now
-        if self.ready:
-            flying = self.in_flight()
-            low, high = self.in_flight_range or (flying, flying)
-            self.in_flight_range = (min(low, flying), max(high, flying))
+        self.stats.sent(now, self.in_flight(), bool(self.ready))
 
     # --- receiving --------------------------------------------------------
 
     def _wait(self, busy: list[WriteConnection], answered: Callable[[Job, Response], None]) -> None:
-        """Wait for answers (or the next retry, rate slot or timeout), then handle them.
-
-        With the window full, answers are read only every so often (`pace`: about
-        the time the plugin takes to answer half of it), so that each system call
-        carries several requests and responses: on loopback one send and one
-        receive cost more CPU than reading and planning a row.  The plugin has the
-        other half to work on meanwhile.  With one request at a time per connection
-        (--concurrency 1) there is nothing to batch: a pause would only add a wake-up
-        to each round trip, so it waits for the answer itself.
-        """
+        """Wait for answers (or the next retry, rate slot or timeout), then handle them.  With one request at
+        a time per connection (--concurrency 1) there is nothing to batch: a Pacing pause would only add a
+        wake-up to each round trip."""
         now = time.monotonic()
         if not busy:
             time.sleep(max(0.0, self._wake_time(now) - now))
             return
         full = self.depth() > 1 and sum(len(connection.in_flight) for connection in busy) >= self.capacity()
-        if full and now < self.last_read + self.pace:
-            time.sleep(self.last_read + self.pace - now)
+        if pause := self.pacing.read_pause(now, full):
+            time.sleep(pause)
             now = time.monotonic()
-        answers = self.answers
+        answers = self.stats.answers
         for connection in busy:  # answers are usually there by now: no select() first
             self._receive(connection, now, answered)
-        if self.answers == answers:
+        if self.stats.answers == answers:
             busy = [connection for connection in self.connections if connection.in_flight]
             if busy:
                 readable, writable, _ = select.select(
@@ -2030,11 +1898,7 @@ class WriteStream:
                 for connection in readable:
                     if connection.in_flight:
                         self._receive(connection, now, answered)
-        if full and self.answers > answers:
-            rate = (self.answers - answers) / max(now - self.last_read, 1e-6)
-            self.answer_rate = rate if not self.answer_rate else 0.8 * self.answer_rate + 0.2 * rate
-            self.pace = min(MAX_PACE_SECONDS, 0.5 * self.capacity() / self.answer_rate)
-        self.last_read = now
+        self.pacing.read(now, self.stats.answers - answers, self.capacity(), full)
         for connection in self.connections:
             if connection.in_flight and now >= connection.deadline():
                 self._connection_failed(connection, ConnectionLost(
@@ -2048,8 +1912,8 @@ class WriteStream:
             wake = min(wake, min(deadlines))
         if self.retrying:
             wake = min(wake, min(job.not_before for job in self.retrying))
-        if self.ready and self.rate is not None:
-            wake = min(wake, self.rate.next_slot)
+        if self.ready and self.pacing.interval:
+            wake = min(wake, self.pacing.next_slot)
         return wake
 
     def _receive(self, connection: WriteConnection, now: float,
@@ -2068,9 +1932,7 @@ class WriteStream:
                 self._protocol_error(connection, ProtocolError("a response to no request"))
                 return
             job = connection.in_flight.popleft()
-            self.answers += 1
-            self.last_answer = now
-            self.latency.add(now - job.sent_at)
+            self.stats.answered(now, job.sent_at)
             self.limit.answered(now, busy)
             self._answered(job, response, now, answered)
             if not response.head.persistent:  # the rest were not answered: send them again
@@ -2113,572 +1975,14 @@ class WriteStream:
             "Check that MEMORY_PLUGIN_URL points at the memory plugin, then re-run to resume."
             % (self.address.url, error)))
 
-def drive_stopping(mode: str, stream: WriteStream, failures: FailureLog,
-                   work: Callable[[], Optional[BackfillError]]) -> Optional[BackfillError]:
-    """Run a mode's `work` on the stream, the first SIGINT/SIGTERM winding it down; return what
-    stopped it early: a signal, a lost dependency, or a defect of this tool (stopped cleanly all
-    the same, so that the summary and checkpoint are kept).  Closes the stream and `failures`."""
-    with signals_stop(stream.stop) as received:
-        try:
-            stopped = work()
-        except BackfillError as exc:
-            stopped = exc
-        except Exception as exc:  # noqa: BLE001 - a defect: stop with the summary and checkpoint
-            stopped = BackfillError("%s failed unexpectedly (%s, a defect of %s); stopped. Re-run to "
-                                    "resume." % (mode, type(exc).__name__, PROG))
-        finally:
-            stream.close()
-            failures.close()
-    return Interrupted(received[0]) if received else stopped
-
 
 # ---------------------------------------------------------------------------
-# Checkpoint and low-water mark (-apply)
+# The record finder: a row's record in the plugin, which has no lookup by id
 # ---------------------------------------------------------------------------
-
-CHECKPOINT_SAVE_SECONDS = 1.0  # the checkpoint file is replaced at most this often
-
-
-class Checkpoint:
-    """--checkpoint FILE: how far -apply got, so that a re-run resumes there.
-
-    Every row before `position` (in the read order) is durably written to the
-    plugin or skipped by design.  The file is JSON, replaced atomically
-    (temporary file + rename), and names the row set it belongs to; a run with
-    another mode, -workspace or database refuses it.
-    """
-
-    def __init__(self, path: str, identity: dict[str, object], position: Optional[dict] = None,
-                 rows_done: int = 0, complete: bool = False):
-        self.path = path
-        self.identity = identity
-        self.position = position
-        self.rows_done_before = rows_done
-        self.rows_done = rows_done
-        self.complete = complete
-        self.saved_at = 0.0
-
-    @classmethod
-    def open(cls, settings: Settings) -> Checkpoint:
-        identity = {"mode": settings.mode, "workspace": settings.workspace,
-                    "database": settings.database.describe()}
-        path = settings.checkpoint
-        try:
-            with open(path, encoding="utf-8") as fh:
-                text = fh.read()
-        except FileNotFoundError:
-            checkpoint = cls(path, identity)
-            checkpoint.save()  # proves the path is writable before anything is written
-            return checkpoint
-        except OSError as exc:
-            raise UsageError("Cannot read the checkpoint %s (%s); choose a readable file."
-                             % (path, exc.strerror)) from None
-        try:
-            data = json.loads(text)
-            position = data["position"]
-            if position is not None:
-                position = {"created_at": position["created_at"], "id": str(position["id"])}
-            checkpoint = cls(path, dict(data["identity"]), position, int(data["rows_done"]),
-                             bool(data["complete"]))
-        except (ValueError, KeyError, TypeError):
-            raise UsageError("The checkpoint %s is not a memory-backfill checkpoint (unreadable JSON "
-                             "or missing fields); remove it to start over." % path) from None
-        if checkpoint.identity != identity:
-            differ = sorted(k for k in identity if checkpoint.identity.get(k) != identity[k])
-            raise UsageError("The checkpoint %s belongs to another run (different %s); use the same "
-                             "options, or another checkpoint file." % (path, " and ".join(differ)))
-        return checkpoint
-
-    def advance(self, position: tuple[Optional[str], str], rows_done_this_run: int) -> None:
-        self.position = {"created_at": position[0], "id": position[1]}
-        self.rows_done = self.rows_done_before + rows_done_this_run
-        if time.monotonic() - self.saved_at >= CHECKPOINT_SAVE_SECONDS:
-            self.save()
-
-    def save(self, complete: bool = False) -> None:
-        self.complete = complete
-        data = {"tool": PROG, "format": 1, "identity": self.identity, "position": self.position,
-                "rows_done": self.rows_done, "complete": complete}
-        temporary = self.path + ".tmp"
-        try:
-            with open(temporary, "w", encoding="utf-8") as fh:
-                json.dump(data, fh, indent=1, sort_keys=True)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(temporary, self.path)
-        except OSError as exc:
-            raise UsageError("Cannot write the checkpoint %s (%s); choose a writable path."
-                             % (self.path, exc.strerror)) from None
-        self.saved_at = time.monotonic()
-
-
-class LowWaterMark:
-    """Rows numbered in read order; the mark is the longest prefix of rows done
-    (written, or skipped by design), and the checkpoint follows it."""
-
-    def __init__(self, checkpoint: Optional[Checkpoint]):
-        self.checkpoint = checkpoint
-        self.next_number = 0
-        self.low_water = -1  # every row numbered <= this is done
-        self.settled: set = set()  # rows done above the mark
-        self.positions: dict[int, tuple[Optional[str], str]] = {}
-        # After a refused row the mark cannot pass it in this run: stop tracking
-        # (memory stays flat); a resume starts again at that row.
-        self.frozen = False
-
-    def number(self, row: LegacyRow) -> int:
-        number = self.next_number
-        self.next_number += 1
-        if not self.frozen:
-            self.positions[number] = (row.legacy.get("created_at"), row.id)
-        return number
-
-    def done(self, number: int) -> None:
-        """Row `number` is done; raises BackfillError if the checkpoint cannot be saved."""
-        if self.frozen:
-            return
-        self.settled.add(number)
-        if self.low_water + 1 not in self.settled:
-            return
-        while self.low_water + 1 in self.settled:
-            self.low_water += 1
-            self.settled.discard(self.low_water)
-            position = self.positions.pop(self.low_water)
-        if self.checkpoint is not None:
-            self.checkpoint.advance(position, self.low_water + 1)
-
-    def freeze(self) -> None:
-        self.frozen = True
-        self.settled.clear()
-        self.positions.clear()
-
-
-# ---------------------------------------------------------------------------
-# -dry-run and -apply themselves
-# ---------------------------------------------------------------------------
-
-@dataclass
-class BackfillReport(RunReport):
-    mode: str = "apply"
-    redact: bool = True
-    by_scope: Counter = field(default_factory=Counter)  # rows copied (or to copy)
-    by_kind: Counter = field(default_factory=Counter)
-    skip_reasons: Counter = field(default_factory=Counter)
-    redactions: Counter = field(default_factory=Counter)
-    namespaces: set = field(default_factory=set)
-    checkpoint_path: Optional[str] = None
-    resumed_from: Optional[dict[str, object]] = None
-    # A plugin that ignores ids stored these under ids of its own: (row id, its id, namespace).
-    stored_as_others: list[tuple[str, str, Optional[str]]] = field(default_factory=list)
-
-    @property
-    def copied(self) -> int:
-        return sum(self.by_scope.values())
-
-    @property
-    def skipped(self) -> int:
-        return sum(self.skip_reasons.values())
-
-    @property
-    def done(self) -> int:
-        return self.copied + self.skipped + self.errors
-
-    def count_copy(self, planned: PlannedWrite) -> None:
-        self.by_scope[planned.row.scope] += 1
-        self.by_kind[planned.target.kind] += 1
-        self.namespaces.add(planned.target.namespace)
-        if planned.redactions:
-            self.redactions.update(planned.redactions)
-
-    def failed_rows(self) -> str:
-        return ("%d rows were not copied (the plugin refused them: listed above%s); fix what the plugin "
-                "says, then run -apply again: rows already copied are rewritten by id, never duplicated."
-                % (self.errors, self.listed()))
-
-    def to_json(self) -> dict[str, object]:
-        return {**super().to_json(),
-                "stored_under_other_ids": [{"row_id": row_id, "stored_id": stored, "namespace": namespace}
-                                           for row_id, stored, namespace in self.stored_as_others],
-                "mode": self.mode, "copied": self.copied, "skipped": self.skipped, "redaction": self.redact,
-                "rows_by_scope": dict(self.by_scope), "rows_by_namespace_kind": dict(self.by_kind),
-                "namespaces": len(self.namespaces), "skipped_by_reason": dict(self.skip_reasons),
-                "redactions_by_label": dict(self.redactions), "checkpoint": self.checkpoint_path,
-                "resumed_from": self.resumed_from}
-
-
-def planned_outcomes(rows: Iterable[LegacyRow], tree: WorkspaceTree, settings: Settings,
-                     report: BackfillReport, log) -> Iterator[Outcome]:
-    """Each row's outcome, counted as scanned (and skipped) in the report as it goes."""
-    for row in rows:
-        report.scanned += 1
-        outcome = plan_row(row, tree, settings.redact)
-        if isinstance(outcome, Skipped):
-            report.skip_reasons[outcome.reason] += 1
-            log("skip %s: %s", row.id, outcome.reason)
-        yield outcome
-
-
-def dry_run(settings: Settings, log, progress: Progress) -> BackfillReport:
-    """-dry-run: read and decide everything, write nothing; say whether -apply could start."""
-    report = BackfillReport(settings.plugin, mode=settings.mode, redact=settings.redact)
-    try:
-        version = check_plugin(PluginClient(settings.plugin, settings.timeout, 0), progress)
-        report.plugin_status = "ok (version %s): -apply could start" % version
-    except DependencyError as exc:
-        report.plugin_status = "NOT ready, -apply would stop: %s" % exc
-    with open_database(settings, progress) as database:
-        tree = read_tree(database, settings, progress)
-        total = database.count_rows(settings.workspaces, settings.limit)
-        progress.count(report, total)
-        rows = database.rows(settings.workspaces, settings.limit)
-        for outcome in planned_outcomes(rows, tree, settings, report, log):
-            if isinstance(outcome, PlannedWrite):
-                report.count_copy(outcome)
-                log("would copy %s -> %s", outcome.row.id, outcome.target.namespace)
-    return report
-
-
-def apply(settings: Settings, log, progress: Progress) -> BackfillReport:
-    """-apply: copy the rows, oldest first, through the write stream.
-
-    It stops early, cleanly, on a lost dependency or a signal: the writes in
-    flight get their answers, the checkpoint is saved, and the error raised
-    carries the report so far.
-    """
-    report = BackfillReport(settings.plugin, mode=settings.mode, redact=settings.redact)
-    checkpoint = Checkpoint.open(settings) if settings.checkpoint else None
-    if checkpoint is not None:
-        report.checkpoint_path = settings.checkpoint
-        report.resumed_from = checkpoint.position
-        if checkpoint.complete:
-            report.plugin_status = "not contacted: the checkpoint says this backfill is complete"
-            return report
-    plugin = PluginClient(settings.plugin, settings.timeout, settings.retries)
-    report.plugin_status = "ok (version %s)" % check_plugin(plugin, progress)
-    stream = WriteStream(settings.plugin, settings.write_connections, settings.timeout, plugin.retry,
-                         settings.max_rate, threading.Event())
-    with open_database(settings, progress) as database:  # a refusal here comes before any write
-        after = checkpoint.position if checkpoint else None
-        tree = read_tree(database, settings, progress)
-        total = database.count_rows(settings.workspaces, settings.limit, after)
-        outcomes = planned_outcomes(database.rows(settings.workspaces, settings.limit, after), tree,
-                                    settings, report, log)
-        failures = FailureLog(settings.failures, append=bool(checkpoint and checkpoint.position))
-        report.failures_path = settings.failures
-        writes = ApplyWrites(plugin, settings, report, log, checkpoint, failures, stream, outcomes)
-        progress.count(report, total, stream.describe_load)
-        stopped = drive_stopping("-apply", stream, failures,
-                                 lambda: stream.drive(writes.fill, writes.answered))
-    report.load = stream.load()
-    if checkpoint is not None:
-        # Complete only when the table was read to its end: a -limit run that
-        # used up its limit leaves the rest for the next run.
-        reached_end = settings.limit is None or report.scanned < settings.limit
-        try:
-            checkpoint.save(complete=stopped is None and report.errors == 0 and reached_end)
-        except BackfillError as exc:
-            stopped = stopped or exc
-    report.stop(stopped)
-    return report
-
-
-JSON_ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"), check_circular=False)
-
-
-def write_request(address: PluginAddress, planned: PlannedWrite, heads: dict[str, bytes]) -> bytes:
-    """The POST of one memory, ready to send (`heads` caches each namespace's head)."""
-    namespace = planned.target.namespace
-    head = heads.get(namespace)
-    if head is None:
-        head = heads[namespace] = write_request_head(address, namespace)
-    try:
-        payload = JSON_ENCODER.encode(planned.body).encode("ascii")
-    except ValueError:  # allow_nan=False: only the embedding holds floats
-        raise RowFailed("the embedding holds NaN or Infinity, which JSON cannot carry") from None
-    return with_body(head, payload)
-
-
-# The 201 body as the plugin (Go's encoding/json) writes it: read without a JSON parse.
-STORED_BODY = re.compile(rb'\{"id":"([0-9a-f-]{36})","namespace":"[^"\\]*"\}\n?')
-
-
-def stored_id(body: bytes) -> Optional[str]:
-    """The id in a 201 body, {"id": "...", "namespace": "..."}; None if it is not that object."""
-    plain = STORED_BODY.fullmatch(body)
-    if plain is not None:
-        return plain.group(1).decode("ascii")
-    try:
-        data = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        return None
-    found = data.get("id") if isinstance(data, dict) else None
-    return found.lower() if isinstance(found, str) else None
-
-
-class ApplyWrites:
-    """-apply's side of the write stream: rows in (planned, numbered, their namespace
-    upserted once per run before its first write), answers out (counted, the checkpoint
-    advanced).  A 2xx whose body names another id than the one sent stops the run: that
-    plugin ignores ids, so every re-run would duplicate every row (REFERENCE §4)."""
-
-    def __init__(self, plugin: PluginClient, settings: Settings, report: BackfillReport, log,
-                 checkpoint: Optional[Checkpoint], failures: FailureLog, stream: WriteStream,
-                 outcomes: Iterator[Outcome]):
-        self.plugin = plugin
-        self.report = report
-        self.log = log
-        self.failures = failures
-        self.stream = stream
-        self.outcomes = outcomes
-        self.max_consecutive_failures = settings.max_consecutive_failures
-        self.mark = LowWaterMark(checkpoint)
-        self.heads: dict[str, bytes] = {}  # namespace -> the start of its POST
-        self.namespaces: set = set()  # upserted in this run
-        self.consecutive_failures = 0
-
-    def fill(self, room: int) -> bool:
-        """Plan up to `room` more writes; False once there are no more rows."""
-        while room > 0:
-            try:
-                outcome = next(self.outcomes, None)
-            except BackfillError as exc:  # the legacy database was lost
-                self.stream.fail(exc)
-                return False
-            if outcome is None:
-                return False
-            number = self.mark.number(outcome.row)
-            if isinstance(outcome, Skipped):
-                self.failures.record_row(outcome.row, reason=outcome.reason)
-                self._settle(number)
-                continue
-            job = Job(number, outcome, b"")
-            if outcome.target.namespace not in self.namespaces and not self._upsert_namespace(job):
-                continue
-            try:
-                job.request = write_request(self.plugin.address, outcome, self.heads)
-            except RowFailed as exc:
-                self._refused(job, exc)
-                continue
-            self.stream.submit(job)
-            room -= 1
-        return True
-
-    def _upsert_namespace(self, job: Job) -> bool:
-        """PUT the job's namespace (the first time in this run); False if the write cannot go."""
-        target = job.item.target
-        try:
-            self.plugin.put_namespace(target.namespace, target.kind)
-        except RowFailed as exc:  # the next row of this namespace tries again
-            self._refused(job, exc)
-            return False
-        except BackfillError as exc:
-            self.stream.fail(exc)
-            return False
-        self.namespaces.add(target.namespace)
-        return True
-
-    def answered(self, job: Job, response: Response) -> None:
-        planned = job.item
-        status = response.head.status
-        if not 200 <= status < 300:
-            self._refused(job, plugin_rejected(response))
-            return
-        found = stored_id(response.body)
-        if found != planned.row.id:
-            self._duplicated(job, found, response.body)
-            return
-        self.report.count_copy(planned)
-        self.consecutive_failures = 0
-        self._settle(job.number)
-        self.log("copy %s -> %s", planned.row.id, planned.target.namespace)
-
-    def _duplicated(self, job: Job, found: Optional[str], body: bytes) -> None:
-        """The plugin stored the write under another id (or said nothing readable)."""
-        row = job.item.row
-        error = RowFailed("the plugin stored it as %s, not under its own id" % found if found else
-                          "the plugin's 201 body does not name the id it stored")
-        namespace = None
-        if found:
-            with contextlib.suppress(ValueError, AttributeError):
-                namespace = json.loads(body.decode("utf-8")).get("namespace")
-            self.report.stored_as_others.append((row.id, found, namespace))
-        self.failures.record_row(row, error=str(error), stored_id=found, stored_namespace=namespace)
-        self.report.count_error(row.id, error)
-        self.mark.freeze()
-        self.stream.fail(PluginIgnoresIds(
-            "The memory plugin at %s ignores the ids it is given (row %s was stored %s), so every run "
-            "would duplicate every row; stopped. Do not run -apply again until the plugin is upgraded to one "
-            "with idempotent upsert by id; then delete the records it stored under ids of its own (listed "
-            "above, in --json and in --failures) as the README's \"A plugin that ignores ids\" shows."
-            % (self.plugin.address.url, row.id, "as %s" % found if found else "without naming its id")))
-
-    def _refused(self, job: Job, error: RowFailed) -> None:
-        row = job.item.row
-        self.failures.record_row(row, error=str(error), status=getattr(error, "status", None))
-        self.log("error %s: %s", row.id, error)
-        self.report.count_error(row.id, error)
-        self.mark.freeze()
-        self.consecutive_failures += 1
-        if self.consecutive_failures >= self.max_consecutive_failures:
-            self.stream.fail(DependencyError(
-                "The plugin refused %d rows in a row (the last: %s); stopped. Fix the plugin, "
-                "then re-run to resume." % (self.consecutive_failures, error)))
-
-    def _settle(self, number: int) -> None:
-        try:
-            self.mark.done(number)
-        except BackfillError as exc:  # the checkpoint cannot be saved
-            self.stream.fail(exc)
-
-
-# ===========================================================================
-# -verify
-# ===========================================================================
 
 SEARCH_QUERY_CHARS = 2000  # cap on the text of a targeted search
-DIFF_CONTEXT_CHARS = 30  # (redacted) content shown on each side of a first difference
 NAMESPACES_PER_SEARCH = 500  # a search over the whole tenant is split into searches this big
-VERIFY_GROUP_ROWS = 2000  # -verify reads, lists and searches this many rows at a time
 SEARCH_BATCH = 64  # rows searched for one by one at a time (then those found meanwhile are dropped)
-
-# What -verify finds for a row: exactly one of these.
-MATCH = "match"
-MISSING = "missing"
-WRONG_NAMESPACE = "wrong namespace"
-CONTENT_DIFFERS = "content differs"
-UNREDACTED = "unredacted"
-PROVENANCE = "provenance"
-UNVERIFIABLE = "unverifiable"
-PROBLEM_CLASSES = (MISSING, WRONG_NAMESPACE, CONTENT_DIFFERS, UNREDACTED, PROVENANCE)
-VERIFY_CLASSES = (MATCH,) + PROBLEM_CLASSES + (UNVERIFIABLE,)
-
-
-@dataclass(frozen=True)
-class Finding:
-    """What -verify found for one row: its class, and what differs (never a secret)."""
-
-    planned: PlannedWrite
-    verdict: str  # one of VERIFY_CLASSES
-    detail: str = ""
-    found_in: Optional[str] = None  # the namespace that holds the plugin's copy
-    labels: tuple[str, ...] = ()  # unredacted: the labels of the secrets in clear
-
-    def line(self) -> str:
-        row = self.planned.row
-        return "%s %s (workspace %s): %s" % (self.verdict, row.id, row.workspace_id, self.detail)
-
-    def to_json(self) -> dict[str, object]:
-        entry: dict[str, object] = {
-            "id": self.planned.row.id, "workspace_id": self.planned.row.workspace_id,
-            "class": self.verdict, "expected_namespace": self.planned.target.namespace,
-            "found_namespace": self.found_in}
-        if self.labels:
-            entry["labels"] = list(self.labels)
-        return entry
-
-
-@dataclass
-class VerifyReport:
-    plugin: PluginAddress
-    workspaces_sampled: int = 0
-    scanned: int = 0  # rows read, skipped ones included
-    classes: Counter = field(default_factory=Counter)
-    problems: list[str] = field(default_factory=list)  # the first SHOWN_PROBLEMS lines
-    failures_path: Optional[str] = None
-    retries: int = 0  # of searches
-
-    @property
-    def done(self) -> int:
-        return self.scanned
-
-    @property
-    def matches(self) -> int:
-        return self.classes[MATCH]
-
-    @property
-    def mismatches(self) -> int:
-        return sum(self.classes[verdict] for verdict in PROBLEM_CLASSES)
-
-    @property
-    def errors(self) -> int:
-        return self.classes[UNVERIFIABLE]
-
-    def count(self, finding: Finding) -> None:
-        self.classes[finding.verdict] += 1
-        if finding.verdict != MATCH and len(self.problems) < SHOWN_PROBLEMS:
-            self.problems.append(finding.line())
-
-    def verdict(self) -> Optional[BackfillError]:
-        """Exit 1, with what to do, unless every sampled row matches."""
-        listed = "listed above" + (" and in " + self.failures_path if self.failures_path else "")
-        advice = []
-        if self.mismatches:
-            advice.append("%d sampled rows do not match (%s): run -apply to rewrite them by id, then "
-                          "-verify again" % (self.mismatches, listed))
-        if self.errors:
-            advice.append("%d rows could not be looked up (unverifiable, %s): check those ids in the "
-                          "plugin by hand, or run -verify again if the plugin refused searches"
-                          % (self.errors, listed))
-        return Incomplete("; ".join(advice) + ".") if advice else None
-
-    def to_json(self) -> dict[str, object]:
-        return {
-            "mode": "verify", "workspaces_sampled": self.workspaces_sampled, "scanned": self.scanned,
-            "matches": self.matches, "mismatches": self.mismatches, "errors": self.errors,
-            "unverifiable": self.errors, "problems": self.problems, "retries": self.retries,
-            "rows_by_class": {verdict.replace(" ", "_"): self.classes[verdict]
-                              for verdict in VERIFY_CLASSES},
-            "failures_file": self.failures_path,
-        }
-
-
-def verify(settings: Settings, log, progress: Progress) -> VerifyReport:
-    """-verify: every row -apply would write, for a sample of workspaces, looked up in the plugin."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    report = VerifyReport(settings.plugin, failures_path=settings.failures)
-    plugin = PluginClient(settings.plugin, settings.timeout, settings.retries, connections=settings.searches)
-    check_plugin(plugin, progress)
-    failures = FailureLog(settings.failures)
-    try:
-        with open_database(settings, progress) as database, \
-                ThreadPoolExecutor(settings.searches, thread_name_prefix="search") as pool:
-            tree = read_tree(database, settings, progress)
-            if settings.workspaces:
-                sample = settings.workspaces
-            else:
-                candidates = [w for w in database.workspaces_of() if w in tree and not tree.is_removed(w)]
-                sample = sample_workspaces(candidates, settings.verify_sample, settings.seed)
-            report.workspaces_sampled = len(sample)
-            finder = RecordFinder(plugin, database, tree, sample, pool)
-            progress.count(report, database.count_rows(sample), lambda: ", " + plugin.retry.describe())
-            for rows, finished in row_groups(database.rows(sample, by_workspace=True), VERIFY_GROUP_ROWS):
-                report.scanned += len(rows)
-                planned = [outcome for outcome in (plan_row(row, tree, settings.redact) for row in rows)
-                           if isinstance(outcome, PlannedWrite)]
-                lookups = finder.find([Sought(p.row, p.body["content"], p.target.namespace) for p in planned])
-                for p in planned:
-                    finding = classify(p, lookups[p.row.id], settings.show_content)
-                    report.count(finding)
-                    if finding.verdict == MATCH:
-                        log("match %s", p.row.id)
-                    else:
-                        log(finding.line())
-                        failures.write(finding.to_json())
-                finder.done_with(finished)
-    finally:
-        failures.close()
-    return report
-
-
-def sample_workspaces(candidates: Iterable[str], size: int, seed: int) -> list[str]:
-    """A deterministic sample (size 0 = all), in sorted order."""
-    import random
-
-    ordered = sorted(candidates)
-    if size == 0 or size >= len(ordered):
-        return ordered
-    return sorted(random.Random(seed).sample(ordered, size))
 
 
 def row_groups(rows: Iterable[LegacyRow], size: int) -> Iterator[tuple[list[LegacyRow], list[str]]]:
@@ -2704,8 +2008,6 @@ def row_groups(rows: Iterable[LegacyRow], size: int) -> Iterator[tuple[list[Lega
     yield group, finished
 
 
-# --- finding a row's record: the plugin has no lookup by id ----------------
-
 @dataclass(frozen=True)
 class Sought:
     """A row to find in the plugin."""
@@ -2713,6 +2015,24 @@ class Sought:
     row: LegacyRow
     content: str  # as -apply writes it
     namespace: Optional[str]  # where -apply writes it; None for a row it skips
+
+
+def sought(outcome: Outcome, redaction: bool) -> Optional[Sought]:
+    """The one step from a row to what is looked for: its content as written and where -apply writes it.  A
+    row -apply skips is looked for too (an older backfill may have written it), except an empty one: the
+    plugin refuses empty content."""
+    if isinstance(outcome, PlannedWrite):
+        return Sought(outcome.row, outcome.body["content"], outcome.target.namespace)
+    row = outcome.row
+    if not row.content.strip():
+        return None
+    return Sought(row, platform_content(row.content, SCOPE_KINDS.get(row.scope, "workspace"), redaction)[0],
+                  None)
+
+
+# Where a lookup puts a row's record: exactly one of these (Lookup.verdict).
+IN_PLACE, ELSEWHERE, REFUSED, ABSENT, UNSEARCHABLE = (
+    "where -apply writes it", "elsewhere", "refused", "absent", "unsearchable")
 
 
 class Lookup(NamedTuple):
@@ -2723,19 +2043,31 @@ class Lookup(NamedTuple):
     searchable: bool  # that search could find it: its text has words, or is one character
     refused: Optional[str]  # the plugin refused a search for it
 
+    def verdict(self, expected: Optional[str]) -> str:
+        """Found in the namespace `expected` or elsewhere; or not found: the plugin refused a
+        search, absent (a whole search that could find it did not), or unsearchable."""
+        if self.record is not None:
+            return IN_PLACE if self.record.get("namespace") == expected else ELSEWHERE
+        if self.refused:
+            return REFUSED
+        return ABSENT if self.complete and self.searchable else UNSEARCHABLE
+
+    def why_not_looked_up(self) -> str:
+        """For REFUSED and UNSEARCHABLE."""
+        if self.refused:
+            return "the plugin refused a search for it (%s)" % self.refused
+        return "a search for its words matches too many records or finds no searchable word"
+
 
 class RecordFinder:
     """Finds rows' records in the plugin, which has no lookup by id and caps a search at 100.
 
-    Each namespace a row is written to is listed once (its newest 100), kept
-    while a workspace still to come may need it.  Rows not seen there are
-    searched for by words several of them share (shared_word_searches), then
-    each one by its own words in the namespaces its workspace reads; if still
-    unseen, with words a changed copy would still share (the text without its
-    redaction marks, either half), then with its own words in every namespace
-    of the tenant.  Searches run on the pool, --concurrency at a time, and
-    return what they found; find() alone puts it together.
-    """
+    Each namespace a row is written to is listed once (its newest 100), kept while a workspace still to come
+    may need it.  Rows not seen there are searched for by words several of them share (shared_word_searches),
+    then each one by its own words in the namespaces its workspace reads; if still unseen, with words a
+    changed copy would still share (the text without its redaction marks, either half), then with its own
+    words in every namespace of the tenant.  Searches run on the pool, --concurrency at a time, and return
+    what they found; find() alone puts it together."""
 
     def __init__(self, plugin: PluginClient, database: LegacyDatabase, tree: WorkspaceTree,
                  workspaces: list[str], pool):
@@ -2854,9 +2186,8 @@ def _keep(seen: dict[str, dict], records: list[dict], wanted: set) -> None:
 def search_query(content: str) -> str:
     """Text for a full-text search that the record with this content must match.
 
-    The plugin ANDs every word of the query, so the row's own words (cut at a
-    whitespace boundary, never mid-word) always find it.
-    """
+    The plugin ANDs every word of the query, so the row's own words (cut at a whitespace boundary, never
+    mid-word) always find it."""
     text = content.strip()
     if len(text) > SEARCH_QUERY_CHARS:
         cut = text[:SEARCH_QUERY_CHARS].rsplit(None, 1)[0]
@@ -2868,9 +2199,8 @@ REDACTION_MARK = re.compile(r"\[REDACTED:[A-Z0-9_]+\]")
 
 
 def fallback_queries(content: str) -> list[str]:
-    """Searches that find a copy of this content whose words differ somewhere: the
-    text without its redaction marks (a copy that holds the secrets in clear), and
-    each half of it (a copy changed in the other half)."""
+    """Searches that find a copy of this content whose words differ somewhere: the text without its redaction
+    marks (a copy that holds the secrets in clear), and each half of it (a copy changed in the other half)."""
     plain = REDACTION_MARK.sub(" ", content)
     words = plain.split()
     halves = [" ".join(words[:len(words) // 2]), " ".join(words[len(words) // 2:])]
@@ -2885,9 +2215,9 @@ SEARCH_WORD = re.compile(r"[a-z0-9]{3,}")
 
 
 def shared_word_searches(sought: list[Sought], unseen: list[Sought]) -> list[tuple[str, str]]:
-    """(namespace, word) searches that each find several unseen rows at once: words that
-    two or more of them share but, as far as these rows tell, at most SEARCH_CAP records of
-    the namespace hold.  Most shared first; each search covers rows no earlier one did."""
+    """(namespace, word) searches that each find several unseen rows at once: words that two or more of them
+    share but, as far as these rows tell, at most SEARCH_CAP records of the namespace hold.  Most shared
+    first; each search covers rows no earlier one did."""
     by_namespace: dict[str, tuple[list[Sought], set]] = {}
     for s in sought:
         if s.namespace:
@@ -2910,24 +2240,670 @@ def shared_word_searches(sought: list[Sought], unseen: list[Sought]) -> list[tup
     return searches
 
 
-# --- deciding a row's class -------------------------------------------------
+# ---------------------------------------------------------------------------
+# Local files, progress and signals; starting a mode, one dependency at a time
+# ---------------------------------------------------------------------------
+
+PROGRESS_TTY_SECONDS = 0.5  # refresh of the self-updating progress line
+PROGRESS_LOG_SECONDS = 5.0  # at most one plain progress line this often otherwise
+
+
+class FailureLog:
+    """--failures FILE: one JSON object per line (ids, reasons, namespaces, never content)."""
+
+    def __init__(self, path: Optional[str], append: bool = False):
+        self.file = None
+        if path:
+            try:
+                self.file = open(path, "a" if append else "w", encoding="utf-8")
+            except OSError as exc:
+                raise UsageError("Cannot write the failures file %s (%s); choose a writable path."
+                                 % (path, exc.strerror)) from None
+
+    def record_row(self, row: LegacyRow, **entry) -> None:
+        self.write({"id": row.id, "workspace_id": row.workspace_id, "scope": row.scope,
+                    **{key: value for key, value in entry.items() if value is not None}})
+
+    def write(self, entry: dict[str, object]) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(entry, ensure_ascii=False) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+class Progress:
+    """The progress line on stderr, from the first second: what the run waits for (connecting, reading,
+    checking the plugin) until rows move; then rows done / total, rows per second, ETA, errors and what
+    `details` adds.
+
+    On a terminal: one line that rewrites itself; otherwise a plain line at most every PROGRESS_LOG_SECONDS.
+    Runs in its own thread; nothing at all when not `shown` (-q, -v).  `report` has `done` and `errors`."""
+
+    def __init__(self, stream, shown: bool = True):
+        self.stream = stream
+        self.shown = shown
+        self.tty = bool(getattr(stream, "isatty", lambda: False)())
+        self.activity, self.since = "starting", time.monotonic()
+        self.report = None
+        self.total = 0
+        self.details: Callable[[], str] = str
+        self.drawn = False  # a line of ours is on the terminal
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="progress", daemon=True)
+
+    def __enter__(self) -> Progress:
+        if self.shown:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if not self.shown:
+            return
+        self.stopped.set()
+        self.thread.join()
+        if self.tty and self.drawn:  # the last redraw: clear what it overwrites, and keep the rows line
+            self.stream.write("\r\x1b[K" + (self.line() + "\n" if self.report is not None else ""))
+            self.stream.flush()
+
+    def doing(self, activity: str) -> None:
+        """What the run waits for now, until count() is called."""
+        self.activity, self.since = activity, time.monotonic()
+
+    def count(self, report, total: int, details: Callable[[], str] = str) -> None:
+        """Rows move from now on."""
+        self.report, self.total, self.details, self.since = report, total, details, time.monotonic()
+
+    def line(self) -> str:
+        elapsed = max(time.monotonic() - self.since, 1e-6)
+        if self.report is None:
+            return "%s (%.0f s)" % (self.activity, elapsed)
+        done = self.report.done
+        rate = done / elapsed
+        eta = "%ds" % ((self.total - done) / rate) if rate > 0 and done < self.total else "-"
+        percent = 100.0 * done / self.total if self.total else 100.0
+        return "%d/%d rows (%.0f%%), %.0f rows/s, ETA %s, errors %d%s" % (
+            done, self.total, percent, rate, eta, self.report.errors, self.details())
+
+    def _run(self) -> None:
+        interval = PROGRESS_TTY_SECONDS if self.tty else PROGRESS_LOG_SECONDS
+        while not self.stopped.wait(interval):
+            if self.tty:
+                self.stream.write("\r\x1b[K" + self.line())
+                self.drawn = True
+            else:
+                self.stream.write("progress: %s\n" % self.line())
+            self.stream.flush()
+
+
+@contextlib.contextmanager
+def signals_stop(stop: threading.Event):
+    """First SIGINT/SIGTERM: set `stop` (the run winds down); a second: exit at once."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handler(signum, frame):
+        if received:
+            os._exit(128 + signum)
+        received.append(signum)
+        stop.set()
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+def drive_stopping(mode: str, stream: WriteStream, failures: FailureLog,
+                   work: Callable[[], Optional[BackfillError]]) -> Optional[BackfillError]:
+    """Run a mode's `work` on the stream, the first SIGINT/SIGTERM winding it down; return what stopped it
+    early: a signal, a lost dependency, or a defect of this tool (stopped cleanly all the same, so that the
+    summary and checkpoint are kept).  Closes the stream and `failures`."""
+    with signals_stop(stream.stop) as received:
+        try:
+            stopped = work()
+        except BackfillError as exc:
+            stopped = exc
+        except Exception as exc:  # noqa: BLE001 - a defect: stop with the summary and checkpoint
+            stopped = BackfillError("%s failed unexpectedly (%s, a defect of %s); stopped. Re-run to "
+                                    "resume." % (mode, type(exc).__name__, PROG))
+        finally:
+            stream.close()
+            failures.close()
+    return Interrupted(received[0]) if received else stopped
+
+
+def check_plugin(plugin: PluginClient, progress: Progress) -> str:
+    progress.doing("checking the memory plugin at %s" % plugin.address.url)
+    return plugin.check_health()
+
+
+def open_database(settings: Settings, progress: Progress) -> LegacyDatabase:
+    progress.doing("connecting to the legacy database %s" % settings.database.describe())
+    return LegacyDatabase(settings.database)
+
+
+def read_tree(database: LegacyDatabase, settings: Settings, progress: Progress) -> WorkspaceTree:
+    """The tenant's workspaces; a -workspace that names neither a workspace nor a row is refused."""
+    progress.doing("reading the workspaces and counting rows")
+    tree = database.read_workspaces()
+    if settings.workspace and settings.workspace not in tree and not database.count_rows(settings.workspaces):
+        raise UsageError("-workspace %s names no workspace and no row of agent_memories in %s; check the "
+                         "UUID (nothing was written)." % (settings.workspace, settings.database.describe()))
+    return tree
+
+
+# ===========================================================================
+# -dry-run and -apply
+# ===========================================================================
+
+
+# ---------------------------------------------------------------------------
+# The report, and -dry-run
+# ---------------------------------------------------------------------------
+
+@dataclass
+class BackfillReport(RunReport):
+    by_scope: Counter = field(default_factory=Counter)  # rows copied (or to copy)
+    by_kind: Counter = field(default_factory=Counter)
+    skip_reasons: Counter = field(default_factory=Counter)
+    redactions: Counter = field(default_factory=Counter)
+    namespaces: set = field(default_factory=set)
+    resumed_from: Optional[dict[str, object]] = None
+    # A plugin that ignores ids stored these under ids of its own: (row id, its id, namespace).
+    stored_as_others: list[tuple[str, str, Optional[str]]] = field(default_factory=list)
+
+    @property
+    def copied(self) -> int:
+        return sum(self.by_scope.values())
+
+    @property
+    def skipped(self) -> int:
+        return sum(self.skip_reasons.values())
+
+    @property
+    def done(self) -> int:
+        return self.copied + self.skipped + self.errors
+
+    def count_copy(self, planned: PlannedWrite) -> None:
+        self.by_scope[planned.row.scope] += 1
+        self.by_kind[planned.target.kind] += 1
+        self.namespaces.add(planned.target.namespace)
+        if planned.redactions:
+            self.redactions.update(planned.redactions)
+
+    def failed_rows(self) -> str:
+        return ("%d rows were not copied (the plugin refused them: listed above%s); fix what the plugin "
+                "says, then run -apply again: rows already copied are rewritten by id, never duplicated."
+                % (self.errors, self.listed()))
+
+    def to_json(self) -> dict[str, object]:
+        return {**super().to_json(),
+                "stored_under_other_ids": [{"row_id": row_id, "stored_id": stored, "namespace": namespace}
+                                           for row_id, stored, namespace in self.stored_as_others],
+                "mode": self.settings.mode, "copied": self.copied, "skipped": self.skipped,
+                "redaction": self.settings.redact,
+                "rows_by_scope": dict(self.by_scope), "rows_by_namespace_kind": dict(self.by_kind),
+                "namespaces": len(self.namespaces), "skipped_by_reason": dict(self.skip_reasons),
+                "redactions_by_label": dict(self.redactions), "checkpoint": self.settings.checkpoint,
+                "resumed_from": self.resumed_from}
+
+
+def planned_outcomes(rows: Iterable[LegacyRow], tree: WorkspaceTree, settings: Settings,
+                     report: BackfillReport, log) -> Iterator[Outcome]:
+    """Each row's outcome, counted as scanned (and skipped) in the report as it goes."""
+    for row in rows:
+        report.scanned += 1
+        outcome = plan_row(row, tree, settings.redact)
+        if isinstance(outcome, RowSkipped):
+            report.skip_reasons[outcome.reason] += 1
+            log("skip %s: %s", row.id, outcome.reason)
+        yield outcome
+
+
+def dry_run(settings: Settings, log, progress: Progress) -> BackfillReport:
+    """-dry-run: read and decide everything, write nothing; say whether -apply could start."""
+    report = BackfillReport(settings)
+    try:
+        version = check_plugin(PluginClient(settings.plugin, settings.timeout, 0), progress)
+        report.plugin_status = "ok (version %s): -apply could start" % version
+    except DependencyError as exc:
+        report.plugin_status = "NOT ready, -apply would stop: %s" % exc
+    with open_database(settings, progress) as database:
+        tree = read_tree(database, settings, progress)
+        total = database.count_rows(settings.workspaces, settings.limit)
+        progress.count(report, total)
+        rows = database.rows(settings.workspaces, settings.limit)
+        for outcome in planned_outcomes(rows, tree, settings, report, log):
+            if isinstance(outcome, PlannedWrite):
+                report.count_copy(outcome)
+                log("would copy %s -> %s", outcome.row.id, outcome.target.namespace)
+    return report
+
+
+# ---------------------------------------------------------------------------
+# Checkpoint and low-water mark
+# ---------------------------------------------------------------------------
+
+CHECKPOINT_SAVE_SECONDS = 1.0  # the checkpoint file is replaced at most this often
+
+
+class Checkpoint:
+    """--checkpoint FILE: how far -apply got, so that a re-run resumes there.
+
+    Every row before `position` (in the read order) is durably written to the plugin or skipped by design.
+    The file is JSON, replaced atomically (temporary file + rename), and names the row set it belongs to; a
+    run with another -workspace or database refuses it."""
+
+    def __init__(self, path: str, identity: dict[str, object], position: Optional[dict] = None,
+                 rows_done: int = 0, complete: bool = False):
+        self.path = path
+        self.identity = identity
+        self.position = position
+        self.rows_done = rows_done
+        self.complete = complete
+        self.saved_at = 0.0
+
+    @classmethod
+    def open(cls, settings: Settings) -> Checkpoint:
+        identity = {"workspace": settings.workspace, "database": settings.database.describe()}
+        path = settings.checkpoint
+        try:
+            with open(path, encoding="utf-8") as fh:
+                text = fh.read()
+        except FileNotFoundError:
+            checkpoint = cls(path, identity)
+            checkpoint.save()  # proves the path is writable before anything is written
+            return checkpoint
+        except OSError as exc:
+            raise UsageError("Cannot read the checkpoint %s (%s); choose a readable file."
+                             % (path, exc.strerror)) from None
+        try:
+            data = json.loads(text)
+            position = data["position"]
+            if position is not None:
+                position = {"created_at": position["created_at"], "id": str(position["id"])}
+            differ = sorted(k for k in identity if data["identity"].get(k) != identity[k])
+            checkpoint = cls(path, identity, position, int(data["rows_done"]), bool(data["complete"]))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise UsageError("The checkpoint %s is not a memory-backfill checkpoint (unreadable JSON "
+                             "or missing fields); remove it to start over." % path) from None
+        if differ:
+            raise UsageError("The checkpoint %s belongs to another run (different %s); use the same "
+                             "options, or another checkpoint file." % (path, " and ".join(differ)))
+        return checkpoint
+
+    def advance(self, position: tuple[Optional[str], str], rows: int) -> None:
+        """Every row up to `position` is done: `rows` more than before."""
+        self.position = {"created_at": position[0], "id": position[1]}
+        self.rows_done += rows
+        if time.monotonic() - self.saved_at >= CHECKPOINT_SAVE_SECONDS:
+            self.save()
+
+    def save(self, complete: bool = False) -> None:
+        self.complete = complete
+        data = {"tool": PROG, "format": 1, "identity": self.identity, "position": self.position,
+                "rows_done": self.rows_done, "complete": complete}
+        temporary = self.path + ".tmp"
+        try:
+            with open(temporary, "w", encoding="utf-8") as fh:
+                json.dump(data, fh, indent=1, sort_keys=True)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(temporary, self.path)
+        except OSError as exc:
+            raise UsageError("Cannot write the checkpoint %s (%s); choose a writable path."
+                             % (self.path, exc.strerror)) from None
+        self.saved_at = time.monotonic()
+
+
+class LowWaterMark:
+    """Rows numbered in read order; the mark is the longest prefix of rows done (written, or skipped by
+    design), and the checkpoint follows it."""
+
+    def __init__(self, checkpoint: Optional[Checkpoint]):
+        self.checkpoint = checkpoint
+        self.next_number = 0
+        self.low_water = -1  # every row numbered <= this is done
+        self.settled: set = set()  # rows done above the mark
+        self.positions: dict[int, tuple[Optional[str], str]] = {}
+        # After a refused row the mark cannot pass it in this run: stop tracking
+        # (memory stays flat); a resume starts again at that row.
+        self.frozen = False
+
+    def number(self, row: LegacyRow) -> int:
+        number = self.next_number
+        self.next_number += 1
+        if not self.frozen:
+            self.positions[number] = (row.legacy.get("created_at"), row.id)
+        return number
+
+    def done(self, number: int) -> None:
+        """Row `number` is done; raises BackfillError if the checkpoint cannot be saved."""
+        if self.frozen:
+            return
+        self.settled.add(number)
+        before = self.low_water
+        while self.low_water + 1 in self.settled:
+            self.low_water += 1
+            self.settled.discard(self.low_water)
+            position = self.positions.pop(self.low_water)
+        if self.checkpoint is not None and self.low_water > before:
+            self.checkpoint.advance(position, self.low_water - before)
+
+    def freeze(self) -> None:
+        self.frozen = True
+        self.settled.clear()
+        self.positions.clear()
+
+
+# ---------------------------------------------------------------------------
+# -apply
+# ---------------------------------------------------------------------------
+
+def write_request(address: PluginAddress, planned: PlannedWrite, heads: dict[str, bytes]) -> bytes:
+    """The POST of one memory, ready to send (`heads` caches each namespace's head)."""
+    namespace = planned.target.namespace
+    head = heads.get(namespace)
+    if head is None:
+        path = "/v1/namespaces/%s/memories" % quote(namespace, safe="")
+        head = heads[namespace] = request_head(address, "POST", path)
+    try:
+        payload = JSON_ENCODER.encode(planned.body).encode("ascii")
+    except ValueError:  # allow_nan=False: only the embedding holds floats
+        raise RowFailed("the embedding holds NaN or Infinity, which JSON cannot carry") from None
+    return with_body(head, payload)
+
+
+# The 201 body as the plugin (Go's encoding/json) writes it: read without a JSON parse.
+STORED_BODY = re.compile(rb'\{"id":"([0-9a-f-]{36})","namespace":"[^"\\]*"\}\n?')
+
+
+def stored_id(body: bytes) -> Optional[str]:
+    """The id in a 201 body, {"id": "...", "namespace": "..."}; None if it is not that object."""
+    plain = STORED_BODY.fullmatch(body)
+    if plain is not None:
+        return plain.group(1).decode("ascii")
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    found = data.get("id") if isinstance(data, dict) else None
+    return found.lower() if isinstance(found, str) else None
+
+
+class ApplyWrites:
+    """-apply's side of the write stream: rows in (planned, numbered, their namespace upserted once per run
+    before its first write), answers out (counted, the checkpoint advanced).  A 2xx whose body names another
+    id than the one sent stops the run: that plugin ignores ids, so every re-run would duplicate every row
+    (REFERENCE §4)."""
+
+    def __init__(self, plugin: PluginClient, settings: Settings, report: BackfillReport, log,
+                 checkpoint: Optional[Checkpoint], failures: FailureLog, stream: WriteStream,
+                 outcomes: Iterator[Outcome]):
+        self.plugin = plugin
+        self.report = report
+        self.log = log
+        self.failures = failures
+        self.stream = stream
+        self.outcomes = outcomes
+        self.max_consecutive_failures = settings.max_consecutive_failures
+        self.mark = LowWaterMark(checkpoint)
+        self.heads: dict[str, bytes] = {}  # namespace -> the start of its POST
+        self.namespaces: set = set()  # upserted in this run
+        self.consecutive_failures = 0
+
+    def fill(self, room: int) -> bool:
+        """Plan up to `room` more writes; False once there are no more rows."""
+        while room > 0:
+            try:
+                outcome = next(self.outcomes, None)
+            except BackfillError as exc:  # the legacy database was lost
+                self.stream.fail(exc)
+                return False
+            if outcome is None:
+                return False
+            number = self.mark.number(outcome.row)
+            if isinstance(outcome, RowSkipped):
+                self.failures.record_row(outcome.row, reason=outcome.reason)
+                self._settle(number)
+                continue
+            job = Job(number, outcome, b"")
+            if outcome.target.namespace not in self.namespaces and not self._upsert_namespace(job):
+                continue
+            try:
+                job.request = write_request(self.plugin.address, outcome, self.heads)
+            except RowFailed as exc:
+                self._refused(job, exc)
+                continue
+            self.stream.submit(job)
+            room -= 1
+        return True
+
+    def _upsert_namespace(self, job: Job) -> bool:
+        """PUT the job's namespace (the first time in this run); False if the write cannot go."""
+        target = job.item.target
+        try:
+            self.plugin.put_namespace(target.namespace, target.kind)
+        except RowFailed as exc:  # the next row of this namespace tries again
+            self._refused(job, exc)
+            return False
+        except BackfillError as exc:
+            self.stream.fail(exc)
+            return False
+        self.namespaces.add(target.namespace)
+        return True
+
+    def answered(self, job: Job, response: Response) -> None:
+        planned = job.item
+        status = response.head.status
+        if not 200 <= status < 300:
+            self._refused(job, plugin_rejected(response))
+            return
+        found = stored_id(response.body)
+        if found != planned.row.id:
+            self._duplicated(job, found, response.body)
+            return
+        self.report.count_copy(planned)
+        self.consecutive_failures = 0
+        self._settle(job.number)
+        self.log("copy %s -> %s", planned.row.id, planned.target.namespace)
+
+    def _duplicated(self, job: Job, found: Optional[str], body: bytes) -> None:
+        """The plugin stored the write under another id (or said nothing readable)."""
+        row = job.item.row
+        error = RowFailed("the plugin stored it as %s, not under its own id" % found if found else
+                          "the plugin's 201 body does not name the id it stored")
+        namespace = None
+        if found:
+            with contextlib.suppress(ValueError, AttributeError):
+                namespace = json.loads(body.decode("utf-8")).get("namespace")
+            self.report.stored_as_others.append((row.id, found, namespace))
+        self.failures.record_row(row, error=str(error), stored_id=found, stored_namespace=namespace)
+        self.report.count_error(row.id, error)
+        self.mark.freeze()
+        self.stream.fail(PluginIgnoresIds(
+            "The memory plugin at %s ignores the ids it is given (row %s was stored %s), so every run "
+            "would duplicate every row; stopped. Do not run -apply again until the plugin is upgraded to one "
+            "with idempotent upsert by id; then delete the records it stored under ids of its own (listed "
+            "above, in --json and in --failures) as the README's \"A plugin that ignores ids\" shows."
+            % (self.plugin.address.url, row.id, "as %s" % found if found else "without naming its id")))
+
+    def _refused(self, job: Job, error: RowFailed) -> None:
+        row = job.item.row
+        self.failures.record_row(row, error=str(error), status=getattr(error, "status", None))
+        self.log("error %s: %s", row.id, error)
+        self.report.count_error(row.id, error)
+        self.mark.freeze()
+        self.consecutive_failures += 1
+        if self.consecutive_failures >= self.max_consecutive_failures:
+            self.stream.fail(DependencyError(
+                "The plugin refused %d rows in a row (the last: %s); stopped. Fix the plugin, "
+                "then re-run to resume." % (self.consecutive_failures, error)))
+
+    def _settle(self, number: int) -> None:
+        try:
+            self.mark.done(number)
+        except BackfillError as exc:  # the checkpoint cannot be saved
+            self.stream.fail(exc)
+
+
+def apply(settings: Settings, log, progress: Progress) -> BackfillReport:
+    """-apply: copy the rows, oldest first, through the write stream.
+
+    It stops early, cleanly, on a lost dependency or a signal: the writes in flight get their answers, the
+    checkpoint is saved, and the error raised carries the report so far."""
+    report = BackfillReport(settings)
+    checkpoint = Checkpoint.open(settings) if settings.checkpoint else None
+    if checkpoint is not None:
+        report.resumed_from = checkpoint.position
+        if checkpoint.complete:
+            report.plugin_status = "not contacted: the checkpoint says this backfill is complete"
+            return report
+    plugin = PluginClient(settings.plugin, settings.timeout, settings.retries)
+    report.plugin_status = "ok (version %s)" % check_plugin(plugin, progress)
+    stream = WriteStream(settings.plugin, settings.write_connections, settings.timeout, plugin.retry,
+                         settings.max_rate, threading.Event())
+    with open_database(settings, progress) as database:  # a refusal here comes before any write
+        after = checkpoint.position if checkpoint else None
+        tree = read_tree(database, settings, progress)
+        total = database.count_rows(settings.workspaces, settings.limit, after)
+        outcomes = planned_outcomes(database.rows(settings.workspaces, settings.limit, after), tree,
+                                    settings, report, log)
+        failures = FailureLog(settings.failures, append=bool(checkpoint and checkpoint.position))
+        writes = ApplyWrites(plugin, settings, report, log, checkpoint, failures, stream, outcomes)
+        progress.count(report, total, stream.describe_load)
+        stopped = drive_stopping("-apply", stream, failures,
+                                 lambda: stream.drive(writes.fill, writes.answered))
+    report.load = stream.load()
+    if checkpoint is not None:
+        # Complete only when the table was read to its end: a -limit run that
+        # used up its limit leaves the rest for the next run.
+        reached_end = settings.limit is None or report.scanned < settings.limit
+        try:
+            checkpoint.save(complete=stopped is None and report.errors == 0 and reached_end)
+        except BackfillError as exc:
+            stopped = stopped or exc
+    report.stop(stopped)
+    return report
+
+
+# ===========================================================================
+# -verify
+# ===========================================================================
+
+DIFF_CONTEXT_CHARS = 30  # (redacted) content shown on each side of a first difference, with --show-content
+VERIFY_GROUP_ROWS = 2000  # -verify reads, lists and searches this many rows at a time
+# What -verify finds for a row: exactly one of these.
+MATCH = "match"
+MISSING = "missing"
+WRONG_NAMESPACE = "wrong namespace"
+CONTENT_DIFFERS = "content differs"
+UNREDACTED = "unredacted"
+PROVENANCE = "provenance"
+UNVERIFIABLE = "unverifiable"
+PROBLEM_CLASSES = (MISSING, WRONG_NAMESPACE, CONTENT_DIFFERS, UNREDACTED, PROVENANCE)
+VERIFY_CLASSES = (MATCH,) + PROBLEM_CLASSES + (UNVERIFIABLE,)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """What -verify found for one row: its class, and what differs (never a secret)."""
+
+    planned: PlannedWrite
+    verdict: str  # one of VERIFY_CLASSES
+    detail: str = ""
+    found_in: Optional[str] = None  # the namespace that holds the plugin's copy
+    labels: tuple[str, ...] = ()  # unredacted: the labels of the secrets in clear
+
+    def line(self) -> str:
+        row = self.planned.row
+        return "%s %s (workspace %s): %s" % (self.verdict, row.id, row.workspace_id, self.detail)
+
+    def to_json(self) -> dict[str, object]:
+        entry: dict[str, object] = {
+            "id": self.planned.row.id, "workspace_id": self.planned.row.workspace_id,
+            "class": self.verdict, "expected_namespace": self.planned.target.namespace,
+            "found_namespace": self.found_in}
+        if self.labels:
+            entry["labels"] = list(self.labels)
+        return entry
+
+
+@dataclass
+class VerifyReport:
+    settings: Settings
+    workspaces_sampled: int = 0
+    scanned: int = 0  # rows read, skipped ones included
+    classes: Counter = field(default_factory=Counter)
+    problems: list[str] = field(default_factory=list)  # the first SHOWN_PROBLEMS lines
+    retries: int = 0  # of searches
+
+    @property
+    def done(self) -> int:
+        return self.scanned
+
+    @property
+    def matches(self) -> int:
+        return self.classes[MATCH]
+
+    @property
+    def mismatches(self) -> int:
+        return sum(self.classes[verdict] for verdict in PROBLEM_CLASSES)
+
+    @property
+    def errors(self) -> int:
+        return self.classes[UNVERIFIABLE]
+
+    def count(self, finding: Finding) -> None:
+        self.classes[finding.verdict] += 1
+        if finding.verdict != MATCH and len(self.problems) < SHOWN_PROBLEMS:
+            self.problems.append(finding.line())
+
+    def verdict(self) -> Optional[BackfillError]:
+        """Exit 1, with what to do, unless every sampled row matches."""
+        listed = "listed above" + (" and in " + self.settings.failures if self.settings.failures else "")
+        advice = []
+        if self.mismatches:
+            advice.append("%d sampled rows do not match (%s): run -apply to rewrite them by id, then "
+                          "-verify again" % (self.mismatches, listed))
+        if self.errors:
+            advice.append("%d rows could not be looked up (unverifiable, %s): check those ids in the "
+                          "plugin by hand, or run -verify again if the plugin refused searches"
+                          % (self.errors, listed))
+        return Incomplete("; ".join(advice) + ".") if advice else None
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "mode": "verify", "workspaces_sampled": self.workspaces_sampled, "scanned": self.scanned,
+            "matches": self.matches, "mismatches": self.mismatches, "errors": self.errors,
+            "unverifiable": self.errors, "problems": self.problems, "retries": self.retries,
+            "rows_by_class": {verdict.replace(" ", "_"): self.classes[verdict]
+                              for verdict in VERIFY_CLASSES},
+            "failures_file": self.settings.failures,
+        }
+
 
 def classify(planned: PlannedWrite, lookup: Lookup, show_content: bool = False) -> Finding:
     """The row's class, from what the finder learned: every class is decided here.  No memory
     text goes into the finding unless `show_content` (--show-content)."""
     expected = planned.target.namespace
-    record = lookup.record
-    if record is None:
-        if lookup.refused:
-            return Finding(planned, UNVERIFIABLE, "the plugin refused a search for it (%s)" % lookup.refused)
-        if lookup.complete and lookup.searchable:
-            return Finding(planned, MISSING, "in no namespace of the tenant; -apply writes it to %s"
-                           % expected)
-        return Finding(planned, UNVERIFIABLE, (
-            "not among the newest %d of %s, and a search for its words matches too many "
-            "records or finds no searchable word" % (SEARCH_CAP, expected)))
+    verdict, record = lookup.verdict(expected), lookup.record
+    if verdict == ABSENT:
+        return Finding(planned, MISSING, "in no namespace of the tenant; -apply writes it to %s" % expected)
+    if verdict == REFUSED:
+        return Finding(planned, UNVERIFIABLE, lookup.why_not_looked_up())
+    if verdict == UNSEARCHABLE:
+        return Finding(planned, UNVERIFIABLE, "not among the newest %d of %s, and %s"
+                       % (SEARCH_CAP, expected, lookup.why_not_looked_up()))
     namespace = record.get("namespace")
-    if namespace != expected:
+    if verdict == ELSEWHERE:
         return Finding(planned, WRONG_NAMESPACE, "expected in %s, found in %s" % (expected, namespace),
                        namespace)
     content = record.get("content") if isinstance(record.get("content"), str) else ""
@@ -2979,6 +2955,51 @@ def first_difference(expected: str, found: str, show_content: bool = False) -> s
     return "from character %d: expected %s, found %s" % (at + 1, window(expected), window(found))
 
 
+def sample_workspaces(candidates: Iterable[str], size: int, seed: int) -> list[str]:
+    """A deterministic sample (size 0 = all), in sorted order."""
+    ordered = sorted(candidates)
+    if size == 0 or size >= len(ordered):
+        return ordered
+    return sorted(random.Random(seed).sample(ordered, size))
+
+
+def verify(settings: Settings, log, progress: Progress) -> VerifyReport:
+    """-verify: every row -apply would write, for a sample of workspaces, looked up in the plugin."""
+    report = VerifyReport(settings)
+    plugin = PluginClient(settings.plugin, settings.timeout, settings.retries, connections=settings.searches)
+    check_plugin(plugin, progress)
+    failures = FailureLog(settings.failures)
+    try:
+        with open_database(settings, progress) as database, \
+                ThreadPoolExecutor(settings.searches, thread_name_prefix="search") as pool:
+            tree = read_tree(database, settings, progress)
+            if settings.workspaces:
+                sample = settings.workspaces
+            else:
+                candidates = [w for w in database.workspaces_of() if w in tree and not tree.is_removed(w)]
+                sample = sample_workspaces(candidates, settings.verify_sample, settings.seed)
+            report.workspaces_sampled = len(sample)
+            finder = RecordFinder(plugin, database, tree, sample, pool)
+            progress.count(report, database.count_rows(sample), lambda: ", " + plugin.retry.describe())
+            for rows, finished in row_groups(database.rows(sample, by_workspace=True), VERIFY_GROUP_ROWS):
+                report.scanned += len(rows)
+                planned = [outcome for outcome in (plan_row(row, tree, settings.redact) for row in rows)
+                           if isinstance(outcome, PlannedWrite)]
+                lookups = finder.find([sought(p, settings.redact) for p in planned])
+                for p in planned:
+                    finding = classify(p, lookups[p.row.id], settings.show_content)
+                    report.count(finding)
+                    if finding.verdict == MATCH:
+                        log("match %s", p.row.id)
+                    else:
+                        log(finding.line())
+                        failures.write(finding.to_json())
+                finder.done_with(finished)
+    finally:
+        failures.close()
+    return report
+
+
 # ===========================================================================
 # -rollback
 # ===========================================================================
@@ -2988,7 +3009,6 @@ ROLLBACK_GROUP_ROWS = 2000  # rows read, deleted and looked for at a time
 
 @dataclass
 class RollbackReport(RunReport):
-    deleting: bool = False  # --yes
     deleted: Counter = field(default_factory=Counter)  # by namespace kind
     to_delete: Counter = field(default_factory=Counter)  # by namespace kind, without --yes
     absent: int = 0
@@ -3002,55 +3022,10 @@ class RollbackReport(RunReport):
                 "then run -rollback --yes again: it deletes what is left." % (self.errors, self.listed()))
 
     def to_json(self) -> dict[str, object]:
-        return {**super().to_json(), "mode": "rollback", "yes": self.deleting,
+        return {**super().to_json(), "mode": "rollback", "yes": self.settings.yes,
                 "deleted": sum(self.deleted.values()), "deleted_by_namespace_kind": dict(self.deleted),
                 "would_delete": sum(self.to_delete.values()),
                 "would_delete_by_namespace_kind": dict(self.to_delete), "absent": self.absent}
-
-
-def rollback(settings: Settings, log, progress: Progress) -> RollbackReport:
-    """-rollback: for every row -apply would select, delete the plugin's record with that
-    row's id, wherever in the tenant it is (only those: REFERENCE §4 says a record with a
-    legacy row's id was written by a backfill).  Without --yes, find them and delete nothing.
-
-    With --yes, each group of rows is first deleted where -apply writes it (a 204
-    proves the record was there); the finder then looks for the rest in the whole
-    tree, and those found elsewhere are deleted where they are.  Deletes go
-    through the write stream; a signal or a lost dependency stops it cleanly.
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    report = RollbackReport(settings.plugin, deleting=settings.yes, failures_path=settings.failures)
-    plugin = PluginClient(settings.plugin, settings.timeout, settings.retries, connections=settings.searches)
-    report.plugin_status = "ok (version %s)" % check_plugin(plugin, progress)
-    stream = WriteStream(settings.plugin, settings.write_connections, settings.timeout, plugin.retry,
-                         settings.max_rate, threading.Event())
-    with open_database(settings, progress) as database, \
-            ThreadPoolExecutor(settings.searches, thread_name_prefix="search") as pool:
-        tree = read_tree(database, settings, progress)  # a refusal here comes before any delete
-        total = database.count_rows(settings.workspaces, settings.limit)
-        holders = database.workspaces_of(settings.workspaces, settings.limit)
-        finder = RecordFinder(plugin, database, tree, holders, pool)
-        failures = FailureLog(settings.failures)
-        deletes = RollbackDeletes(plugin.address, report, log, failures, stream)
-        progress.count(report, total, stream.describe_load)
-
-        def delete() -> Optional[BackfillError]:
-            selected = database.rows(settings.workspaces, settings.limit, by_workspace=True)
-            for rows, finished in row_groups(selected, ROLLBACK_GROUP_ROWS):
-                if stream.stop.is_set():
-                    break
-                deletes.back_out(rows, tree, settings, finder)
-                finder.done_with(finished)
-            return stream.fatal
-
-        stopped = drive_stopping("-rollback", stream, failures, delete)
-    report.load = stream.load()
-    if stopped is None and report.to_delete:
-        stopped = UsageError("Nothing was deleted: run the same command with --yes to delete these %d "
-                             "records." % sum(report.to_delete.values()))
-    report.stop(stopped)
-    return report
 
 
 def delete_request(address: PluginAddress, record_id: str, namespace: str) -> bytes:
@@ -3077,42 +3052,36 @@ class RollbackDeletes:
 
     def back_out(self, rows: list[LegacyRow], tree: WorkspaceTree, settings: Settings,
                  finder: RecordFinder) -> None:
-        sought = []
+        wanted = []
         for row in rows:
             self.report.scanned += 1
-            outcome = plan_row(row, tree, settings.redact)
-            if isinstance(outcome, PlannedWrite):
-                sought.append(Sought(row, outcome.body["content"], outcome.target.namespace))
-            elif row.content.strip():  # a row -apply skips: an older backfill may have written it
-                kind = SCOPE_KINDS.get(row.scope, "workspace")
-                sought.append(Sought(row, platform_content(row.content, kind, settings.redact)[0], None))
-            else:  # the plugin refuses empty content: no backfill can have written it
+            looked_for = sought(plan_row(row, tree, settings.redact), settings.redact)
+            if looked_for is None:  # no backfill can have written it
                 self._absent(row)
+            else:
+                wanted.append(looked_for)
         if settings.yes:
             self.not_there = []
-            self._delete([(s, s.namespace, True) for s in sought if s.namespace])
+            self._delete([(s, s.namespace, True) for s in wanted if s.namespace])
             if self.stream.stop.is_set():
                 return
-            sought = self.not_there + [s for s in sought if not s.namespace]
-        lookups = finder.find(sought)
+            wanted = self.not_there + [s for s in wanted if not s.namespace]
+        lookups = finder.find(wanted)
         found = []
-        for s in sought:
+        for s in wanted:
             lookup = lookups[s.row.id]
-            if lookup.record is not None:
+            verdict = lookup.verdict(s.namespace)
+            if verdict in (IN_PLACE, ELSEWHERE):
                 namespace = str(lookup.record.get("namespace"))
                 if settings.yes:
                     found.append((s, namespace, False))
                 else:
                     self.report.to_delete[namespace_kind(namespace)] += 1
                     self.log("would delete %s from %s", s.row.id, namespace)
-            elif lookup.refused:
-                self._error(s.row, None, "could not be looked up: the plugin refused a search for it (%s)"
-                            % lookup.refused)
-            elif lookup.complete and lookup.searchable:
+            elif verdict == ABSENT:
                 self._absent(s.row)
             else:
-                self._error(s.row, None, "could not be looked up: a search for its words matches too "
-                            "many records or finds no searchable word")
+                self._error(s.row, None, "could not be looked up: " + lookup.why_not_looked_up())
         self._delete(found)
 
     def _delete(self, targets: list[tuple[Sought, str, bool]]) -> None:
@@ -3157,6 +3126,47 @@ class RollbackDeletes:
         self.report.count_error(row.id, error)
 
 
+def rollback(settings: Settings, log, progress: Progress) -> RollbackReport:
+    """-rollback: for every row -apply would select, delete the plugin's record with that row's id, wherever
+    in the tenant it is (only those: REFERENCE §4 says a record with a legacy row's id was written by a
+    backfill).  Without --yes, find them and delete nothing.
+
+    With --yes, each group of rows is first deleted where -apply writes it (a 204 proves the record was
+    there); the finder then looks for the rest in the whole tree, and those found elsewhere are deleted where
+    they are.  Deletes go through the write stream; a signal or a lost dependency stops it cleanly."""
+    report = RollbackReport(settings)
+    plugin = PluginClient(settings.plugin, settings.timeout, settings.retries, connections=settings.searches)
+    report.plugin_status = "ok (version %s)" % check_plugin(plugin, progress)
+    stream = WriteStream(settings.plugin, settings.write_connections, settings.timeout, plugin.retry,
+                         settings.max_rate, threading.Event())
+    with open_database(settings, progress) as database, \
+            ThreadPoolExecutor(settings.searches, thread_name_prefix="search") as pool:
+        tree = read_tree(database, settings, progress)  # a refusal here comes before any delete
+        total = database.count_rows(settings.workspaces, settings.limit)
+        holders = database.workspaces_of(settings.workspaces, settings.limit)
+        finder = RecordFinder(plugin, database, tree, holders, pool)
+        failures = FailureLog(settings.failures)
+        deletes = RollbackDeletes(plugin.address, report, log, failures, stream)
+        progress.count(report, total, stream.describe_load)
+
+        def delete() -> Optional[BackfillError]:
+            selected = database.rows(settings.workspaces, settings.limit, by_workspace=True)
+            for rows, finished in row_groups(selected, ROLLBACK_GROUP_ROWS):
+                if stream.stop.is_set():
+                    break
+                deletes.back_out(rows, tree, settings, finder)
+                finder.done_with(finished)
+            return stream.fatal
+
+        stopped = drive_stopping("-rollback", stream, failures, delete)
+    report.load = stream.load()
+    if stopped is None and report.to_delete:
+        stopped = UsageError("Nothing was deleted: run the same command with --yes to delete these %d "
+                             "records." % sum(report.to_delete.values()))
+    report.stop(stopped)
+    return report
+
+
 # ===========================================================================
 # Reporting
 # ===========================================================================
@@ -3194,23 +3204,24 @@ def _problem_lines(problems: list[str], failures_path: Optional[str], listed: st
 
 
 def format_backfill(report: BackfillReport) -> list[str]:
-    verb = "copied" if report.mode == "apply" else "to copy"
-    lines = ["memory-backfill -%s" % report.mode] + _plugin_line(report.plugin, report.plugin_status)
+    settings = report.settings
+    verb = "copied" if settings.mode == "apply" else "to copy"
+    lines = ["memory-backfill -%s" % settings.mode] + _plugin_line(settings.plugin, report.plugin_status)
     if report.resumed_from:
         lines.append("resumed from checkpoint %s after row %s"
-                     % (report.checkpoint_path, report.resumed_from["id"]))
+                     % (settings.checkpoint, report.resumed_from["id"]))
     lines.append("rows %s by scope: %s" % (verb, _counts(report.by_scope)))
     lines.append("rows %s by namespace kind: %s (%d namespaces)"
                  % (verb, _counts(report.by_kind), len(report.namespaces)))
     lines.append("skipped by reason:" if report.skipped else "skipped: none")
     for reason, count in sorted(report.skip_reasons.items()):
         lines.append("  %6d  %s" % (count, reason))
-    if report.redact:
+    if settings.redact:
         lines.append("redactions by label: %s" % _counts(report.redactions))
     else:
         lines.append("redaction: OFF (--no-redact): contents are copied unredacted")
     lines += _load_line(report.load, "writes")
-    lines += _problem_lines(report.problems, report.failures_path, "skipped and failed rows")
+    lines += _problem_lines(report.problems, settings.failures, "skipped and failed rows")
     if report.stored_as_others:
         lines.append("records the plugin stored under ids of its own (delete them: README, \"A plugin that "
                      "ignores ids\"):")
@@ -3218,15 +3229,15 @@ def format_backfill(report: BackfillReport) -> list[str]:
     if report.stopped:
         lines.append("STOPPED EARLY: %s" % report.stopped)
     if report.stopped and report.stopped.advise_rerun:
-        if report.checkpoint_path:
+        if settings.checkpoint:
             lines.append("progress is saved in %s; run the same command again to resume"
-                         % report.checkpoint_path)
+                         % settings.checkpoint)
         else:
             lines.append("run the same command again: rows already copied are rewritten, "
                          "never duplicated (use --checkpoint FILE to resume instead)")
     counters = "scanned=%d copied=%d skipped=%d errors=%d" % (report.scanned, report.copied, report.skipped,
                                                             report.errors)
-    if report.mode == "dry-run":
+    if settings.mode == "dry-run":
         lines.append("Dry run complete (nothing written): " + counters)
     else:
         lines.append("Backfill %s: %s" % ("stopped" if report.stopped else "complete", counters))
@@ -3234,7 +3245,8 @@ def format_backfill(report: BackfillReport) -> list[str]:
 
 
 def format_verify(report: VerifyReport) -> list[str]:
-    lines = ["memory-backfill -verify", "plugin: %s" % report.plugin.describe()]
+    settings = report.settings
+    lines = ["memory-backfill -verify", "plugin: %s" % settings.plugin.describe()]
     if report.retries:
         lines.append("searches retried: %d" % report.retries)
     problems = report.mismatches + report.errors
@@ -3242,8 +3254,8 @@ def format_verify(report: VerifyReport) -> list[str]:
         lines.append("problems (%s):" % ("all %d" % problems if problems <= SHOWN_PROBLEMS
                                          else "first %d of %d" % (SHOWN_PROBLEMS, problems)))
         lines.extend("  " + problem for problem in report.problems)
-        if report.failures_path:
-            lines.append("every problem row is listed in %s" % report.failures_path)
+        if settings.failures:
+            lines.append("every problem row is listed in %s" % settings.failures)
     lines.append("rows by class: " + ", ".join("%s=%d" % (verdict, report.classes[verdict])
                                                for verdict in VERIFY_CLASSES))
     if report.mismatches:
@@ -3256,17 +3268,18 @@ def format_verify(report: VerifyReport) -> list[str]:
 
 
 def format_rollback(report: RollbackReport) -> list[str]:
-    lines = ["memory-backfill -rollback" + ("" if report.deleting else " (without --yes: nothing deleted)")]
-    lines += _plugin_line(report.plugin, report.plugin_status)
-    if report.deleting:
+    settings = report.settings
+    lines = ["memory-backfill -rollback" + ("" if settings.yes else " (without --yes: nothing deleted)")]
+    lines += _plugin_line(settings.plugin, report.plugin_status)
+    if settings.yes:
         lines.append("records deleted by namespace kind: %s" % _counts(report.deleted))
     else:
         lines.append("records to delete by namespace kind: %s" % _counts(report.to_delete))
     lines.append("rows with no record in the plugin (absent): %d" % report.absent)
     lines += _load_line(report.load, "deletes")
-    lines += _problem_lines(report.problems, report.failures_path, "rows whose record could not be deleted")
+    lines += _problem_lines(report.problems, settings.failures, "rows whose record could not be deleted")
     deleted = sum(report.deleted.values())
-    if report.deleting or not report.to_delete:
+    if settings.yes or not report.to_delete:
         if report.stopped:
             lines.append("STOPPED EARLY: %s" % report.stopped)
             lines.append("run the same command again: it deletes what is left")
@@ -3418,8 +3431,6 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, bool]]:
 def refuse_inexact_options(argv: Sequence[str], names: dict[str, bool]) -> None:
     """Only an option's full name runs: argparse would take a prefix of a one-dash option
     (-n for -no-redact, -y for -yes) whatever allow_abbrev says.  Checked before anything else."""
-    import difflib
-
     value_next = False
     for arg in argv:
         if value_next:
@@ -3484,20 +3495,8 @@ def parse_settings(argv: Optional[Sequence[str]], environ: dict[str, str]) -> Se
     )
 
 
-def _seconds(text: str, option: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0
-    if not 0 < value < float("inf"):
-        raise UsageError("%s must be a positive number of seconds, not %r." % (option, text[:40]))
-    return value
-
-
 def version_text() -> str:
     """The tool's version and the vendored libraries', read from their metadata."""
-    from importlib import metadata
-
     def installed(name: str) -> str:
         try:
             return metadata.version(name)
@@ -3575,9 +3574,9 @@ def json_line(data: dict[str, object], error: Optional[BaseException], status: O
 
 
 def zipapp_main() -> str:
-    """The zipapp's __main__.py, which build_zipapp.sh writes: it checks the Python floor
-    before this module (which an older Python may not even compile) is imported, and
-    prints the help text rendered at build time without importing it at all."""
+    """The zipapp's __main__.py, which build_zipapp.sh writes: it checks the Python floor before this module
+    (which an older Python may not even compile) is imported, and prints the help text rendered at build time
+    without importing it at all."""
     return """import sys
 
 if sys.version_info < %r:
