@@ -75,7 +75,7 @@ PLUGIN_PROCESSES = 2  # one per core
 PLUGIN_CONNECTIONS = 4  # database connections per plugin process
 ROWS = 10000  # -apply at its defaults against the best raw client, -rollback, -verify
 # The --concurrency sweep: regime -> (wait per request, capacity, rows for one connection, for two, for more).
-REGIMES = {"CPU bound": (0.0, 0, 1000, 2500, 6000), "waiting": (0.020, 0, 150, 300, 2400),
+REGIMES = {"CPU bound": (0.0, 0, 2000, 5000, 6000), "waiting": (0.020, 0, 150, 300, 2400),
            "at capacity": (0.005, 4, 400, 800, 2400)}
 CEILINGS = (1, 2, 4, 8, 16, None)  # None: the default
 NOISE = 0.10  # single runs of one client vary this much here ...
