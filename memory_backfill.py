@@ -2017,7 +2017,7 @@ class Sought:
     namespace: Optional[str]  # where -apply writes it; None for a row it skips
 
 
-def sought(outcome: Outcome, redaction: bool) -> Optional[Sought]:
+def sought_for(outcome: Outcome, redaction: bool) -> Optional[Sought]:
     """The one step from a row to what is looked for: its content as written and where -apply writes it.  A
     row -apply skips is looked for too (an older backfill may have written it), except an empty one: the
     plugin refuses empty content."""
@@ -2985,7 +2985,7 @@ def verify(settings: Settings, log, progress: Progress) -> VerifyReport:
                 report.scanned += len(rows)
                 planned = [outcome for outcome in (plan_row(row, tree, settings.redact) for row in rows)
                            if isinstance(outcome, PlannedWrite)]
-                lookups = finder.find([sought(p, settings.redact) for p in planned])
+                lookups = finder.find([sought_for(p, settings.redact) for p in planned])
                 for p in planned:
                     finding = classify(p, lookups[p.row.id], settings.show_content)
                     report.count(finding)
@@ -3055,7 +3055,7 @@ class RollbackDeletes:
         wanted = []
         for row in rows:
             self.report.scanned += 1
-            looked_for = sought(plan_row(row, tree, settings.redact), settings.redact)
+            looked_for = sought_for(plan_row(row, tree, settings.redact), settings.redact)
             if looked_for is None:  # no backfill can have written it
                 self._absent(row)
             else:
