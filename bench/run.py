@@ -89,9 +89,10 @@ Run = namedtuple("Run", "wall cpu rss status out")  # seconds, CPU seconds, peak
 
 
 def writing(run: Run) -> float:
-    """Seconds -apply (or -rollback) spent writing: from its first request to its last answer, as
-    its --json report says (the raw client's clock, too, runs only while it writes)."""
-    return json.loads(run.out)["stream"]["seconds"]
+    """Seconds a client spent writing: from its first request to its last answer, as -apply's (or
+    -rollback's) --json report says, or as the raw client prints it."""
+    report = json.loads(run.out)
+    return report["stream"]["seconds"] if "stream" in report else report["seconds"]
 
 
 # --- setup -----------------------------------------------------------------------
@@ -309,37 +310,45 @@ def sweep_rows(regime: str, connections) -> int:
     return one if connections == 1 else two if connections == 2 else more
 
 
+def raw_shape(ceiling: int) -> tuple[int, int]:
+    """The raw client with as many connections as -apply may use at this ceiling."""
+    return (1, 1) if ceiling == 1 else (ceiling, 4)
+
+
+def beside_probe(b: Bench, client, rows: int, *args, **options) -> tuple[float, float]:
+    """(rows/s while writing, the probe's median) of client(rows, *args), the live tenant's probe
+    beside it."""
+    with Probe(b.plugin.url) as probe:
+        done = client(rows, *args, **options)
+    return rows / writing(done), probe.median()
+
+
 def sweep(b: Bench, regime: str) -> dict:
     """--concurrency 1, 2, 4, 8, 16 and the default, each beside the raw client with as many
-    connections, the probe beside every run; rates while writing, the probe's median."""
+    connections (and, where the plugin waits, 16 plain threads), the probe beside every run."""
     wait, capacity = REGIMES[regime][:2]
     b.start_plugin(wait, capacity)
     b.raw(sweep_rows(regime, 2), (2, 4))  # the plugin's first requests are slow: not measured
     with Probe(b.plugin.url) as alone:
         time.sleep(3)
     result = {"alone": alone.median(), "apply": {}, "raw": {}}
-    shapes = {ceiling: ((1, 1) if ceiling == 1 else (ceiling, 4)) for ceiling in CEILINGS if ceiling}
-    if regime == "waiting":
-        shapes["plain"] = (16, 1)
-    for ceiling in list(CEILINGS) + ["plain"] * (regime == "waiting"):
-        if ceiling in shapes:
-            rows = sweep_rows(regime, 16 if ceiling == "plain" else ceiling)
-            with Probe(b.plugin.url) as probe:
-                raw = b.raw(rows, shapes[ceiling])
-            result["raw"][shapes[ceiling]] = (rows / raw.wall, probe.median())
-        if ceiling == "plain":
-            continue
+    for ceiling in CEILINGS:
         rows = sweep_rows(regime, ceiling)
-        with Probe(b.plugin.url) as probe:
-            done = b.tool(rows, "-apply", *(["--concurrency", str(ceiling)] if ceiling else []), reset=True)
+        raw = ""
+        if ceiling:
+            shape = raw_shape(ceiling)
+            result["raw"][shape] = beside_probe(b, b.raw, rows, shape)
+            raw = ", raw %s %.0f rows/s (probe %.1f ms)" % (shape_name(shape), result["raw"][shape][0],
+                                                            result["raw"][shape][1] * 1e3)
+        concurrency = ["--concurrency", str(ceiling)] if ceiling else []
+        result["apply"][ceiling] = beside_probe(b, b.tool, rows, "-apply", *concurrency, reset=True)
         assert b.plugin.count() == rows
-        result["apply"][ceiling] = (rows / writing(done), probe.median())
-        print("%s, --concurrency %s: -apply %.0f rows/s (probe %.1f ms)%s" % (
-            regime, ceiling_name(ceiling), result["apply"][ceiling][0], probe.median() * 1e3,
-            ", raw %s %.0f rows/s (probe %.1f ms)" % ((shape_name(shapes[ceiling]),)
-                                                      + result["raw"][shapes[ceiling]][:1]
-                                                      + (result["raw"][shapes[ceiling]][1] * 1e3,))
-            if ceiling in shapes else ""), flush=True)
+        rate, probe = result["apply"][ceiling]
+        print("%s, --concurrency %s: -apply %.0f rows/s (probe %.1f ms)%s"
+              % (regime, ceiling_name(ceiling), rate, probe * 1e3, raw), flush=True)
+    if regime == "waiting":
+        rows = sweep_rows(regime, 16)
+        result["raw"][(16, 1)] = beside_probe(b, b.raw, rows, (16, 1))
     return result
 
 
@@ -348,11 +357,9 @@ def max_rates(b: Bench) -> dict:
     result = {}
     for rate in MAX_RATES:
         rows = rate * 4  # about four seconds
-        with Probe(b.plugin.url) as probe:
-            done = b.tool(rows, "-apply", "--max-rate", str(rate), reset=True)
-        result[rate] = (rows / writing(done), probe.median())
+        result[rate] = beside_probe(b, b.tool, rows, "-apply", "--max-rate", str(rate), reset=True)
         print("at capacity, --max-rate %d: %.0f rows/s (probe %.1f ms)" % (rate, result[rate][0],
-                                                                          probe.median() * 1e3), flush=True)
+                                                                          result[rate][1] * 1e3), flush=True)
     return result
 
 
@@ -425,7 +432,7 @@ def sweep_lines(r: dict, met) -> list:
         previous = None
         for ceiling in CEILINGS:
             rate, probe = got["apply"][ceiling]
-            shape = (1, 1) if ceiling == 1 else (ceiling or 0, 4)
+            shape = raw_shape(ceiling) if ceiling else None
             raw = got["raw"].get(shape)
             share = rate / raw[0] if raw else None
             lines.append("| %s | -apply --concurrency %s | %.0f | %.1f ms = %.2f | %s |" % (
