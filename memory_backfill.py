@@ -2313,8 +2313,9 @@ class Progress:
         self.activity, self.since = activity, time.monotonic()
 
     def count(self, report, total: int, details: Callable[[], str] = str) -> None:
-        """Rows move from now on."""
-        self.report, self.total, self.details, self.since = report, total, details, time.monotonic()
+        """Rows move from now on (the report last: the thread draws rows once it is set)."""
+        self.total, self.details, self.since = total, details, time.monotonic()
+        self.report = report
 
     def line(self) -> str:
         elapsed = max(time.monotonic() - self.since, 1e-6)
