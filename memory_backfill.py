@@ -27,20 +27,24 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
+import fcntl
 import functools
 import http.client
 import json
 import math
 import os
+import pwd
 import random
 import re
 import select
 import signal
 import socket
 import ssl
+import stat
 import sys
 import threading
 import time
+import traceback
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -93,6 +97,7 @@ class BackfillError(Exception):
     report = None  # the report so far, when a mode stopped part-way
     advise_rerun = True  # whether running the same command again is the way on
     shown_as_json = False  # run() printed it in the --json object already
+    traceback: Optional[str] = None  # a defect's, shown with -v
 
 
 class UsageError(BackfillError):
@@ -135,7 +140,12 @@ class RowSkipped(Exception):
 
 
 class RowFailed(Exception):
-    """One row could not be written (or deleted); the run goes on."""
+    """One row could not be written (or deleted); the run goes on.  Returned by plan_row, row attached,
+    for a row that no write can carry (its text is not UTF-8)."""
+
+    def __init__(self, reason: str, row: Optional[LegacyRow] = None):
+        super().__init__(reason)
+        self.row = row
 
 
 class PluginRejected(RowFailed):
@@ -178,11 +188,26 @@ class DatabaseConfig:
     statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT  # each statement, lock waits included
     application_name: str = PROG
     startup_params: dict[str, str] = field(default_factory=dict)
+    password_from: Optional[str] = None  # DATABASE_URL, PGPASSWORD or "the password file PATH"
+    password_file: Optional[str] = None  # with no password: the password file libpq would read ...
+    password_file_unused: Optional[str] = None  # ... and why it gave none
 
     def describe(self) -> str:
         """Where the database is, for messages: never includes the password."""
         host = "[%s]" % self.host if ":" in self.host else self.host
         return "%s@%s:%d/%s" % (self.user, host, self.port, self.database)
+
+    def describe_login(self) -> str:
+        """Where the password came from (never the password), for the target line."""
+        return "password from %s" % self.password_from if self.password_from else "no password"
+
+    def no_password(self) -> DependencyError:
+        """The server asks for a password, and none was given: where one may come from."""
+        unused = "; %s" % self.password_file_unused if self.password_file_unused else ""
+        return DependencyError(
+            "The legacy database %s asks for a password and none was given; put it in DATABASE_URL "
+            "(postgres://USER:PASSWORD@HOST/DB), in PGPASSWORD, or in the password file (%s, or PGPASSFILE; "
+            "mode 0600)%s." % (self.describe(), self.password_file or "~/.pgpass", unused))
 
 
 @dataclass(frozen=True)
@@ -257,6 +282,7 @@ class LegacyRow:
     scope: str
     legacy: dict[str, object]  # what goes to propagation["legacy"]
     embedding: Optional[list[float]] = None
+    unreadable: Optional[str] = None  # why its text cannot be copied (bytes that are not UTF-8)
 
 
 @dataclass(frozen=True)
@@ -273,7 +299,7 @@ class PlannedWrite:
     redactions: Counter
 
 
-Outcome = Union[PlannedWrite, RowSkipped]
+Outcome = Union[PlannedWrite, RowSkipped, RowFailed]
 
 
 @dataclass
@@ -327,39 +353,45 @@ SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full"
 DEFAULT_PLUGIN_URL = "http://localhost:9100"  # REFERENCE §1: the tenant image's bundled plugin
 
 
-def parse_database_url(url: Optional[str]) -> DatabaseConfig:
-    """Parse a libpq-style postgres:// URL; raise UsageError if it is not one."""
-    if not url:
-        raise UsageError("DATABASE_URL is not set; set it (or pass --database-url) to "
-                         "the platform's PostgreSQL URL, postgres://USER:PASSWORD@HOST/DB.")
+# libpq's habits (https://www.postgresql.org/docs/current/libpq-envars.html): where the URL is silent, these
+# name the database, as they do for psql.  DATABASE_URL unset and none of LIBPQ_NAMES set: nothing is named.
+LIBPQ_NAMES = ("PGHOST", "PGPORT", "PGUSER", "PGDATABASE")
+# Where libpq builds look for the server's socket when no host is named (Debian, Alpine, upstream).
+DEFAULT_SOCKET_DIRS = ("/var/run/postgresql", "/run/postgresql", "/tmp")
+MAX_PASSWORD_FILE = 1024 * 1024
+
+
+def parse_database_url(url: Optional[str], environ: Optional[dict[str, str]] = None) -> DatabaseConfig:
+    """A libpq-style postgres:// URL, completed as libpq completes it (`environ`'s PG* variables where the URL
+    is silent, the login name as the user, the password file); UsageError if it is not one."""
+    environ = {} if environ is None else environ
+    if not url and not any(environ.get(name) for name in LIBPQ_NAMES):
+        raise UsageError("DATABASE_URL is not set; set it (or pass --database-url) to the platform's "
+                         "PostgreSQL URL, postgres://USER:PASSWORD@HOST/DB, or name the database as for psql "
+                         "(PGHOST, PGUSER, PGDATABASE).")
     # Never echo the URL: it may hold the password.
     bad = "DATABASE_URL is malformed: %s; expected postgres://USER:PASSWORD@HOST:PORT/DB."
     try:
-        parts = urlsplit(url)
+        parts = urlsplit(url or "postgres://")
         port = parts.port
     except ValueError as exc:
         raise UsageError(bad % _strip_secrets(str(exc), url)) from None
     if parts.scheme not in ("postgres", "postgresql"):
         raise UsageError(bad % "the scheme must be postgres:// or postgresql://")
     params = dict(parse_qsl(parts.query, keep_blank_values=True))
-    # libpq also accepts these as query parameters; the URL's own parts win.
-    host = unquote(parts.hostname or "") or params.pop("host", "")
-    user = unquote(parts.username or "") or params.pop("user", "")
-    password = unquote(parts.password) if parts.password is not None else params.pop("password", None)
-    database = unquote(parts.path.lstrip("/")) or params.pop("dbname", "") or user
-    port_text = params.pop("port", None)
-    for key in ("host", "user", "password", "dbname"):
-        params.pop(key, None)
-    if not host:
-        raise UsageError(bad % "it names no host")
-    if not user:
-        raise UsageError(bad % "it names no user")
-    if port is None and port_text is not None:
-        port = _whole_number(port_text, "the DATABASE_URL port", 1)
-    sslmode = params.pop("sslmode", "prefer")
+    # libpq also accepts these as query parameters; the URL's own parts win, then the environment's.
+    named = {key: params.pop(key, "") for key in ("host", "port", "user", "password", "dbname")}
+    host = unquote(parts.hostname or "") or named["host"] or environ.get("PGHOST", "")
+    if port is None:
+        port_text = named["port"] or environ.get("PGPORT") or "5432"
+        port = _whole_number(port_text, "the DATABASE_URL port" if named["port"] else "PGPORT", 1)
+    host = host or default_socket_dir(port)
+    user = unquote(parts.username or "") or named["user"] or environ.get("PGUSER") or login_name()
+    database = unquote(parts.path.lstrip("/")) or named["dbname"] or environ.get("PGDATABASE") or user
+    sslmode = params.pop("sslmode", None) or environ.get("PGSSLMODE") or "prefer"
     if sslmode not in SSL_MODES:
         raise UsageError(bad % ("sslmode must be one of " + ", ".join(SSL_MODES)))
-    timeout = params.pop("connect_timeout", None)
+    timeout = params.pop("connect_timeout", None) or environ.get("PGCONNECT_TIMEOUT")
     try:
         # libpq reads 0 as "wait for ever"; here every wait is bounded, so 0 is the default.
         connect_timeout = float(timeout) if timeout and float(timeout) > 0 else DEFAULT_CONNECT_TIMEOUT
@@ -367,13 +399,130 @@ def parse_database_url(url: Optional[str]) -> DatabaseConfig:
         raise UsageError(bad % "connect_timeout must be a number of seconds") from None
     for bound in ("statement_timeout", "lock_timeout"):  # --statement-timeout sets both
         params.pop(bound, None)
-    return DatabaseConfig(
-        user=user, host=host, port=port or 5432, database=database, password=password,
+    config = DatabaseConfig(
+        user=user, host=host, port=port, database=database,
         sslmode=sslmode, sslrootcert=params.pop("sslrootcert", None),
         connect_timeout=connect_timeout,
         application_name=params.pop("application_name", PROG),
         startup_params=params,
     )
+    password = unquote(parts.password) if parts.password else named["password"]
+    if password:
+        return replace(config, password=password, password_from="DATABASE_URL")
+    if environ.get("PGPASSWORD"):
+        return replace(config, password=environ["PGPASSWORD"], password_from="PGPASSWORD")
+    path = password_file_path(environ)
+    if path is None:
+        return config
+    found, unused = read_password_file(path, config)
+    if found is not None:
+        return replace(config, password=found, password_from="the password file " + path)
+    return replace(config, password_file=path, password_file_unused=unused)
+
+
+def login_name() -> str:
+    """The user libpq logs in as when none is named: this process's (effective) user."""
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        raise UsageError("DATABASE_URL names no user, and this process's user id %d has no name to use "
+                         "instead; name one in DATABASE_URL (postgres://USER@HOST/DB) or PGUSER."
+                         % os.geteuid()) from None
+
+
+def default_socket_dir(port: int) -> str:
+    """libpq's default host: the local server's socket folder (`localhost` when none holds one)."""
+    for folder in DEFAULT_SOCKET_DIRS:
+        if os.path.exists("%s/.s.PGSQL.%d" % (folder, port)):
+            return folder
+    return "localhost"
+
+
+def password_file_path(environ: dict[str, str]) -> Optional[str]:
+    """PGPASSFILE, else ~/.pgpass (HOME, else the user's home folder), as libpq finds it."""
+    if environ.get("PGPASSFILE"):
+        return environ["PGPASSFILE"]
+    home = environ.get("HOME")
+    if not home:
+        with contextlib.suppress(KeyError):
+            home = pwd.getpwuid(os.geteuid()).pw_dir
+    return os.path.join(home, ".pgpass") if home else None
+
+
+class FileRefused(Exception):
+    """Why a file the tool reads cannot be used, in words ("is a directory")."""
+
+
+def read_regular_file(path: str, limit: int, private: bool = False) -> Optional[bytes]:
+    """The bytes of a plain file of at most `limit` bytes, or None when there is no such file; FileRefused
+    for anything else, `private`: readable by its owner only.  Opened without blocking: a FIFO cannot hang
+    the run."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise FileRefused("cannot be read (%s)" % (exc.strerror or "error").lower()) from None
+    with os.fdopen(descriptor, "rb") as fh:
+        mode = os.fstat(descriptor).st_mode
+        if stat.S_ISDIR(mode):
+            raise FileRefused("is a directory")
+        if not stat.S_ISREG(mode):
+            raise FileRefused("is not a plain file")
+        if private and mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise FileRefused("has group or world access (libpq, too, ignores it until it is chmod 0600)")
+        try:
+            data = fh.read(limit + 1)
+        except OSError as exc:
+            raise FileRefused("cannot be read (%s)" % (exc.strerror or "error").lower()) from None
+    if len(data) > limit:
+        raise FileRefused("is larger than %d bytes" % limit)
+    return data
+
+
+def read_password_file(path: str, config: DatabaseConfig) -> tuple[Optional[str], Optional[str]]:
+    """The password of the first line of libpq's password file that matches the connection
+    (host:port:database:user:password, `*` for any, `\\:` and `\\\\` escaped), or (None, why the file was
+    not used).  Its rules are libpq's: only a plain file that its owner alone may read is used."""
+    try:
+        data = read_regular_file(path, MAX_PASSWORD_FILE, private=True)
+    except FileRefused as refused:
+        return None, "the password file %s was not used: it %s" % (path, refused)
+    if data is None:
+        return None, "there is no password file %s" % path
+    host = "localhost" if config.host in DEFAULT_SOCKET_DIRS else config.host  # as libpq matches it
+    wanted = [value.encode("utf-8") for value in (host, str(config.port), config.database, config.user)]
+    for line in data.split(b"\n"):
+        fields = _password_file_fields(line.rstrip(b"\r"))
+        if line.startswith(b"#") or len(fields) < 5:
+            continue
+        if all(raw == b"*" or value == expected for (raw, value), expected in zip(fields[:4], wanted, strict=True)):
+            try:
+                return fields[4][1].decode("utf-8"), None
+            except UnicodeDecodeError:
+                return None, "the password file %s was not used: its matching line is not UTF-8" % path
+    return None, "no line of the password file %s matches %s" % (path, config.describe())
+
+
+def _password_file_fields(line: bytes) -> list[tuple[bytes, bytes]]:
+    """A password file line cut at its unescaped colons (the password, the fifth field, ends at one): each
+    field as written, and unescaped (a backslash takes the next byte as it is)."""
+    fields: list[tuple[bytes, bytes]] = []
+    start, value, escaped = 0, bytearray(), False
+    for at, byte in enumerate(line):
+        if escaped:
+            value.append(byte)
+            escaped = False
+        elif byte == 0x5C:  # a backslash
+            escaped = True
+        elif byte == 0x3A:  # a colon
+            fields.append((line[start:at], bytes(value)))
+            start, value = at + 1, bytearray()
+            if len(fields) == 5:
+                return fields
+        else:
+            value.append(byte)
+    return fields + [(line[start:], bytes(value))]
 
 
 def _strip_secrets(text: str, url: str) -> str:
@@ -618,6 +767,8 @@ def plan_row(row: LegacyRow, tree: WorkspaceTree, redaction: bool = True) -> Out
     except RowSkipped as skip:
         skip.row = row
         return skip
+    if row.unreadable:
+        return RowFailed(row.unreadable, row)
     if not row.content.strip():
         return RowSkipped(SKIP_EMPTY_CONTENT, row)
     content, counts = platform_content(row.content, target.kind, redaction)
@@ -704,6 +855,9 @@ class LegacyDatabase:
         self.config = config
         self.connection = None
         self.columns: tuple[str, ...] = ()
+        # A SQL_ASCII database holds any bytes, which the server sends as they are: its text is read as
+        # bytes and decoded row by row (a row that is not UTF-8 is that row's error, not the batch's).
+        self.raw_text = False
 
     def __enter__(self) -> LegacyDatabase:
         self.connection = _connect(self.config)
@@ -719,6 +873,9 @@ class LegacyDatabase:
                 "The legacy table agent_memories does not exist in %s (already migrated, "
                 "or the wrong database); check DATABASE_URL." % self.config.describe())
         self.columns = tuple(name for (name,) in found)
+        with self._errors():
+            [[encoding]] = self.connection.run("SELECT current_setting('server_encoding')")
+        self.raw_text = encoding == "SQL_ASCII"
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -734,7 +891,8 @@ class LegacyDatabase:
             has_status = self.connection.run(
                 "SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('workspaces') "
                 "AND attname = 'status' AND NOT attisdropped")
-            status = "status::text" if has_status else "NULL"
+            # Only whether it is 'removed' matters, and a status of any other bytes reads as NULL.
+            status = "CASE WHEN status::text = 'removed' THEN 'removed' END" if has_status else "NULL"
             return WorkspaceTree(self.connection.run(
                 "SELECT id::text, parent_id::text, %s FROM workspaces" % status))  # noqa: S608
 
@@ -764,9 +922,9 @@ class LegacyDatabase:
 
     def _select(self) -> str:
         """The columns of a LegacyRow; an optional column the tenant lacks reads as NULL."""
-        as_text = {"namespace": "namespace", "updated_at": RFC3339_UTC.format("updated_at"),
+        as_text = {"namespace": self._text("namespace"), "updated_at": RFC3339_UTC.format("updated_at"),
                    "embedding": "embedding::text"}
-        select = ["id::text", "workspace_id::text", "content", "scope::text",
+        select = ["id::text", "workspace_id::text", self._text("content"), self._text("scope"),
                   RFC3339_UTC.format("created_at")]
         select += [as_text[name] if name in self.columns else "NULL" for name in OPTIONAL_COLUMNS]
         return "SELECT %s FROM agent_memories" % ", ".join(select)  # noqa: S608 - fixed column text
@@ -785,8 +943,15 @@ class LegacyDatabase:
         with self._errors():
             self.connection.run("CLOSE legacy_rows")
 
+    def _text(self, column: str) -> str:
+        return "convert_to(%s::text, 'SQL_ASCII')" % column if self.raw_text else column + "::text"
+
     def _legacy_row(self, record: Sequence) -> LegacyRow:
         row_id, workspace_id, content, scope, created_at, namespace, updated_at, embedding = record
+        unreadable = None
+        if self.raw_text:
+            (content, scope, namespace), unreadable = _decoded(
+                (("content", content), ("scope", scope), ("namespace", namespace)))
         legacy: dict[str, object] = {
             "workspace_id": workspace_id, "scope": scope, "created_at": created_at,
         }
@@ -794,7 +959,7 @@ class LegacyDatabase:
             legacy["updated_at"] = updated_at
         if "namespace" in self.columns:
             legacy["namespace"] = namespace
-        return LegacyRow(row_id, workspace_id, content, scope, legacy, parse_embedding(embedding))
+        return LegacyRow(row_id, workspace_id, content, scope, legacy, parse_embedding(embedding), unreadable)
 
     def workspaces_of(self, workspaces: Optional[list[str]] = None, limit: Optional[int] = None) -> list[str]:
         """The workspaces that hold rows of that selection (as rows() makes it)."""
@@ -812,6 +977,21 @@ class LegacyDatabase:
             return [found for (found,) in self.connection.run(
                 "SELECT numnode(plainto_tsquery('english', text)) > 0 FROM unnest(CAST(:texts AS text[])) "
                 "WITH ORDINALITY AS t(text, n) ORDER BY n", texts=texts)]
+
+
+def _decoded(columns: Iterable[tuple[str, Optional[bytes]]]) -> tuple[list[Optional[str]], Optional[str]]:
+    """Each column's bytes as UTF-8 text (undecodable bytes as U+FFFD), and why the row cannot be
+    copied if any column is not UTF-8 (never its text)."""
+    texts, unreadable = [], None
+    for name, value in columns:
+        try:
+            texts.append(None if value is None else value.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            texts.append(value.decode("utf-8", "replace"))
+            unreadable = unreadable or ("its %s is not UTF-8 (byte %d of %d is 0x%02x); the live platform "
+                                        "stores UTF-8 only: fix the row in the legacy database"
+                                        % (name, exc.start + 1, len(value), value[exc.start]))
+    return texts, unreadable
 
 
 def _row_filter(workspaces: Optional[list[str]], after: Optional[dict]) -> tuple[str, dict[str, object]]:
@@ -854,9 +1034,32 @@ def _ssl_context(config: DatabaseConfig):
         return None
     if mode == "require":
         return True
-    context = ssl.create_default_context(cafile=config.sslrootcert)
+    context = ssl.create_default_context(cadata=_root_certificates(config.sslrootcert))
     context.check_hostname = mode == "verify-full"
     return context
+
+
+MAX_CERTIFICATE_FILE = 16 * 1024 * 1024
+
+
+def _root_certificates(path: Optional[str]) -> Optional[str]:
+    """The PEM text of sslrootcert (None: the system's certificates); UsageError when it is not one."""
+    if path is None:
+        return None
+    try:
+        data = read_regular_file(path, MAX_CERTIFICATE_FILE)
+        if data is None:
+            raise FileRefused("does not exist")
+        text = data.decode("ascii")
+        ssl.create_default_context(cadata=text)
+    except FileRefused as refused:
+        problem = str(refused)
+    except (UnicodeDecodeError, ssl.SSLError):
+        problem = "holds no PEM certificate"
+    else:
+        return text
+    raise UsageError("The sslrootcert file %s %s; name a file of PEM CA certificates in DATABASE_URL."
+                     % (path, problem))
 
 
 READ_MARGIN_SECONDS = 10.0  # a statement's answer may take this much longer than the server's bound
@@ -887,6 +1090,11 @@ def _connect(config: DatabaseConfig):
             if config.sslmode != "allow" or _sqlstate(exc) != "28000":
                 raise
             connection = pg8000.native.Connection(ssl_context=True, **kwargs)
+        except (AttributeError, pg8000.native.InterfaceError) as exc:
+            # Asked for a password it was not given, pg8000 says so (or, for SCRAM, fails on None).
+            if config.password is None and (isinstance(exc, AttributeError) or "password" in str(exc)):
+                raise config.no_password() from None
+            raise
     # pg8000 keeps its connect timeout on the socket for good; connect_timeout bounds connecting only.
     connection._usock.settimeout(config.statement_timeout + READ_MARGIN_SECONDS)
     return connection
@@ -974,8 +1182,8 @@ HEALTH_RETRIES = 2  # a plugin that is down at the start should fail the run fas
 
 class RetryRule:
     """Every plugin request, through urllib3 or the write stream, is retried by this rule: after a lost
-    connection or a timeout, and after a 429/502/503/504 or a status outside 100-599 (RFC 9110 §15: treated as
-    a server error), up to `retries` times.  The first retry goes at once, the second after 0.4 s, and the
+    connection or a timeout, and after an answer that says the plugin, not the request, failed (unwell()), up
+    to `retries` times.  The first retry goes at once, the second after 0.4 s, and the
     wait doubles from there to at most 4 s, plus up to 0.1 s of jitter; a Retry-After from the plugin replaces
     that wait.  Every request is safe to repeat: writes carry the row's id, deletes name it.  It counts the
     retries it grants, and the last reason, for the progress line and the summary."""
@@ -987,8 +1195,19 @@ class RetryRule:
         self.lock = threading.Lock()  # -verify's searches ask from several threads
 
     @staticmethod
-    def retryable(status: int) -> bool:
-        return status in RETRY_STATUSES or not 100 <= status <= 599
+    def unwell(status: int, body: bytes = b"") -> Optional[str]:
+        """Why an answer says the plugin was unwell, as a retry's reason; None when it answers the request.
+        A 429/502/503/504, a status outside 100-599 (RFC 9110 §15: a server error), or a 500 that says the
+        plugin's own database is unavailable (store_unavailable)."""
+        if status in RETRY_STATUSES or not 100 <= status <= 599:
+            return "HTTP %d" % status
+        if status == 500 and store_unavailable(body):
+            return "HTTP 500, its database unavailable"
+        return None
+
+    @classmethod
+    def retryable(cls, status: int, body: bytes = b"") -> bool:
+        return cls.unwell(status, body) is not None
 
     def delay(self, attempt: int, retry_after: Optional[bytes] = None, reason: str = "") -> Optional[float]:
         """Seconds to wait before retry number `attempt` (from 1) of a request that failed for
@@ -1063,12 +1282,13 @@ class PluginClient:
                 if delay is None:
                     raise plugin_unreachable(self.address, exc, self.timeout) from None
             else:
-                if not rule.retryable(response.status):
+                reason = rule.unwell(response.status, response.data)
+                if reason is None:
                     break
                 attempt += 1
                 retry_after = response.headers.get("Retry-After")
                 delay = rule.delay(attempt, None if retry_after is None else retry_after.encode("latin-1"),
-                                   "HTTP %d" % response.status)
+                                   reason)
                 if delay is None:
                     break
             time.sleep(delay)
@@ -1100,6 +1320,18 @@ class PluginClient:
                 "memory plugin, then run again." % (address.url, address.named_by))
         return str(data.get("version", "unknown"))
 
+    def health_problem(self) -> Optional[str]:
+        """What /v1/health says when it is not ok, asked once (no retry); None when it is ok."""
+        try:
+            data = self._request("GET", "/v1/health", rule=RetryRule(0))
+        except PluginRejected as exc:
+            return "its /v1/health answers %s" % exc
+        except DependencyError:
+            return "its /v1/health does not answer"
+        if isinstance(data, dict) and data.get("status") == "ok":
+            return None
+        return "its /v1/health does not say ok"
+
     def put_namespace(self, name: str, kind: str) -> None:
         self._request("PUT", "/v1/namespaces/" + quote(name, safe=""), {"kind": kind})
 
@@ -1128,13 +1360,38 @@ def plugin_rejected(response: Response) -> PluginRejected:
 
 
 def plugin_error_message(body: bytes, reason: Optional[str]) -> str:
-    """The message of the plugin's error envelope, or the HTTP reason phrase."""
+    """The message of the plugin's error envelope (or its health's status), or the HTTP reason phrase."""
+    data = _envelope(body)
+    text = " ".join(str(data.get("message") or data.get("status") or reason or "").split())
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def _envelope(body: bytes) -> dict:
+    """The plugin's JSON answer as a dict ({} when it is not one)."""
     try:
         data = json.loads(body.decode("utf-8")) if body else None
     except ValueError:
         data = None
-    text = " ".join(str((data.get("message") if isinstance(data, dict) else None) or reason or "").split())
-    return text if len(text) <= 200 else text[:200] + "..."
+    return data if isinstance(data, dict) else {}
+
+
+# What a plugin's 500 says when its own PostgreSQL cannot be reached (a restart, a failover): a SQLSTATE of
+# class 08 (connection exception), 57P01-57P03 (shut down, starting up), 53300 (too many clients), or the
+# words its driver uses for them.
+STORE_DOWN = re.compile(
+    r"\b(?:08[0-9A-Z]{3}|57P0[1-3]|53300)\b|(?i:the database system is|terminating connection|"
+    r"connection refused|bad connection|connection reset|broken pipe|server closed the connection|"
+    r"no connection to the server|could not connect|too many clients|unexpected EOF)")
+
+
+def store_unavailable(body: bytes) -> bool:
+    """Whether a 500's body says the plugin's database is unavailable (REFERENCE §4: the `unavailable`
+    code), rather than that the request failed."""
+    data = _envelope(body)
+    if data.get("code") == "unavailable":
+        return True
+    text = data.get("message") if data else body[:1000].decode("utf-8", "replace")
+    return isinstance(text, str) and STORE_DOWN.search(text) is not None
 
 
 # ---------------------------------------------------------------------------
@@ -1449,6 +1706,7 @@ QUEUE_LOW, QUEUE_HIGH = 3.0, 6.0
 LIMIT_WINDOW_SECONDS = 0.1  # one decision per window of at least this long ...
 LIMIT_WINDOW_ANSWERS = 4  # ... and this many answers per connection
 PROBE_SECONDS = 10.0  # the plugin's time per request without a queue is measured at least this often
+HEALTH_RECHECK_SECONDS = 1.0  # a 500 asks /v1/health again at most this often
 
 
 class ConcurrencyLimit:
@@ -1758,7 +2016,8 @@ class WriteStream:
     counting.  A dependency failure (fail()) stops new work; what is in flight still gets its answers."""
 
     def __init__(self, address: PluginAddress, ceiling: int, timeout: float, retry: RetryRule,
-                 max_rate: float, stop: threading.Event):
+                 max_rate: float, stop: threading.Event,
+                 health: Optional[Callable[[], Optional[str]]] = None):
         self.address = address
         self.ceiling = ceiling
         self.timeout = timeout
@@ -1773,6 +2032,10 @@ class WriteStream:
         self.fatal: Optional[BackfillError] = None
         self.stats = LoadStatistics()
         self.pacing = Pacing(max_rate)
+        self.health = health  # what /v1/health says when it is not ok (None when it is)
+        self.health_said: Optional[str] = None
+        self.health_asked_at = float("-inf")
+        self.unwell: Optional[str] = None  # what the plugin last said when it was unwell
 
     def submit(self, job: Job) -> None:
         self.ready.append(job)
@@ -1944,10 +2207,33 @@ class WriteStream:
 
     def _answered(self, job: Job, response: Response, now: float,
                   answered: Callable[[Job, Response], None]) -> None:
+        """A final answer goes to the mode, unless it says the plugin was unwell (RetryRule.unwell; or a 500
+        while /v1/health does not say ok): then the request goes again, and after its last retry the run
+        stops, blaming no row for the plugin's state."""
         head = response.head
-        if not (self.retry.retryable(head.status)
-                and self._retry(job, now, "HTTP %d" % head.status, head.field(b"retry-after"))):
+        reason = self.retry.unwell(head.status, response.body)
+        if reason is None and head.status == 500:
+            reason = self._health_problem(now)
+        if reason is None:
             answered(job, response)
+            return
+        self.unwell = "HTTP %d: %s" % (head.status, plugin_error_message(response.body, head.reason))
+        if not self._retry(job, now, reason, head.field(b"retry-after")):
+            self.fail(DependencyError(
+                "The memory plugin at %s stayed unwell through %d retries of a request (it said %s%s); "
+                "stopped, no row counted as refused. Check the plugin and its database, then re-run to "
+                "resume."
+                % (self.address.url, self.retry.retries, self.unwell,
+                   "; " + self.health_said if self.health_said else "")))
+
+    def _health_problem(self, now: float) -> Optional[str]:
+        """Before a 500 is taken as the request's fault: what /v1/health says if it is not ok (asked at most
+        every HEALTH_RECHECK_SECONDS), as the retry's reason."""
+        if self.health is None:
+            return None
+        if now - self.health_asked_at >= HEALTH_RECHECK_SECONDS:
+            self.health_said, self.health_asked_at = self.health(), now
+        return "HTTP 500 while " + self.health_said if self.health_said else None
 
     def _retry(self, job: Job, now: float, reason: str, retry_after: Optional[bytes] = None) -> bool:
         """Queue the job to go again, as RetryRule says; False when it has no retry left."""
@@ -2372,12 +2658,19 @@ def drive_stopping(mode: str, stream: WriteStream, failures: FailureLog,
         except BackfillError as exc:
             stopped = exc
         except Exception as exc:  # noqa: BLE001 - a defect: stop with the summary and checkpoint
-            stopped = BackfillError("%s failed unexpectedly (%s, a defect of %s); stopped. Re-run to "
-                                    "resume." % (mode, type(exc).__name__, PROG))
+            stopped = defect(mode, exc)
         finally:
             stream.close()
             failures.close()
     return Interrupted(received[0]) if received else stopped
+
+
+def defect(mode: str, error: Exception) -> BackfillError:
+    """A failure of this tool's own code, said in one sentence that names it; its traceback is kept for -v."""
+    stopped = BackfillError("%s failed unexpectedly (%s, a defect of %s: re-run with -v to see where, and "
+                            "report it); stopped." % (mode, type(error).__name__, PROG))
+    stopped.traceback = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    return stopped
 
 
 def check_plugin(plugin: PluginClient, progress: Progress) -> str:
@@ -2440,9 +2733,12 @@ class BackfillReport(RunReport):
             self.redactions.update(planned.redactions)
 
     def failed_rows(self) -> str:
-        return ("%d rows were not copied (the plugin refused them: listed above%s); fix what the plugin "
-                "says, then run -apply again: rows already copied are rewritten by id, never duplicated."
-                % (self.errors, self.listed()))
+        if self.settings.mode == "dry-run":
+            return ("%d rows cannot be copied (listed above, with why); fix them in the legacy database, "
+                    "then run -dry-run again." % self.errors)
+        return ("%d rows were not copied (listed above%s, with why: the plugin's refusal, or a row to fix in "
+                "the legacy database); fix what each says, then run -apply again: rows already copied are "
+                "rewritten by id, never duplicated." % (self.errors, self.listed()))
 
     def to_json(self) -> dict[str, object]:
         return {**super().to_json(),
@@ -2465,6 +2761,9 @@ def planned_outcomes(rows: Iterable[LegacyRow], tree: WorkspaceTree, settings: S
         if isinstance(outcome, RowSkipped):
             report.skip_reasons[outcome.reason] += 1
             log("skip %s: %s", row.id, outcome.reason)
+        elif isinstance(outcome, RowFailed):
+            report.count_error(row.id, outcome)
+            log("error %s: %s", row.id, outcome)
         yield outcome
 
 
@@ -2493,6 +2792,7 @@ def dry_run(settings: Settings, log, progress: Progress) -> BackfillReport:
 # ---------------------------------------------------------------------------
 
 CHECKPOINT_SAVE_SECONDS = 1.0  # the checkpoint file is replaced at most this often
+MAX_CHECKPOINT_BYTES = 64 * 1024  # a checkpoint is a few hundred bytes
 
 
 class Checkpoint:
@@ -2500,7 +2800,8 @@ class Checkpoint:
 
     Every row before `position` (in the read order) is durably written to the plugin or skipped by design.
     The file is JSON, replaced atomically (temporary file + rename), and names the row set it belongs to; a
-    run with another -workspace or database refuses it."""
+    run with another -workspace or database refuses it.  One run at a time: open() takes an exclusive lock
+    (flock on FILE.lock, which the kernel frees when the process ends however it ends), close() frees it."""
 
     def __init__(self, path: str, identity: dict[str, object], position: Optional[dict] = None,
                  rows_done: int = 0, complete: bool = False):
@@ -2510,35 +2811,56 @@ class Checkpoint:
         self.rows_done = rows_done
         self.complete = complete
         self.saved_at = 0.0
+        self.lock: Optional[int] = None  # the locked file's descriptor
 
     @classmethod
     def open(cls, settings: Settings) -> Checkpoint:
+        """The checkpoint of this run, locked; a new one (saved at once, which proves the path writable)
+        when FILE does not exist.  UsageError, in one sentence, for anything else."""
         identity = {"workspace": settings.workspace, "database": settings.database.describe()}
         path = settings.checkpoint
+        lock = _lock_checkpoint(path)
         try:
-            with open(path, encoding="utf-8") as fh:
-                text = fh.read()
-        except FileNotFoundError:
-            checkpoint = cls(path, identity)
-            checkpoint.save()  # proves the path is writable before anything is written
-            return checkpoint
-        except OSError as exc:
-            raise UsageError("Cannot read the checkpoint %s (%s); choose a readable file."
-                             % (path, exc.strerror)) from None
+            with contextlib.suppress(OSError):  # a temporary file a killed run left behind
+                os.unlink(path + ".tmp")
+            checkpoint = cls._read(path, identity)
+            if checkpoint is None:
+                checkpoint = cls(path, identity)
+                checkpoint.save()
+            checkpoint.lock = lock
+        except BaseException:
+            _unlock_checkpoint(path, lock)
+            raise
+        return checkpoint
+
+    @classmethod
+    def _read(cls, path: str, identity: dict[str, object]) -> Optional[Checkpoint]:
         try:
-            data = json.loads(text)
-            position = data["position"]
+            data = read_regular_file(path, MAX_CHECKPOINT_BYTES)
+        except FileRefused as refused:
+            raise UsageError("Cannot read the checkpoint %s (it %s); name a checkpoint file of -apply, or a "
+                             "path where none exists yet." % (path, refused)) from None
+        if data is None:
+            return None
+        try:
+            found = json.loads(data.decode("utf-8"))
+            position = found["position"]
             if position is not None:
-                position = {"created_at": position["created_at"], "id": str(position["id"])}
-            differ = sorted(k for k in identity if data["identity"].get(k) != identity[k])
-            checkpoint = cls(path, identity, position, int(data["rows_done"]), bool(data["complete"]))
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise UsageError("The checkpoint %s is not a memory-backfill checkpoint (unreadable JSON "
-                             "or missing fields); remove it to start over." % path) from None
+                created_at = position["created_at"]
+                if created_at is not None and not isinstance(created_at, str):
+                    raise TypeError
+                position = {"created_at": created_at, "id": str(UUID(position["id"]))}
+            rows_done, complete = found["rows_done"], found["complete"]
+            if found.get("tool") != PROG or type(rows_done) is not int or type(complete) is not bool:
+                raise TypeError
+            differ = sorted(key for key in identity if found["identity"].get(key) != identity[key])
+        except (ValueError, RecursionError, KeyError, TypeError, AttributeError):
+            raise UsageError("The checkpoint %s is not a memory-backfill checkpoint (not its JSON, or "
+                             "missing fields); remove it to start over." % path) from None
         if differ:
             raise UsageError("The checkpoint %s belongs to another run (different %s); use the same "
                              "options, or another checkpoint file." % (path, " and ".join(differ)))
-        return checkpoint
+        return cls(path, identity, position, rows_done, complete)
 
     def advance(self, position: tuple[Optional[str], str], rows: int) -> None:
         """Every row up to `position` is done: `rows` more than before."""
@@ -2548,20 +2870,74 @@ class Checkpoint:
             self.save()
 
     def save(self, complete: bool = False) -> None:
+        """Replace the file; on a failure (a full disk) the file stays as it was, and no temporary is left."""
         self.complete = complete
         data = {"tool": PROG, "format": 1, "identity": self.identity, "position": self.position,
                 "rows_done": self.rows_done, "complete": complete}
         temporary = self.path + ".tmp"
+        created = False
         try:
             with open(temporary, "w", encoding="utf-8") as fh:
+                created = True
                 json.dump(data, fh, indent=1, sort_keys=True)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(temporary, self.path)
         except OSError as exc:
+            if created:
+                with contextlib.suppress(OSError):
+                    os.unlink(temporary)
             raise UsageError("Cannot write the checkpoint %s (%s); choose a writable path."
                              % (self.path, exc.strerror)) from None
         self.saved_at = time.monotonic()
+
+    def close(self) -> None:
+        if self.lock is not None:
+            _unlock_checkpoint(self.path, self.lock)
+            self.lock = None
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def _lock_checkpoint(path: str) -> int:
+    """An exclusive lock on FILE.lock (holding this process's id); UsageError at once if another run holds
+    it.  The file is removed when the lock is freed, so each taker checks that it locked the file that is
+    still there."""
+    lock_path = path + ".lock"
+    while True:
+        try:
+            descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            raise UsageError("Cannot write the checkpoint %s (%s: %s); choose a writable path."
+                             % (path, lock_path, (exc.strerror or "error").lower())) from None
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(descriptor, 32).decode("ascii", "replace").strip()
+            os.close(descriptor)
+            raise UsageError("The checkpoint %s is in use by another -apply run (%s, which holds %s); let it "
+                             "finish or stop it, or give this run another checkpoint file."
+                             % (path, "process " + holder if holder.isdigit() else "a process", lock_path)
+                             ) from None
+        try:
+            current = os.stat(lock_path).st_ino == os.fstat(descriptor).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            os.ftruncate(descriptor, 0)
+            os.write(descriptor, b"%d\n" % os.getpid())
+            return descriptor
+        os.close(descriptor)  # freed and removed while this one waited: take the new one
+
+
+def _unlock_checkpoint(path: str, descriptor: int) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path + ".lock")  # while still held: a run that opened it meanwhile sees it is gone
+    os.close(descriptor)
 
 
 class LowWaterMark:
@@ -2675,6 +3051,10 @@ class ApplyWrites:
                 self.failures.record_row(outcome.row, reason=outcome.reason)
                 self._settle(number)
                 continue
+            if isinstance(outcome, RowFailed):  # counted by planned_outcomes; a resume reads it again
+                self.failures.record_row(outcome.row, error=str(outcome))
+                self.mark.freeze()
+                continue
             job = Job(number, outcome, b"")
             if outcome.target.namespace not in self.namespaces and not self._upsert_namespace(job):
                 continue
@@ -2745,8 +3125,8 @@ class ApplyWrites:
         self.consecutive_failures += 1
         if self.consecutive_failures >= self.max_consecutive_failures:
             self.stream.fail(DependencyError(
-                "The plugin refused %d rows in a row (the last: %s); stopped. Fix the plugin, "
-                "then re-run to resume." % (self.consecutive_failures, error)))
+                "The plugin refused %d rows in a row (the last: %s); stopped. Fix what it says (in the "
+                "plugin or in those rows), then re-run to resume." % (self.consecutive_failures, error)))
 
     def _settle(self, number: int) -> None:
         try:
@@ -2760,8 +3140,14 @@ def apply(settings: Settings, log, progress: Progress) -> BackfillReport:
 
     It stops early, cleanly, on a lost dependency or a signal: the writes in flight get their answers, the
     checkpoint is saved, and the error raised carries the report so far."""
+    if not settings.checkpoint:
+        return _copy(settings, log, progress, None)
+    with Checkpoint.open(settings) as checkpoint:  # locked: one run per checkpoint
+        return _copy(settings, log, progress, checkpoint)
+
+
+def _copy(settings: Settings, log, progress: Progress, checkpoint: Optional[Checkpoint]) -> BackfillReport:
     report = BackfillReport(settings)
-    checkpoint = Checkpoint.open(settings) if settings.checkpoint else None
     if checkpoint is not None:
         report.resumed_from = checkpoint.position
         if checkpoint.complete:
@@ -2770,7 +3156,7 @@ def apply(settings: Settings, log, progress: Progress) -> BackfillReport:
     plugin = PluginClient(settings.plugin, settings.timeout, settings.retries)
     report.plugin_status = "ok (version %s)" % check_plugin(plugin, progress)
     stream = WriteStream(settings.plugin, settings.write_connections, settings.timeout, plugin.retry,
-                         settings.max_rate, threading.Event())
+                         settings.max_rate, threading.Event(), plugin.health_problem)
     with open_database(settings, progress) as database:  # a refusal here comes before any write
         after = checkpoint.position if checkpoint else None
         tree = read_tree(database, settings, progress)
@@ -2811,27 +3197,27 @@ PROVENANCE = "provenance"
 UNVERIFIABLE = "unverifiable"
 PROBLEM_CLASSES = (MISSING, WRONG_NAMESPACE, CONTENT_DIFFERS, UNREDACTED, PROVENANCE)
 VERIFY_CLASSES = (MATCH,) + PROBLEM_CLASSES + (UNVERIFIABLE,)
+UNREADABLE = "unreadable"  # not looked up: no write can carry it (its text is not UTF-8)
 
 
 @dataclass(frozen=True)
 class Finding:
     """What -verify found for one row: its class, and what differs (never a secret)."""
 
-    planned: PlannedWrite
-    verdict: str  # one of VERIFY_CLASSES
+    row: LegacyRow
+    expected: Optional[str]  # the namespace -apply writes it to
+    verdict: str  # one of VERIFY_CLASSES, or UNREADABLE
     detail: str = ""
     found_in: Optional[str] = None  # the namespace that holds the plugin's copy
     labels: tuple[str, ...] = ()  # unredacted: the labels of the secrets in clear
 
     def line(self) -> str:
-        row = self.planned.row
-        return "%s %s (workspace %s): %s" % (self.verdict, row.id, row.workspace_id, self.detail)
+        return "%s %s (workspace %s): %s" % (self.verdict, self.row.id, self.row.workspace_id, self.detail)
 
     def to_json(self) -> dict[str, object]:
         entry: dict[str, object] = {
-            "id": self.planned.row.id, "workspace_id": self.planned.row.workspace_id,
-            "class": self.verdict, "expected_namespace": self.planned.target.namespace,
-            "found_namespace": self.found_in}
+            "id": self.row.id, "workspace_id": self.row.workspace_id, "class": self.verdict,
+            "expected_namespace": self.expected, "found_namespace": self.found_in}
         if self.labels:
             entry["labels"] = list(self.labels)
         return entry
@@ -2860,7 +3246,7 @@ class VerifyReport:
 
     @property
     def errors(self) -> int:
-        return self.classes[UNVERIFIABLE]
+        return self.classes[UNVERIFIABLE] + self.classes[UNREADABLE]
 
     def count(self, finding: Finding) -> None:
         self.classes[finding.verdict] += 1
@@ -2874,19 +3260,22 @@ class VerifyReport:
         if self.mismatches:
             advice.append("%d sampled rows do not match (%s): run -apply to rewrite them by id, then "
                           "-verify again" % (self.mismatches, listed))
-        if self.errors:
+        if self.classes[UNVERIFIABLE]:
             advice.append("%d rows could not be looked up (unverifiable, %s): check those ids in the "
                           "plugin by hand, or run -verify again if the plugin refused searches"
-                          % (self.errors, listed))
+                          % (self.classes[UNVERIFIABLE], listed))
+        if self.classes[UNREADABLE]:
+            advice.append("%d rows cannot be copied at all (unreadable, %s: their text is not UTF-8); fix "
+                          "them in the legacy database, then run -apply" % (self.classes[UNREADABLE], listed))
         return Incomplete("; ".join(advice) + ".") if advice else None
 
     def to_json(self) -> dict[str, object]:
         return {
             "mode": "verify", "workspaces_sampled": self.workspaces_sampled, "scanned": self.scanned,
             "matches": self.matches, "mismatches": self.mismatches, "errors": self.errors,
-            "unverifiable": self.errors, "problems": self.problems, "retries": self.retries,
+            "unverifiable": self.classes[UNVERIFIABLE], "problems": self.problems, "retries": self.retries,
             "rows_by_class": {verdict.replace(" ", "_"): self.classes[verdict]
-                              for verdict in VERIFY_CLASSES},
+                              for verdict in VERIFY_CLASSES + (UNREADABLE,)},
             "failures_file": self.settings.failures,
         }
 
@@ -2896,16 +3285,17 @@ def classify(planned: PlannedWrite, lookup: Lookup, show_content: bool = False) 
     text goes into the finding unless `show_content` (--show-content)."""
     expected = planned.target.namespace
     verdict, record = lookup.verdict(expected), lookup.record
+    finding = functools.partial(Finding, planned.row, expected)
     if verdict == ABSENT:
-        return Finding(planned, MISSING, "in no namespace of the tenant; -apply writes it to %s" % expected)
+        return finding(MISSING, "in no namespace of the tenant; -apply writes it to %s" % expected)
     if verdict == REFUSED:
-        return Finding(planned, UNVERIFIABLE, lookup.why_not_looked_up())
+        return finding(UNVERIFIABLE, lookup.why_not_looked_up())
     if verdict == UNSEARCHABLE:
-        return Finding(planned, UNVERIFIABLE, "not among the newest %d of %s, and %s"
+        return finding(UNVERIFIABLE, "not among the newest %d of %s, and %s"
                        % (SEARCH_CAP, expected, lookup.why_not_looked_up()))
     namespace = record.get("namespace")
     if verdict == ELSEWHERE:
-        return Finding(planned, WRONG_NAMESPACE, "expected in %s, found in %s" % (expected, namespace),
+        return finding(WRONG_NAMESPACE, "expected in %s, found in %s" % (expected, namespace),
                        namespace)
     content = record.get("content") if isinstance(record.get("content"), str) else ""
     wanted = planned.body["content"]
@@ -2913,21 +3303,21 @@ def classify(planned: PlannedWrite, lookup: Lookup, show_content: bool = False) 
         redacted, labels = redact(content)
         if labels and platform_content(redacted, planned.target.kind, redaction=False)[0] == wanted:
             labels = tuple(sorted(labels))
-            return Finding(planned, UNREDACTED, "the plugin's copy holds secrets in clear (%s)"
+            return finding(UNREDACTED, "the plugin's copy holds secrets in clear (%s)"
                            % ", ".join(labels), namespace, labels)
-        return Finding(planned, CONTENT_DIFFERS, first_difference(redact(wanted)[0], redacted, show_content),
+        return finding(CONTENT_DIFFERS, first_difference(redact(wanted)[0], redacted, show_content),
                        namespace)
     propagation = record.get("propagation")
     legacy = propagation.get("legacy") if isinstance(propagation, dict) else None
     provenance = planned.body["propagation"]["legacy"]
     if legacy != provenance:
         if not isinstance(legacy, dict):
-            return Finding(planned, PROVENANCE, "propagation.legacy is missing", namespace)
+            return finding(PROVENANCE, "propagation.legacy is missing", namespace)
         fields = sorted(key for key in set(legacy) | set(provenance)
                         if legacy.get(key) != provenance.get(key))
-        return Finding(planned, PROVENANCE, "propagation.legacy differs in %s" % ", ".join(fields),
+        return finding(PROVENANCE, "propagation.legacy differs in %s" % ", ".join(fields),
                        namespace)
-    return Finding(planned, MATCH, found_in=namespace)
+    return finding(MATCH, found_in=namespace)
 
 
 def first_difference(expected: str, found: str, show_content: bool = False) -> str:
@@ -2984,14 +3374,16 @@ def verify(settings: Settings, log, progress: Progress) -> VerifyReport:
             progress.count(report, database.count_rows(sample), lambda: ", " + plugin.retry.describe())
             for rows, finished in row_groups(database.rows(sample, by_workspace=True), VERIFY_GROUP_ROWS):
                 report.scanned += len(rows)
-                planned = [outcome for outcome in (plan_row(row, tree, settings.redact) for row in rows)
-                           if isinstance(outcome, PlannedWrite)]
+                outcomes = [plan_row(row, tree, settings.redact) for row in rows]
+                planned = [outcome for outcome in outcomes if isinstance(outcome, PlannedWrite)]
                 lookups = finder.find([sought_for(p, settings.redact) for p in planned])
-                for p in planned:
-                    finding = classify(p, lookups[p.row.id], settings.show_content)
+                findings = [Finding(failed.row, None, UNREADABLE, str(failed))
+                            for failed in outcomes if isinstance(failed, RowFailed)]
+                findings += [classify(p, lookups[p.row.id], settings.show_content) for p in planned]
+                for finding in findings:
                     report.count(finding)
                     if finding.verdict == MATCH:
-                        log("match %s", p.row.id)
+                        log("match %s", finding.row.id)
                     else:
                         log(finding.line())
                         failures.write(finding.to_json())
@@ -3139,7 +3531,7 @@ def rollback(settings: Settings, log, progress: Progress) -> RollbackReport:
     plugin = PluginClient(settings.plugin, settings.timeout, settings.retries, connections=settings.searches)
     report.plugin_status = "ok (version %s)" % check_plugin(plugin, progress)
     stream = WriteStream(settings.plugin, settings.write_connections, settings.timeout, plugin.retry,
-                         settings.max_rate, threading.Event())
+                         settings.max_rate, threading.Event(), plugin.health_problem)
     with open_database(settings, progress) as database, \
             ThreadPoolExecutor(settings.searches, thread_name_prefix="search") as pool:
         tree = read_tree(database, settings, progress)  # a refusal here comes before any delete
@@ -3262,7 +3654,9 @@ def format_verify(report: VerifyReport) -> list[str]:
     if report.mismatches:
         lines.append("to repair: run -apply to rewrite these %d rows by id; it repairs every class "
                      "above" % report.mismatches)
-    lines.append("unverifiable rows (counted as errors): %d" % report.errors)
+    lines.append("unverifiable rows (counted as errors): %d" % report.classes[UNVERIFIABLE])
+    if report.classes[UNREADABLE]:
+        lines.append("unreadable rows, not UTF-8 (counted as errors): %d" % report.classes[UNREADABLE])
     lines.append("Verify complete: workspaces_sampled=%d matches=%d mismatches=%d errors=%d"
                  % (report.workspaces_sampled, report.matches, report.mismatches, report.errors))
     return lines
@@ -3474,7 +3868,7 @@ def parse_settings(argv: Optional[Sequence[str]], environ: dict[str, str]) -> Se
         raise UsageError("--yes goes with -rollback only.")
     if args.show_content and mode != "verify":
         raise UsageError("--show-content goes with -verify only.")
-    database = parse_database_url(args.database_url or environ.get("DATABASE_URL"))
+    database = parse_database_url(args.database_url or environ.get("DATABASE_URL"), environ)
     database = replace(database, statement_timeout=_seconds(args.statement_timeout, "--statement-timeout"))
     plugin = parse_plugin_url(args.plugin_url or environ.get("MEMORY_PLUGIN_URL"),
                               "--plugin-url" if args.plugin_url else "MEMORY_PLUGIN_URL")
@@ -3520,8 +3914,9 @@ def target_line(settings: Settings) -> str:
         selection = "every workspace"
     if settings.limit is not None and settings.mode != "verify":
         selection += ", at most %d rows (-limit)" % settings.limit
-    return "%s -%s: database %s; plugin %s; %s" % (PROG, settings.mode, settings.database.describe(),
-                                                   settings.plugin.describe(), selection)
+    return "%s -%s: database %s (%s); plugin %s; %s" % (
+        PROG, settings.mode, settings.database.describe(), settings.database.describe_login(),
+        settings.plugin.describe(), selection)
 
 
 MODE_RUNS = {"dry-run": (dry_run, format_backfill), "apply": (apply, format_backfill),
@@ -3553,6 +3948,10 @@ def run(argv: Optional[Sequence[str]] = None, environ: Optional[dict[str, str]] 
             error = report.verdict()
         except BackfillError as exc:
             report, error = exc.report, exc
+        except Exception as exc:  # noqa: BLE001 - a defect, said in one sentence (-v: where)
+            report, error = None, defect("-" + settings.mode, exc)
+    if error is not None and error.traceback and settings.verbose:
+        print(error.traceback.rstrip(), file=stderr, flush=True)
     if settings.json_output:
         data = report.to_json() if report is not None else {"mode": settings.mode}
         data.update(database=settings.database.describe(), plugin_url=settings.plugin.url,

@@ -217,7 +217,8 @@ def env(legacy, plugin, monkeypatch):
 
 # --- running the tool ----------------------------------------------------------
 
-TARGET_LINE = re.compile(r"memory-backfill -(dry-run|apply|verify|rollback): database \S+; plugin ")
+TARGET_LINE = re.compile(r"memory-backfill -(dry-run|apply|verify|rollback): database \S+ "
+                         r"\((password from [^)]+|no password)\); plugin ")
 
 
 @dataclass

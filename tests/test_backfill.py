@@ -279,9 +279,9 @@ def test_a_row_the_plugin_rejects_is_an_error_and_the_run_goes_on(cli, legacy, t
     assert re.search(r"^  %s: HTTP 400: rejected by the test$" % rejected, result.stdout, re.M)
     assert re.search(r"^  %s: the embedding holds NaN or Infinity, which JSON cannot carry$" % nan,
                      result.stdout, re.M)
-    assert result.said == ("memory-backfill: 2 rows were not copied (the plugin refused them: listed "
-                           "above); fix what the plugin says, then run -apply again: rows already copied "
-                           "are rewritten by id, never duplicated.\n")
+    assert result.said == ("memory-backfill: 2 rows were not copied (listed above, with why: the plugin's "
+                           "refusal, or a row to fix in the legacy database); fix what each says, then run "
+                           "-apply again: rows already copied are rewritten by id, never duplicated.\n")
 
 
 def test_json_report(cli, legacy, tree, plugin, env):

@@ -26,9 +26,13 @@ def start(args, env):
                             stderr=subprocess.PIPE, text=True)
 
 
-def wait_for(condition, timeout=60.0):
+def wait_for(condition, timeout=60.0, process=None):
+    """Until condition() holds; fails at the timeout, or at once (with what it said) if `process` ended."""
     deadline = time.monotonic() + timeout
     while not condition():
+        if process is not None and process.poll() is not None:
+            out, err = process.communicate()
+            raise AssertionError("the run ended first (%d): %s %s" % (process.returncode, out[-800:], err[-800:]))
         assert time.monotonic() < deadline, "timed out waiting"
         time.sleep(0.05)
 
@@ -153,7 +157,7 @@ def test_the_tool_killed_with_sigkill_then_resumed(legacy, root, plugin, env, tm
     checkpoint = tmp_path / "cp.json"
     run = start_slow_apply(plugin, env, checkpoint)
     wait_for(lambda: plugin.count() >= 800 and checkpoint.exists()
-             and read_checkpoint(checkpoint)["position"] is not None)
+             and read_checkpoint(checkpoint)["position"] is not None, process=run)
     run.kill()
     run.wait(timeout=30)
     assert run.returncode == -signal.SIGKILL
@@ -234,7 +238,7 @@ def test_an_unexpected_error_while_writing_stops_the_run(legacy, root, plugin, e
     captured = capsys.readouterr()
     assert status == 3
     assert said(captured.err) == ("memory-backfill: -apply failed unexpectedly (KeyError, a defect of "
-                            "memory-backfill); stopped. Re-run to resume.\n")
+                                  "memory-backfill: re-run with -v to see where, and report it); stopped.\n")
     assert "STOPPED EARLY" in captured.out
     assert set(plugin.records()) == set(ids[:21])  # one write in flight at a time
     assert read_checkpoint(checkpoint)["position"]["id"] == ids[19]  # row 20 was never settled
@@ -263,7 +267,7 @@ def test_failures_file_lists_skips_and_errors_never_content(legacy, plugin, env,
 
 @pytest.mark.parametrize("content, complaint", [
     ("{not json", "is not a memory-backfill checkpoint"),
-    (json.dumps({"identity": {"mode": "apply", "workspace": "00000000-0000-0000-0000-000000000001",
+    (json.dumps({"tool": "memory-backfill", "identity": {"mode": "apply", "workspace": "00000000-0000-0000-0000-000000000001",
                               "database": "x"}, "position": None, "rows_done": 0, "complete": False}),
      "belongs to another run (different database and workspace)"),
 ])

@@ -181,8 +181,8 @@ def test_the_target_line_comes_first_with_q_and_json_and_never_the_password(lega
         selection = {"-dry-run": "every workspace", "-apply": "every workspace, at most 5 rows (-limit)",
                      "-verify": "a sample of 50 workspaces (seed 20261126)",
                      "-rollback": "workspace %s only" % tree["child"]}[args[0]]
-        assert first == "memory-backfill %s: database %s; plugin %s; %s" % (args[0], database, plugin.url,
-                                                                             selection), done.stderr
+        assert first == "memory-backfill %s: database %s (password from DATABASE_URL); plugin %s; %s" % (
+            args[0], database, plugin.url, selection), done.stderr
         assert APP_PASSWORD not in done.stderr + done.stdout
         if "--json" in args:
             report = json.loads(done.stdout)
@@ -195,7 +195,8 @@ def test_the_default_plugin_url_is_said_in_the_target_line(monkeypatch, capsys):
     monkeypatch.delenv("MEMORY_PLUGIN_URL", raising=False)
     mb.main(["-dry-run", "-q"])
     assert capsys.readouterr().err.splitlines()[0] == (
-        "memory-backfill -dry-run: database u@127.0.0.1:%d/d; plugin http://localhost:9100 (the default: "
+        "memory-backfill -dry-run: database u@127.0.0.1:%d/d (password from DATABASE_URL); plugin "
+        "http://localhost:9100 (the default: "
         "MEMORY_PLUGIN_URL is not set); every workspace" % port)
 
 

@@ -139,8 +139,8 @@ def test_a_defect_while_deleting_stops_it_cleanly_like_apply(tenant, plugin, mon
     monkeypatch.setattr(mb.RollbackDeletes, "_answered", buggy)
     status, out, err = rollback("--yes")
     assert status == 3
-    assert err == ("memory-backfill: -rollback failed unexpectedly (KeyError, a defect of memory-backfill); "
-                   "stopped. Re-run to resume.\n")
+    assert err == ("memory-backfill: -rollback failed unexpectedly (KeyError, a defect of memory-backfill: "
+                   "re-run with -v to see where, and report it); stopped.\n")
     assert out.rstrip().splitlines()[-1].startswith("Rollback stopped: scanned=")
 
 

@@ -1,5 +1,6 @@
 """The pure parts: URL parsing, scope mapping, redaction, planning, options."""
 
+import os
 import re
 import uuid
 from collections import Counter
@@ -43,8 +44,6 @@ def test_database_url_every_sslmode(mode):
     ("", "DATABASE_URL is not set"),
     ("mysql://u:pw@h/d", "scheme must be postgres"),
     ("postgres://u:topsecret@h:notaport/d", "malformed"),
-    ("postgres:///d", "names no host"),
-    ("postgres://h/d", "names no user"),
     ("postgres://u:pw@h/d?sslmode=sometimes", "sslmode must be one of"),
     ("postgres://u:pw@h/d?connect_timeout=soon", "connect_timeout"),
 ])
@@ -53,6 +52,28 @@ def test_database_url_errors_are_usage_errors_without_the_password(url, complain
         mb.parse_database_url(url)
     assert complaint in str(raised.value)
     assert "topsecret" not in str(raised.value)
+
+
+def test_database_url_completed_as_libpq_completes_it(tmp_path, monkeypatch):
+    """Where the URL is silent: PGHOST, PGPORT, PGUSER, PGDATABASE, PGSSLMODE, PGCONNECT_TIMEOUT; then the
+    login name as the user (and as the database), the local server's socket folder as the host."""
+    import pwd
+
+    environ = {"PGHOST": "db.env", "PGPORT": "6000", "PGUSER": "envuser", "PGDATABASE": "envdb",
+               "PGSSLMODE": "require", "PGCONNECT_TIMEOUT": "4", "HOME": str(tmp_path)}
+    config = mb.parse_database_url("postgres://urluser@urlhost/urldb", environ)
+    assert (config.host, config.port, config.user, config.database) == ("urlhost", 6000, "urluser", "urldb")
+    assert (config.sslmode, config.connect_timeout) == ("require", 4.0)
+    config = mb.parse_database_url(None, environ)
+    assert (config.host, config.port, config.user, config.database) == ("db.env", 6000, "envuser", "envdb")
+    monkeypatch.setattr(mb, "DEFAULT_SOCKET_DIRS", (str(tmp_path),))
+    (tmp_path / ".s.PGSQL.5432").touch()
+    config = mb.parse_database_url("postgres://", {"PGDATABASE": "d", "HOME": str(tmp_path)})
+    login = pwd.getpwuid(os.geteuid()).pw_name
+    assert (config.host, config.port, config.user, config.database) == (str(tmp_path), 5432, login, "d")
+    assert mb.parse_database_url("postgres://h", {}).database == login
+    with pytest.raises(mb.UsageError, match="PGPORT must be a positive whole number"):
+        mb.parse_database_url("postgres://h/d", {"PGPORT": "x"})
 
 
 def test_database_url_host_as_query_parameter_and_unix_socket_folder():

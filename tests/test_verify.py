@@ -182,4 +182,4 @@ def test_concurrency_does_not_change_the_verdict(legacy, plugin, env, tmp_path):
     report = json.loads(one[1])
     assert report["rows_by_class"] == {"match": 992, "missing": 3, "wrong_namespace": 0,
                                        "content_differs": 4, "unredacted": 0, "provenance": 1,
-                                       "unverifiable": 0}
+                                       "unverifiable": 0, "unreadable": 0}
