@@ -463,7 +463,7 @@ def read_regular_file(path: str, limit: int, private: bool = False) -> Optional[
         return None
     except OSError as exc:
         raise FileRefused("cannot be read (%s)" % (exc.strerror or "error").lower()) from None
-    with os.fdopen(descriptor, "rb") as fh:
+    try:
         mode = os.fstat(descriptor).st_mode
         if stat.S_ISDIR(mode):
             raise FileRefused("is a directory")
@@ -471,10 +471,11 @@ def read_regular_file(path: str, limit: int, private: bool = False) -> Optional[
             raise FileRefused("is not a plain file")
         if private and mode & (stat.S_IRWXG | stat.S_IRWXO):
             raise FileRefused("has group or world access (libpq, too, ignores it until it is chmod 0600)")
-        try:
-            data = fh.read(limit + 1)
-        except OSError as exc:
-            raise FileRefused("cannot be read (%s)" % (exc.strerror or "error").lower()) from None
+        data = os.read(descriptor, limit + 1)
+    except OSError as exc:
+        raise FileRefused("cannot be read (%s)" % (exc.strerror or "error").lower()) from None
+    finally:
+        os.close(descriptor)
     if len(data) > limit:
         raise FileRefused("is larger than %d bytes" % limit)
     return data
@@ -496,7 +497,8 @@ def read_password_file(path: str, config: DatabaseConfig) -> tuple[Optional[str]
         fields = _password_file_fields(line.rstrip(b"\r"))
         if line.startswith(b"#") or len(fields) < 5:
             continue
-        if all(raw == b"*" or value == expected for (raw, value), expected in zip(fields[:4], wanted, strict=True)):
+        pairs = zip(fields[:4], wanted, strict=True)
+        if all(raw == b"*" or value == expected for (raw, value), expected in pairs):
             try:
                 return fields[4][1].decode("utf-8"), None
             except UnicodeDecodeError:
@@ -1073,7 +1075,8 @@ def _connect(config: DatabaseConfig):
 
     bound = "%d" % (config.statement_timeout * 1000)  # milliseconds
     params = {**config.startup_params, "statement_timeout": bound, "lock_timeout": bound,
-              "default_transaction_read_only": "on"}  # the session refuses writes
+              "default_transaction_read_only": "on",  # the session refuses writes
+              "client_encoding": "UTF8"}  # a SQL_ASCII database would otherwise talk ASCII
     unix_sock = None
     if config.host.startswith("/"):
         unix_sock = "%s/.s.PGSQL.%d" % (config.host, config.port)

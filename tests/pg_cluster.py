@@ -67,6 +67,7 @@ class Cluster:
     user: str
     password: str
     workdir: Path = None  # None: a server we did not start
+    options: str = ""  # the server's command-line options, to start it again
 
     def connect(self, database: str = "postgres", **kwargs) -> pg8000.native.Connection:
         return pg8000.native.Connection(user=self.user, password=self.password, host=self.host,
@@ -83,6 +84,13 @@ class Cluster:
         admin.run("CREATE DATABASE %s" % name)
         admin.close()
         return name
+
+    def pg_ctl(self, *args: str) -> None:
+        """pg_ctl on this cluster (`stop -m fast`, `start`, `restart`), waiting until it is done."""
+        if args[0] in ("start", "restart"):  # the server's output to its log, not to this pipe
+            args += ("-o", self.options, "-l", str(self.workdir / "log"))
+        command = [str(pg_bindir() / "pg_ctl"), "-D", str(self.workdir / "data"), "-w", "-t", "60", *args]
+        subprocess.run(command, check=True, capture_output=True, cwd=self.workdir, **_run_as())
 
     def stop(self) -> None:
         if self.workdir is None:
@@ -123,7 +131,7 @@ def start_cluster() -> Cluster:
     subprocess.run([str(bindir / "pg_ctl"), "-D", str(workdir / "data"), "-l", str(workdir / "log"),
                     "-o", options, "-w", "-t", "60", "start"],
                    check=True, capture_output=True, cwd=workdir, **run_as)
-    cluster = Cluster("127.0.0.1", port, SUPERUSER, SUPERUSER_PASSWORD, workdir)
+    cluster = Cluster("127.0.0.1", port, SUPERUSER, SUPERUSER_PASSWORD, workdir, options)
     ensure_app_role(cluster)
     return cluster
 

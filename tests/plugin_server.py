@@ -35,7 +35,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote
 
@@ -119,7 +119,10 @@ class PluginServer:
 
     def _close_store(self) -> None:
         while not self.pool.empty():
-            self.pool.get().close()
+            db = self.pool.get()
+            if db is not None:
+                with suppress(Exception):
+                    db.close()
 
     def kill(self) -> None:
         """Die like a killed sidecar: refuse new connections, cut the open ones."""
@@ -159,9 +162,20 @@ class PluginServer:
 
     @contextmanager
     def connection(self):
+        """A pooled connection to the store; one that failed is replaced (its database may have restarted),
+        and the error goes on to the caller: a 500, as the real plugin answers while its database is down."""
         db = self.pool.get()
         try:
+            if db is None:
+                db = pg8000.native.Connection(**self.connect_kwargs)
             yield db
+        except (pg8000.native.InterfaceError, pg8000.native.DatabaseError, OSError) as exc:
+            if isinstance(exc, pg8000.native.DatabaseError) and not _connection_lost(exc):
+                raise
+            with suppress(Exception):
+                db.close()
+            db = None
+            raise
         finally:
             self.pool.put(db)
 
@@ -188,6 +202,11 @@ class PluginServer:
     # --- the API -------------------------------------------------------------
 
     def health(self):
+        try:
+            with self.connection() as db:
+                db.run("SELECT 1")
+        except Exception:  # noqa: BLE001 - its store is down, whatever the error
+            return 503, {"status": "degraded", "version": "test", "capabilities": []}
         if self.degraded:
             return 503, {"status": "degraded", "version": "test", "capabilities": []}
         return 200, {"status": "ok", "version": "test-plugin",
@@ -258,6 +277,8 @@ class PluginServer:
                        propagation=None if propagation is None else json.dumps(propagation),
                        pin=pin, embedding=None if embedding is None else json.dumps(embedding))
             except pg8000.native.DatabaseError as exc:
+                if _connection_lost(exc):
+                    raise
                 # The real plugin does not auto-create namespaces: a foreign-key
                 # failure surfaces as an internal error.
                 return 500, {"code": "internal", "message": "store write failed: %s"
@@ -329,6 +350,21 @@ class PluginServer:
                           % (MEMORY_COLUMNS, score, " AND ".join(where), order), **params)
         memories = [_memory(row[:-1], score=row[-1]) for row in rows]
         return 200, {"memories": memories or None}
+
+
+def _failure(exc: Exception) -> str:
+    """An error as a Go plugin on pgx words it: a server's error with its SQLSTATE."""
+    details = exc.args[0] if exc.args and isinstance(exc.args[0], dict) else None
+    if details:
+        return "%s: %s (SQLSTATE %s)" % (details.get("S", "ERROR"), details.get("M", ""),
+                                         details.get("C", ""))
+    return str(exc)
+
+
+def _connection_lost(exc: Exception) -> bool:
+    """A database error that ends the session (class 08, 57P0x: shutdown, crash, starting up)."""
+    code = exc.args[0].get("C", "") if exc.args and isinstance(exc.args[0], dict) else ""
+    return code.startswith(("08", "57P"))
 
 
 def _memory(row, score=None) -> dict:
@@ -480,7 +516,7 @@ def _handler_for(plugin: PluginServer):
             except BadRequest as exc:
                 status, payload = 400, {"code": "bad_request", "message": str(exc)}
             except Exception as exc:  # noqa: BLE001 - the envelope of any failure
-                status, payload = 500, {"code": "internal", "message": str(exc)[:200]}
+                status, payload = 500, {"code": "internal", "message": _failure(exc)[:200]}
             self._send(status, payload)
 
         def do_GET(self):

@@ -284,6 +284,68 @@ def test_a_row_the_plugin_rejects_is_an_error_and_the_run_goes_on(cli, legacy, t
                            "-apply again: rows already copied are rewritten by id, never duplicated.\n")
 
 
+@pytest.fixture
+def sql_ascii_legacy(cluster):
+    """A legacy database in SQL_ASCII, which stores whatever bytes it is given."""
+    from conftest import Legacy, create_database
+
+    name = create_database(cluster, "ascii_template")  # a name of this session's, for the real one
+    admin = cluster.connect()
+    admin.run("DROP DATABASE %s" % name)
+    admin.run("CREATE DATABASE %s ENCODING 'SQL_ASCII' TEMPLATE template0 LC_COLLATE 'C' LC_CTYPE 'C'" % name)
+    admin.close()
+    legacy = Legacy(cluster, name)
+    legacy.db.close()
+    legacy.db = cluster.connect(name, startup_params={"client_encoding": "UTF8"})  # as the platform talks
+    legacy.create_schema()
+    yield legacy
+    legacy.close()
+
+
+def test_a_row_that_is_not_utf8_is_that_rows_error_in_every_mode(cli, sql_ascii_legacy, plugin, monkeypatch,
+                                                                 tmp_path):
+    legacy = sql_ascii_legacy
+    monkeypatch.setenv("DATABASE_URL", legacy.url)
+    monkeypatch.setenv("MEMORY_PLUGIN_URL", plugin.url)
+    root = legacy.workspace()
+    good = [legacy.memory(root, "plain fact %d" % n) for n in range(5)]
+    good.append(legacy.memory(root, "na\u00efve caf\u00e9 \u2603 in UTF-8", "TEAM"))
+    bad = legacy.memory(root, "placeholder")
+    legacy.db.run("UPDATE agent_memories SET content = 'menu caf' || convert_from(decode('e9', 'hex'), "
+                  "'SQL_ASCII') || ' soup' WHERE id = CAST(:id AS uuid)", id=bad)
+    good += [legacy.memory(root, "later fact %d" % n) for n in range(5)]
+    why = ("its content is not UTF-8 (byte 9 of 14 is 0xe9); the live platform stores UTF-8 only: fix the "
+           "row in the legacy database")
+
+    result = cli("-dry-run")
+    assert result.status == 1 and counts(result, LAST_DRY_RUN) == (12, 11, 0, 1)
+    assert "  %s: %s\n" % (bad, why) in result.stdout
+    assert result.said.startswith("memory-backfill: 1 rows cannot be copied (listed above, with why)")
+
+    failures = tmp_path / "failures.jsonl"
+    result = cli("-apply", "--failures", str(failures))
+    assert result.status == 1 and counts(result) == (12, 11, 0, 1)
+    assert "  %s: %s\n" % (bad, why) in result.stdout
+    contents = dict(legacy.db.run(
+        "SELECT id::text, content FROM agent_memories WHERE id <> CAST(:id AS uuid)", id=bad))
+    assert {i: r["content"] for i, r in plugin.records().items()} == {i: contents[i] for i in good}
+    assert [json.loads(line) for line in failures.read_text().splitlines()] == [
+        {"id": bad, "workspace_id": root, "scope": "LOCAL", "error": why}]
+
+    result = cli("-verify", "-verify-sample", "0", "--json")
+    report = json.loads(result.stdout)
+    assert result.status == 1 and report["rows_by_class"]["unreadable"] == 1
+    assert (report["matches"], report["mismatches"], report["errors"]) == (11, 0, 1)
+    assert "1 rows cannot be copied at all (unreadable" in result.said
+
+    result = cli("-rollback", "--yes")
+    assert result.status == 0, result.output()
+    assert result.last_line == "Rollback complete: scanned=12 deleted=11 absent=1 errors=0"
+    assert plugin.count() == 0
+    for text in ("menu", "soup"):
+        assert text not in result.output()
+
+
 def test_json_report(cli, legacy, tree, plugin, env):
     legacy.memory(tree["root"], "x1 Bearer abc")
     legacy.memory(None, "orphan")
@@ -495,7 +557,8 @@ def test_usage_errors_exit_2_before_connecting(cli, monkeypatch):
 
 
 def test_missing_or_malformed_configuration_exits_2(cli, monkeypatch):
-    monkeypatch.delenv("DATABASE_URL", raising=False)
+    for name in ("DATABASE_URL", "PGHOST", "PGPORT", "PGUSER", "PGDATABASE"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("MEMORY_PLUGIN_URL", "http://127.0.0.1:9")
     result = cli("-apply")
     assert result.status == 2 and "DATABASE_URL is not set" in result.stderr

@@ -4,8 +4,10 @@ connection, Ctrl-C and SIGKILL, bad checkpoint and failures files.
 Each test counts the records in the plugin's database at the end.
 """
 
+import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -32,7 +34,8 @@ def wait_for(condition, timeout=60.0, process=None):
     while not condition():
         if process is not None and process.poll() is not None:
             out, err = process.communicate()
-            raise AssertionError("the run ended first (%d): %s %s" % (process.returncode, out[-800:], err[-800:]))
+            raise AssertionError("the run ended first (%d): %s %s"
+                                 % (process.returncode, out[-800:], err[-800:]))
         assert time.monotonic() < deadline, "timed out waiting"
         time.sleep(0.05)
 
@@ -152,6 +155,68 @@ def test_plugin_down_then_back_is_ridden_out_by_retries(legacy, root, plugin, en
     assert_each_row_once(plugin.records(), legacy, ids, plugin.count())
 
 
+@pytest.fixture(scope="module")
+def restartable_plugin():
+    """A plugin stand-in whose own PostgreSQL is a cluster of its own, to restart under it."""
+    from pg_cluster import start_cluster
+    from plugin_server import PluginServer
+
+    store = start_cluster()
+    try:
+        name = store.create_database("plugin_store")
+        server = PluginServer(dict(user=store.user, password=store.password, host=store.host,
+                                   port=store.port, database=name), connections=4).start()
+        server.store = store
+        yield server
+        server.stop()
+    finally:
+        store.stop()
+
+
+def test_the_plugins_database_restarting_mid_run_loses_nothing(legacy, root, restartable_plugin, env):
+    plugin = restartable_plugin
+    plugin.reset()
+    ids = legacy.many(root, 3000)
+    plugin.delay = 0.001
+    run = start(["-apply", "-q", "--json"], {**env, "MEMORY_PLUGIN_URL": plugin.url})
+    wait_for(lambda: plugin.count() >= 500, process=run)
+    plugin.store.pg_ctl("restart", "-m", "fast")  # its connections cut; refused, then "starting up"
+    out, err = run.communicate(timeout=120)
+
+    assert run.returncode == 0, err
+    report = json.loads(out)
+    assert report["errors"] == 0 and report["copied"] == 3000 and report["retries"] > 0
+    assert_each_row_once(plugin.records(), legacy, ids, plugin.count())
+
+
+def test_a_plugin_whose_database_stays_down_stops_the_run_blaming_no_row(legacy, root, restartable_plugin,
+                                                                        env, tmp_path):
+    plugin = restartable_plugin
+    plugin.reset()
+    ids = legacy.many(root, 3000)
+    checkpoint, failures = tmp_path / "cp.json", tmp_path / "failures.jsonl"
+    plugin.delay = 0.001
+    run = start(["-apply", "--retries", "2", "--checkpoint", str(checkpoint), "--failures", str(failures)],
+                {**env, "MEMORY_PLUGIN_URL": plugin.url})
+    wait_for(lambda: plugin.count() >= 300, process=run)
+    plugin.store.pg_ctl("stop", "-m", "fast")
+    try:
+        out, err = run.communicate(timeout=120)
+    finally:
+        plugin.store.pg_ctl("start")
+    err = said(err)
+
+    assert run.returncode == 3, err
+    assert re.fullmatch(r"memory-backfill: The memory plugin at %s stayed unwell through 2 retries of a "
+                        r"request \(it said HTTP 500: [^\n]+; its /v1/health answers HTTP 503: degraded\); "
+                        r"stopped, no row counted as refused\. Check the plugin and its database, then "
+                        r"re-run to resume\.\n" % re.escape(plugin.url), err), err
+    assert "Backfill stopped: scanned=" in out and " errors=0" in out
+    assert failures.read_text() == ""
+    assert_checkpoint_consistent(legacy, plugin, checkpoint)
+    resume_completes(legacy, plugin, {**env, "MEMORY_PLUGIN_URL": plugin.url}, checkpoint, ids)
+
+
 def test_the_tool_killed_with_sigkill_then_resumed(legacy, root, plugin, env, tmp_path):
     ids = legacy.many(root, 2000)
     checkpoint = tmp_path / "cp.json"
@@ -267,7 +332,8 @@ def test_failures_file_lists_skips_and_errors_never_content(legacy, plugin, env,
 
 @pytest.mark.parametrize("content, complaint", [
     ("{not json", "is not a memory-backfill checkpoint"),
-    (json.dumps({"tool": "memory-backfill", "identity": {"mode": "apply", "workspace": "00000000-0000-0000-0000-000000000001",
+    (json.dumps({"tool": "memory-backfill", "identity": {
+        "mode": "apply", "workspace": "00000000-0000-0000-0000-000000000001",
                               "database": "x"}, "position": None, "rows_done": 0, "complete": False}),
      "belongs to another run (different database and workspace)"),
 ])
@@ -279,6 +345,92 @@ def test_bad_checkpoint_is_refused(legacy, root, plugin, env, tmp_path, capsys, 
     err = said(capsys.readouterr().err)
     assert complaint in err and err.count("\n") == 1
     assert plugin.count() == 0 and plugin.requests["health"] == 0
+
+
+CHECKPOINT_REFUSAL = re.compile(r"(The checkpoint \S+ (is not a memory-backfill checkpoint|belongs to "
+                                r"another run)|Cannot read the checkpoint) [^\n]+\.$")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.binary(max_size=2000) | st.text(max_size=300).map(str.encode)
+       | st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+                      lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+                          st.sampled_from(["tool", "identity", "position", "rows_done", "complete", "id",
+                                           "created_at", "workspace", "database"]), inner, max_size=5)
+                      ).map(lambda value: json.dumps(value).encode()))
+@example(b"\xff\xfe\x00garbage")
+@example(b"[" * 100_000)
+@example(json.dumps({"tool": "memory-backfill", "identity": {"workspace": None, "database": "x"},
+                     "position": {"created_at": 5, "id": "not a uuid"}, "rows_done": 0,
+                     "complete": False}).encode())
+def test_a_checkpoint_of_any_bytes_is_refused_in_one_sentence(tmp_path_factory, data):
+    """Refused before anything is contacted (the URLs name nothing that listens), untouched, nothing left."""
+    folder = tmp_path_factory.mktemp("cp")
+    checkpoint = folder / "cp.json"
+    checkpoint.write_bytes(data)
+    stderr = io.StringIO()
+    with pytest.raises(mb.UsageError) as refused:
+        mb.run(["-apply", "-q", "--checkpoint", str(checkpoint), "--database-url", "postgres://u@127.0.0.1:1/d",
+                "--plugin-url", "http://127.0.0.1:1"], stdout=io.StringIO(), stderr=stderr)
+    assert CHECKPOINT_REFUSAL.fullmatch(str(refused.value)), str(refused.value)
+    assert stderr.getvalue().count("\n") == 1  # the target line, nothing else
+    assert checkpoint.read_bytes() == data and sorted(folder.iterdir()) == [checkpoint]
+
+
+@pytest.mark.parametrize("make, complaint", [
+    (lambda path: path.mkdir(), "(it is a directory)"),
+    (lambda path: os.mkfifo(path), "(it is not a plain file)"),
+    (lambda path: os.truncate(path.touch() or path, 10 ** 9), "(it is larger than 65536 bytes)"),
+    (lambda path: os.symlink("/dev/zero", path), "(it is not a plain file)"),
+])
+def test_a_checkpoint_that_is_not_a_file_is_refused_at_once(legacy, root, plugin, env, tmp_path, capsys,
+                                                            make, complaint):
+    checkpoint = tmp_path / "cp.json"
+    make(checkpoint)
+    started = time.monotonic()
+    assert mb.main(["-apply", "--checkpoint", str(checkpoint)]) == 2
+    err = said(capsys.readouterr().err)
+    assert err.startswith("memory-backfill: Cannot read the checkpoint %s %s" % (checkpoint, complaint))
+    assert err.count("\n") == 1 and time.monotonic() - started < 5
+    assert plugin.requests["health"] == 0 and not (tmp_path / "cp.json.lock").exists()
+
+
+def test_two_runs_on_one_checkpoint_the_second_refused_at_once(legacy, root, plugin, env, tmp_path):
+    ids = legacy.many(root, 2000)
+    checkpoint = tmp_path / "cp.json"
+    first = start_slow_apply(plugin, env, checkpoint)
+    wait_for(lambda: plugin.count() >= 200, process=first)
+
+    started = time.monotonic()
+    second = start(["-apply", "-q", "--checkpoint", str(checkpoint)], env)
+    out, err = second.communicate(timeout=60)
+    assert second.returncode == 2 and time.monotonic() - started < 10
+    assert said(err) == ("memory-backfill: The checkpoint %s is in use by another -apply run (process %d, "
+                         "which holds %s.lock); let it finish or stop it, or give this run another "
+                         "checkpoint file.\n" % (checkpoint, first.pid, checkpoint))
+    assert first.poll() is None  # the first run goes on, its checkpoint its own
+
+    first.kill()  # a lock left by a killed run never blocks the next one
+    first.wait(timeout=30)
+    assert (tmp_path / "cp.json.lock").exists()
+    resume_completes(legacy, plugin, env, checkpoint, ids)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["cp.json"]  # no .lock, no .tmp
+
+
+def test_a_full_disk_at_the_checkpoint_leaves_no_temporary_file(legacy, root, plugin, env, tmp_path):
+    """The file size limit makes the checkpoint's write fail as a full disk does (EFBIG for ENOSPC)."""
+    import resource
+
+    legacy.many(root, 10)
+    checkpoint = tmp_path / "cp.json"
+    run = subprocess.Popen(TOOL + ["-apply", "-q", "--checkpoint", str(checkpoint)],
+                           env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64)))
+    out, err = run.communicate(timeout=60)
+    assert run.returncode == 2
+    assert said(err) == ("memory-backfill: Cannot write the checkpoint %s (File too large); choose a "
+                         "writable path.\n" % checkpoint)
+    assert list(tmp_path.iterdir()) == [] and plugin.count() == 0
 
 
 def test_limited_runs_with_a_checkpoint_continue_until_the_end(legacy, root, plugin, env, tmp_path):

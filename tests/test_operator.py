@@ -168,6 +168,75 @@ def test_the_urls_connect_timeout_bounds_connecting_only(cluster, legacy, tree, 
     assert sorted(plugin.records()) == sorted(ids)
 
 
+# --- libpq's habits: where the password comes from -----------------------------------------
+
+def libpq_environment(monkeypatch, legacy, tmp_path, **variables):
+    """DATABASE_URL without a password (as an operator who keeps it elsewhere), HOME with no
+    password file, no PG* variable but `variables`."""
+    for name in ("PGPASSWORD", "PGPASSFILE", "PGHOST", "PGPORT", "PGUSER", "PGDATABASE", "PGSSLMODE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("DATABASE_URL", legacy.cluster.url(legacy.name, password="").replace(":@", "@"))
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+
+
+def password_file_line(*fields: str) -> str:
+    return ":".join(field.replace("\\", "\\\\").replace(":", "\\:") for field in fields) + "\n"
+
+
+def test_a_password_only_in_pgpassword_is_used(cli, legacy, root, plugin, env, monkeypatch, tmp_path):
+    ids = legacy.many(root, 20)
+    libpq_environment(monkeypatch, legacy, tmp_path, PGPASSWORD=APP_PASSWORD)
+    result = cli("-apply", "-q")
+    assert result.status == 0, result.stderr
+    assert "(password from PGPASSWORD); plugin" in result.stderr.splitlines()[0]
+    assert APP_PASSWORD not in result.output()
+    assert sorted(plugin.records()) == sorted(ids)
+
+
+def test_a_password_only_in_the_password_file_is_used(cli, legacy, root, plugin, env, monkeypatch, tmp_path):
+    ids = legacy.many(root, 20)
+    cluster, passfile = legacy.cluster, tmp_path / "pgpass"
+    passfile.write_text(
+        "# host:port:database:user:password, the first match wins\n"
+        + password_file_line(cluster.host, str(cluster.port + 1), "*", "*", "wrong port")
+        + password_file_line(cluster.host, str(cluster.port), "other_db", "*", "wrong database")
+        + password_file_line("*", str(cluster.port), legacy.name, "backfill_app", APP_PASSWORD)
+        + password_file_line("*", "*", "*", "*", "too late"))
+    passfile.chmod(0o600)
+    libpq_environment(monkeypatch, legacy, tmp_path, PGPASSFILE=str(passfile))
+    result = cli("-apply", "-q")
+    assert result.status == 0, result.stderr
+    assert "(password from the password file %s); plugin" % passfile in result.stderr.splitlines()[0]
+    assert APP_PASSWORD not in result.output()
+    assert sorted(plugin.records()) == sorted(ids)
+
+
+@pytest.mark.parametrize("mode, why", [
+    (0o644, "the password file {0} was not used: it has group or world access (libpq, too, ignores it until "
+            "it is chmod 0600)"),
+    (None, "there is no password file {0}"),
+])
+def test_a_password_asked_for_and_not_given_is_one_sentence(cli, legacy, root, plugin, env, monkeypatch,
+                                                            tmp_path, mode, why):
+    legacy.many(root, 5)
+    passfile = tmp_path / ".pgpass"  # the default place: HOME/.pgpass
+    if mode is not None:
+        passfile.write_text(password_file_line("*", "*", "*", "*", APP_PASSWORD))
+        passfile.chmod(mode)
+    libpq_environment(monkeypatch, legacy, tmp_path)
+    result = cli("-apply")
+    database = mb.parse_database_url(legacy.url).describe()
+    assert result.status == 3
+    assert "(no password); plugin" in result.stderr.splitlines()[0]
+    assert result.said == (
+        "memory-backfill: The legacy database %s asks for a password and none was given; put it in "
+        "DATABASE_URL (postgres://USER:PASSWORD@HOST/DB), in PGPASSWORD, or in the password file (%s, or "
+        "PGPASSFILE; mode 0600); %s.\n" % (database, passfile, why.format(passfile)))
+    assert APP_PASSWORD not in result.output() and plugin.count() == 0
+
+
 # --- the target, named first --------------------------------------------------------------
 
 def test_the_target_line_comes_first_with_q_and_json_and_never_the_password(legacy, tree, plugin, env):
