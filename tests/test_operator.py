@@ -12,7 +12,7 @@ import threading
 import time
 
 import pytest
-from conftest import APP_PASSWORD, ROOT, TARGET_LINE, free_port
+from conftest import APP_PASSWORD, ROOT, TARGET_LINE, free_port, said
 
 import memory_backfill as mb
 
@@ -235,6 +235,29 @@ def test_a_password_asked_for_and_not_given_is_one_sentence(cli, legacy, root, p
         "DATABASE_URL (postgres://USER:PASSWORD@HOST/DB), in PGPASSWORD, or in the password file (%s, or "
         "PGPASSFILE; mode 0600); %s.\n" % (database, passfile, why.format(passfile)))
     assert APP_PASSWORD not in result.output() and plugin.count() == 0
+
+
+# --- a defect is never silent -----------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["-dry-run", "-verify"])
+@pytest.mark.parametrize("verbose", [False, True])
+def test_a_defect_is_one_sentence_and_v_shows_where(legacy, tree, plugin, env, capsys, monkeypatch, mode,
+                                                    verbose):
+    legacy.memory(tree["child"], "one fact")
+
+    def defective(*args, **kwargs):
+        raise ZeroDivisionError("a defect of the tool")
+
+    monkeypatch.setattr(mb, "plan_row", defective)
+    assert mb.main([mode] + (["-v"] if verbose else ["-q"])) == 3
+    err = said(capsys.readouterr().err)
+    sentence = ("memory-backfill: %s failed unexpectedly (ZeroDivisionError, a defect of memory-backfill: re-run "
+                "with -v to see where, and report it); stopped.\n" % mode)
+    if verbose:
+        assert err.startswith("Traceback (most recent call last):\n") and err.endswith(sentence)
+        assert 'in defective\n    raise ZeroDivisionError("a defect of the tool")' in err
+    else:
+        assert err == sentence
 
 
 # --- the target, named first --------------------------------------------------------------
