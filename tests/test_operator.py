@@ -251,8 +251,8 @@ def test_a_defect_is_one_sentence_and_v_shows_where(legacy, tree, plugin, env, c
     monkeypatch.setattr(mb, "plan_row", defective)
     assert mb.main([mode] + (["-v"] if verbose else ["-q"])) == 3
     err = said(capsys.readouterr().err)
-    sentence = ("memory-backfill: %s failed unexpectedly (ZeroDivisionError, a defect of memory-backfill: re-run "
-                "with -v to see where, and report it); stopped.\n" % mode)
+    sentence = ("memory-backfill: %s failed unexpectedly (ZeroDivisionError, a defect of memory-backfill: "
+                "re-run with -v to see where, and report it); stopped.\n" % mode)
     if verbose:
         assert err.startswith("Traceback (most recent call last):\n") and err.endswith(sentence)
         assert 'in defective\n    raise ZeroDivisionError("a defect of the tool")' in err
