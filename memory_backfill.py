@@ -25,6 +25,7 @@ write stream, the record finder, local files, progress and signals); one section
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import difflib
 import fcntl
@@ -274,7 +275,7 @@ class Settings:
         return self.concurrency or DEFAULT_SEARCHES
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class LegacyRow:
     id: str
     workspace_id: Optional[str]
@@ -291,7 +292,7 @@ class Target:
     kind: str  # workspace | team | org
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class PlannedWrite:
     row: LegacyRow
     target: Target
@@ -661,6 +662,10 @@ class WorkspaceTree:
         return sorted(kind + ":" + workspace_id for workspace_id in self.parent for kind in NAMESPACE_KINDS)
 
 
+def namespace_kind(namespace: str) -> str:
+    return namespace.partition(":")[0]
+
+
 def resolve_target(workspace_id: Optional[str], scope: str, tree: WorkspaceTree) -> Target:
     """The namespace the live platform writes a memory of this scope to; RowSkipped if none."""
     if workspace_id is None:
@@ -732,9 +737,8 @@ def base64_run() -> re.Pattern:
 
 
 def may_hold_secret(text: str) -> bool:
-    lowered = text.lower()
-    return (any(word in lowered for word in PREFILTER_ANY_CASE)
-            or any(word in text for word in PREFILTER_LITERALS)
+    return (any(map(text.lower().__contains__, PREFILTER_ANY_CASE))
+            or any(map(text.__contains__, PREFILTER_LITERALS))
             or base64_run().search(text) is not None)
 
 
@@ -1178,6 +1182,7 @@ class _database_errors:
 # ---------------------------------------------------------------------------
 
 RETRY_STATUSES = (429, 502, 503, 504)
+OVERLOAD_STATUSES = (429, 503)  # the plugin says it has too much to do
 BACKOFF_FACTOR, BACKOFF_MAX, BACKOFF_JITTER = 0.2, 4.0, 0.1  # seconds
 RETRY_AFTER_MAX = 60.0  # a longer Retry-After is shortened to this
 HEALTH_RETRIES = 2  # a plugin that is down at the start should fail the run fast
@@ -1703,94 +1708,128 @@ MAX_PACE_SECONDS = 0.01  # the longest pause between reads of answers (see Write
 RECEIVE_BYTES = 65536
 IDLE_CHECK_SECONDS = 1.0  # a connection idle this long is checked before it is used again
 STOP_CHECK_SECONDS = 0.25  # the loop notices a signal at least this often
-# The limiter keeps the plugin's queue, in connections, between QUEUE_LOW * log10(connections)
-# and QUEUE_HIGH * log10(connections) (at least 1 and 3), as Netflix's Vegas limit does.
-QUEUE_LOW, QUEUE_HIGH = 3.0, 6.0
-LIMIT_WINDOW_SECONDS = 0.1  # one decision per window of at least this long ...
-LIMIT_WINDOW_ANSWERS = 4  # ... and this many answers per connection
-PROBE_SECONDS = 10.0  # the plugin's time per request without a queue is measured at least this often
 HEALTH_RECHECK_SECONDS = 1.0  # a 500 asks /v1/health again at most this often
+# The limiter's hill climb: a window of at least LIMIT_WINDOW_SECONDS and LIMIT_WINDOW_ANSWERS answers per
+# connection measures the plugin's throughput at one number of connections; twice as many must give
+# THROUGHPUT_GAIN more to be kept.
+LIMIT_WINDOW_SECONDS = 0.15
+LIMIT_WINDOW_ANSWERS = 8
+THROUGHPUT_GAIN = 0.10
+START_CONNECTIONS = 4  # where the climb starts
+# Held at a level, the limiter tries half as many and twice as many again after PROBE_FIRST_SECONDS, then
+# after twice as long each time the level holds, up to PROBE_SECONDS: a single window can mislead.
+PROBE_FIRST_SECONDS, PROBE_SECONDS = 1.0, 10.0
+HELD_RATE_WEIGHT = 0.3  # the held level's rate: a moving average of its windows
 
 
 class ConcurrencyLimit:
     """How many connections keep a request at the plugin: the plugin serves a connection's requests one at a
     time (REFERENCE §4), so this is how many of ours it works on at once.
 
-    Pure: fed each answer's time and how many connections were busy, it decides once per window, TCP Vegas
-    style.  From the window's throughput X and busy connections C, the plugin's time per request is S = C / X
-    (Little's law, so reading answers in batches does not blur it).  The lowest S seen is its time without a
-    queue; the queue is then C - X * lowest: our connections waiting for the plugin (and the live tenant's
-    requests waiting behind them) rather than being served.  Below queue_band(): one connection more (doubling
-    at first), while they are all in use; above it: one fewer.  At one connection there can be no queue, so S
-    there is the time without one: if none was measured for PROBE_SECONDS, one window runs at one connection
-    to learn it again (the plugin may have become slower for good), as BBR probes its round-trip time.  A lost
-    connection or a timeout halves it.  Never above `ceiling`, never below 1."""
+    Pure: fed each answer (when it came, and when its request was sent), it measures the plugin's throughput
+    at the current number of connections, counting only requests sent since that number was set (so that a
+    change is measured once the pipelines have refilled).  It climbs a hill on a log scale: from
+    START_CONNECTIONS it doubles while a doubling gives THROUGHPUT_GAIN more; when one does not, it goes back
+    to the level below, the knee: the fewest connections that get about the most the plugin serves, and so
+    the least queue for the live tenant's requests behind ours.  Held there PROBE_SECONDS, it tries half as
+    many (kept if the plugin serves about as much: gentler for the same rate) and then twice as many (kept
+    if it serves more: the plugin may have been busy elsewhere).  An overload answer (429, 503) or a lost
+    connection halves it at once.  Never above `ceiling`, never below 1."""
 
-    def __init__(self, ceiling: int, start: int = 1):
+    def __init__(self, ceiling: int):
         self.ceiling = ceiling
-        self.connections = min(start, ceiling)
-        self.lowest: Optional[float] = None  # seconds per request without a queue
-        self.learned_at = 0.0  # when it was last measured
-        self.probing: Optional[int] = None  # the connections to go back to after a probe
-        self.doubling = True
-        self.window_start: Optional[float] = None
-        self.answers = 0
-        self.busy = 0  # connections busy, summed over the window's answers
+        self.connections = min(START_CONNECTIONS, ceiling)
+        self.rates: dict[int, float] = {}  # answers per second measured at each number of connections
+        self.climbing = True  # doubling until a doubling does not pay
+        self.trying: Optional[int] = None  # a probe's level is being measured; back to this one otherwise
+        self.held_since = 0.0
+        self.probe_after = PROBE_FIRST_SECONDS
+        self._restart(0.0)
 
-    def answered(self, now: float, busy: int) -> None:
-        if self.window_start is None or (self.probing and busy > 1):  # (a probe waits for the rest to drain)
-            self.window_start, self.answers, self.busy = now, 0, 0
+    def _restart(self, now: float) -> None:
+        """Measure from now: only requests sent from now on count."""
+        self.since, self.window_start, self.answers = now, None, 0
+
+    def _set(self, connections: int, now: float) -> None:
+        self.connections = max(1, min(self.ceiling, connections))
+        self._restart(now)
+
+    def answered(self, now: float, sent_at: float) -> None:
+        if sent_at < self.since:
+            return
+        if self.window_start is None:
+            self.window_start = now
             return
         self.answers += 1
-        self.busy += busy
         elapsed = now - self.window_start
         if elapsed >= LIMIT_WINDOW_SECONDS and self.answers >= LIMIT_WINDOW_ANSWERS * self.connections:
-            self.decide(self.answers / elapsed, self.busy / self.answers, now)
-            self.window_start, self.answers, self.busy = now, 0, 0
+            self.decide(self.answers / elapsed, now)
 
-    def decide(self, throughput: float, busy: float, now: float) -> None:
-        """One window's verdict: `throughput` answers per second with `busy` connections in use."""
-        per_request = busy / throughput
-        if busy <= 1.1 or self.lowest is None or per_request < self.lowest:
-            self.lowest, self.learned_at = per_request, now
-            if self.probing and busy <= 1.1:
-                self.connections, self.probing = self.probing, None
-                return
-        if self.probing:
-            return  # the other connections are still draining
-        if now - self.learned_at >= PROBE_SECONDS and self.connections > 1:
-            self.probing, self.connections = self.connections, 1
-            return
-        queue = busy - throughput * self.lowest
-        low, high = queue_band(self.connections)
-        if queue < low:
-            if busy >= self.connections - 0.5:  # all in use: more would be used too
-                self.connections = min(self.ceiling, self.connections * 2 if self.doubling
-                                       else self.connections + 1)
+    def decide(self, rate: float, now: float) -> None:
+        """One window's verdict: the plugin served `rate` answers per second at this many connections."""
+        level = self.connections
+        held = self.rates.get(level) if not (self.climbing or self.trying) else None
+        self.rates[level] = rate if held is None else held + HELD_RATE_WEIGHT * (rate - held)
+        if self.trying is not None:
+            self._probed(level, rate, now)
+        elif self.climbing:
+            below = self.rates.get(level // 2)
+            if below is not None and level > 1 and rate < below * (1 + THROUGHPUT_GAIN):
+                self._hold(level // 2, now)  # the doubling did not pay: the knee is below
+            elif level >= self.ceiling:
+                self._hold(level, now)
+            else:
+                self._set(level * 2, now)
+        elif now - self.held_since >= self.probe_after and level > 1:
+            self.trying = level
+            self._set(level // 2, now)
+        elif now - self.held_since >= self.probe_after and level < self.ceiling:
+            self.trying = level
+            self._set(level * 2, now)
         else:
-            self.doubling = False
-            if queue > high:  # back at once to what the plugin serves, and the band's least queue
-                served = throughput * self.lowest
-                self.connections = max(1, min(self.connections - 1, math.ceil(served + low)))
+            self._restart(now)
+
+    def _probed(self, level: int, rate: float, now: float) -> None:
+        """A probe's window, from the level held (`trying`): keep fewer if they serve as much (within a third
+        of the gain: a halving gives up less than a doubling must win), or more if they serve THROUGHPUT_GAIN
+        more; after fewer did not, try more; else go back."""
+        held, self.trying = self.trying, None
+        if level < held and rate >= self.rates[held] * (1 - THROUGHPUT_GAIN / 3):
+            self._hold(level, now)
+        elif level > held and rate >= self.rates[held] * (1 + THROUGHPUT_GAIN):
+            self.climbing = True
+            if level < self.ceiling:
+                self._set(level * 2, now)
+            else:
+                self._hold(level, now)
+        elif level < held and held < self.ceiling:
+            self.trying = held
+            self._set(held * 2, now)
+        else:
+            self._hold(held, now, again=True)
+
+    def _hold(self, connections: int, now: float, again: bool = False) -> None:
+        """Hold a level: probe it after PROBE_FIRST_SECONDS, or `again` (a probe came back to it) after twice
+        as long as last time."""
+        self.probe_after = min(PROBE_SECONDS, self.probe_after * 2) if again else PROBE_FIRST_SECONDS
+        self.climbing = False
+        self.held_since = now
+        self._set(connections, now)
+
+    def overloaded(self, now: float) -> None:
+        """The plugin said it is overloaded (429, 503): half as many, at most once per window."""
+        if now - self.since >= LIMIT_WINDOW_SECONDS:
+            self.trying = None
+            self._hold(self.connections // 2, now)
 
     def idle(self) -> None:
         """Nothing is in flight for a while (the mode works on something else): no window spans it."""
-        self.window_start, self.answers, self.busy = None, 0, 0
+        self.window_start, self.answers = None, 0
 
-    def stalled(self) -> None:
+    def stalled(self, now: float) -> None:
         """A connection failed or an answer timed out."""
-        self.doubling = False
-        self.connections = max(1, (self.probing or self.connections) // 2)
-        self.probing = None
-        self.idle()
-
-
-def queue_band(connections: int) -> tuple[float, float]:
-    """The queue (in connections) below which the limiter adds one, and above which it takes one away: wider
-    as there are more, so that the plugin's throughput, which still grows a little with each connection where
-    it is CPU bound, is not given away for the noise in it."""
-    scale = math.log10(max(connections, 1))
-    return max(1.0, QUEUE_LOW * scale), max(3.0, QUEUE_HIGH * scale)
+        self.trying = None
+        self._hold(self.connections // 2, now)
 
 
 class LoadStatistics:
@@ -1799,11 +1838,10 @@ class LoadStatistics:
     10 µs to 1000 s), writes in flight while there was more to send, and the seconds from the first request to
     the last answer."""
 
-    LOWEST, STEP = 1e-5, 1.05
-    BUCKETS = int(math.log(1e8) / math.log(STEP)) + 2
+    EDGES = [1e-5 * 1.05 ** bucket for bucket in range(int(math.log(1e8) / math.log(1.05)) + 1)]
 
     def __init__(self):
-        self.counts = [0] * self.BUCKETS
+        self.counts = [0] * (len(self.EDGES) + 1)  # the last: beyond the last edge
         self.answers = 0
         self.in_flight_range: Optional[tuple[int, int]] = None
         self.first_sent: Optional[float] = None
@@ -1819,9 +1857,7 @@ class LoadStatistics:
     def answered(self, now: float, sent_at: float) -> None:
         self.answers += 1
         self.last_answer = now
-        seconds = now - sent_at
-        bucket = 0 if seconds <= self.LOWEST else int(math.log(seconds / self.LOWEST, self.STEP)) + 1
-        self.counts[min(bucket, self.BUCKETS - 1)] += 1
+        self.counts[bisect.bisect_left(self.EDGES, now - sent_at)] += 1
 
     def latency_ms(self, q: float) -> Optional[float]:
         """The upper edge of the bucket that holds the q-quantile, or None with no answers."""
@@ -1829,7 +1865,7 @@ class LoadStatistics:
         for bucket, count in enumerate(self.counts if self.answers else ()):
             seen += count
             if seen >= wanted:
-                return round(self.LOWEST * self.STEP ** bucket * 1e3, 2)
+                return round(self.EDGES[min(bucket, len(self.EDGES) - 1)] * 1e3, 2)
         return None
 
     def to_json(self) -> dict[str, object]:
@@ -2122,7 +2158,7 @@ class WriteStream:
             batch: list[Job] = []
             slots = connection.free_slots(depth)
             while slots > len(batch) and self.ready and not self.stop.is_set():
-                if self.pacing.send_delay(now) > 0:
+                if self.pacing.interval and self.pacing.send_delay(now) > 0:
                     break
                 batch.append(self.ready.popleft())
             if batch:
@@ -2192,14 +2228,16 @@ class WriteStream:
         except ProtocolError as exc:
             self._protocol_error(connection, exc)
             return
-        busy = sum(1 for other in self.connections if other.in_flight)
         for response in responses:
             if not connection.in_flight:
                 self._protocol_error(connection, ProtocolError("a response to no request"))
                 return
             job = connection.in_flight.popleft()
             self.stats.answered(now, job.sent_at)
-            self.limit.answered(now, busy)
+            if response.head.status in OVERLOAD_STATUSES:  # a sign of overload, not a sample of its rate
+                self.limit.overloaded(now)
+            else:
+                self.limit.answered(now, job.sent_at)
             self._answered(job, response, now, answered)
             if not response.head.persistent:  # the rest were not answered: send them again
                 self.ready.extendleft(reversed(connection.close()))
@@ -2251,7 +2289,7 @@ class WriteStream:
     def _connection_failed(self, connection: WriteConnection, error: Exception, now: float,
                            reason: str = "connection lost") -> None:
         """Every unanswered request on the connection goes again, on a fresh one (a retry of each)."""
-        self.limit.stalled()
+        self.limit.stalled(now)
         for job in connection.close():
             if not self._retry(job, now, reason):
                 self.fail(plugin_unreachable(self.address, error, self.timeout))
@@ -2707,18 +2745,33 @@ def read_tree(database: LegacyDatabase, settings: Settings, progress: Progress) 
 
 @dataclass
 class BackfillReport(RunReport):
-    by_scope: Counter = field(default_factory=Counter)  # rows copied (or to copy)
-    by_kind: Counter = field(default_factory=Counter)
+    by_namespace: Counter = field(default_factory=Counter)  # rows copied (or to copy)
     skip_reasons: Counter = field(default_factory=Counter)
     redactions: Counter = field(default_factory=Counter)
-    namespaces: set = field(default_factory=set)
     resumed_from: Optional[dict[str, object]] = None
     # A plugin that ignores ids stored these under ids of its own: (row id, its id, namespace).
     stored_as_others: list[tuple[str, str, Optional[str]]] = field(default_factory=list)
 
     @property
+    def by_kind(self) -> Counter:
+        kinds: Counter = Counter()
+        for namespace, count in self.by_namespace.items():
+            kinds[namespace_kind(namespace)] += count
+        return kinds
+
+    @property
+    def by_scope(self) -> Counter:
+        """The scope rule maps each scope to one namespace kind (SCOPE_KINDS), and back."""
+        scopes = {kind: scope for scope, kind in SCOPE_KINDS.items()}
+        return Counter({scopes[kind]: count for kind, count in self.by_kind.items()})
+
+    @property
+    def namespaces(self) -> set:
+        return set(self.by_namespace)
+
+    @property
     def copied(self) -> int:
-        return sum(self.by_scope.values())
+        return sum(self.by_namespace.values())
 
     @property
     def skipped(self) -> int:
@@ -2729,9 +2782,7 @@ class BackfillReport(RunReport):
         return self.copied + self.skipped + self.errors
 
     def count_copy(self, planned: PlannedWrite) -> None:
-        self.by_scope[planned.row.scope] += 1
-        self.by_kind[planned.target.kind] += 1
-        self.namespaces.add(planned.target.namespace)
+        self.by_namespace[planned.target.namespace] += 1
         if planned.redactions:
             self.redactions.update(planned.redactions)
 
@@ -3090,10 +3141,11 @@ class ApplyWrites:
         if not 200 <= status < 300:
             self._refused(job, plugin_rejected(response))
             return
-        found = stored_id(response.body)
-        if found != planned.row.id:
-            self._duplicated(job, found, response.body)
-            return
+        if not response.body.startswith(b'{"id":"%s",' % planned.row.id.encode("ascii")):
+            found = stored_id(response.body)  # not Go's form of it: read it whole
+            if found != planned.row.id:
+                self._duplicated(job, found, response.body)
+                return
         self.report.count_copy(planned)
         self.consecutive_failures = 0
         self._settle(job.number)
@@ -3428,10 +3480,6 @@ def delete_request(address: PluginAddress, record_id: str, namespace: str) -> by
     """DELETE /v1/memories/{id}, from the namespace that holds it (REFERENCE §4)."""
     head = request_head(address, "DELETE", "/v1/memories/" + quote(record_id, safe=""))
     return with_body(head, JSON_ENCODER.encode({"requested_by_namespace": namespace}).encode("ascii"))
-
-
-def namespace_kind(namespace: str) -> str:
-    return namespace.partition(":")[0]
 
 
 class RollbackDeletes:

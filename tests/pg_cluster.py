@@ -109,8 +109,9 @@ def _run_as() -> dict:
     return {"user": postgres.pw_uid, "group": postgres.pw_gid}
 
 
-def start_cluster() -> Cluster:
-    """Start a fresh cluster with a superuser and a read-only application role."""
+def start_cluster(durable: bool = False) -> Cluster:
+    """Start a fresh cluster with a superuser and a read-only application role; `durable`: each commit
+    waits for its WAL to reach the disk (fsync, synchronous_commit), as in production, instead of not."""
     bindir = pg_bindir()
     workdir = Path(tempfile.mkdtemp(prefix="memory-backfill-pg-"))
     os.chmod(workdir, 0o755)
@@ -126,8 +127,9 @@ def start_cluster() -> Cluster:
                    check=True, capture_output=True, cwd=workdir, **run_as)
     port = free_port()
     options = ("-c listen_addresses='127.0.0.1%s' -p %d -c unix_socket_directories='%s' "
-               "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
                "-c max_connections=200" % (",::1" if _can_bind_ipv6() else "", port, workdir))
+    if not durable:
+        options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
     subprocess.run([str(bindir / "pg_ctl"), "-D", str(workdir / "data"), "-l", str(workdir / "log"),
                     "-o", options, "-w", "-t", "60", "start"],
                    check=True, capture_output=True, cwd=workdir, **run_as)

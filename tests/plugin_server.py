@@ -23,14 +23,17 @@ cannot use both cores of this machine, while the real (Go) plugin does.
 
 from __future__ import annotations
 
+import glob
 import itertools
 import json
 import os
 import queue
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -181,23 +184,19 @@ class PluginServer:
 
     # --- helpers for tests ---------------------------------------------------
 
-    def records(self) -> dict:
-        """Every stored memory by id, as the plugin holds it."""
-        with self.connection() as db:
-            rows = db.run("SELECT %s, embedding FROM memories" % MEMORY_COLUMNS)
-        return {row[0]: _memory(row[:-1]) | {"embedding": row[-1]} for row in rows}
-
-    def count(self) -> int:
-        with self.connection() as db:
-            return db.run("SELECT count(*) FROM memories")[0][0]
-
-    def namespaces(self) -> dict:
-        with self.connection() as db:
-            return dict(db.run("SELECT name, kind FROM namespaces"))
-
     def execute(self, sql: str, **params):
         with self.connection() as db:
             return db.run(sql, **params)
+
+    def records(self) -> dict:
+        """Every stored memory by id, as the plugin holds it."""
+        return stored_records(self.execute)
+
+    def count(self) -> int:
+        return self.execute("SELECT count(*) FROM memories")[0][0]
+
+    def namespaces(self) -> dict:
+        return dict(self.execute("SELECT name, kind FROM namespaces"))
 
     # --- the API -------------------------------------------------------------
 
@@ -269,7 +268,7 @@ class PluginServer:
                        "CAST(:propagation AS jsonb), :pin, CAST(:embedding AS jsonb)) "
                        "ON CONFLICT (id) DO UPDATE SET namespace = excluded.namespace, "
                        "content = excluded.content, kind = excluded.kind, "
-                       "source = excluded.source, created_at = clock_timestamp(), "
+                       "source = excluded.source, "
                        "expires_at = excluded.expires_at, propagation = excluded.propagation, "
                        "pin = excluded.pin, embedding = excluded.embedding",
                        id=memory_id, namespace=namespace, content=content, kind=body["kind"],
@@ -350,6 +349,12 @@ class PluginServer:
                           % (MEMORY_COLUMNS, score, " AND ".join(where), order), **params)
         memories = [_memory(row[:-1], score=row[-1]) for row in rows]
         return 200, {"memories": memories or None}
+
+
+def stored_records(execute) -> dict:
+    """Every memory in a plugin's store by id, as the plugin holds it (`execute` runs SQL there)."""
+    rows = execute("SELECT %s, embedding FROM memories" % MEMORY_COLUMNS)
+    return {row[0]: _memory(row[:-1]) | {"embedding": row[-1]} for row in rows}
 
 
 def _failure(exc: Exception) -> str:
@@ -649,3 +654,72 @@ def serve_handed_connections(connections: int, channel_fd: int, wait: float, cap
 if __name__ == "__main__":
     serve_handed_connections(int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]),
                              None if sys.argv[4] == "-" else sys.argv[4])
+
+
+# --- the Go stand-in (plugin.go) -------------------------------------------------------------------
+
+GO_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plugin.go")
+GO_PATHS = ("/usr/share/gocode",)  # Debian's golang-github-lib-pq-dev puts github.com/lib/pq here
+
+
+def build_go_plugin(directory: str) -> str:
+    """plugin.go built into `directory`, from packages alone: Debian's golang-go and
+    golang-github-lib-pq-dev (.ci/run installs them)."""
+    go = shutil.which("go") or next(iter(sorted(glob.glob("/usr/lib/go-*/bin/go"))[-1:]), None)
+    gopath = next((path for path in GO_PATHS if os.path.isdir(path + "/src/github.com/lib/pq")), None)
+    if go is None or gopath is None:
+        raise RuntimeError("the Go stand-in needs Go and lib/pq: apt-get install golang-go "
+                           "golang-github-lib-pq-dev (.ci/run does)")
+    cache = os.environ.get("GOCACHE") or os.path.join(tempfile.gettempdir(), "memory-backfill-go-cache")
+    binary = os.path.join(directory, "memory-plugin")
+    built = subprocess.run([go, "build", "-o", binary, GO_SOURCE], capture_output=True, text=True,
+                           env={**os.environ, "GO111MODULE": "off", "GOPATH": gopath, "GOCACHE": cache,
+                                "GOFLAGS": ""})
+    if built.returncode:
+        raise RuntimeError("go build failed: " + built.stderr[-2000:])
+    return binary
+
+
+class GoPlugin:
+    """The Go stand-in serving a database of its own: `wait` seconds each write holds its database
+    connection before it commits, `capacity` requests worked on at once (0: no limit), `sleep`
+    seconds each request worked on takes.  Records, counts and resets read the store directly."""
+
+    def __init__(self, binary: str, connect_kwargs: dict, wait: float = 0.0, capacity: int = 0,
+                 sleep: float = 0.0, pool: int = 25):
+        from urllib.parse import quote
+
+        self.connect_kwargs = connect_kwargs
+        dsn = "postgres://%s:%s@%s:%d/%s?sslmode=disable" % (
+            quote(connect_kwargs["user"], safe=""), quote(connect_kwargs["password"], safe=""),
+            connect_kwargs["host"], connect_kwargs["port"], connect_kwargs["database"])
+        self.process = subprocess.Popen(
+            [binary, "-dsn", dsn, "-pool", str(pool), "-wait", "%gs" % wait, "-capacity", str(capacity),
+             "-sleep", "%gs" % sleep], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self.process.stdout.readline()
+        if not line.startswith("listening on "):
+            self.process.kill()
+            raise RuntimeError("the Go stand-in did not start: %s %s" % (line, self.process.stderr.read()))
+        self.url = "http://" + line.split()[-1]
+        self.store = pg8000.native.Connection(**connect_kwargs)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def execute(self, sql: str, **params):
+        return self.store.run(sql, **params)
+
+    def records(self) -> dict:
+        return stored_records(self.execute)
+
+    def count(self) -> int:
+        return self.execute("SELECT count(*) FROM memories")[0][0]
+
+    def reset(self) -> None:
+        self.execute("TRUNCATE memories, namespaces")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait()
+        self.store.close()
