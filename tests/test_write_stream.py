@@ -580,9 +580,9 @@ def test_a_plugin_that_ignores_ids_stops_the_run_at_the_first_answer(scripted, l
         assert apply(server, legacy, rows, tmp_path, "--concurrency", "8") == 3
         captured = capsys.readouterr()
         err = said(captured.err)
-        named = re.match(r"memory-backfill: The memory plugin at (\S+) ignores the ids it is given \(row (\S+) "
-                         r"was stored as ", err)
-        assert named and named.group(1) == server.url and named.group(2) in rows[:16]  # one of those in flight
+        named = re.match(r"memory-backfill: The memory plugin at (\S+) ignores the ids it is given \(row "
+                         r"(\S+) was stored as ", err)
+        assert named and named.group(1) == server.url and named.group(2) in rows[:16]  # one in flight
         assert err.endswith(", so every run would duplicate every row; stopped. Do not run -apply again "
                             "until the plugin is upgraded to one with idempotent upsert by id; then delete "
                             "the records it stored under ids of its own (listed above, in --json and in "
