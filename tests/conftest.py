@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pg_cluster import APP_PASSWORD, Cluster, ensure_app_role, free_port, start_cluster  # noqa: E402, F401
-from plugin_server import PluginServer  # noqa: E402
+from plugin_server import GoPlugin, PluginServer, build_go_plugin  # noqa: E402
 
 LEGACY_SCHEMA = """
 CREATE TABLE workspaces (
@@ -205,6 +205,24 @@ def plugin(plugin_server):
     plugin_server.reset()
     yield plugin_server
     plugin_server.reset()
+
+
+@pytest.fixture(scope="session")
+def go_plugin_server(cluster, tmp_path_factory):
+    """The Go stand-in (tests/plugin.go), built once for the session, on a database of its own."""
+    name = create_database(cluster, "go_plugin")
+    binary = build_go_plugin(str(tmp_path_factory.mktemp("go")))
+    server = GoPlugin(binary, dict(user=cluster.user, password=cluster.password, host=cluster.host,
+                                   port=cluster.port, database=name))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def go_plugin(go_plugin_server):
+    go_plugin_server.reset()
+    yield go_plugin_server
+    go_plugin_server.reset()
 
 
 @pytest.fixture
