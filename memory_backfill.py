@@ -1266,6 +1266,8 @@ class PluginClient:
         self.address = address
         self.timeout = timeout
         self.retry = RetryRule(retries)
+        self.searches = 0  # made so far (-verify and -rollback report them)
+        self.counting = threading.Lock()
         pool = urllib3.HTTPSConnectionPool if address.tls else urllib3.HTTPConnectionPool
         self.pool = pool(
             "[%s]" % address.host if ":" in address.host else address.host, address.port,
@@ -1347,6 +1349,8 @@ class PluginClient:
         body: dict[str, object] = {"namespaces": namespaces, "limit": SEARCH_CAP}
         if query:
             body["query"] = query
+        with self.counting:
+            self.searches += 1
         data = self._request("POST", "/v1/search", body)
         memories = (data or {}).get("memories") or []  # the plugin may send null
         return [m for m in memories if isinstance(m, dict) and isinstance(m.get("id"), str)]
@@ -3286,6 +3290,7 @@ class VerifyReport:
     classes: Counter = field(default_factory=Counter)
     problems: list[str] = field(default_factory=list)  # the first SHOWN_PROBLEMS lines
     retries: int = 0  # of searches
+    searches: int = 0
 
     @property
     def done(self) -> int:
@@ -3329,6 +3334,7 @@ class VerifyReport:
             "mode": "verify", "workspaces_sampled": self.workspaces_sampled, "scanned": self.scanned,
             "matches": self.matches, "mismatches": self.mismatches, "errors": self.errors,
             "unverifiable": self.classes[UNVERIFIABLE], "problems": self.problems, "retries": self.retries,
+            "searches": self.searches,
             "rows_by_class": {verdict.replace(" ", "_"): self.classes[verdict]
                               for verdict in VERIFY_CLASSES + (UNREADABLE,)},
             "failures_file": self.settings.failures,
@@ -3445,6 +3451,7 @@ def verify(settings: Settings, log, progress: Progress) -> VerifyReport:
                 finder.done_with(finished)
     finally:
         failures.close()
+        report.searches, report.retries = plugin.searches, plugin.retry.granted
     return report
 
 
@@ -3460,6 +3467,7 @@ class RollbackReport(RunReport):
     deleted: Counter = field(default_factory=Counter)  # by namespace kind
     to_delete: Counter = field(default_factory=Counter)  # by namespace kind, without --yes
     absent: int = 0
+    searches: int = 0
 
     @property
     def done(self) -> int:
@@ -3473,7 +3481,8 @@ class RollbackReport(RunReport):
         return {**super().to_json(), "mode": "rollback", "yes": self.settings.yes,
                 "deleted": sum(self.deleted.values()), "deleted_by_namespace_kind": dict(self.deleted),
                 "would_delete": sum(self.to_delete.values()),
-                "would_delete_by_namespace_kind": dict(self.to_delete), "absent": self.absent}
+                "would_delete_by_namespace_kind": dict(self.to_delete), "absent": self.absent,
+                "searches": self.searches}
 
 
 def delete_request(address: PluginAddress, record_id: str, namespace: str) -> bytes:
@@ -3603,7 +3612,7 @@ def rollback(settings: Settings, log, progress: Progress) -> RollbackReport:
             return stream.fatal
 
         stopped = drive_stopping("-rollback", stream, failures, delete)
-    report.load = stream.load()
+    report.load, report.searches = stream.load(), plugin.searches
     if stopped is None and report.to_delete:
         stopped = UsageError("Nothing was deleted: run the same command with --yes to delete these %d "
                              "records." % sum(report.to_delete.values()))

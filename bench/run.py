@@ -1,45 +1,33 @@
 """`make bench`: what -apply, -verify and -rollback cost, as ratios measured in one run.
 
-Starts a throwaway PostgreSQL, seeds legacy rows over a realistic tree (60
-workspaces: 6 roots, 18 teams, 36 leaves; all three scopes; 1 % of the rows
-hold a secret) and runs the test plugin (two processes behind one port, its
-connections handed to them in turn; the real plugin's indexes; a connection's
-requests served one at a time, as Go's net/http does) in each shape a real
-plugin takes.  Each -apply runs against an emptied plugin, beside a lean raw
-client on sockets that POSTs the very memories -apply writes (read and planned
-before its clock starts) in a fixed shape of connections x requests pipelined
-on each.
+Everything runs on the Go stand-in of the plugin (tests/plugin.go: net/http, a pool of 25 PostgreSQL
+connections, the §4 table with its GIN index) over a PostgreSQL that commits to disk (fsync on), on the
+same two cores as the client.  Each contender runs against an emptied plugin, with a live tenant's probe
+beside it (one small search every 20 ms on its own connection), and rounds alternate between contenders:
+medians are compared, every round is reported.  CPU comes from the OS: the client's own from wait4(), the
+plugin's and PostgreSQL's from /proc (PostgreSQL: the postmaster and its children, live or reaped), the
+whole machine's from /proc/stat.
 
-- CPU bound (the plugin as it is, sharing the two cores): -apply at its
-  defaults >= 90 % of the best raw shape tried, and its CPU per row <= 1.25 x
-  that client's (both with their reading and planning counted, start-up
-  subtracted);
-- the --concurrency sweep, in each regime (CPU bound; waiting: 20 ms per
-  request, no limit on how many at once; at capacity: at most 4 requests worked
-  on at once, 5 ms each, the others queue), with a probe beside every run (one
-  small search every 20 ms on its own connection: the live tenant): -apply at
-  --concurrency 1, 2, 4, 8, 16 and its default, and the raw client with as many
-  connections (1x1, 2x4, 4x4, 8x4, 16x4; 16x1 where it waits).  Targets: the
-  rate never falls as the ceiling rises and the probe's latency never rises as
-  it falls, beyond noise (a tenth, or 1 ms of the probe: single runs vary that
-  much here); each
-  ceiling >= 85 % of the raw client with as many connections; waiting,
-  --concurrency 16 >= 85 % of 16x1; at capacity, the default keeps the probe's
-  median <= 2.5 x its median alone; --max-rate 100 and 200 within 5 % of the
-  rate asked, the probe's latency falling with it;
-- -rollback of 10,000 rows <= 2 x the wall time of -apply of the same rows;
-- peak RSS (VmHWM) <= 40 MB and flat at 1,000 / 20,000 / 100,000 rows, and
-  -dry-run's flat however many rows are skipped (1,000 vs 100,000 of a missing
-  workspace);
-- for information: CPU per row of -dry-run and -apply on 100,000 rows and their
-  ratio, -verify's wall time against -apply's.
+The regimes (shapes a real plugin takes):
+- CPU bound: the plugin as it is.  -apply at its default and at --concurrency 1, 2, 4, 8, 16, against a
+  lean raw client on sockets that POSTs the very bodies -apply writes (planned before its clock starts)
+  over C connections with D requests pipelined on each (C = 1, 2, 4, 8, 16; D = 1, 4).
+- waiting: each write holds its database connection 20 ms before it commits (a slow disk).
+- at capacity: at most 4 requests worked on at once, 5 ms each, the others queued (live traffic).
 
-Rounds of -apply against its raw client alternate (medians of 3 reported).
+Targets (issue 26): CPU bound, the default >= 95 % of the best lean shape's rows/s, its whole-machine CPU
+per row <= 1.05 x that shape's, the probe <= 1.5 x its latency alone; --concurrency N (2, 4, 8) >= 90 % of
+the lean N x 4, and a lower N never harder on the probe (beyond a tenth, or 1 ms); waiting, the default >=
+90 % of 16 plain threads (16 x 1); at capacity, the default's probe <= 2.5 x; --max-rate within 5 % and
+gentler.  Issue 27: -verify of every row <= 1.5 x -apply right after -apply and once the plugin's index
+has settled (VACUUM), the -rollback preview <= 1.5 x, a second -rollback --yes <= 1 x, searches per row
+<= 0.1 where no namespace holds more than 100 records, peak RSS of -verify flat (100,000 rows within 10 MB
+of 1,000).
 
     python bench/run.py [--quick] [--record]
 
---quick: one round each, 100,000-row runs left out (about two minutes);
---record appends the table to bench/RESULTS.md.
+--quick: one round each, small runs (a smoke run, about three minutes); --record appends the tables to
+bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -54,6 +42,7 @@ import select
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -71,36 +60,33 @@ import memory_backfill as mb  # noqa: E402
 TOOL = [sys.executable, str(ROOT / "memory_backfill.py")]
 ROUNDS = 3
 RAW_PAUSE = 0.001  # a pipelining raw client reads answers every millisecond: its least CPU, its best rate
-PLUGIN_PROCESSES = 2  # one per core
-PLUGIN_CONNECTIONS = 4  # database connections per plugin process
-ROWS = 10000  # -apply at its defaults against the best raw client, -rollback, -verify
-# The --concurrency sweep: regime -> (wait per request, capacity, rows for one connection, for two, for more).
-REGIMES = {"CPU bound": (0.0, 0, 2000, 5000, 6000), "waiting": (0.020, 0, 150, 300, 2400),
-           "at capacity": (0.005, 4, 400, 800, 2400)}
-CEILINGS = (1, 2, 4, 8, 16, None)  # None: the default
+ROWS = 20000
+TICK = os.sysconf("SC_CLK_TCK")
 NOISE = 0.10  # single runs of one client vary this much here ...
 PROBE_NOISE = 0.001  # ... and the probe's median by this much, in seconds, however small it is
-MAX_RATES = (100, 200)  # --max-rate, at capacity (where the plugin does about 400 rows/s)
 PROBE_SECONDS = 0.02
+CEILINGS = (None, 1, 2, 4, 8, 16)  # None: the default
+SHAPES = [(c, d) for c in (1, 2, 4, 8, 16) for d in (1, 4)]
+# regime -> the Go stand-in's shape, and the rows of a run at 1, 2 and more connections
+REGIMES = {"CPU bound": ({}, 5000, 10000, ROWS),
+           "waiting": ({"wait": 0.020}, 150, 300, 4000),
+           "at capacity": ({"capacity": 4, "sleep": 0.005}, 400, 800, 3000)}
+PARTS = ("write", "modes")
+MAX_RATES = (200, 100)  # --max-rate, at capacity (where the plugin does about 800 rows/s)
 CONTENT = ("Deploys for the %s service go through staging first; rollback with the "
            "previous image tag if error rates rise above two percent (note %s).")
 SECRET = " The CI token is GITHUB_TOKEN=ghp_%s." % ("x" * 36)
 Run = namedtuple("Run", "wall cpu rss status out")  # seconds, CPU seconds, peak RSS MB
-
-
-def writing(run: Run) -> float:
-    """Seconds a client spent writing: from its first request to its last answer, as -apply's (or
-    -rollback's) --json report says, or as the raw client prints it."""
-    report = json.loads(run.out)
-    return report["stream"]["seconds"] if "stream" in report else report["seconds"]
+Measured = namedtuple("Measured", "rate own machine plugin postgres probe seconds")  # per row: µs, ms
 
 
 # --- setup -----------------------------------------------------------------------
 
-def seed(cluster, rows: int, skipped: bool = False) -> str:
-    """A legacy database with `rows` rows over a 60-workspace tree (skipped: all of a
-    workspace that does not exist)."""
-    name = cluster.create_database("bench_legacy_%d%s" % (rows, "_skipped" if skipped else ""))
+def seed(cluster, rows: int, roots: int = 6, skipped: bool = False) -> str:
+    """A legacy database with `rows` rows over a tree of `roots` roots, each with 3 teams of 2 leaves
+    (60 % LOCAL and 30 % TEAM on any workspace, 10 % GLOBAL on a root, 1 % holding a secret); skipped:
+    every row in a workspace that does not exist."""
+    name = cluster.create_database("bench_legacy_%d_%d%s" % (rows, roots, "_skipped" if skipped else ""))
     db = cluster.connect(name)
     db.run("CREATE TABLE workspaces (id uuid PRIMARY KEY, name text NOT NULL, "
            "parent_id uuid REFERENCES workspaces(id), status text NOT NULL DEFAULT 'active')")
@@ -108,33 +94,32 @@ def seed(cluster, rows: int, skipped: bool = False) -> str:
            "scope varchar(10) NOT NULL, namespace varchar(50) NOT NULL DEFAULT 'general', "
            "created_at timestamptz DEFAULT now(), updated_at timestamptz DEFAULT now())")
     workspaces = []
-    for _ in range(6):
+    for _ in range(roots):
         root = str(uuid.uuid4())
         workspaces.append((root, None))
         for _ in range(3):
             team = str(uuid.uuid4())
             workspaces.append((team, root))
             workspaces += [(str(uuid.uuid4()), team) for _ in range(2)]
-    for workspace, parent in workspaces:
-        db.run("INSERT INTO workspaces VALUES (CAST(:id AS uuid), 'w', CAST(:parent AS uuid))",
-               id=workspace, parent=parent)
-    roots = [w for w, parent in workspaces if parent is None]
-    if skipped:  # every row in a workspace that does not exist
-        roots = [str(uuid.uuid4())] * 6
-        workspaces = [(roots[0], None)]
+    db.run("INSERT INTO workspaces SELECT id, 'w', parent FROM unnest(CAST(:ids AS uuid[]), "
+           "CAST(:parents AS uuid[])) AS t(id, parent)",
+           ids=[w for w, _ in workspaces], parents=[p for _, p in workspaces])
+    top = [w for w, parent in workspaces if parent is None]
+    if skipped:
+        top = [str(uuid.uuid4())] * roots
+        workspaces = [(top[0], None)]
     db.run("CREATE TEMP TABLE ws AS SELECT row_number() OVER () - 1 AS n, id FROM unnest("
            "CAST(:ids AS uuid[])) id", ids=[w for w, _ in workspaces])
     db.run("CREATE TEMP TABLE roots AS SELECT row_number() OVER () - 1 AS n, id FROM unnest("
-           "CAST(:ids AS uuid[])) id", ids=roots)
-    # 60 % LOCAL, 30 % TEAM on any workspace; 10 % GLOBAL on a root.
+           "CAST(:ids AS uuid[])) id", ids=top)
     db.run("INSERT INTO agent_memories (id, workspace_id, content, scope, created_at) "
-           "SELECT gen_random_uuid(), CASE WHEN g % 10 = 9 THEN (SELECT id FROM roots WHERE n = g % 6) "
+           "SELECT gen_random_uuid(), CASE WHEN g % 10 = 9 THEN (SELECT id FROM roots WHERE n = g % :roots) "
            "ELSE (SELECT id FROM ws WHERE n = g % CAST(:workspaces AS int)) END, "
            "format(:content, 'svc' || (g % 97), g) || CASE WHEN g % 100 = 0 THEN :secret ELSE '' END, "
            "CASE WHEN g % 10 = 9 THEN 'GLOBAL' WHEN g % 10 >= 6 THEN 'TEAM' ELSE 'LOCAL' END, "
            "timestamptz '2024-01-01' + g * interval '1 second' "
            "FROM generate_series(1, CAST(:rows AS int)) g",
-           content=CONTENT, secret=SECRET, rows=rows, workspaces=len(workspaces))
+           content=CONTENT, secret=SECRET, rows=rows, roots=roots, workspaces=len(workspaces))
     db.run("ANALYZE")
     db.close()
     return name
@@ -145,10 +130,8 @@ def seed(cluster, rows: int, skipped: bool = False) -> str:
 def run_measured(argv, env) -> Run:
     """Wall seconds, CPU seconds and peak RSS of one fresh process.
 
-    CPU comes from wait4(), for that process alone.  The peak is the kernel's
-    high-water mark of its memory (VmHWM), sampled until it exits: rusage's
-    ru_maxrss can count pages of this (large) process that a fork shares.
-    """
+    CPU comes from wait4(), for that process alone.  The peak is the kernel's high-water mark of its
+    memory (VmHWM), sampled until it exits: rusage's ru_maxrss can count pages that a fork shares."""
     started = time.perf_counter()
     process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     peak = [0]
@@ -174,17 +157,53 @@ def run_measured(argv, env) -> Run:
     return Run(wall, usage.ru_utime + usage.ru_stime, peak[0] / 1024.0, process.returncode, out.decode())
 
 
+def process_cpu(pid: int, children: bool = False) -> float:
+    """CPU seconds of a live process (and of its children it has reaped)."""
+    try:
+        with open("/proc/%d/stat" % pid) as stat_file:
+            fields = stat_file.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    ticks = int(fields[11]) + int(fields[12]) + (int(fields[13]) + int(fields[14]) if children else 0)
+    return ticks / TICK
+
+
+class MachineCPU:
+    """CPU seconds so far: the whole machine's (busy, from /proc/stat), the plugin's, PostgreSQL's."""
+
+    def __init__(self, postmaster: int):
+        self.postmaster = postmaster
+
+    def postgres(self) -> float:
+        total = process_cpu(self.postmaster, children=True)
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open("/proc/%s/stat" % entry) as stat_file:
+                        if int(stat_file.read().rsplit(")", 1)[1].split()[1]) == self.postmaster:
+                            total += process_cpu(int(entry))
+                except (OSError, ValueError, IndexError):
+                    pass
+        return total
+
+    def snapshot(self, plugin_pid: int) -> tuple[float, float, float]:
+        with open("/proc/stat") as stat_file:
+            ticks = [int(x) for x in stat_file.readline().split()[1:]]
+        busy = (sum(ticks) - ticks[3] - ticks[4]) / TICK  # all but idle and iowait
+        return busy, process_cpu(plugin_pid), self.postgres()
+
+
 def raw_client(url: str, database_url: str, connections: int, depth: int) -> None:
-    """POST the very memories -apply writes, planned and encoded before the clock starts,
-    over `connections` raw sockets with up to `depth` requests pipelined on each (reading
-    answers every RAW_PAUSE when pipelining, as they come otherwise); print the seconds."""
+    """POST the very memories -apply writes, planned and encoded before the clock starts, over
+    `connections` raw sockets with up to `depth` requests pipelined on each (reading answers every
+    RAW_PAUSE when pipelining, as they come otherwise); print the seconds."""
     address = mb.parse_plugin_url(url)
     with mb.LegacyDatabase(mb.parse_database_url(database_url)) as database:
         tree = database.read_workspaces()
         planned = [mb.plan_row(row, tree) for row in database.rows()]
     setup = http.client.HTTPConnection(address.host, address.port)
-    for target in {p.target for p in planned}:
-        setup.request("PUT", "/v1/namespaces/%s" % target.namespace, body=json.dumps({"kind": target.kind}))
+    for target in {(p.target.namespace, p.target.kind) for p in planned}:
+        setup.request("PUT", "/v1/namespaces/%s" % target[0], body=json.dumps({"kind": target[1]}))
         setup.getresponse().read()
     heads: dict = {}
     requests = [mb.write_request(address, p, heads) for p in planned]
@@ -253,291 +272,326 @@ class Probe:
 
 
 class Bench:
-    def __init__(self, cluster, urls: dict):
+    """The cluster, the legacy databases by size, and the Go stand-in in one regime at a time."""
+
+    def __init__(self, cluster, binary: str):
+        from plugin_server import GoPlugin
+
         self.cluster = cluster
-        self.urls = urls
-        self.plugin = None
-        self.rss: dict = {}
+        self.binary = binary
+        self.urls: dict = {}
+        self.plugin: GoPlugin | None = None
+        with open(cluster.workdir / "data" / "postmaster.pid") as pid_file:
+            self.cpu = MachineCPU(int(pid_file.readline()))
 
-    def start_plugin(self, wait: float = 0.0, capacity: int = 0) -> None:
-        from plugin_server import PluginProcesses
+    def database(self, rows: int, roots: int = 6) -> str:
+        if (rows, roots) not in self.urls:
+            self.urls[rows, roots] = self.cluster.url(seed(self.cluster, rows, roots))
+        return self.urls[rows, roots]
 
-        if self.plugin is not None:
-            self.plugin.stop()
-        cluster = self.cluster
-        store = dict(user=cluster.user, password=cluster.password, host=cluster.host, port=cluster.port,
-                     database="bench_plugin")
-        self.plugin = PluginProcesses(store, PLUGIN_PROCESSES, PLUGIN_CONNECTIONS, wait, capacity)
+    def start_plugin(self, **shape) -> float:
+        """The Go stand-in in this shape; returns the probe's median latency with nothing else running."""
+        from plugin_server import GoPlugin
 
-    def env(self, rows) -> dict:
-        return {**os.environ, "DATABASE_URL": self.urls[rows], "MEMORY_PLUGIN_URL": self.plugin.url}
+        self.stop()
+        store = dict(user=self.cluster.user, password=self.cluster.password, host=self.cluster.host,
+                     port=self.cluster.port, database="bench_plugin")
+        self.plugin = GoPlugin(self.binary, store, **shape)
+        with Probe(self.plugin.url) as alone:
+            time.sleep(3)
+        return alone.median()
 
-    def tool(self, rows, *args, reset: bool = False) -> Run:
+    def env(self, database_url: str) -> dict:
+        return {**os.environ, "DATABASE_URL": database_url, "MEMORY_PLUGIN_URL": self.plugin.url}
+
+    def measure(self, contender, rows: int, roots: int = 6) -> Measured:
+        """One run of a contender (a tool option list, or a raw shape) against an emptied plugin, the probe
+        beside it: rows/s while writing, CPU per row (its own, µs; the machine's, the plugin's and
+        PostgreSQL's, ms) and the probe's median latency."""
+        url = self.database(rows, roots)
+        self.plugin.reset()
+        before = self.cpu.snapshot(self.plugin.pid)
+        with Probe(self.plugin.url) as probe:
+            if isinstance(contender, tuple):
+                argv = [sys.executable, __file__, "--raw-client", self.plugin.url, url, *map(str, contender)]
+                done = run_measured(argv, self.env(url))
+            else:
+                done = run_measured(TOOL + ["-apply", "-q", "--json", *contender], self.env(url))
+        after = self.cpu.snapshot(self.plugin.pid)
+        assert done.status == 0, (contender, done.status, done.out[-600:])
+        assert self.plugin.count() == rows, (contender, self.plugin.count())
+        report = json.loads(done.out)
+        seconds = report["stream"]["seconds"] if "stream" in report else report["seconds"]
+        machine, plugin, postgres = (b - a for a, b in zip(before, after, strict=True))
+        return Measured(rows / seconds, done.cpu / rows * 1e6, machine / rows * 1e3, plugin / rows * 1e3,
+                        postgres / rows * 1e3, probe.median(), done.wall)
+
+    def tool(self, rows: int, *args, roots: int = 6, reset: bool = False) -> Run:
+        """One run of the tool (not on an emptied plugin unless `reset`), with its searches counted."""
         if reset:
             self.plugin.reset()
-        done = run_measured(TOOL + list(args) + ["-q", "--json"], self.env(rows))
-        assert done.status == 0, (args, done.status, done.out[-600:])
+        done = run_measured(TOOL + list(args) + ["-q", "--json"], self.env(self.database(rows, roots)))
+        assert done.status in (0, 2), (args, done.status, done.out[-600:])
         return done
-
-    def apply(self, rows) -> Run:
-        done = self.tool(rows, "-apply", reset=True)
-        assert self.plugin.count() == rows, self.plugin.count()
-        self.rss[rows] = max(self.rss.get(rows, 0), done.rss)
-        return done
-
-    def raw(self, rows, shape) -> Run:
-        self.plugin.reset()
-        done = run_measured([sys.executable, __file__, "--raw-client", self.plugin.url, self.urls[rows],
-                             str(shape[0]), str(shape[1])], self.env(rows))
-        assert done.status == 0 and self.plugin.count() == rows, "the raw client failed"
-        return done._replace(wall=json.loads(done.out)["seconds"])
 
     def stop(self) -> None:
         if self.plugin is not None:
             self.plugin.stop()
+            self.plugin = None
 
 
-def shape_name(shape) -> str:
-    return "x".join(map(str, shape))
+def name_of(contender) -> str:
+    if isinstance(contender, tuple):
+        return "raw %dx%d" % contender
+    return "-apply " + (" ".join(contender) if contender else "default (%d)" % mb.DEFAULT_WRITE_CONNECTIONS)
 
 
-def ceiling_name(ceiling) -> str:
-    return "default (%d)" % mb.DEFAULT_WRITE_CONNECTIONS if ceiling is None else str(ceiling)
+def ceiling_args(ceiling) -> list:
+    return [] if ceiling is None else ["--concurrency", str(ceiling)]
 
 
-def sweep_rows(regime: str, connections) -> int:
-    _, _, one, two, more = REGIMES[regime]
+def rows_for(regime: str, contender) -> int:
+    """Rows of a run: fewer where one or two connections make it slow (the default's: the most)."""
+    _, one, two, more = REGIMES[regime]
+    connections = contender[0] if isinstance(contender, tuple) else (
+        int(contender[1]) if contender[:1] == ["--concurrency"] else None)
     return one if connections == 1 else two if connections == 2 else more
 
 
-def raw_shape(ceiling: int) -> tuple[int, int]:
-    """The raw client with as many connections as -apply may use at this ceiling."""
-    return (1, 1) if ceiling == 1 else (ceiling, 4)
+def alternate(b: Bench, regime: str, contenders: list, rounds: int) -> dict:
+    """Every contender once per round, the rounds one after another; name -> the runs."""
+    runs: dict = {name_of(c): [] for c in contenders}
+    for number in range(rounds):
+        for contender in contenders:
+            got = b.measure(contender, rows_for(regime, contender))
+            runs[name_of(contender)].append(got)
+            print("%s round %d: %-26s %6.0f rows/s  own %5.1f µs/row  machine %.3f ms/row (plugin %.3f, "
+                  "PostgreSQL %.3f)  probe %.1f ms" % (
+                      regime, number + 1, name_of(contender), got.rate, got.own, got.machine, got.plugin,
+                      got.postgres, got.probe * 1e3), flush=True)
+    return runs
 
 
-def beside_probe(b: Bench, client, rows: int, *args, **options) -> tuple[float, float]:
-    """(rows/s while writing, the probe's median) of client(rows, *args), the live tenant's probe
-    beside it."""
-    with Probe(b.plugin.url) as probe:
-        done = client(rows, *args, **options)
-    return rows / writing(done), probe.median()
+def medians(runs: list) -> Measured:
+    return Measured(*(median(getattr(run, field) for run in runs) for field in Measured._fields))
 
 
-def sweep(b: Bench, regime: str) -> dict:
-    """--concurrency 1, 2, 4, 8, 16 and the default, each beside the raw client with as many
-    connections (and, where the plugin waits, 16 plain threads), the probe beside every run."""
-    wait, capacity = REGIMES[regime][:2]
-    b.start_plugin(wait, capacity)
-    b.raw(sweep_rows(regime, 2), (2, 4))  # the plugin's first requests are slow: not measured
-    with Probe(b.plugin.url) as alone:
-        time.sleep(3)
-    result = {"alone": alone.median(), "apply": {}, "raw": {}}
-    for ceiling in CEILINGS:
-        rows = sweep_rows(regime, ceiling)
-        raw = ""
-        if ceiling:
-            shape = raw_shape(ceiling)
-            result["raw"][shape] = beside_probe(b, b.raw, rows, shape)
-            raw = ", raw %s %.0f rows/s (probe %.1f ms)" % (shape_name(shape), result["raw"][shape][0],
-                                                            result["raw"][shape][1] * 1e3)
-        concurrency = ["--concurrency", str(ceiling)] if ceiling else []
-        result["apply"][ceiling] = beside_probe(b, b.tool, rows, "-apply", *concurrency, reset=True)
-        assert b.plugin.count() == rows
-        rate, probe = result["apply"][ceiling]
-        print("%s, --concurrency %s: -apply %.0f rows/s (probe %.1f ms)%s"
-              % (regime, ceiling_name(ceiling), rate, probe * 1e3, raw), flush=True)
-    if regime == "waiting":
-        rows = sweep_rows(regime, 16)
-        result["raw"][(16, 1)] = beside_probe(b, b.raw, rows, (16, 1))
-    return result
+# --- the write path: issue 26 ------------------------------------------------------
 
-
-def max_rates(b: Bench) -> dict:
-    """--max-rate at capacity (the plugin started by the last sweep), the probe beside it."""
+def write_path(b: Bench, rounds: int) -> dict:
+    """The three regimes: each its contenders, alternating, the probe beside every run."""
     result = {}
+    contenders = [ceiling_args(c) for c in CEILINGS] + SHAPES
+    alone = b.start_plugin()
+    result["CPU bound"] = (alone, alternate(b, "CPU bound", contenders, rounds))
+    alone = b.start_plugin(wait=0.020)
+    result["waiting"] = (alone, alternate(b, "waiting", [[], ["--concurrency", "16"], (16, 1), (16, 4)],
+                                          rounds))
+    alone = b.start_plugin(capacity=4, sleep=0.005)
+    runs = alternate(b, "at capacity", [[], ["--concurrency", "4"], (4, 4)], rounds)
     for rate in MAX_RATES:
-        rows = rate * 4  # about four seconds
-        result[rate] = beside_probe(b, b.tool, rows, "-apply", "--max-rate", str(rate), reset=True)
-        print("at capacity, --max-rate %d: %.0f rows/s (probe %.1f ms)" % (rate, result[rate][0],
-                                                                          result[rate][1] * 1e3), flush=True)
+        args = ["--max-rate", str(rate)]
+        runs[name_of(args)] = [b.measure(args, rate * 4) for _ in range(1 if rounds == 1 else 2)]
+    result["at capacity"] = (alone, runs)
+    b.stop()
     return result
 
 
-def bench(quick: bool) -> dict:
-    from pg_cluster import start_cluster
+def write_path_lines(result: dict) -> tuple[list, list]:
+    """The tables of the write path, and its targets (name, measured, met)."""
+    lines, targets = [], []
+    for regime, (alone, runs) in result.items():
+        lines += ["", "%s (the probe alone: %.2f ms). Medians of the rounds; per row: the client's own CPU, "
+                      "the whole machine's, the plugin's and PostgreSQL's." % (regime, alone * 1e3), "",
+                  "| contender | rows/s (rounds) | own µs/row | machine ms/row | plugin | PostgreSQL | "
+                  "probe ÷ alone |", "|---|---|---:|---:|---:|---:|---:|"]
+        for name, got in runs.items():
+            m = medians(got)
+            lines.append("| %s | %.0f (%s) | %.1f | %.3f | %.3f | %.3f | %.2f |" % (
+                name, m.rate, ", ".join("%.0f" % run.rate for run in got), m.own, m.machine, m.plugin,
+                m.postgres, m.probe / alone))
+    alone, runs = result["CPU bound"]
+    m = {name: medians(got) for name, got in runs.items()}
+    raws = {name: got for name, got in m.items() if name.startswith("raw")}
+    best = max(raws, key=lambda name: raws[name].rate)
+    default = m[name_of([])]
+    targets += [
+        ("CPU bound: the default ≥ 95 %% of the best lean shape (%s)" % best,
+         "%.0f ÷ %.0f = %.0f %%" % (default.rate, raws[best].rate, 100 * default.rate / raws[best].rate),
+         default.rate >= 0.95 * raws[best].rate),
+        ("CPU bound: the default's whole-machine CPU per row ≤ 1.05 × %s's" % best,
+         "%.3f ÷ %.3f = %.2f" % (default.machine, raws[best].machine, default.machine / raws[best].machine),
+         default.machine <= 1.05 * raws[best].machine),
+        ("CPU bound: the default's probe ≤ 1.5 × alone", "%.2f" % (default.probe / alone),
+         default.probe <= 1.5 * alone)]
+    for ceiling in (2, 4, 8):
+        mine, lean = m[name_of(ceiling_args(ceiling))], m["raw %dx4" % ceiling]
+        targets.append(("CPU bound: --concurrency %d ≥ 90 %% of raw %dx4" % (ceiling, ceiling),
+                        "%.0f %%" % (100 * mine.rate / lean.rate), mine.rate >= 0.90 * lean.rate))
+    for lower, higher in ((1, 2), (2, 4), (4, 8), (8, 16)):
+        low, high = m[name_of(ceiling_args(lower))].probe, m[name_of(ceiling_args(higher))].probe
+        targets.append(("CPU bound: --concurrency %d no harder on the probe than %d" % (lower, higher),
+                        "%.1f ≤ %.1f ms" % (low * 1e3, high * 1e3),
+                        low <= max((1 + NOISE) * high, high + PROBE_NOISE)))
+    alone, runs = result["waiting"]
+    default, plain = medians(runs[name_of([])]), medians(runs["raw 16x1"])
+    targets.append(("waiting: the default ≥ 90 % of 16 plain threads (raw 16x1)",
+                    "%.0f ÷ %.0f = %.0f %%" % (default.rate, plain.rate, 100 * default.rate / plain.rate),
+                    default.rate >= 0.90 * plain.rate))
+    alone, runs = result["at capacity"]
+    default = medians(runs[name_of([])])
+    targets.append(("at capacity: the default's probe ≤ 2.5 × alone", "%.2f" % (default.probe / alone),
+                    default.probe <= 2.5 * alone))
+    faster = default.probe
+    for rate in MAX_RATES:
+        got = medians(runs[name_of(["--max-rate", str(rate)])])
+        targets.append(("at capacity: --max-rate %d within 5 %%" % rate, "%.0f rows/s" % got.rate,
+                        abs(got.rate - rate) <= 0.05 * rate))
+        targets.append(("at capacity: --max-rate %d's probe ≤ the faster run's (beyond a tenth)" % rate,
+                        "%.1f ≤ %.1f ms" % (got.probe * 1e3, faster * 1e3),
+                        got.probe <= max((1 + NOISE) * faster, faster + PROBE_NOISE)))
+        faster = got.probe
+    return lines, targets
 
-    cluster = start_cluster()
+
+# --- -verify and -rollback: issue 27 --------------------------------------------------
+
+def settle(b: Bench) -> None:
+    """The plugin's GIN index, its pending list merged (as autovacuum does in time)."""
+    b.plugin.execute("VACUUM ANALYZE memories")
+
+
+def searches(run: Run) -> int:
+    return json.loads(run.out).get("searches", 0)
+
+
+def other_modes(b: Bench, rounds: int, rows: int, roots: int) -> dict:
+    """-apply, then at once -verify of every row; settled, -verify again; the -rollback preview; -rollback
+    --yes; a second -rollback --yes on a plugin that holds none of the rows: each round on a fresh plugin."""
+    b.start_plugin()
+    runs: dict = {key: [] for key in ("apply", "verify", "verify settled", "preview", "rollback",
+                                      "rollback again")}
+    for number in range(rounds):
+        runs["apply"].append(b.tool(rows, "-apply", roots=roots, reset=True))
+        assert b.plugin.count() == rows
+        runs["verify"].append(b.tool(rows, "-verify", "-verify-sample", "0", roots=roots))
+        settle(b)
+        runs["verify settled"].append(b.tool(rows, "-verify", "-verify-sample", "0", roots=roots))
+        runs["preview"].append(b.tool(rows, "-rollback", roots=roots))
+        runs["rollback"].append(b.tool(rows, "-rollback", "--yes", roots=roots))
+        assert b.plugin.count() == 0, "-rollback left records"
+        runs["rollback again"].append(b.tool(rows, "-rollback", "--yes", roots=roots))
+        print("%d rows, %d roots, round %d: %s" % (rows, roots, number + 1, ", ".join(
+            "%s %.1f s (%d searches)" % (key, got[-1].wall, searches(got[-1])) for key, got in runs.items())),
+            flush=True)
+    return runs
+
+
+def memory_runs(b: Bench, quick: bool) -> dict:
+    """Peak RSS of -apply and -verify at 1,000 rows and the largest size, and of -dry-run with every row
+    skipped."""
+    b.start_plugin()
+    largest = 20000 if quick else 100000
+    rss: dict = {}
+    for rows in (1000, largest):
+        rss["apply", rows] = b.tool(rows, "-apply", roots=40, reset=True).rss
+        rss["verify", rows] = b.tool(rows, "-verify", "-verify-sample", "0", roots=40).rss
+    for rows in (1000, largest):
+        url = b.cluster.url(seed(b.cluster, rows, skipped=True))
+        done = run_measured(TOOL + ["-dry-run", "-q", "--json"], b.env(url))
+        rss["dry-run skipped", rows] = done.rss
+    rss["largest"] = largest
+    b.stop()
+    return rss
+
+
+def other_mode_lines(modes: dict, rss: dict) -> tuple[list, list]:
+    lines, targets = [], []
+    for (rows, roots), runs in modes.items():
+        apply_wall = median(run.wall for run in runs["apply"])
+        lines += ["", "-verify and -rollback, %s rows over %d workspaces (medians; seconds, and ÷ -apply's; "
+                      "searches per row):" % (f"{rows:,}", roots * 10), "",
+                  "| mode | seconds (rounds) | ÷ -apply | searches per row |", "|---|---|---:|---:|"]
+        for key, got in runs.items():
+            wall = median(run.wall for run in got)
+            lines.append("| %s | %.1f (%s) | %.2f | %.3f |" % (
+                key, wall, ", ".join("%.1f" % run.wall for run in got), wall / apply_wall,
+                median(searches(run) for run in got) / rows))
+        if roots < 40:
+            continue  # namespaces over 100 records: for information
+        bounds = (("verify", 1.5), ("verify settled", 1.5), ("preview", 1.5), ("rollback again", 1.0))
+        for key, bound in bounds:
+            wall = median(run.wall for run in runs[key])
+            targets.append(("%s of %s rows ≤ %.1f × -apply" % (key, f"{rows:,}", bound),
+                            "%.1f ÷ %.1f s = %.2f" % (wall, apply_wall, wall / apply_wall),
+                            wall <= bound * apply_wall))
+        per_row = median(searches(run) for run in runs["verify"]) / rows
+        targets.append(("searches per row of -verify, no namespace over 100 records, ≤ 0.1", "%.3f" % per_row,
+                        per_row <= 0.1))
+    largest = rss["largest"]
+    lines += ["", "Peak RSS (MB): " + ", ".join(
+        "%s %s rows %.1f" % (mode, f"{rows:,}", value) for (mode, rows), value in sorted(
+            (key, value) for key, value in rss.items() if key != "largest"))]
+    grown = rss["verify", largest] - rss["verify", 1000]
+    targets.append(("peak RSS of -verify at %s rows within 10 MB of 1,000" % f"{largest:,}",
+                    "%.1f MB more" % grown, grown <= 10))
+    grown = rss["apply", largest] - rss["apply", 1000]
+    targets.append(("peak RSS of -apply at %s rows within 5 MB of 1,000" % f"{largest:,}",
+                    "%.1f MB more" % grown, grown <= 5))
+    grown = rss["dry-run skipped", largest] - rss["dry-run skipped", 1000]
+    targets.append(("peak RSS of -dry-run, every row skipped, within 3 MB", "%.1f MB more" % grown,
+                    grown <= 3))
+    return lines, targets
+
+
+# --- the run -----------------------------------------------------------------------
+
+def bench(quick: bool, parts: tuple) -> tuple[list, list]:
+    from pg_cluster import start_cluster
+    from plugin_server import build_go_plugin
+
     rounds = 1 if quick else ROUNDS
-    r: dict = {"rounds": rounds}
+    if quick:
+        REGIMES.update({name: (shape, one // 4, two // 4, more // 4)
+                        for name, (shape, one, two, more) in REGIMES.items()})
+    cluster = start_cluster(durable=True)
     try:
         cluster.create_database("bench_plugin")
-        sizes = {1000, 4000, ROWS} | {sweep_rows(regime, n) for regime in REGIMES for n in (1, 2, 4)}
-        sizes |= {rate * 4 for rate in MAX_RATES}
-        largest = 20000 if quick else 100000
-        urls = {rows: cluster.url(seed(cluster, rows)) for rows in sorted(sizes | {largest})}
-        for rows in (1000, 100000):
-            urls[("skipped", rows)] = cluster.url(seed(cluster, rows, skipped=True))
-        b = Bench(cluster, urls)
-
-        # The --concurrency sweep in each regime, with the live tenant's probe; then --max-rate.
-        r["sweep"] = {regime: sweep(b, regime) for regime in REGIMES}
-        r["max_rate"] = max_rates(b)
-
-        # CPU bound: -apply at its defaults against the best raw client, -rollback, -verify, memory.
-        b.start_plugin()
-        r["startup"] = median(run_measured(TOOL + ["-dry-run", "-q", "-limit", "1"], b.env(largest)).cpu
-                              for _ in range(3))
-        r["dry_cpu"] = median(b.tool(largest, "-dry-run").cpu for _ in range(1 if quick else 3))
-        r["skipped_rss"] = {rows: b.tool(("skipped", rows), "-dry-run").rss for rows in (1000, 100000)}
-        b.apply(1000)
-        b.apply(4000)
-        raws = r["sweep"]["CPU bound"]["raw"]
-        best = max(raws, key=lambda shape: raws[shape][0])
-        applies, raw_runs, rollbacks = [], [], []
-        for number in range(rounds):
-            applies.append(b.apply(ROWS))
-            if number == 0:
-                r["verify_wall"] = b.tool(ROWS, "-verify", "-verify-sample", "0").wall
-            rollbacks.append(b.tool(ROWS, "-rollback", "--yes"))
-            assert b.plugin.count() == 0, "-rollback left records"
-            raw_runs.append(b.raw(ROWS, best))
-            print("cpu bound round %d: -apply %.0f rows/s (%.0f with its start), raw %s %.0f rows/s, "
-                  "-rollback %.1f s" % (number + 1, ROWS / writing(applies[-1]), ROWS / applies[-1].wall,
-                                        shape_name(best), ROWS / raw_runs[-1].wall, rollbacks[-1].wall),
-                  flush=True)
-        r.update(best=best, apply_rates=[ROWS / writing(x) for x in applies],
-                 apply_whole_rates=[ROWS / x.wall for x in applies],
-                 raw_rates=[ROWS / x.wall for x in raw_runs],
-                 apply_cpu=median(x.cpu for x in applies), raw_cpu=median(x.cpu for x in raw_runs),
-                 apply_wall=median(x.wall for x in applies),
-                 rollback_ratio=median(x.wall / y.wall for x, y in zip(rollbacks, applies, strict=True)),
-                 rollback_wall=median(x.wall for x in rollbacks))
-        r["big_apply_cpu"] = b.apply(largest).cpu
-        r["largest"] = largest
-        r["rss"] = b.rss
+        b = Bench(cluster, build_go_plugin(tempfile.mkdtemp(prefix="bench-go-")))
+        lines, targets = write_path_lines(write_path(b, rounds)) if "write" in parts else ([], [])
+        if "modes" in parts:
+            size = 5000 if quick else ROWS
+            modes = {(size, 40): other_modes(b, rounds, size, 40), (size, 6): other_modes(b, 1, size, 6)}
+            more_lines, more_targets = other_mode_lines(modes, memory_runs(b, quick))
+            lines, targets = lines + more_lines, targets + more_targets
         b.stop()
     finally:
         cluster.stop()
-    return r
+    return lines, targets
 
 
-def sweep_lines(r: dict, met) -> list:
-    """The sweep's table, and whether each of its targets is met."""
-    lines = ["", "The --concurrency sweep: rows/s while writing, and the live tenant's probe (median latency "
-             "beside the run ÷ alone); the raw client with as many connections beside each ceiling.", "",
-             "| regime | client | rows/s | probe | -apply ÷ raw |", "|---|---|---|---|---|"]
-    targets = []
-    for regime, got in r["sweep"].items():
-        alone = got["alone"]
-        previous = None
-        for ceiling in CEILINGS:
-            rate, probe = got["apply"][ceiling]
-            shape = raw_shape(ceiling) if ceiling else None
-            raw = got["raw"].get(shape)
-            share = rate / raw[0] if raw else None
-            lines.append("| %s | -apply --concurrency %s | %.0f | %.1f ms = %.2f | %s |" % (
-                regime, ceiling_name(ceiling), rate, probe * 1e3, probe / alone,
-                "%.0f %%" % (100 * share) if share else ""))
-            if raw:
-                lines.append("| %s | raw %s | %.0f | %.1f ms = %.2f | |" % (
-                    regime, shape_name(shape), raw[0], raw[1] * 1e3, raw[1] / alone))
-                targets.append(("%s: --concurrency %s ≥ 85 %% of raw %s"
-                                % (regime, ceiling_name(ceiling), shape_name(shape)),
-                                "%.0f %%" % (100 * share), share >= 0.85))
-            if previous is not None:
-                before, after = got["apply"][previous], got["apply"][ceiling]
-                targets.append(("%s: --concurrency %s → %s, rate does not fall (beyond a tenth)"
-                                 % (regime, ceiling_name(previous), ceiling_name(ceiling)),
-                                 "%.0f → %.0f" % (before[0], after[0]), after[0] >= (1 - NOISE) * before[0]))
-                targets.append(("%s: --concurrency %s → %s, the probe does not fall (beyond a tenth)"
-                                 % (regime, ceiling_name(ceiling), ceiling_name(previous)),
-                                 "%.1f → %.1f ms" % (after[1] * 1e3, before[1] * 1e3),
-                                 before[1] <= max((1 + NOISE) * after[1], after[1] + PROBE_NOISE)))
-            previous = ceiling
-        if regime == "waiting":
-            plain = got["raw"][(16, 1)]
-            share = got["apply"][16][0] / plain[0]
-            lines.append("| waiting | raw 16x1 (16 plain threads) | %.0f | %.1f ms = %.2f | |"
-                         % (plain[0], plain[1] * 1e3, plain[1] / alone))
-            targets.append(("waiting: --concurrency 16 ≥ 85 % of raw 16x1", "%.0f %%" % (100 * share),
-                            share >= 0.85))
-        if regime == "at capacity":
-            probe = got["apply"][None][1] / alone
-            targets.append(("at capacity: the default's probe ≤ 2.5 x alone (%.1f ms)" % (alone * 1e3),
-                            "%.2f" % probe, probe <= 2.5))
-            previous = got["apply"][None]
-            for rate in sorted(r["max_rate"], reverse=True):
-                got_rate, probe = r["max_rate"][rate]
-                lines.append("| at capacity | -apply --max-rate %d | %.0f | %.1f ms = %.2f | |"
-                             % (rate, got_rate, probe * 1e3, probe / alone))
-                targets.append(("at capacity: --max-rate %d within 5 %%" % rate, "%.0f rows/s" % got_rate,
-                                abs(got_rate - rate) <= 0.05 * rate))
-                targets.append(("at capacity: --max-rate %d's probe ≤ the faster run's (beyond a tenth)"
-                                % rate,
-                                "%.1f ≤ %.1f ms" % (probe * 1e3, previous[1] * 1e3),
-                                probe <= max((1 + NOISE) * previous[1], previous[1] + PROBE_NOISE)))
-                previous = (got_rate, probe)
-    lines += ["", "| sweep target | measured | met |", "|---|---|---|"]
-    lines += ["| %s | %s | %s |" % (name, value, met(ok)) for name, value, ok in targets]
-    return lines
-
-
-def report(r: dict, quick: bool) -> list:
-    machine = "%s, %d cores, Python %s, %s" % (platform.machine(), os.cpu_count(),
-                                              platform.python_version(), platform.platform(terse=True))
-
-    def met(ok):
-        return "yes" if ok else "**no**"
-
-    def rates(values):
-        return "%.0f (%s)" % (median(values), ", ".join("%.0f" % x for x in values))
-
-    def per_row(cpu, rows):
-        return (cpu - r["startup"]) / rows * 1e6
-
-    best = shape_name(r["best"])
-    share = median(r["apply_rates"]) / median(r["raw_rates"])
-    apply_cpu, raw_cpu = per_row(r["apply_cpu"], ROWS), per_row(r["raw_cpu"], ROWS)
-    lines = [
-        "## %s — %s%s" % (datetime.date.today().isoformat(), machine, " (--quick)" if quick else ""), "",
-        "Medians of %d rounds (the rounds in brackets); -apply at its defaults." % r["rounds"], "",
-        "| measure | value | target | met |", "|---|---|---|---|",
-        "| CPU bound: -apply rows/s while writing, %s rows (with its start-up: %s) | %s | | |"
-        % (f"{ROWS:,}", rates(r["apply_whole_rates"]), rates(r["apply_rates"])),
-        "| CPU bound: raw %s rows/s (the best of the sweep's raw clients) | %s | | |"
-        % (best, rates(r["raw_rates"])),
-        "| CPU bound: -apply ÷ raw %s | %.0f %% | ≥ 90 %% | %s |" % (best, 100 * share, met(share >= 0.90)),
-        "| CPU bound: CPU per row, reading and planning counted: -apply / raw %s | %.1f / %.1f µs = %.2f "
-        "| ≤ 1.25 | %s |" % (best, apply_cpu, raw_cpu, apply_cpu / raw_cpu, met(apply_cpu <= 1.25 * raw_cpu)),
-    ]
-    peak = max(r["rss"].values())
-    flat = peak - min(r["rss"].values())
-    skipped = r["skipped_rss"]
-    lines += [
-        "| -rollback --yes ÷ -apply, wall, %s rows | %.1f s ÷ %.1f s = %.2f | ≤ 2 | %s |"
-        % (f"{ROWS:,}", r["rollback_wall"], r["apply_wall"], r["rollback_ratio"],
-           met(r["rollback_ratio"] <= 2)),
-        "| peak RSS of -apply at %s rows | %s MB | ≤ 40 MB, flat | %s |"
-        % (" / ".join(f"{n:,}" for n in sorted(r["rss"])),
-           " / ".join("%.1f" % r["rss"][n] for n in sorted(r["rss"])), met(peak <= 40 and flat <= 5)),
-        "| peak RSS of -dry-run, 1,000 / 100,000 rows all skipped | %.1f / %.1f MB | flat (≤ 3 MB apart) "
-        "| %s |"
-        % (skipped[1000], skipped[100000], met(skipped[100000] - skipped[1000] <= 3)),
-        "| (information) -verify -verify-sample 0 ÷ -apply, wall, %s rows | %.1f s ÷ %.1f s = %.2f | | |"
-        % (f"{ROWS:,}", r["verify_wall"], r["apply_wall"], r["verify_wall"] / r["apply_wall"]),
-    ]
-    rows = r["largest"]
-    dry, applied = per_row(r["dry_cpu"], rows), per_row(r["big_apply_cpu"], rows)
-    lines.append("| (information) CPU per row, {:,} rows: -dry-run / -apply (start-up {:.0f} ms "
-                 "subtracted) | {:.1f} / {:.1f} µs = {:.2f} | | |".format(
-                     rows, r["startup"] * 1e3, dry, applied, applied / dry))
-    return lines + sweep_lines(r, met)
+def report(lines: list, targets: list, quick: bool, seconds: float) -> list:
+    machine = "%s, %d cores, Python %s, %s" % (platform.machine(), os.cpu_count(), platform.python_version(),
+                                              platform.platform(terse=True))
+    out = ["## %s — %s%s" % (datetime.date.today().isoformat(), machine, " (--quick)" if quick else ""), "",
+           "The Go stand-in over a durable PostgreSQL; %d round%s each, rounds alternating between "
+           "contenders."
+           % (1 if quick else ROUNDS, "" if quick else "s")]
+    out += lines
+    out += ["", "| target | measured | met |", "|---|---|---|"]
+    out += ["| %s | %s | %s |" % (name, value, "yes" if ok else "**no**") for name, value, ok in targets]
+    out += ["", "%d of %d targets met (the whole bench took %.0f s)" % (
+        sum(ok for _, _, ok in targets), len(targets), seconds)]
+    return out
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="one round each, no 100,000-row runs")
-    parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
+    parser.add_argument("--quick", action="store_true", help="one round each, small runs")
+    parser.add_argument("--record", action="store_true", help="append the tables to bench/RESULTS.md")
+    parser.add_argument("--part", choices=PARTS, action="append",
+                        help="only this part (write: the write path's regimes; modes: -verify and -rollback, "
+                             "and memory); all by default")
     parser.add_argument("--raw-client", nargs=4, metavar=("URL", "DATABASE_URL", "CONNECTIONS", "DEPTH"))
     args = parser.parse_args()
     if args.raw_client:
@@ -545,13 +599,12 @@ def main() -> int:
         raw_client(url, database_url, int(connections), int(depth))
         return 0
     started = time.monotonic()
-    lines = report(bench(args.quick), args.quick)
-    lines.append("")
-    lines.append("(the whole bench took %.0f s)" % (time.monotonic() - started))
-    print("\n".join(lines))
+    lines, targets = bench(args.quick, tuple(args.part or PARTS))
+    text = "\n".join(report(lines, targets, args.quick, time.monotonic() - started))
+    print(text)
     if args.record:
         with open(HERE / "RESULTS.md", "a") as results:
-            results.write("\n" + "\n".join(lines) + "\n")
+            results.write("\n" + text + "\n")
     return 0
 
 
