@@ -975,6 +975,33 @@ class LegacyDatabase:
                 "SELECT DISTINCT workspace_id::text FROM agent_memories%s" % where, **params)  # noqa: S608
                 if w is not None]
 
+    def rows_per_namespace(self, tree: WorkspaceTree) -> Counter:
+        """How many rows of the whole table -apply writes to each namespace (the finder's expectation)."""
+        counts: Counter = Counter()
+        with self._errors():
+            found = self.connection.run("SELECT workspace_id::text, %s, count(*) FROM agent_memories "
+                                        "GROUP BY 1, 2" % self._text("scope"))  # noqa: S608 - fixed text
+        for workspace_id, scope, count in found:
+            with contextlib.suppress(RowSkipped):
+                counts[resolve_target(workspace_id, _as_text(scope), tree).namespace] += count
+        return counts
+
+    def targets_of(self, ids: list[str], tree: WorkspaceTree) -> dict[str, Optional[str]]:
+        """For the ids that are legacy rows': the namespace -apply writes each to (None: it skips it)."""
+        if not ids:
+            return {}
+        with self._errors():
+            found = self.connection.run(
+                "SELECT id::text, workspace_id::text, %s FROM agent_memories "  # noqa: S608 - fixed text
+                "WHERE id = ANY(CAST(:ids AS uuid[]))" % self._text("scope"), ids=ids)
+        targets: dict[str, Optional[str]] = {}
+        for row_id, workspace_id, scope in found:
+            try:
+                targets[row_id] = resolve_target(workspace_id, _as_text(scope), tree).namespace
+            except RowSkipped:
+                targets[row_id] = None
+        return targets
+
     def have_search_words(self, texts: list[str]) -> list[bool]:
         """Whether PostgreSQL's English full-text parser finds any word in each text."""
         if not texts:
@@ -983,6 +1010,11 @@ class LegacyDatabase:
             return [found for (found,) in self.connection.run(
                 "SELECT numnode(plainto_tsquery('english', text)) > 0 FROM unnest(CAST(:texts AS text[])) "
                 "WITH ORDINALITY AS t(text, n) ORDER BY n", texts=texts)]
+
+
+def _as_text(value) -> str:
+    """A text column as read: bytes from a SQL_ASCII database (LegacyDatabase.raw_text)."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
 def _decoded(columns: Iterable[tuple[str, Optional[bytes]]]) -> tuple[list[Optional[str]], Optional[str]]:
@@ -2390,15 +2422,29 @@ class Lookup(NamedTuple):
         return "a search for its words matches too many records or finds no searchable word"
 
 
+class Reading(NamedTuple):
+    """What reading namespaces whole found: the records, the namespaces read whole, those over the cap
+    (their newest SEARCH_CAP only), those whose search the plugin refused (and what it said)."""
+
+    records: list[dict]
+    whole: set
+    over_cap: set
+    refused: dict
+
+
 class RecordFinder:
     """Finds rows' records in the plugin, which has no lookup by id and caps a search at 100.
 
-    Each namespace a row is written to is listed once (its newest 100), kept while a workspace still to come
-    may need it.  Rows not seen there are searched for by words several of them share (shared_word_searches),
-    then each one by its own words in the namespaces its workspace reads; if still unseen, with words a
-    changed copy would still share (the text without its redaction marks, either half), then with its own
-    words in every namespace of the tenant.  Searches run on the pool, --concurrency at a time, and return
-    what they found; find() alone puts it together."""
+    Namespace first: a search without a query lists the newest 100 records of the namespaces it names, so
+    the namespaces rows are written to are read whole in batches that hold fewer than 100 between them
+    (read_whole), and a row not in its namespace read whole is not there.  Whether it sits in another
+    namespace is learned by reading the rest of the tenant whole, once a run (only the records a backfill
+    wrote elsewhere than where -apply writes them are kept: misplaced()); or, when only a few rows are in
+    question, by searching for each one's own words.  A namespace over the cap is read as far as it goes,
+    and its other rows are searched for by words several of them share (shared_word_searches), then one by
+    one in the namespaces their workspace reads.  Where nothing could be read whole, each row is searched
+    for with words a changed copy would still share, then in every namespace of the tenant.  Searches run on
+    the pool, --concurrency at a time; find() alone puts what they found together."""
 
     def __init__(self, plugin: PluginClient, database: LegacyDatabase, tree: WorkspaceTree,
                  workspaces: list[str], pool):
@@ -2406,12 +2452,14 @@ class RecordFinder:
         self.database = database
         self.tree = tree
         self.pool = pool
-        namespaces = tree.namespaces()
-        self.tenant_namespaces = [namespaces[n:n + NAMESPACES_PER_SEARCH]
-                                  for n in range(0, len(namespaces), NAMESPACES_PER_SEARCH)]
-        self.listings: dict[str, list[str]] = {}  # namespace -> the ids of its newest records
-        self.listed: dict[str, dict] = {}  # row id -> the plugin's record, from the listings kept
+        self.every_namespace = tree.namespaces()
+        self.tenant_namespaces = [self.every_namespace[n:n + NAMESPACES_PER_SEARCH]
+                                  for n in range(0, len(self.every_namespace), NAMESPACES_PER_SEARCH)]
+        self.expected = database.rows_per_namespace(tree)  # what the legacy rows make of each namespace
+        self.listings: dict[str, dict[str, dict]] = {}  # namespace read whole -> its records by id
+        self.crowded: dict[str, dict[str, dict]] = {}  # namespace over the cap -> its newest records by id
         self.users = Counter(name for workspace in workspaces for name in self._written(workspace))
+        self.tenant: Optional[Reading] = None  # the tenant read whole, its misplaced records kept
 
     def _written(self, workspace: Optional[str]) -> list[str]:
         """The namespaces the workspace's rows are written to."""
@@ -2426,46 +2474,172 @@ class RecordFinder:
         for workspace in workspaces:
             for namespace in self._written(workspace):
                 self.users[namespace] -= 1
-                if self.users[namespace] <= 0 and namespace in self.listings:
-                    for row_id in self.listings.pop(namespace):
-                        self.listed.pop(row_id, None)
+                if self.users[namespace] <= 0:
+                    self.listings.pop(namespace, None)
+                    self.crowded.pop(namespace, None)
 
-    def find(self, sought: list[Sought]) -> dict[str, Lookup]:
-        """Look for a group of rows; a Lookup for each, by row id."""
+    # --- reading namespaces whole ---------------------------------------------
+
+    def read_whole(self, namespaces: list[str], keep: Callable[[list[dict]], None]) -> Reading:
+        """Read these namespaces with the fewest searches: batches the legacy rows say hold fewer than
+        LISTING_ROOM records, each searched without a query; a batch that comes back full is halved and read
+        again, until each part comes back under the cap (read whole) or is one namespace (over the cap).
+        `keep` sees every record found."""
+        reading = Reading([], set(), set(), {})
+        batches = _packed(namespaces, self.expected)
+        while batches:
+            halves = []
+            for batch, (found, whole, error) in zip(batches, self.pool.map(self._search, batches), strict=True):
+                if error:
+                    reading.refused.update(dict.fromkeys(batch, error))
+                    continue
+                keep(found)
+                if whole:
+                    reading.whole.update(batch)
+                elif len(batch) == 1:
+                    reading.over_cap.add(batch[0])
+                else:
+                    halves += [batch[:len(batch) // 2], batch[len(batch) // 2:]]
+            batches = halves
+        return reading
+
+    def _read_written(self, namespaces: set) -> None:
+        """The namespaces rows are written to, read once while a workspace still needs them."""
+        unread = sorted(namespaces - set(self.listings) - set(self.crowded))
+        if not unread:
+            return
+        found: dict[str, dict[str, dict]] = {namespace: {} for namespace in unread}
+
+        def keep(records: list[dict]) -> None:
+            for record in records:
+                holder = found.get(record.get("namespace"))
+                if holder is not None:
+                    holder[record["id"]] = record
+
+        reading = self.read_whole(unread, keep)
+        for namespace in unread:
+            if namespace in reading.whole:
+                self.listings[namespace] = found[namespace]
+            elif namespace in reading.over_cap:
+                self.crowded[namespace] = found[namespace]
+        self.refused_namespaces = reading.refused
+
+    def misplaced(self) -> Reading:
+        """The whole tenant read once: of its records, those a backfill wrote (their id is a legacy row's)
+        elsewhere than the namespace -apply writes that row to.  Flat in memory as long as such records are
+        few (they are a repair's exceptions)."""
+        if self.tenant is None:
+            kept: list[dict] = []
+
+            def keep(records: list[dict]) -> None:
+                ids = [record["id"] for record in records if _is_uuid(record["id"])]
+                homes = self.database.targets_of(ids, self.tree)
+                kept.extend(record for record in records
+                            if record["id"] in homes and homes[record["id"]] != record.get("namespace"))
+
+            reading = self.read_whole(self.every_namespace, keep)
+            self.tenant = reading._replace(records=kept)
+        return self.tenant
+
+    # --- finding rows -----------------------------------------------------------
+
+    def find(self, sought: list[Sought], not_at_home: Optional[Callable[[list[Sought]], list[Sought]]] = None
+             ) -> dict[str, Lookup]:
+        """Look for a group of rows; a Lookup for each, by row id.  `not_at_home`, when given, takes the rows
+        of namespaces over the cap that are not among their newest, instead of searches (-rollback deletes
+        them where -apply writes them), and returns those it proved are not there: the rows it took and did
+        not return get no Lookup."""
         wanted = {s.row.id for s in sought}
-        unlisted = sorted({s.namespace for s in sought if s.namespace} - set(self.listings))
-        listings = self.pool.map(lambda n: self._search([n]), unlisted)
-        for namespace, (listed, _, _) in zip(unlisted, listings, strict=True):
-            self.listings[namespace] = [record["id"] for record in listed]
-            self.listed.update((record["id"], record) for record in listed)
-        seen = {row_id: self.listed[row_id] for row_id in wanted if row_id in self.listed}
-        unseen = [s for s in sought if s.row.id not in seen]
-        searches = shared_word_searches(sought, unseen)
-        for records, _, _ in self.pool.map(lambda search: self._search([search[0]], search[1]), searches):
-            _keep(seen, records, wanted)  # a refused one: its rows are searched for one by one
-        refused: dict[str, str] = {}
-        unseen = [s for s in unseen if s.row.id not in seen]
-        for start in range(0, len(unseen), SEARCH_BATCH):  # a row another's search found is not searched for
-            batch = [s for s in unseen[start:start + SEARCH_BATCH] if s.row.id not in seen]
-            for s, (records, _, error) in zip(batch, self.pool.map(
-                    lambda s: self._search(self._nearby(s), search_query(s.content)), batch), strict=True):
+        self.refused_namespaces: dict = {}
+        self._read_written({s.namespace for s in sought if s.namespace})
+        seen: dict[str, dict] = {}
+        for s in sought:
+            record = (self.listings.get(s.namespace) or self.crowded.get(s.namespace) or {}).get(s.row.id)
+            if record is not None:
+                seen[s.row.id] = record
+        refused = {s.row.id: self.refused_namespaces[s.namespace] for s in sought
+                   if s.namespace in self.refused_namespaces}
+        crowded = [s for s in sought if s.namespace in self.crowded and s.row.id not in seen]
+        if crowded and not_at_home is not None:
+            proven = {s.row.id for s in not_at_home(crowded)}
+            taken = {s.row.id for s in crowded} - proven
+            sought = [s for s in sought if s.row.id not in taken]
+            whole_there = dict.fromkeys(proven, True)
+        else:
+            whole_there = self._search_crowded(sought, crowded, seen, refused, wanted)
+        unseen = [s for s in sought if s.row.id not in seen and s.row.id not in refused]
+        complete: dict[str, bool] = {}
+        if unseen and self._tenant_read_pays(len(unseen)):
+            tenant = self.misplaced()
+            _keep(seen, tenant.records, wanted)
+            beyond = sorted(tenant.over_cap | set(tenant.refused))  # where a row could hide, unread
+            unseen = [s for s in unseen if s.row.id not in seen]
+            for s in unseen:
+                at_home = s.namespace in self.listings or whole_there.get(s.row.id, False) or not s.namespace
+                complete[s.row.id] = at_home and not beyond
+            searched = [s for s in unseen if not complete[s.row.id]]
+            chunks = [beyond[n:n + NAMESPACES_PER_SEARCH] for n in range(0, len(beyond), NAMESPACES_PER_SEARCH)]
+            for s, (records, whole, error) in zip(searched, self.pool.map(
+                    lambda s: self._search_everywhere(s, chunks), searched), strict=True):
                 _keep(seen, records, wanted)
+                complete[s.row.id] = whole
+                if error:
+                    refused[s.row.id] = error
+        elif unseen:
+            for s, (records, whole, error) in zip(unseen, self.pool.map(self._search_everywhere, unseen),
+                                                  strict=True):
+                _keep(seen, records, wanted)
+                complete[s.row.id] = whole
                 if error:
                     refused[s.row.id] = error
         unseen = [s for s in unseen if s.row.id not in seen and s.row.id not in refused]
-        complete: dict[str, bool] = {}
-        everywhere = self.pool.map(self._search_everywhere, unseen)
-        for s, (records, whole, error) in zip(unseen, everywhere, strict=True):
-            _keep(seen, records, wanted)
-            complete[s.row.id] = whole
-            if error:
-                refused[s.row.id] = error
-        unseen = [s for s in unseen if s.row.id not in seen and s.row.id not in refused]
-        queries = [search_query(s.content) for s in unseen]
-        searchable = {s.row.id: has_words or len(query) < 2 for s, query, has_words in zip(
-            unseen, queries, self.database.have_search_words(queries), strict=True)}
+        searchable = self._searchable([s for s in unseen if not self._read_for(s)])
         return {s.row.id: Lookup(seen.get(s.row.id), complete.get(s.row.id, False),
-                                 searchable.get(s.row.id, False), refused.get(s.row.id)) for s in sought}
+                                 self._read_for(s) or searchable.get(s.row.id, False), refused.get(s.row.id))
+                for s in sought}
+
+    def _read_for(self, sought: Sought) -> bool:
+        """Every place it could be was read whole: no word of it was needed to look."""
+        tenant = self.tenant
+        return (tenant is not None and not tenant.over_cap and not tenant.refused
+                and (sought.namespace is None or sought.namespace in self.listings))
+
+    def _search_crowded(self, sought: list[Sought], crowded: list[Sought], seen: dict, refused: dict,
+                        wanted: set) -> dict[str, bool]:
+        """Rows of namespaces over the cap, not among their newest: searched for by words several of them
+        share, then one by one by their own words in the namespaces their workspace reads.  Returns, by row,
+        whether that own-words search came back whole (so that, with words, it is not there)."""
+        if not crowded:
+            return {}
+        in_crowded = [s for s in sought if s.namespace in self.crowded]
+        for records, _, _ in self.pool.map(lambda search: self._search([search[0]], search[1]),
+                                           shared_word_searches(in_crowded, crowded)):
+            _keep(seen, records, wanted)  # a refused one: its rows are searched for one by one
+        whole_there: dict[str, bool] = {}
+        unseen = [s for s in crowded if s.row.id not in seen]
+        for start in range(0, len(unseen), SEARCH_BATCH):  # a row another's search found is not searched for
+            batch = [s for s in unseen[start:start + SEARCH_BATCH] if s.row.id not in seen]
+            for s, (records, whole, error) in zip(batch, self.pool.map(
+                    lambda s: self._search(self._nearby(s), search_query(s.content)), batch), strict=True):
+                _keep(seen, records, wanted)
+                whole_there[s.row.id] = whole
+                if error:
+                    refused[s.row.id] = error
+        return whole_there
+
+    def _tenant_read_pays(self, unseen: int) -> bool:
+        """Whether reading the whole tenant once costs fewer searches than searching for each of `unseen`
+        rows by its words (about one search per NAMESPACES_PER_SEARCH namespaces, and the fallbacks)."""
+        if self.tenant is not None:
+            return True
+        reading = len(_packed(self.every_namespace, self.expected)) * 2
+        return unseen * 2 * len(self.tenant_namespaces) >= reading
+
+    def _searchable(self, unseen: list[Sought]) -> dict[str, bool]:
+        """Whether a search for each row's own words could find it: it has words, or is one character."""
+        queries = [search_query(s.content) for s in unseen]
+        return {s.row.id: has_words or len(query) < 2 for s, query, has_words in zip(
+            unseen, queries, self.database.have_search_words(queries), strict=True)}
 
     def _search(self, namespaces: list[str], query: Optional[str] = None
                 ) -> tuple[list[dict], bool, Optional[str]]:
@@ -2479,9 +2653,10 @@ class RecordFinder:
             return [], False, str(exc)
         return found, len(found) < SEARCH_CAP, None
 
-    def _search_everywhere(self, sought: Sought) -> tuple[list[dict], bool, Optional[str]]:
-        """Searches for a copy changed somewhere, then for the row's own words in the whole
-        tenant: what they found, whether the tenant-wide search was whole, a refusal."""
+    def _search_everywhere(self, sought: Sought, places: Optional[list[list[str]]] = None
+                           ) -> tuple[list[dict], bool, Optional[str]]:
+        """Searches for a copy changed somewhere, then for the row's own words in the whole tenant (or the
+        `places` not read whole): what they found, whether the search by its words was whole, a refusal."""
         records: list[dict] = []
         refused = None
         nearby = self._nearby(sought)
@@ -2492,7 +2667,7 @@ class RecordFinder:
             if any(record["id"] == sought.row.id for record in found):
                 return records, True, None
         whole = True
-        for namespaces in self.tenant_namespaces:
+        for namespaces in self.tenant_namespaces if places is None else places:
             found, complete, error = self._search(namespaces, search_query(sought.content))
             records += found
             refused, whole = refused or error, whole and complete
@@ -2505,6 +2680,32 @@ class RecordFinder:
         names = set(self.tree.readable_namespaces(sought.row.workspace_id)) \
             if sought.row.workspace_id in self.tree else set()
         return sorted(names | ({sought.namespace} if sought.namespace else set()))
+
+
+LISTING_ROOM = 60  # records a listing batch is expected to hold at most (the cap is 100)
+
+
+def _packed(namespaces: list[str], expected: Counter) -> list[list[str]]:
+    """The namespaces in batches whose expected records stay within LISTING_ROOM (one that holds more goes
+    alone), at most NAMESPACES_PER_SEARCH namespaces each."""
+    batches: list[list[str]] = []
+    room = 0
+    for namespace in namespaces:
+        holds = expected.get(namespace, 0)
+        if not batches or room + holds > LISTING_ROOM or len(batches[-1]) >= NAMESPACES_PER_SEARCH:
+            batches.append([])
+            room = 0
+        batches[-1].append(namespace)
+        room += holds
+    return batches
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        UUID(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _keep(seen: dict[str, dict], records: list[dict], wanted: set) -> None:
@@ -3492,7 +3693,8 @@ def delete_request(address: PluginAddress, record_id: str, namespace: str) -> by
 
 
 class RollbackDeletes:
-    """-rollback's side of the write stream, one group of rows at a time."""
+    """-rollback's side of the write stream, one group of rows at a time: each row's record found (wherever
+    it is), then deleted from the namespace that holds it."""
 
     def __init__(self, address: PluginAddress, report: RollbackReport, log, failures: FailureLog,
                  stream: WriteStream):
@@ -3513,21 +3715,17 @@ class RollbackDeletes:
                 self._absent(row)
             else:
                 wanted.append(looked_for)
-        if settings.yes:
-            self.not_there = []
-            self._delete([(s, s.namespace, True) for s in wanted if s.namespace])
-            if self.stream.stop.is_set():
-                return
-            wanted = self.not_there + [s for s in wanted if not s.namespace]
-        lookups = finder.find(wanted)
+        lookups = finder.find(wanted, self._not_at_home if settings.yes else None)
         found = []
         for s in wanted:
-            lookup = lookups[s.row.id]
+            lookup = lookups.get(s.row.id)
+            if lookup is None:  # deleted where -apply writes it
+                continue
             verdict = lookup.verdict(s.namespace)
             if verdict in (IN_PLACE, ELSEWHERE):
                 namespace = str(lookup.record.get("namespace"))
                 if settings.yes:
-                    found.append((s, namespace, False))
+                    found.append((s, namespace))
                 else:
                     self.report.to_delete[namespace_kind(namespace)] += 1
                     self.log("would delete %s from %s", s.row.id, namespace)
@@ -3535,11 +3733,18 @@ class RollbackDeletes:
                 self._absent(s.row)
             else:
                 self._error(s.row, None, "could not be looked up: " + lookup.why_not_looked_up())
-        self._delete(found)
+        self._delete([(s, namespace, False) for s, namespace in found])
+
+    def _not_at_home(self, crowded: list[Sought]) -> list[Sought]:
+        """Rows of namespaces too full to read whole: deleted where -apply writes them (one request each,
+        fewer than the searches that would find them); those that were not there (404) are returned."""
+        self.not_there = []
+        self._delete([(s, s.namespace, True) for s in crowded])
+        return self.not_there
 
     def _delete(self, targets: list[tuple[Sought, str, bool]]) -> None:
-        """DELETE each (row, namespace, blind) through the stream; `blind`: where -apply writes it,
-        so a 404 there sends the row to the finder instead of being an error."""
+        """DELETE each (row, the namespace that holds its record, blind) through the stream; `blind`: where
+        -apply writes it, not seen there, so a 404 is no error: the row is looked for elsewhere."""
         pending = iter(enumerate(targets))
 
         def fill(room: int) -> bool:
@@ -3584,9 +3789,9 @@ def rollback(settings: Settings, log, progress: Progress) -> RollbackReport:
     in the tenant it is (only those: REFERENCE §4 says a record with a legacy row's id was written by a
     backfill).  Without --yes, find them and delete nothing.
 
-    With --yes, each group of rows is first deleted where -apply writes it (a 204 proves the record was
-    there); the finder then looks for the rest in the whole tree, and those found elsewhere are deleted where
-    they are.  Deletes go through the write stream; a signal or a lost dependency stops it cleanly."""
+    With --yes, each group of rows is looked for (the namespaces it is written to read whole, and elsewhere
+    in the tree where rows are not there), and each record found is deleted from the namespace that holds it.
+    Deletes go through the write stream; a signal or a lost dependency stops it cleanly."""
     report = RollbackReport(settings)
     plugin = PluginClient(settings.plugin, settings.timeout, settings.retries, connections=settings.searches)
     report.plugin_status = "ok (version %s)" % check_plugin(plugin, progress)
