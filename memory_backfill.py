@@ -652,6 +652,13 @@ class WorkspaceTree:
             return self.parent[workspace_id] or workspace_id  # as it stands, even if that row is gone
         return self.top(workspace_id)
 
+    def reading_order(self) -> list[str]:
+        """The workspaces in an order that keeps the writers of each shared namespace together: by their
+        top, then by the workspace whose team: namespace they write, then themselves.  A finder that reads a
+        namespace once can then forget it soon after (memory stays flat)."""
+        return sorted(self.parent, key=lambda workspace: (self.top(workspace),
+                                                          self.owner("team", workspace), workspace))
+
     def readable_namespaces(self, workspace_id: str) -> list[str]:
         """The workspace:, team: and org: namespaces the workspace reads."""
         return ["%s:%s" % (kind, self.owner(kind, workspace_id)) for kind in NAMESPACE_KINDS]
@@ -912,12 +919,16 @@ class LegacyDatabase:
         return count if limit is None else min(count, limit)
 
     def rows(self, workspaces: Optional[list[str]] = None, limit: Optional[int] = None,
-             after: Optional[dict] = None, by_workspace: bool = False) -> Iterator[LegacyRow]:
+             after: Optional[dict] = None, tree: Optional[WorkspaceTree] = None) -> Iterator[LegacyRow]:
         """The rows of these workspaces (None: all), oldest first, after a checkpoint position,
-        at most `limit`; by_workspace: that same selection, one workspace after another."""
-        if by_workspace:
+        at most `limit`; with the `tree`: that same selection, one workspace after another in its
+        reading order (WorkspaceTree.reading_order)."""
+        if tree is not None:
             where, params = _selection(workspaces, limit, after)
-            order = " ORDER BY workspace_id, " + READ_ORDER
+            where = (" LEFT JOIN unnest(CAST(:tree_order AS uuid[])) WITH ORDINALITY AS "
+                     "tree_order(workspace, place) ON tree_order.workspace = workspace_id" + where)
+            params["tree_order"] = tree.reading_order()
+            order = " ORDER BY tree_order.place NULLS LAST, workspace_id, " + READ_ORDER
         else:  # only fixed text is spliced in
             where, params = _row_filter(workspaces, after)
             order = " ORDER BY " + READ_ORDER
@@ -979,8 +990,8 @@ class LegacyDatabase:
         """How many rows of the whole table -apply writes to each namespace (the finder's expectation)."""
         counts: Counter = Counter()
         with self._errors():
-            found = self.connection.run("SELECT workspace_id::text, %s, count(*) FROM agent_memories "
-                                        "GROUP BY 1, 2" % self._text("scope"))  # noqa: S608 - fixed text
+            sql = "SELECT workspace_id::text, %s, count(*) FROM agent_memories GROUP BY 1, 2"  # noqa: S608
+            found = self.connection.run(sql % self._text("scope"))  # fixed column text, no value
         for workspace_id, scope, count in found:
             with contextlib.suppress(RowSkipped):
                 counts[resolve_target(workspace_id, _as_text(scope), tree).namespace] += count
@@ -2489,7 +2500,8 @@ class RecordFinder:
         batches = _packed(namespaces, self.expected)
         while batches:
             halves = []
-            for batch, (found, whole, error) in zip(batches, self.pool.map(self._search, batches), strict=True):
+            answers = self.pool.map(self._search, batches)
+            for batch, (found, whole, error) in zip(batches, answers, strict=True):
                 if error:
                     reading.refused.update(dict.fromkeys(batch, error))
                     continue
@@ -2578,7 +2590,8 @@ class RecordFinder:
                 at_home = s.namespace in self.listings or whole_there.get(s.row.id, False) or not s.namespace
                 complete[s.row.id] = at_home and not beyond
             searched = [s for s in unseen if not complete[s.row.id]]
-            chunks = [beyond[n:n + NAMESPACES_PER_SEARCH] for n in range(0, len(beyond), NAMESPACES_PER_SEARCH)]
+            chunks = [beyond[n:n + NAMESPACES_PER_SEARCH]
+                      for n in range(0, len(beyond), NAMESPACES_PER_SEARCH)]
             for s, (records, whole, error) in zip(searched, self.pool.map(
                     lambda s: self._search_everywhere(s, chunks), searched), strict=True):
                 _keep(seen, records, wanted)
@@ -3446,7 +3459,7 @@ def _copy(settings: Settings, log, progress: Progress, checkpoint: Optional[Chec
 # ===========================================================================
 
 DIFF_CONTEXT_CHARS = 30  # (redacted) content shown on each side of a first difference, with --show-content
-VERIFY_GROUP_ROWS = 2000  # -verify reads, lists and searches this many rows at a time
+VERIFY_GROUP_ROWS = 500  # -verify reads, lists and searches this many rows at a time (its memory)
 # What -verify finds for a row: exactly one of these.
 MATCH = "match"
 MISSING = "missing"
@@ -3634,7 +3647,7 @@ def verify(settings: Settings, log, progress: Progress) -> VerifyReport:
             report.workspaces_sampled = len(sample)
             finder = RecordFinder(plugin, database, tree, sample, pool)
             progress.count(report, database.count_rows(sample), lambda: ", " + plugin.retry.describe())
-            for rows, finished in row_groups(database.rows(sample, by_workspace=True), VERIFY_GROUP_ROWS):
+            for rows, finished in row_groups(database.rows(sample, tree=tree), VERIFY_GROUP_ROWS):
                 report.scanned += len(rows)
                 outcomes = [plan_row(row, tree, settings.redact) for row in rows]
                 planned = [outcome for outcome in outcomes if isinstance(outcome, PlannedWrite)]
@@ -3808,7 +3821,7 @@ def rollback(settings: Settings, log, progress: Progress) -> RollbackReport:
         progress.count(report, total, stream.describe_load)
 
         def delete() -> Optional[BackfillError]:
-            selected = database.rows(settings.workspaces, settings.limit, by_workspace=True)
+            selected = database.rows(settings.workspaces, settings.limit, tree=tree)
             for rows, finished in row_groups(selected, ROLLBACK_GROUP_ROWS):
                 if stream.stop.is_set():
                     break

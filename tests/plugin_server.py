@@ -160,6 +160,7 @@ class PluginServer:
         self.reset_every = 0  # every Nth connection is closed in the middle of its first response
         self.delay = 0.0  # seconds before each answer
         self.down = False  # every connection is closed at once, unanswered
+        self.refuse_searches = False  # every search answers 400
         self.request_count = 0
         self.connection_count = 0
 
@@ -316,6 +317,8 @@ class PluginServer:
         return 204, None
 
     def search(self, body):
+        if self.refuse_searches:
+            raise BadRequest("searches are refused by the test")
         if not isinstance(body, dict):
             raise BadRequest("body must be a JSON object")
         namespaces = body.get("namespaces")

@@ -183,3 +183,104 @@ def test_concurrency_does_not_change_the_verdict(legacy, plugin, env, tmp_path):
     assert report["rows_by_class"] == {"match": 992, "missing": 3, "wrong_namespace": 0,
                                        "content_differs": 4, "unredacted": 0, "provenance": 1,
                                        "unverifiable": 0, "unreadable": 0}
+
+
+# --- the search plan: namespaces first ------------------------------------------------
+
+@pytest.fixture
+def small_namespaces(legacy, plugin, env):
+    """A root, 3 teams of 2 leaves each: 40 rows of each scope a workspace may write, so that no namespace
+    holds more than 100 records: applied."""
+    legacy.create_schema()
+    root = legacy.workspace()
+    workspaces = [root]
+    for _ in range(3):
+        team = legacy.workspace(parent=root)
+        workspaces += [team, legacy.workspace(parent=team), legacy.workspace(parent=team)]
+    ids = []
+    for n, workspace in enumerate(workspaces):
+        ids += legacy.many(workspace, 25, words=("pager%d" % n,))
+        ids += legacy.many(workspace, 10, "TEAM", words=("rota%d" % n,))
+    ids += legacy.many(root, 40, "GLOBAL", words=("policy",))
+    assert mb.main(["-apply", "-q"]) == 0
+    return {"root": root, "workspaces": workspaces, "ids": ids}
+
+
+def verify_json(tmp_path, *options):
+    status, output, classes, _ = verify(tmp_path, "--json", *options)
+    return status, json.loads(output.splitlines()[0]), classes
+
+
+def test_namespaces_read_whole_cost_a_few_searches_not_one_per_row(small_namespaces, plugin, tmp_path):
+    status, report, classes = verify_json(tmp_path)
+    rows = len(small_namespaces["ids"])
+    assert status == 0 and report["matches"] == rows and classes == {}
+    assert 0 < report["searches"] <= 0.1 * rows, report["searches"]
+
+
+def test_an_absent_row_and_a_moved_record_cost_no_search_of_their_own(small_namespaces, plugin, tmp_path):
+    ids, workspaces = small_namespaces["ids"], small_namespaces["workspaces"]
+    absent, moved = ids[3:6], ids[40:42]
+    plugin.execute("DELETE FROM memories WHERE id = ANY(CAST(:ids AS uuid[]))", ids=absent)
+    plugin.execute("UPDATE memories SET namespace = :ns WHERE id = ANY(CAST(:ids AS uuid[]))",
+                   ns="workspace:" + workspaces[5], ids=moved)
+
+    status, report, classes = verify_json(tmp_path)
+
+    assert status == 1
+    assert {row_id: entry["class"] for row_id, entry in classes.items()} == {
+        **dict.fromkeys(absent, "missing"), **dict.fromkeys(moved, "wrong namespace")}
+    assert {classes[row_id]["found_namespace"] for row_id in moved} == {"workspace:" + workspaces[5]}
+    assert report["searches"] <= 0.1 * len(ids), report["searches"]  # the tenant read once, no row alone
+
+    import io
+    import os
+
+    out = io.StringIO()
+    assert mb.run(["-rollback", "--yes", "-q", "--json"], environ=dict(os.environ), stdout=out,
+                  stderr=io.StringIO()) == 0
+    report = json.loads(out.getvalue())
+    assert (report["deleted"], report["absent"]) == (len(ids) - 3, 3) and plugin.count() == 0
+    assert report["searches"] <= 0.1 * len(ids), report["searches"]
+    out = io.StringIO()  # and again, on a plugin that holds none of them: reading, no row alone
+    assert mb.run(["-rollback", "--yes", "-q", "--json"], environ=dict(os.environ), stdout=out,
+                  stderr=io.StringIO()) == 0
+    report = json.loads(out.getvalue())
+    assert (report["deleted"], report["absent"], report["stream"]["answered"]) == (0, len(ids), 0)
+    assert report["searches"] <= 0.1 * len(ids), report["searches"]
+
+
+def test_a_namespace_over_100_records_is_read_as_far_as_it_goes_then_searched(legacy, plugin, env,
+                                                                             tmp_path):
+    legacy.create_schema()
+    workspace = legacy.workspace()
+    ids = legacy.many(workspace, 250, words=("failover", "drill"))
+    assert mb.main(["-apply", "-q"]) == 0
+    old, new = ids[10], ids[240]  # beyond the newest 100, and among them
+    plugin.execute("DELETE FROM memories WHERE id = ANY(CAST(:ids AS uuid[]))", ids=[old, new])
+    plugin.execute("UPDATE memories SET content = content || ' edited' WHERE id = CAST(:id AS uuid)",
+                   id=ids[20])
+
+    status, report, classes = verify_json(tmp_path)
+
+    assert status == 1
+    assert {row_id: entry["class"] for row_id, entry in classes.items()} == {
+        old: "missing", new: "missing", ids[20]: "content differs"}
+    assert report["matches"] == 247
+
+
+def test_a_plugin_that_cannot_search_leaves_every_row_unverifiable_never_a_match(small_namespaces, plugin,
+                                                                                tmp_path):
+    plugin.refuse_searches = True
+    status, report, classes = verify_json(tmp_path)
+    rows = len(small_namespaces["ids"])
+    assert status == 1 and report["matches"] == 0 and report["unverifiable"] == rows
+    assert {entry["class"] for entry in classes.values()} == {"unverifiable"}
+    import io
+    import os
+
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.raises(mb.Incomplete) as stopped:
+        mb.run(["-rollback", "--yes", "-q"], environ=dict(os.environ), stdout=out, stderr=err)
+    assert "%d records could not be deleted or looked up" % rows in str(stopped.value)
+    assert plugin.count() == rows  # nothing deleted blind where nothing could be read
