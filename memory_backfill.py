@@ -2625,7 +2625,7 @@ class RecordFinder:
         if not crowded:
             return {}
         in_crowded = [s for s in sought if s.namespace in self.crowded]
-        for records, _, _ in self.pool.map(lambda search: self._search([search[0]], search[1]),
+        for records, _, _ in self.pool.map(lambda search: self._search([search[0]], search[1], wanted),
                                            shared_word_searches(in_crowded, crowded)):
             _keep(seen, records, wanted)  # a refused one: its rows are searched for one by one
         whole_there: dict[str, bool] = {}
@@ -2633,7 +2633,8 @@ class RecordFinder:
         for start in range(0, len(unseen), SEARCH_BATCH):  # a row another's search found is not searched for
             batch = [s for s in unseen[start:start + SEARCH_BATCH] if s.row.id not in seen]
             for s, (records, whole, error) in zip(batch, self.pool.map(
-                    lambda s: self._search(self._nearby(s), search_query(s.content)), batch), strict=True):
+                    lambda s: self._search(self._nearby(s), search_query(s.content), wanted), batch),
+                    strict=True):
                 _keep(seen, records, wanted)
                 whole_there[s.row.id] = whole
                 if error:
@@ -2654,17 +2655,19 @@ class RecordFinder:
         return {s.row.id: has_words or len(query) < 2 for s, query, has_words in zip(
             unseen, queries, self.database.have_search_words(queries), strict=True)}
 
-    def _search(self, namespaces: list[str], query: Optional[str] = None
+    def _search(self, namespaces: list[str], query: Optional[str] = None, wanted: Optional[set] = None
                 ) -> tuple[list[dict], bool, Optional[str]]:
-        """One search: what it found, whether that is all there is (under the cap), and the
-        plugin's refusal, if it refused."""
+        """One search: what it found (of the `wanted` ids only, when given: a search by words may bring
+        a hundred look-alikes, and searches run several at a time), whether that is all there is (under
+        the cap), and the plugin's refusal, if it refused."""
         if not namespaces:  # a row of no workspace: only the tenant-wide search looks for it
             return [], True, None
         try:
             found = self.plugin.search(namespaces, query)
         except PluginRejected as exc:
             return [], False, str(exc)
-        return found, len(found) < SEARCH_CAP, None
+        whole = len(found) < SEARCH_CAP
+        return (found if wanted is None else [r for r in found if r["id"] in wanted]), whole, None
 
     def _search_everywhere(self, sought: Sought, places: Optional[list[list[str]]] = None
                            ) -> tuple[list[dict], bool, Optional[str]]:
@@ -2674,14 +2677,14 @@ class RecordFinder:
         refused = None
         nearby = self._nearby(sought)
         for query in fallback_queries(sought.content):
-            found, _, error = self._search(nearby, query)
+            found, _, error = self._search(nearby, query, {sought.row.id})
             records += found
             refused = refused or error
             if any(record["id"] == sought.row.id for record in found):
                 return records, True, None
         whole = True
         for namespaces in self.tenant_namespaces if places is None else places:
-            found, complete, error = self._search(namespaces, search_query(sought.content))
+            found, complete, error = self._search(namespaces, search_query(sought.content), {sought.row.id})
             records += found
             refused, whole = refused or error, whole and complete
             if any(record["id"] == sought.row.id for record in found):
@@ -3459,7 +3462,7 @@ def _copy(settings: Settings, log, progress: Progress, checkpoint: Optional[Chec
 # ===========================================================================
 
 DIFF_CONTEXT_CHARS = 30  # (redacted) content shown on each side of a first difference, with --show-content
-VERIFY_GROUP_ROWS = 500  # -verify reads, lists and searches this many rows at a time (its memory)
+VERIFY_GROUP_ROWS = 250  # -verify reads, lists and searches this many rows at a time (its memory)
 # What -verify finds for a row: exactly one of these.
 MATCH = "match"
 MISSING = "missing"
