@@ -1762,10 +1762,10 @@ HEALTH_RECHECK_SECONDS = 1.0  # a 500 asks /v1/health again at most this often
 LIMIT_WINDOW_SECONDS = 0.15
 LIMIT_WINDOW_ANSWERS = 8
 THROUGHPUT_GAIN = 0.10
-START_CONNECTIONS = 4  # where the climb starts
+START_CONNECTIONS = 8  # where the climb starts
 # Held at a level, the limiter tries half as many and twice as many again after PROBE_FIRST_SECONDS, then
 # after twice as long each time the level holds, up to PROBE_SECONDS: a single window can mislead.
-PROBE_FIRST_SECONDS, PROBE_SECONDS = 1.0, 10.0
+PROBE_FIRST_SECONDS, PROBE_SECONDS = 2.0, 10.0
 HELD_RATE_WEIGHT = 0.3  # the held level's rate: a moving average of its windows
 
 
