@@ -167,6 +167,26 @@ class ConnectionLost(Exception):
 
 
 # ---------------------------------------------------------------------------
+# Vocabularies: the words a run is told in (modes here; skip reasons with the scope rule, -verify's classes
+# with -verify, where a lookup puts a record with the finder)
+# ---------------------------------------------------------------------------
+
+class Word(str, Enum):
+    """A word of a fixed vocabulary: compares, hashes and prints as its text (in JSON, too)."""
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+    __hash__ = str.__hash__
+
+
+class Mode(Word):
+    DRY_RUN = "dry-run"
+    APPLY = "apply"
+    VERIFY = "verify"
+    ROLLBACK = "rollback"
+
+
+# ---------------------------------------------------------------------------
 # Data types
 # ---------------------------------------------------------------------------
 
@@ -240,7 +260,7 @@ SHOWN_PROBLEMS = 20  # per-row errors / problems listed in the text summary
 
 @dataclass(frozen=True)
 class Settings:
-    mode: str  # dry-run | apply | verify | rollback
+    mode: Mode
     database: DatabaseConfig
     plugin: PluginAddress
     workspace: Optional[str] = None
@@ -604,12 +624,17 @@ def _seconds(text: str, option: str) -> float:
 
 MAX_PARENT_HOPS = 50
 
-# Skip reasons: the rows the live platform would not write, and why.
-SKIP_NO_WORKSPACE = "workspace_id is NULL"
-SKIP_WORKSPACE_NOT_FOUND = "workspace not found"
-SKIP_UNKNOWN_SCOPE = "unknown scope"
-SKIP_GLOBAL_NOT_ROOT = "GLOBAL memory on a non-root workspace (no writable namespace)"
-SKIP_EMPTY_CONTENT = "content is empty after trimming whitespace"
+
+
+class SkipReason(Word):
+    """Why the live platform would not write a row."""
+
+    NO_WORKSPACE = "workspace_id is NULL"
+    WORKSPACE_NOT_FOUND = "workspace not found"
+    UNKNOWN_SCOPE = "unknown scope"
+    GLOBAL_NOT_ROOT = "GLOBAL memory on a non-root workspace (no writable namespace)"
+    EMPTY_CONTENT = "content is empty after trimming whitespace"
+
 
 # REFERENCE §3's table: scope -> namespace kind.  Whose id names the namespace
 # is WorkspaceTree.owner's rule, the same for writing and for reading.
@@ -676,14 +701,14 @@ def namespace_kind(namespace: str) -> str:
 def resolve_target(workspace_id: Optional[str], scope: str, tree: WorkspaceTree) -> Target:
     """The namespace the live platform writes a memory of this scope to; RowSkipped if none."""
     if workspace_id is None:
-        raise RowSkipped(SKIP_NO_WORKSPACE)
+        raise RowSkipped(SkipReason.NO_WORKSPACE)
     if workspace_id not in tree:
-        raise RowSkipped(SKIP_WORKSPACE_NOT_FOUND)
+        raise RowSkipped(SkipReason.WORKSPACE_NOT_FOUND)
     kind = SCOPE_KINDS.get(scope)
     if kind is None:
-        raise RowSkipped(SKIP_UNKNOWN_SCOPE)
+        raise RowSkipped(SkipReason.UNKNOWN_SCOPE)
     if kind == "org" and tree.parent[workspace_id] is not None:  # only a root writes GLOBAL
-        raise RowSkipped(SKIP_GLOBAL_NOT_ROOT)
+        raise RowSkipped(SkipReason.GLOBAL_NOT_ROOT)
     return Target("%s:%s" % (kind, tree.owner(kind, workspace_id)), kind)
 
 
@@ -783,7 +808,7 @@ def plan_row(row: LegacyRow, tree: WorkspaceTree, redaction: bool = True) -> Out
     if row.unreadable:
         return RowFailed(row.unreadable, row)
     if not row.content.strip():
-        return RowSkipped(SKIP_EMPTY_CONTENT, row)
+        return RowSkipped(SkipReason.EMPTY_CONTENT, row)
     content, counts = platform_content(row.content, target.kind, redaction)
     body: dict[str, object] = {
         "id": row.id, "content": content, "kind": "fact", "source": "agent",
@@ -1813,7 +1838,7 @@ class ConcurrencyLimit:
             self.decide(self.answers / elapsed, now)
 
     def decide(self, rate: float, now: float) -> None:
-        """One window's verdict: the plugin served `rate` answers per second at this many connections."""
+        """What one window measured: the plugin served `rate` answers a second at this many connections."""
         level = self.connections
         held = self.rates.get(level) if not (self.climbing or self.trying) else None
         self.rates[level] = rate if held is None else held + HELD_RATE_WEIGHT * (rate - held)
@@ -2404,9 +2429,14 @@ def sought_for(outcome: Outcome, redaction: bool) -> Optional[Sought]:
                   None)
 
 
-# Where a lookup puts a row's record: exactly one of these (Lookup.verdict).
-IN_PLACE, ELSEWHERE, REFUSED, ABSENT, UNSEARCHABLE = (
-    "where -apply writes it", "elsewhere", "refused", "absent", "unsearchable")
+class Place(Word):
+    """Where a lookup puts a row's record: exactly one of these (Lookup.place)."""
+
+    IN_PLACE = "where -apply writes it"
+    ELSEWHERE = "elsewhere"
+    REFUSED = "refused"  # not looked up: the plugin refused a search for it
+    ABSENT = "absent"  # a search that could find it, whole, did not
+    UNSEARCHABLE = "unsearchable"  # no search that could find it came back whole
 
 
 class Lookup(NamedTuple):
@@ -2417,17 +2447,17 @@ class Lookup(NamedTuple):
     searchable: bool  # that search could find it: its text has words, or is one character
     refused: Optional[str]  # the plugin refused a search for it
 
-    def verdict(self, expected: Optional[str]) -> str:
+    def place(self, expected: Optional[str]) -> Place:
         """Found in the namespace `expected` or elsewhere; or not found: the plugin refused a
         search, absent (a whole search that could find it did not), or unsearchable."""
         if self.record is not None:
-            return IN_PLACE if self.record.get("namespace") == expected else ELSEWHERE
+            return Place.IN_PLACE if self.record.get("namespace") == expected else Place.ELSEWHERE
         if self.refused:
-            return REFUSED
-        return ABSENT if self.complete and self.searchable else UNSEARCHABLE
+            return Place.REFUSED
+        return Place.ABSENT if self.complete and self.searchable else Place.UNSEARCHABLE
 
     def why_not_looked_up(self) -> str:
-        """For REFUSED and UNSEARCHABLE."""
+        """For Place.REFUSED and Place.UNSEARCHABLE."""
         if self.refused:
             return "the plugin refused a search for it (%s)" % self.refused
         return "a search for its words matches too many records or finds no searchable word"
@@ -3008,7 +3038,7 @@ class BackfillReport(RunReport):
             self.redactions.update(planned.redactions)
 
     def failed_rows(self) -> str:
-        if self.settings.mode == "dry-run":
+        if self.settings.mode == Mode.DRY_RUN:
             return ("%d rows cannot be copied (listed above, with why); fix them in the legacy database, "
                     "then run -dry-run again." % self.errors)
         return ("%d rows were not copied (listed above%s, with why: the plugin's refusal, or a row to fix in "
@@ -3463,17 +3493,23 @@ def _copy(settings: Settings, log, progress: Progress, checkpoint: Optional[Chec
 
 DIFF_CONTEXT_CHARS = 30  # (redacted) content shown on each side of a first difference, with --show-content
 VERIFY_GROUP_ROWS = 250  # -verify reads, lists and searches this many rows at a time (its memory)
-# What -verify finds for a row: exactly one of these.
-MATCH = "match"
-MISSING = "missing"
-WRONG_NAMESPACE = "wrong namespace"
-CONTENT_DIFFERS = "content differs"
-UNREDACTED = "unredacted"
-PROVENANCE = "provenance"
-UNVERIFIABLE = "unverifiable"
-PROBLEM_CLASSES = (MISSING, WRONG_NAMESPACE, CONTENT_DIFFERS, UNREDACTED, PROVENANCE)
-VERIFY_CLASSES = (MATCH,) + PROBLEM_CLASSES + (UNVERIFIABLE,)
-UNREADABLE = "unreadable"  # not looked up: no write can carry it (its text is not UTF-8)
+
+
+class VerifyClass(Word):
+    """What -verify finds for a row: exactly one of these."""
+
+    MATCH = "match"
+    MISSING = "missing"
+    WRONG_NAMESPACE = "wrong namespace"
+    CONTENT_DIFFERS = "content differs"
+    UNREDACTED = "unredacted"
+    PROVENANCE = "provenance"
+    UNVERIFIABLE = "unverifiable"
+    UNREADABLE = "unreadable"  # not looked up: no write can carry it (its text is not UTF-8)
+
+
+PROBLEM_CLASSES = (VerifyClass.MISSING, VerifyClass.WRONG_NAMESPACE, VerifyClass.CONTENT_DIFFERS,
+                   VerifyClass.UNREDACTED, VerifyClass.PROVENANCE)  # what -apply repairs
 
 
 @dataclass(frozen=True)
@@ -3482,17 +3518,17 @@ class Finding:
 
     row: LegacyRow
     expected: Optional[str]  # the namespace -apply writes it to
-    verdict: str  # one of VERIFY_CLASSES, or UNREADABLE
+    row_class: VerifyClass
     detail: str = ""
     found_in: Optional[str] = None  # the namespace that holds the plugin's copy
     labels: tuple[str, ...] = ()  # unredacted: the labels of the secrets in clear
 
     def line(self) -> str:
-        return "%s %s (workspace %s): %s" % (self.verdict, self.row.id, self.row.workspace_id, self.detail)
+        return "%s %s (workspace %s): %s" % (self.row_class, self.row.id, self.row.workspace_id, self.detail)
 
     def to_json(self) -> dict[str, object]:
         entry: dict[str, object] = {
-            "id": self.row.id, "workspace_id": self.row.workspace_id, "class": self.verdict,
+            "id": self.row.id, "workspace_id": self.row.workspace_id, "class": self.row_class,
             "expected_namespace": self.expected, "found_namespace": self.found_in}
         if self.labels:
             entry["labels"] = list(self.labels)
@@ -3515,19 +3551,19 @@ class VerifyReport:
 
     @property
     def matches(self) -> int:
-        return self.classes[MATCH]
+        return self.classes[VerifyClass.MATCH]
 
     @property
     def mismatches(self) -> int:
-        return sum(self.classes[verdict] for verdict in PROBLEM_CLASSES)
+        return sum(self.classes[row_class] for row_class in PROBLEM_CLASSES)
 
     @property
     def errors(self) -> int:
-        return self.classes[UNVERIFIABLE] + self.classes[UNREADABLE]
+        return self.classes[VerifyClass.UNVERIFIABLE] + self.classes[VerifyClass.UNREADABLE]
 
     def count(self, finding: Finding) -> None:
-        self.classes[finding.verdict] += 1
-        if finding.verdict != MATCH and len(self.problems) < SHOWN_PROBLEMS:
+        self.classes[finding.row_class] += 1
+        if finding.row_class != VerifyClass.MATCH and len(self.problems) < SHOWN_PROBLEMS:
             self.problems.append(finding.line())
 
     def verdict(self) -> Optional[BackfillError]:
@@ -3537,23 +3573,23 @@ class VerifyReport:
         if self.mismatches:
             advice.append("%d sampled rows do not match (%s): run -apply to rewrite them by id, then "
                           "-verify again" % (self.mismatches, listed))
-        if self.classes[UNVERIFIABLE]:
+        if self.classes[VerifyClass.UNVERIFIABLE]:
             advice.append("%d rows could not be looked up (unverifiable, %s): check those ids in the "
                           "plugin by hand, or run -verify again if the plugin refused searches"
-                          % (self.classes[UNVERIFIABLE], listed))
-        if self.classes[UNREADABLE]:
+                          % (self.classes[VerifyClass.UNVERIFIABLE], listed))
+        if self.classes[VerifyClass.UNREADABLE]:
             advice.append("%d rows cannot be copied at all (unreadable, %s: their text is not UTF-8); fix "
-                          "them in the legacy database, then run -apply" % (self.classes[UNREADABLE], listed))
+                          "them in the legacy database, then run -apply" % (self.classes[VerifyClass.UNREADABLE], listed))
         return Incomplete("; ".join(advice) + ".") if advice else None
 
     def to_json(self) -> dict[str, object]:
         return {
-            "mode": "verify", "workspaces_sampled": self.workspaces_sampled, "scanned": self.scanned,
+            "mode": Mode.VERIFY, "workspaces_sampled": self.workspaces_sampled, "scanned": self.scanned,
             "matches": self.matches, "mismatches": self.mismatches, "errors": self.errors,
-            "unverifiable": self.classes[UNVERIFIABLE], "problems": self.problems, "retries": self.retries,
+            "unverifiable": self.classes[VerifyClass.UNVERIFIABLE], "problems": self.problems, "retries": self.retries,
             "searches": self.searches,
-            "rows_by_class": {verdict.replace(" ", "_"): self.classes[verdict]
-                              for verdict in VERIFY_CLASSES + (UNREADABLE,)},
+            "rows_by_class": {row_class.replace(" ", "_"): self.classes[row_class]
+                              for row_class in VerifyClass},
             "failures_file": self.settings.failures,
         }
 
@@ -3562,18 +3598,18 @@ def classify(planned: PlannedWrite, lookup: Lookup, show_content: bool = False) 
     """The row's class, from what the finder learned: every class is decided here.  No memory
     text goes into the finding unless `show_content` (--show-content)."""
     expected = planned.target.namespace
-    verdict, record = lookup.verdict(expected), lookup.record
+    place, record = lookup.place(expected), lookup.record
     finding = functools.partial(Finding, planned.row, expected)
-    if verdict == ABSENT:
-        return finding(MISSING, "in no namespace of the tenant; -apply writes it to %s" % expected)
-    if verdict == REFUSED:
-        return finding(UNVERIFIABLE, lookup.why_not_looked_up())
-    if verdict == UNSEARCHABLE:
-        return finding(UNVERIFIABLE, "not among the newest %d of %s, and %s"
+    if place == Place.ABSENT:
+        return finding(VerifyClass.MISSING, "in no namespace of the tenant; -apply writes it to %s" % expected)
+    if place == Place.REFUSED:
+        return finding(VerifyClass.UNVERIFIABLE, lookup.why_not_looked_up())
+    if place == Place.UNSEARCHABLE:
+        return finding(VerifyClass.UNVERIFIABLE, "not among the newest %d of %s, and %s"
                        % (SEARCH_CAP, expected, lookup.why_not_looked_up()))
     namespace = record.get("namespace")
-    if verdict == ELSEWHERE:
-        return finding(WRONG_NAMESPACE, "expected in %s, found in %s" % (expected, namespace),
+    if place == Place.ELSEWHERE:
+        return finding(VerifyClass.WRONG_NAMESPACE, "expected in %s, found in %s" % (expected, namespace),
                        namespace)
     content = record.get("content") if isinstance(record.get("content"), str) else ""
     wanted = planned.body["content"]
@@ -3581,21 +3617,21 @@ def classify(planned: PlannedWrite, lookup: Lookup, show_content: bool = False) 
         redacted, labels = redact(content)
         if labels and platform_content(redacted, planned.target.kind, redaction=False)[0] == wanted:
             labels = tuple(sorted(labels))
-            return finding(UNREDACTED, "the plugin's copy holds secrets in clear (%s)"
+            return finding(VerifyClass.UNREDACTED, "the plugin's copy holds secrets in clear (%s)"
                            % ", ".join(labels), namespace, labels)
-        return finding(CONTENT_DIFFERS, first_difference(redact(wanted)[0], redacted, show_content),
+        return finding(VerifyClass.CONTENT_DIFFERS, first_difference(redact(wanted)[0], redacted, show_content),
                        namespace)
     propagation = record.get("propagation")
     legacy = propagation.get("legacy") if isinstance(propagation, dict) else None
     provenance = planned.body["propagation"]["legacy"]
     if legacy != provenance:
         if not isinstance(legacy, dict):
-            return finding(PROVENANCE, "propagation.legacy is missing", namespace)
+            return finding(VerifyClass.PROVENANCE, "propagation.legacy is missing", namespace)
         fields = sorted(key for key in set(legacy) | set(provenance)
                         if legacy.get(key) != provenance.get(key))
-        return finding(PROVENANCE, "propagation.legacy differs in %s" % ", ".join(fields),
+        return finding(VerifyClass.PROVENANCE, "propagation.legacy differs in %s" % ", ".join(fields),
                        namespace)
-    return finding(MATCH, found_in=namespace)
+    return finding(VerifyClass.MATCH, found_in=namespace)
 
 
 def first_difference(expected: str, found: str, show_content: bool = False) -> str:
@@ -3655,12 +3691,12 @@ def verify(settings: Settings, log, progress: Progress) -> VerifyReport:
                 outcomes = [plan_row(row, tree, settings.redact) for row in rows]
                 planned = [outcome for outcome in outcomes if isinstance(outcome, PlannedWrite)]
                 lookups = finder.find([sought_for(p, settings.redact) for p in planned])
-                findings = [Finding(failed.row, None, UNREADABLE, str(failed))
+                findings = [Finding(failed.row, None, VerifyClass.UNREADABLE, str(failed))
                             for failed in outcomes if isinstance(failed, RowFailed)]
                 findings += [classify(p, lookups[p.row.id], settings.show_content) for p in planned]
                 for finding in findings:
                     report.count(finding)
-                    if finding.verdict == MATCH:
+                    if finding.row_class == VerifyClass.MATCH:
                         log("match %s", finding.row.id)
                     else:
                         log(finding.line())
@@ -3695,7 +3731,7 @@ class RollbackReport(RunReport):
                 "then run -rollback --yes again: it deletes what is left." % (self.errors, self.listed()))
 
     def to_json(self) -> dict[str, object]:
-        return {**super().to_json(), "mode": "rollback", "yes": self.settings.yes,
+        return {**super().to_json(), "mode": Mode.ROLLBACK, "yes": self.settings.yes,
                 "deleted": sum(self.deleted.values()), "deleted_by_namespace_kind": dict(self.deleted),
                 "would_delete": sum(self.to_delete.values()),
                 "would_delete_by_namespace_kind": dict(self.to_delete), "absent": self.absent,
@@ -3737,15 +3773,15 @@ class RollbackDeletes:
             lookup = lookups.get(s.row.id)
             if lookup is None:  # deleted where -apply writes it
                 continue
-            verdict = lookup.verdict(s.namespace)
-            if verdict in (IN_PLACE, ELSEWHERE):
+            place = lookup.place(s.namespace)
+            if place in (Place.IN_PLACE, Place.ELSEWHERE):
                 namespace = str(lookup.record.get("namespace"))
                 if settings.yes:
                     found.append((s, namespace))
                 else:
                     self.report.to_delete[namespace_kind(namespace)] += 1
                     self.log("would delete %s from %s", s.row.id, namespace)
-            elif verdict == ABSENT:
+            elif place == Place.ABSENT:
                 self._absent(s.row)
             else:
                 self._error(s.row, None, "could not be looked up: " + lookup.why_not_looked_up())
@@ -3879,7 +3915,7 @@ def _problem_lines(problems: list[str], failures_path: Optional[str], listed: st
 
 def format_backfill(report: BackfillReport) -> list[str]:
     settings = report.settings
-    verb = "copied" if settings.mode == "apply" else "to copy"
+    verb = "copied" if settings.mode == Mode.APPLY else "to copy"
     lines = ["memory-backfill -%s" % settings.mode] + _plugin_line(settings.plugin, report.plugin_status)
     if report.resumed_from:
         lines.append("resumed from checkpoint %s after row %s"
@@ -3911,7 +3947,7 @@ def format_backfill(report: BackfillReport) -> list[str]:
                          "never duplicated (use --checkpoint FILE to resume instead)")
     counters = "scanned=%d copied=%d skipped=%d errors=%d" % (report.scanned, report.copied, report.skipped,
                                                             report.errors)
-    if settings.mode == "dry-run":
+    if settings.mode == Mode.DRY_RUN:
         lines.append("Dry run complete (nothing written): " + counters)
     else:
         lines.append("Backfill %s: %s" % ("stopped" if report.stopped else "complete", counters))
@@ -3930,14 +3966,14 @@ def format_verify(report: VerifyReport) -> list[str]:
         lines.extend("  " + problem for problem in report.problems)
         if settings.failures:
             lines.append("every problem row is listed in %s" % settings.failures)
-    lines.append("rows by class: " + ", ".join("%s=%d" % (verdict, report.classes[verdict])
-                                               for verdict in VERIFY_CLASSES))
+    lines.append("rows by class: " + ", ".join("%s=%d" % (row_class, report.classes[row_class])
+                                               for row_class in tuple(VerifyClass)[:-1]))
     if report.mismatches:
         lines.append("to repair: run -apply to rewrite these %d rows by id; it repairs every class "
                      "above" % report.mismatches)
-    lines.append("unverifiable rows (counted as errors): %d" % report.classes[UNVERIFIABLE])
-    if report.classes[UNREADABLE]:
-        lines.append("unreadable rows, not UTF-8 (counted as errors): %d" % report.classes[UNREADABLE])
+    lines.append("unverifiable rows (counted as errors): %d" % report.classes[VerifyClass.UNVERIFIABLE])
+    if report.classes[VerifyClass.UNREADABLE]:
+        lines.append("unreadable rows, not UTF-8 (counted as errors): %d" % report.classes[VerifyClass.UNREADABLE])
     lines.append("Verify complete: workspaces_sampled=%d matches=%d mismatches=%d errors=%d"
                  % (report.workspaces_sampled, report.matches, report.mismatches, report.errors))
     return lines
@@ -4039,10 +4075,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, bool]]:
         group.add_argument(*flags, **kwargs)
 
     modes = parser.add_argument_group("modes (exactly one)")
-    for name, text in (("dry-run", "read and decide everything, write nothing"),
-                       ("apply", "copy the rows into the plugin (safe to re-run)"),
-                       ("verify", "check the plugin against the legacy table"),
-                       ("rollback", "delete the plugin's records that carry a selected row's id "
+    for name, text in ((Mode.DRY_RUN, "read and decide everything, write nothing"),
+                       (Mode.APPLY, "copy the rows into the plugin (safe to re-run)"),
+                       (Mode.VERIFY, "check the plugin against the legacy table"),
+                       (Mode.ROLLBACK, "delete the plugin's records that carry a selected row's id "
                                     "(with --yes; without it, only count them)")):
         option(modes, "-" + name, "--" + name, dest="modes", action="append_const", const=name, help=text)
     selection = parser.add_argument_group("selection")
@@ -4141,13 +4177,13 @@ def parse_settings(argv: Optional[Sequence[str]], environ: dict[str, str]) -> Se
         raise UsageError("Choose exactly one mode: -dry-run, -apply, -verify or -rollback%s."
                          % (" (got %s)" % " and ".join("-" + m for m in modes) if modes else ""))
     mode = modes[0]
-    if args.checkpoint and mode != "apply":
+    if args.checkpoint and mode != Mode.APPLY:
         raise UsageError("--checkpoint goes with -apply only.")
-    if args.failures and mode == "dry-run":  # -dry-run writes nothing anywhere
+    if args.failures and mode == Mode.DRY_RUN:  # -dry-run writes nothing anywhere
         raise UsageError("--failures goes with -apply, -verify and -rollback only.")
-    if args.yes and mode != "rollback":
+    if args.yes and mode != Mode.ROLLBACK:
         raise UsageError("--yes goes with -rollback only.")
-    if args.show_content and mode != "verify":
+    if args.show_content and mode != Mode.VERIFY:
         raise UsageError("--show-content goes with -verify only.")
     database = parse_database_url(args.database_url or environ.get("DATABASE_URL"), environ)
     database = replace(database, statement_timeout=_seconds(args.statement_timeout, "--statement-timeout"))
@@ -4188,20 +4224,20 @@ def target_line(settings: Settings) -> str:
     """What the run is about to touch, said first: mode, database, plugin, selection."""
     if settings.workspace:
         selection = "workspace %s only" % settings.workspace
-    elif settings.mode == "verify":
+    elif settings.mode == Mode.VERIFY:
         selection = ("every workspace" if not settings.verify_sample else
                      "a sample of %d workspaces (seed %d)" % (settings.verify_sample, settings.seed))
     else:
         selection = "every workspace"
-    if settings.limit is not None and settings.mode != "verify":
+    if settings.limit is not None and settings.mode != Mode.VERIFY:
         selection += ", at most %d rows (-limit)" % settings.limit
     return "%s -%s: database %s (%s); plugin %s; %s" % (
         PROG, settings.mode, settings.database.describe(), settings.database.describe_login(),
         settings.plugin.describe(), selection)
 
 
-MODE_RUNS = {"dry-run": (dry_run, format_backfill), "apply": (apply, format_backfill),
-             "verify": (verify, format_verify), "rollback": (rollback, format_rollback)}
+MODE_RUNS = {Mode.DRY_RUN: (dry_run, format_backfill), Mode.APPLY: (apply, format_backfill),
+             Mode.VERIFY: (verify, format_verify), Mode.ROLLBACK: (rollback, format_rollback)}
 
 
 def run(argv: Optional[Sequence[str]] = None, environ: Optional[dict[str, str]] = None,

@@ -143,9 +143,9 @@ def test_every_skip_reason_is_named_and_nothing_skipped_is_written(cli, legacy, 
 
     assert result.status == 0, result.output()
     assert counts(result) == (7, 1, 6, 0)
-    for reason, count in ((mb.SKIP_NO_WORKSPACE, 1), (mb.SKIP_WORKSPACE_NOT_FOUND, 1),
-                          (mb.SKIP_UNKNOWN_SCOPE, 1), (mb.SKIP_GLOBAL_NOT_ROOT, 2),
-                          (mb.SKIP_EMPTY_CONTENT, 1)):
+    for reason, count in ((mb.SkipReason.NO_WORKSPACE, 1), (mb.SkipReason.WORKSPACE_NOT_FOUND, 1),
+                          (mb.SkipReason.UNKNOWN_SCOPE, 1), (mb.SkipReason.GLOBAL_NOT_ROOT, 2),
+                          (mb.SkipReason.EMPTY_CONTENT, 1)):
         assert re.search(r"^\s+%d  %s$" % (count, re.escape(reason)), result.stdout, re.M), reason
     assert list(plugin.records()) == [good]
 
@@ -179,7 +179,7 @@ def test_the_platforms_mapping_for_lost_parents_cycles_and_the_delimiter_guard(c
 
     assert result.status == 0, result.output()
     assert counts(result) == (8, 6, 2, 0)
-    assert re.search(r"^\s+2  %s$" % re.escape(mb.SKIP_GLOBAL_NOT_ROOT), result.stdout, re.M)
+    assert re.search(r"^\s+2  %s$" % re.escape(mb.SkipReason.GLOBAL_NOT_ROOT), result.stdout, re.M)
     assert {i: (r["namespace"], r["content"]) for i, r in plugin.records().items()} == expected
     result = cli("-verify", "-verify-sample", "0")
     assert result.status == 0, result.output()
@@ -354,7 +354,7 @@ def test_json_report(cli, legacy, tree, plugin, env):
     result = cli("-apply", "--json")
     report = json.loads(result.stdout)
     assert report["scanned"] == 2 and report["copied"] == 1 and report["skipped"] == 1
-    assert report["skipped_by_reason"] == {mb.SKIP_NO_WORKSPACE: 1}
+    assert report["skipped_by_reason"] == {mb.SkipReason.NO_WORKSPACE: 1}
     assert report["redactions_by_label"] == {"BEARER_TOKEN": 1}
     assert report["exit_status"] == 0 == result.status
 

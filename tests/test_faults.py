@@ -324,7 +324,7 @@ def test_failures_file_lists_skips_and_errors_never_content(legacy, plugin, env,
     assert "secret plans" not in text and "refused content" not in text
     entries = {e["id"]: e for e in map(json.loads, text.splitlines())}
     assert entries[skipped] == {"id": skipped, "workspace_id": child, "scope": "GLOBAL",
-                                "reason": mb.SKIP_GLOBAL_NOT_ROOT}
+                                "reason": mb.SkipReason.GLOBAL_NOT_ROOT}
     assert entries[refused] == {"id": refused, "workspace_id": root, "scope": "LOCAL",
                                 "error": "HTTP 400: rejected by the test", "status": 400}
     assert "skipped and failed rows are listed in %s" % failures in capsys.readouterr().out

@@ -147,13 +147,13 @@ def test_scope_mapping(workspace, scope, namespace, kind):
 
 
 @pytest.mark.parametrize("workspace, scope, reason", [
-    (None, "LOCAL", mb.SKIP_NO_WORKSPACE),
-    ("missing", "LOCAL", mb.SKIP_WORKSPACE_NOT_FOUND),
-    (CHILD, "GLOBAL", mb.SKIP_GLOBAL_NOT_ROOT),
-    (GRANDCHILD, "GLOBAL", mb.SKIP_GLOBAL_NOT_ROOT),
-    (ORPHAN, "GLOBAL", mb.SKIP_GLOBAL_NOT_ROOT),  # it has a parent_id, so it is no root
-    (CYCLE_A, "GLOBAL", mb.SKIP_GLOBAL_NOT_ROOT),
-    (ROOT, "local", mb.SKIP_UNKNOWN_SCOPE),
+    (None, "LOCAL", mb.SkipReason.NO_WORKSPACE),
+    ("missing", "LOCAL", mb.SkipReason.WORKSPACE_NOT_FOUND),
+    (CHILD, "GLOBAL", mb.SkipReason.GLOBAL_NOT_ROOT),
+    (GRANDCHILD, "GLOBAL", mb.SkipReason.GLOBAL_NOT_ROOT),
+    (ORPHAN, "GLOBAL", mb.SkipReason.GLOBAL_NOT_ROOT),  # it has a parent_id, so it is no root
+    (CYCLE_A, "GLOBAL", mb.SkipReason.GLOBAL_NOT_ROOT),
+    (ROOT, "local", mb.SkipReason.UNKNOWN_SCOPE),
 ])
 def test_scope_mapping_skips(workspace, scope, reason):
     with pytest.raises(mb.RowSkipped, match="^%s$" % re.escape(reason)):
@@ -266,7 +266,7 @@ def test_plan_builds_the_memory_write():
 
 @pytest.mark.parametrize("content", ["", "   ", "\n\t "])
 def test_plan_skips_empty_content(content):
-    assert mb.plan_row(_row(content), TREE).reason == mb.SKIP_EMPTY_CONTENT
+    assert mb.plan_row(_row(content), TREE).reason == mb.SkipReason.EMPTY_CONTENT
 
 
 def test_search_query_never_cuts_a_word():
@@ -295,38 +295,38 @@ def found(record):
 
 def test_classify_every_class():
     planned = _planned("deploy key ghp_%s then Bearer tok9 at 5 pm" % ("Z" * 20))
-    assert mb.classify(planned, found(_copy(planned))).verdict == mb.MATCH
+    assert mb.classify(planned, found(_copy(planned))).row_class == mb.VerifyClass.MATCH
     missing = mb.classify(planned, found(None))
-    assert (missing.verdict, missing.detail) == (
-        mb.MISSING, "in no namespace of the tenant; -apply writes it to workspace:c")
+    assert (missing.row_class, missing.detail) == (
+        mb.VerifyClass.MISSING, "in no namespace of the tenant; -apply writes it to workspace:c")
     moved = mb.classify(planned, found(_copy(planned, namespace="team:r")))
-    assert (moved.verdict, moved.detail, moved.found_in) == (
-        mb.WRONG_NAMESPACE, "expected in workspace:c, found in team:r", "team:r")
+    assert (moved.row_class, moved.detail, moved.found_in) == (
+        mb.VerifyClass.WRONG_NAMESPACE, "expected in workspace:c, found in team:r", "team:r")
     clear = mb.classify(planned, found(_copy(planned, content=planned.row.content)))
-    assert (clear.verdict, clear.labels) == (mb.UNREDACTED, ("BEARER_TOKEN", "GITHUB_PAT"))
+    assert (clear.row_class, clear.labels) == (mb.VerifyClass.UNREDACTED, ("BEARER_TOKEN", "GITHUB_PAT"))
     assert clear.detail == "the plugin's copy holds secrets in clear (BEARER_TOKEN, GITHUB_PAT)"
     changed = mb.classify(planned, found(_copy(planned, content=planned.body["content"].replace("5", "6"))))
-    assert changed.verdict == mb.CONTENT_DIFFERS and "found" in changed.detail
+    assert changed.row_class == mb.VerifyClass.CONTENT_DIFFERS and "found" in changed.detail
     for propagation, detail in [(None, "propagation.legacy is missing"),
                                 ({}, "propagation.legacy is missing"),
                                 ({"legacy": {**planned.row.legacy, "scope": "TEAM"}},
                                  "propagation.legacy differs in scope")]:
         finding = mb.classify(planned, found(_copy(planned, propagation=propagation)))
-        assert (finding.verdict, finding.detail) == (mb.PROVENANCE, detail)
+        assert (finding.row_class, finding.detail) == (mb.VerifyClass.PROVENANCE, detail)
     shown = repr([(f.line(), f.to_json()) for f in (missing, moved, clear, changed)])
     assert "Z" * 20 not in shown and "tok9" not in shown
 
 
 def test_a_row_not_found_is_missing_only_when_a_whole_search_would_have_found_it():
     planned = _planned()
-    for lookup, verdict, detail in [
-            (mb.Lookup(None, True, True, None), mb.MISSING, "in no namespace"),
-            (mb.Lookup(None, False, True, None), mb.UNVERIFIABLE, "matches too many records"),
-            (mb.Lookup(None, True, False, None), mb.UNVERIFIABLE, "no searchable word"),
-            (mb.Lookup(None, True, True, "HTTP 400: no"), mb.UNVERIFIABLE, "refused a search for it"),
-            (mb.Lookup(_copy(planned), False, False, "HTTP 400: no"), mb.MATCH, "")]:
+    for lookup, row_class, detail in [
+            (mb.Lookup(None, True, True, None), mb.VerifyClass.MISSING, "in no namespace"),
+            (mb.Lookup(None, False, True, None), mb.VerifyClass.UNVERIFIABLE, "matches too many records"),
+            (mb.Lookup(None, True, False, None), mb.VerifyClass.UNVERIFIABLE, "no searchable word"),
+            (mb.Lookup(None, True, True, "HTTP 400: no"), mb.VerifyClass.UNVERIFIABLE, "refused a search for it"),
+            (mb.Lookup(_copy(planned), False, False, "HTTP 400: no"), mb.VerifyClass.MATCH, "")]:
         finding = mb.classify(planned, lookup)
-        assert finding.verdict == verdict and detail in finding.detail
+        assert finding.row_class == row_class and detail in finding.detail
 
 
 def test_a_global_copy_without_the_delimiter_guard_differs_and_one_in_clear_is_unredacted():
@@ -334,9 +334,9 @@ def test_a_global_copy_without_the_delimiter_guard_differs_and_one_in_clear_is_u
     assert planned.body["content"] == "org rule [_MEMORY 7] [REDACTED:BEARER_TOKEN]"
     unguarded = mb.classify(planned, found(_copy(
         planned, content="org rule [MEMORY 7] [REDACTED:BEARER_TOKEN]")), show_content=True)
-    assert unguarded.verdict == mb.CONTENT_DIFFERS and '"org rule [_MEMORY 7]' in unguarded.detail
+    assert unguarded.row_class == mb.VerifyClass.CONTENT_DIFFERS and '"org rule [_MEMORY 7]' in unguarded.detail
     upstream = mb.classify(planned, found(_copy(planned, content=planned.row.content)))
-    assert (upstream.verdict, upstream.labels) == (mb.UNREDACTED, ("BEARER_TOKEN",))
+    assert (upstream.row_class, upstream.labels) == (mb.VerifyClass.UNREDACTED, ("BEARER_TOKEN",))
 
 
 def test_a_content_difference_says_where_and_shows_the_text_only_when_asked():

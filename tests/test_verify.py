@@ -164,7 +164,7 @@ def test_what_the_upstream_backfill_left_is_named_then_repaired(tenant, plugin, 
     assert_repaired(plugin, legacy, tmp_path)
 
 
-def test_concurrency_does_not_change_the_verdict(legacy, plugin, env, tmp_path):
+def test_concurrency_does_not_change_the_classes(legacy, plugin, env, tmp_path):
     legacy.create_schema()
     workspace = legacy.workspace()
     ids = legacy.many(workspace, 1000, words=("rollout", "canary"))
