@@ -52,7 +52,7 @@ from dataclasses import dataclass, field, replace
 from email.utils import parsedate_to_datetime
 from enum import Enum, IntEnum
 from importlib import metadata
-from typing import Callable, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
+from typing import Callable, Iterable, Iterator, NamedTuple, Optional, Protocol, Sequence, Union
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 from uuid import UUID
 
@@ -2001,6 +2001,17 @@ def with_body(head: bytes, payload: bytes) -> bytes:
     return b"%s%d\r\n\r\n%s" % (head, len(payload), payload)
 
 
+class StreamMode(Protocol):
+    """What WriteStream.drive drives: a mode's side of the write stream (-apply's ApplyWrites, -rollback's
+    RollbackDeletes)."""
+
+    def fill(self, room: int) -> bool:
+        """Submit up to `room` more jobs (WriteStream.submit); False once there are no more."""
+
+    def answered(self, job: Job, response: Response) -> None:
+        """Take a job's final answer: any status but those RetryRule retries (WriteStream._answered)."""
+
+
 class Job:
     """One request on its way to the plugin, and what it is for."""
 
@@ -2168,10 +2179,10 @@ class WriteStream:
         """Jobs submitted and not yet answered for good."""
         return len(self.ready) + len(self.retrying) + self.in_flight()
 
-    def drive(self, fill: Callable[[int], bool], answered: Callable[[Job, Response], None]
-              ) -> Optional[BackfillError]:
-        """Send every job fill() gives; return when each has its final answer (or the run stopped), with what
-        stopped it, if anything.  The connections stay open for the next drive() until close()."""
+    def drive(self, mode: StreamMode) -> Optional[BackfillError]:
+        """Send every job mode.fill() gives; return when each has its final answer (or the run stopped), with
+        what stopped it, if anything.  The connections stay open for the next drive() until close()."""
+        fill, answered = mode.fill, mode.answered
         more = True
         while True:
             if self.stop.is_set():
@@ -2852,20 +2863,32 @@ class FailureLog:
             self.file.close()
 
 
+class Counted(Protocol):
+    """What the progress line reads of a mode's report while rows move."""
+
+    @property
+    def done(self) -> int:
+        """Rows done so far (copied, skipped, failed; checked; deleted or found absent)."""
+
+    @property
+    def errors(self) -> int:
+        """Rows that failed so far."""
+
+
 class Progress:
     """The progress line on stderr, from the first second: what the run waits for (connecting, reading,
     checking the plugin) until rows move; then rows done / total, rows per second, ETA, errors and what
     `details` adds.
 
     On a terminal: one line that rewrites itself; otherwise a plain line at most every PROGRESS_LOG_SECONDS.
-    Runs in its own thread; nothing at all when not `shown` (-q, -v).  `report` has `done` and `errors`."""
+    Runs in its own thread; nothing at all when not `shown` (-q, -v).  It reads the report as Counted."""
 
     def __init__(self, stream, shown: bool = True):
         self.stream = stream
         self.shown = shown
         self.tty = bool(getattr(stream, "isatty", lambda: False)())
         self.activity, self.since = "starting", time.monotonic()
-        self.report = None
+        self.report: Optional[Counted] = None
         self.total = 0
         self.details: Callable[[], str] = str
         self.drawn = False  # a line of ours is on the terminal
@@ -2890,7 +2913,7 @@ class Progress:
         """What the run waits for now, until count() is called."""
         self.activity, self.since = activity, time.monotonic()
 
-    def count(self, report, total: int, details: Callable[[], str] = str) -> None:
+    def count(self, report: Counted, total: int, details: Callable[[], str] = str) -> None:
         """Rows move from now on (the report last: the thread draws rows once it is set)."""
         self.total, self.details, self.since = total, details, time.monotonic()
         self.report = report
@@ -2985,6 +3008,42 @@ def read_tree(database: LegacyDatabase, settings: Settings, progress: Progress) 
     return tree
 
 
+# ---------------------------------------------------------------------------
+# Lines every mode's summary shares
+# ---------------------------------------------------------------------------
+
+def _counts(counter: Counter) -> str:
+    return ", ".join("%s=%d" % item for item in sorted(counter.items())) or "none"
+
+
+def _plugin_line(plugin: PluginAddress, status: Optional[str]) -> list[str]:
+    return ["plugin: %s: %s" % (plugin.describe(), status)] if status else []
+
+
+def _load_line(load: Optional[dict[str, object]], what: str) -> list[str]:
+    if not load or not load["answered"]:
+        return []
+    line = "%s: %d answered in %.1f s; %d retries%s; in flight %d-%d while there was more to " \
+           "send; connections at the end: %d" % (
+               what, load["answered"], load["seconds"], load["retries"],
+               " (the last after %s)" % load["last_retry_reason"] if load["retries"] else "",
+               load["in_flight_min"], load["in_flight_max"], load["connections"])
+    if load["latency_p50_ms"] is not None:
+        line += "; plugin answer latency p50 %.1f ms, p99 %.1f ms" % (load["latency_p50_ms"],
+                                                                      load["latency_p99_ms"])
+    return [line]
+
+
+def _problem_lines(problems: list[str], failures_path: Optional[str], listed: str) -> list[str]:
+    lines = []
+    if problems:
+        lines.append("errors (first %d):" % SHOWN_PROBLEMS)
+        lines.extend("  " + problem for problem in problems)
+    if failures_path:
+        lines.append("%s are listed in %s" % (listed, failures_path))
+    return lines
+
+
 # ===========================================================================
 # -dry-run and -apply
 # ===========================================================================
@@ -3055,6 +3114,47 @@ class BackfillReport(RunReport):
                 "namespaces": len(self.namespaces), "skipped_by_reason": dict(self.skip_reasons),
                 "redactions_by_label": dict(self.redactions), "checkpoint": self.settings.checkpoint,
                 "resumed_from": self.resumed_from}
+
+
+def format_backfill(report: BackfillReport) -> list[str]:
+    settings = report.settings
+    verb = "copied" if settings.mode == Mode.APPLY else "to copy"
+    lines = ["memory-backfill -%s" % settings.mode] + _plugin_line(settings.plugin, report.plugin_status)
+    if report.resumed_from:
+        lines.append("resumed from checkpoint %s after row %s"
+                     % (settings.checkpoint, report.resumed_from["id"]))
+    lines.append("rows %s by scope: %s" % (verb, _counts(report.by_scope)))
+    lines.append("rows %s by namespace kind: %s (%d namespaces)"
+                 % (verb, _counts(report.by_kind), len(report.namespaces)))
+    lines.append("skipped by reason:" if report.skipped else "skipped: none")
+    for reason, count in sorted(report.skip_reasons.items()):
+        lines.append("  %6d  %s" % (count, reason))
+    if settings.redact:
+        lines.append("redactions by label: %s" % _counts(report.redactions))
+    else:
+        lines.append("redaction: OFF (--no-redact): contents are copied unredacted")
+    lines += _load_line(report.load, "writes")
+    lines += _problem_lines(report.problems, settings.failures, "skipped and failed rows")
+    if report.stored_as_others:
+        lines.append("records the plugin stored under ids of its own (delete them: README, \"A plugin that "
+                     "ignores ids\"):")
+        lines.extend("  row %s: stored as %s in %s" % entry for entry in report.stored_as_others)
+    if report.stopped:
+        lines.append("STOPPED EARLY: %s" % report.stopped)
+    if report.stopped and report.stopped.advise_rerun:
+        if settings.checkpoint:
+            lines.append("progress is saved in %s; run the same command again to resume"
+                         % settings.checkpoint)
+        else:
+            lines.append("run the same command again: rows already copied are rewritten, "
+                         "never duplicated (use --checkpoint FILE to resume instead)")
+    counters = "scanned=%d copied=%d skipped=%d errors=%d" % (report.scanned, report.copied, report.skipped,
+                                                            report.errors)
+    if settings.mode == Mode.DRY_RUN:
+        lines.append("Dry run complete (nothing written): " + counters)
+    else:
+        lines.append("Backfill %s: %s" % ("stopped" if report.stopped else "complete", counters))
+    return lines
 
 
 def planned_outcomes(rows: Iterable[LegacyRow], tree: WorkspaceTree, settings: Settings,
@@ -3473,7 +3573,7 @@ def _copy(settings: Settings, log, progress: Progress, checkpoint: Optional[Chec
         writes = ApplyWrites(plugin, settings, report, log, checkpoint, failures, stream, outcomes)
         progress.count(report, total, stream.describe_load)
         stopped = drive_stopping("-apply", stream, failures,
-                                 lambda: stream.drive(writes.fill, writes.answered))
+                                 lambda: stream.drive(writes))
     report.load = stream.load()
     if checkpoint is not None:
         # Complete only when the table was read to its end: a -limit run that
@@ -3592,6 +3692,31 @@ class VerifyReport:
                               for row_class in VerifyClass},
             "failures_file": self.settings.failures,
         }
+
+
+def format_verify(report: VerifyReport) -> list[str]:
+    settings = report.settings
+    lines = ["memory-backfill -verify", "plugin: %s" % settings.plugin.describe()]
+    if report.retries:
+        lines.append("searches retried: %d" % report.retries)
+    problems = report.mismatches + report.errors
+    if problems:
+        lines.append("problems (%s):" % ("all %d" % problems if problems <= SHOWN_PROBLEMS
+                                         else "first %d of %d" % (SHOWN_PROBLEMS, problems)))
+        lines.extend("  " + problem for problem in report.problems)
+        if settings.failures:
+            lines.append("every problem row is listed in %s" % settings.failures)
+    lines.append("rows by class: " + ", ".join("%s=%d" % (row_class, report.classes[row_class])
+                                               for row_class in tuple(VerifyClass)[:-1]))
+    if report.mismatches:
+        lines.append("to repair: run -apply to rewrite these %d rows by id; it repairs every class "
+                     "above" % report.mismatches)
+    lines.append("unverifiable rows (counted as errors): %d" % report.classes[VerifyClass.UNVERIFIABLE])
+    if report.classes[VerifyClass.UNREADABLE]:
+        lines.append("unreadable rows, not UTF-8 (counted as errors): %d" % report.classes[VerifyClass.UNREADABLE])
+    lines.append("Verify complete: workspaces_sampled=%d matches=%d mismatches=%d errors=%d"
+                 % (report.workspaces_sampled, report.matches, report.mismatches, report.errors))
+    return lines
 
 
 def classify(planned: PlannedWrite, lookup: Lookup, show_content: bool = False) -> Finding:
@@ -3738,6 +3863,31 @@ class RollbackReport(RunReport):
                 "searches": self.searches}
 
 
+def format_rollback(report: RollbackReport) -> list[str]:
+    settings = report.settings
+    lines = ["memory-backfill -rollback" + ("" if settings.yes else " (without --yes: nothing deleted)")]
+    lines += _plugin_line(settings.plugin, report.plugin_status)
+    if settings.yes:
+        lines.append("records deleted by namespace kind: %s" % _counts(report.deleted))
+    else:
+        lines.append("records to delete by namespace kind: %s" % _counts(report.to_delete))
+    lines.append("rows with no record in the plugin (absent): %d" % report.absent)
+    lines += _load_line(report.load, "deletes")
+    lines += _problem_lines(report.problems, settings.failures, "rows whose record could not be deleted")
+    deleted = sum(report.deleted.values())
+    if settings.yes or not report.to_delete:
+        if report.stopped:
+            lines.append("STOPPED EARLY: %s" % report.stopped)
+            lines.append("run the same command again: it deletes what is left")
+        lines.append("Rollback %s: scanned=%d deleted=%d absent=%d errors=%d" % (
+            "stopped" if report.stopped else "complete", report.scanned, deleted, report.absent,
+            report.errors))
+    else:
+        lines.append("Rollback not done (no --yes): scanned=%d would_delete=%d absent=%d errors=%d" % (
+            report.scanned, sum(report.to_delete.values()), report.absent, report.errors))
+    return lines
+
+
 def delete_request(address: PluginAddress, record_id: str, namespace: str) -> bytes:
     """DELETE /v1/memories/{id}, from the namespace that holds it (REFERENCE §4)."""
     head = request_head(address, "DELETE", "/v1/memories/" + quote(record_id, safe=""))
@@ -3756,6 +3906,7 @@ class RollbackDeletes:
         self.failures = failures
         self.stream = stream
         self.not_there: list[Sought] = []  # deleted where -apply writes them: 404
+        self.pending: Iterator[tuple[int, tuple[Sought, str, bool]]] = iter(())  # the deletes to send
 
     def back_out(self, rows: list[LegacyRow], tree: WorkspaceTree, settings: Settings,
                  finder: RecordFinder) -> None:
@@ -3797,21 +3948,20 @@ class RollbackDeletes:
     def _delete(self, targets: list[tuple[Sought, str, bool]]) -> None:
         """DELETE each (row, the namespace that holds its record, blind) through the stream; `blind`: where
         -apply writes it, not seen there, so a 404 is no error: the row is looked for elsewhere."""
-        pending = iter(enumerate(targets))
+        self.pending = iter(enumerate(targets))
+        self.stream.drive(self)
 
-        def fill(room: int) -> bool:
-            for _ in range(room):
-                number, target = next(pending, (None, None))
-                if target is None:
-                    return False
-                sought, namespace, _ = target
-                request = delete_request(self.address, sought.row.id, namespace)
-                self.stream.submit(Job(number, target, request))
-            return True
+    def fill(self, room: int) -> bool:
+        for _ in range(room):
+            number, target = next(self.pending, (None, None))
+            if target is None:
+                return False
+            sought, namespace, _ = target
+            request = delete_request(self.address, sought.row.id, namespace)
+            self.stream.submit(Job(number, target, request))
+        return True
 
-        self.stream.drive(fill, self._answered)
-
-    def _answered(self, job: Job, response: Response) -> None:
+    def answered(self, job: Job, response: Response) -> None:
         sought, namespace, blind = job.item
         status = response.head.status
         if 200 <= status < 300:
@@ -3875,133 +4025,6 @@ def rollback(settings: Settings, log, progress: Progress) -> RollbackReport:
                              "records." % sum(report.to_delete.values()))
     report.stop(stopped)
     return report
-
-
-# ===========================================================================
-# Reporting
-# ===========================================================================
-
-def _counts(counter: Counter) -> str:
-    return ", ".join("%s=%d" % item for item in sorted(counter.items())) or "none"
-
-
-def _plugin_line(plugin: PluginAddress, status: Optional[str]) -> list[str]:
-    return ["plugin: %s: %s" % (plugin.describe(), status)] if status else []
-
-
-def _load_line(load: Optional[dict[str, object]], what: str) -> list[str]:
-    if not load or not load["answered"]:
-        return []
-    line = "%s: %d answered in %.1f s; %d retries%s; in flight %d-%d while there was more to " \
-           "send; connections at the end: %d" % (
-               what, load["answered"], load["seconds"], load["retries"],
-               " (the last after %s)" % load["last_retry_reason"] if load["retries"] else "",
-               load["in_flight_min"], load["in_flight_max"], load["connections"])
-    if load["latency_p50_ms"] is not None:
-        line += "; plugin answer latency p50 %.1f ms, p99 %.1f ms" % (load["latency_p50_ms"],
-                                                                      load["latency_p99_ms"])
-    return [line]
-
-
-def _problem_lines(problems: list[str], failures_path: Optional[str], listed: str) -> list[str]:
-    lines = []
-    if problems:
-        lines.append("errors (first %d):" % SHOWN_PROBLEMS)
-        lines.extend("  " + problem for problem in problems)
-    if failures_path:
-        lines.append("%s are listed in %s" % (listed, failures_path))
-    return lines
-
-
-def format_backfill(report: BackfillReport) -> list[str]:
-    settings = report.settings
-    verb = "copied" if settings.mode == Mode.APPLY else "to copy"
-    lines = ["memory-backfill -%s" % settings.mode] + _plugin_line(settings.plugin, report.plugin_status)
-    if report.resumed_from:
-        lines.append("resumed from checkpoint %s after row %s"
-                     % (settings.checkpoint, report.resumed_from["id"]))
-    lines.append("rows %s by scope: %s" % (verb, _counts(report.by_scope)))
-    lines.append("rows %s by namespace kind: %s (%d namespaces)"
-                 % (verb, _counts(report.by_kind), len(report.namespaces)))
-    lines.append("skipped by reason:" if report.skipped else "skipped: none")
-    for reason, count in sorted(report.skip_reasons.items()):
-        lines.append("  %6d  %s" % (count, reason))
-    if settings.redact:
-        lines.append("redactions by label: %s" % _counts(report.redactions))
-    else:
-        lines.append("redaction: OFF (--no-redact): contents are copied unredacted")
-    lines += _load_line(report.load, "writes")
-    lines += _problem_lines(report.problems, settings.failures, "skipped and failed rows")
-    if report.stored_as_others:
-        lines.append("records the plugin stored under ids of its own (delete them: README, \"A plugin that "
-                     "ignores ids\"):")
-        lines.extend("  row %s: stored as %s in %s" % entry for entry in report.stored_as_others)
-    if report.stopped:
-        lines.append("STOPPED EARLY: %s" % report.stopped)
-    if report.stopped and report.stopped.advise_rerun:
-        if settings.checkpoint:
-            lines.append("progress is saved in %s; run the same command again to resume"
-                         % settings.checkpoint)
-        else:
-            lines.append("run the same command again: rows already copied are rewritten, "
-                         "never duplicated (use --checkpoint FILE to resume instead)")
-    counters = "scanned=%d copied=%d skipped=%d errors=%d" % (report.scanned, report.copied, report.skipped,
-                                                            report.errors)
-    if settings.mode == Mode.DRY_RUN:
-        lines.append("Dry run complete (nothing written): " + counters)
-    else:
-        lines.append("Backfill %s: %s" % ("stopped" if report.stopped else "complete", counters))
-    return lines
-
-
-def format_verify(report: VerifyReport) -> list[str]:
-    settings = report.settings
-    lines = ["memory-backfill -verify", "plugin: %s" % settings.plugin.describe()]
-    if report.retries:
-        lines.append("searches retried: %d" % report.retries)
-    problems = report.mismatches + report.errors
-    if problems:
-        lines.append("problems (%s):" % ("all %d" % problems if problems <= SHOWN_PROBLEMS
-                                         else "first %d of %d" % (SHOWN_PROBLEMS, problems)))
-        lines.extend("  " + problem for problem in report.problems)
-        if settings.failures:
-            lines.append("every problem row is listed in %s" % settings.failures)
-    lines.append("rows by class: " + ", ".join("%s=%d" % (row_class, report.classes[row_class])
-                                               for row_class in tuple(VerifyClass)[:-1]))
-    if report.mismatches:
-        lines.append("to repair: run -apply to rewrite these %d rows by id; it repairs every class "
-                     "above" % report.mismatches)
-    lines.append("unverifiable rows (counted as errors): %d" % report.classes[VerifyClass.UNVERIFIABLE])
-    if report.classes[VerifyClass.UNREADABLE]:
-        lines.append("unreadable rows, not UTF-8 (counted as errors): %d" % report.classes[VerifyClass.UNREADABLE])
-    lines.append("Verify complete: workspaces_sampled=%d matches=%d mismatches=%d errors=%d"
-                 % (report.workspaces_sampled, report.matches, report.mismatches, report.errors))
-    return lines
-
-
-def format_rollback(report: RollbackReport) -> list[str]:
-    settings = report.settings
-    lines = ["memory-backfill -rollback" + ("" if settings.yes else " (without --yes: nothing deleted)")]
-    lines += _plugin_line(settings.plugin, report.plugin_status)
-    if settings.yes:
-        lines.append("records deleted by namespace kind: %s" % _counts(report.deleted))
-    else:
-        lines.append("records to delete by namespace kind: %s" % _counts(report.to_delete))
-    lines.append("rows with no record in the plugin (absent): %d" % report.absent)
-    lines += _load_line(report.load, "deletes")
-    lines += _problem_lines(report.problems, settings.failures, "rows whose record could not be deleted")
-    deleted = sum(report.deleted.values())
-    if settings.yes or not report.to_delete:
-        if report.stopped:
-            lines.append("STOPPED EARLY: %s" % report.stopped)
-            lines.append("run the same command again: it deletes what is left")
-        lines.append("Rollback %s: scanned=%d deleted=%d absent=%d errors=%d" % (
-            "stopped" if report.stopped else "complete", report.scanned, deleted, report.absent,
-            report.errors))
-    else:
-        lines.append("Rollback not done (no --yes): scanned=%d would_delete=%d absent=%d errors=%d" % (
-            report.scanned, sum(report.to_delete.values()), report.absent, report.errors))
-    return lines
 
 
 # ===========================================================================

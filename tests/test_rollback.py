@@ -136,7 +136,7 @@ def test_a_defect_while_deleting_stops_it_cleanly_like_apply(tenant, plugin, mon
     def buggy(deletes, job, response):
         raise KeyError("a defect of the tool")
 
-    monkeypatch.setattr(mb.RollbackDeletes, "_answered", buggy)
+    monkeypatch.setattr(mb.RollbackDeletes, "answered", buggy)
     status, out, err = rollback("--yes")
     assert status == 3
     assert err == ("memory-backfill: -rollback failed unexpectedly (KeyError, a defect of memory-backfill: "
