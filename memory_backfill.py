@@ -892,7 +892,7 @@ class LegacyDatabase:
     def __init__(self, config: DatabaseConfig):
         self.config = config
         self.connection = None
-        self.columns: tuple[str, ...] = ()
+        self._columns: tuple[str, ...] = ()
         # A SQL_ASCII database holds any bytes, which the server sends as they are: its text is read as
         # bytes and decoded row by row (a row that is not UTF-8 is that row's error, not the batch's).
         self.raw_text = False
@@ -910,7 +910,7 @@ class LegacyDatabase:
             raise DependencyError(
                 "The legacy table agent_memories does not exist in %s (already migrated, "
                 "or the wrong database); check DATABASE_URL." % self.config.describe())
-        self.columns = tuple(name for (name,) in found)
+        self._columns = tuple(name for (name,) in found)
         with self._errors():
             [[encoding]] = self.connection.run("SELECT current_setting('server_encoding')")
         self.raw_text = encoding == "SQL_ASCII"
@@ -968,7 +968,7 @@ class LegacyDatabase:
                    "embedding": "embedding::text"}
         select = ["id::text", "workspace_id::text", self._text("content"), self._text("scope"),
                   RFC3339_UTC.format("created_at")]
-        select += [as_text[name] if name in self.columns else "NULL" for name in OPTIONAL_COLUMNS]
+        select += [as_text[name] if name in self._columns else "NULL" for name in OPTIONAL_COLUMNS]
         return "SELECT %s FROM agent_memories" % ", ".join(select)  # noqa: S608 - fixed column text
 
     def _stream(self, sql: str, params: dict) -> Iterator[LegacyRow]:
@@ -997,9 +997,9 @@ class LegacyDatabase:
         legacy: dict[str, object] = {
             "workspace_id": workspace_id, "scope": scope, "created_at": created_at,
         }
-        if "updated_at" in self.columns:
+        if "updated_at" in self._columns:
             legacy["updated_at"] = updated_at
-        if "namespace" in self.columns:
+        if "namespace" in self._columns:
             legacy["namespace"] = namespace
         return LegacyRow(row_id, workspace_id, content, scope, legacy, parse_embedding(embedding), unreadable)
 
@@ -1186,7 +1186,7 @@ class _database_errors:
 
     def __init__(self, config: DatabaseConfig, connected: bool = False):
         self.config = config
-        self.connected = connected
+        self._connected = connected
 
     def __enter__(self):
         return self
@@ -1218,7 +1218,7 @@ class _database_errors:
                 "or the server is overloaded; check pg_stat_activity and pg_locks there, then run the same "
                 "command again (with a larger --statement-timeout SECONDS if it is only slow)."
                 % (where, bound))
-        if code.startswith(("57P", "08")) and self.connected:
+        if code.startswith(("57P", "08")) and self._connected:
             return self._lost(message)
         if code == "3D000":
             return DependencyError("The legacy database %s does not exist; check the database name in "
@@ -1229,7 +1229,7 @@ class _database_errors:
     def _unreachable(self, cause: BaseException, detail: str) -> DependencyError:
         """`detail`: the driver's own words, or the cause's (network_problem)."""
         where = self.config.describe()
-        if not self.connected:
+        if not self._connected:
             return DependencyError("Cannot reach the legacy database %s (%s); check that it is running and "
                                    "that DATABASE_URL is right." % (where, detail))
         if isinstance(cause, TimeoutError):
@@ -1335,7 +1335,7 @@ class PluginClient:
         self.timeout = timeout
         self.retry = RetryRule(retries)
         self.searches = 0  # made so far (-verify and -rollback report them)
-        self.counting = threading.Lock()
+        self._counting = threading.Lock()
         pool = urllib3.HTTPSConnectionPool if address.tls else urllib3.HTTPConnectionPool
         self.pool = pool(
             "[%s]" % address.host if ":" in address.host else address.host, address.port,
@@ -1417,7 +1417,7 @@ class PluginClient:
         body: dict[str, object] = {"namespaces": namespaces, "limit": SEARCH_CAP}
         if query:
             body["query"] = query
-        with self.counting:
+        with self._counting:
             self.searches += 1
         data = self._request("POST", "/v1/search", body)
         memories = (data or {}).get("memories") or []  # the plugin may send null
@@ -1597,15 +1597,15 @@ class ReceiveBuffer(bytearray):
     """The bytes received and not yet parsed.  A search for a line end goes on where the last one stopped, so
     each byte is looked at once however the bytes are split (`scanned` counts what the searches looked at)."""
 
-    looked = 0  # how far the search for the current line's end has looked
+    _looked = 0  # how far the search for the current line's end has looked
     scanned = 0
 
     def line_end(self, needle: bytes = b"\r\n") -> int:
         """Where the next `needle` starts, or -1."""
-        start = max(0, self.looked - len(needle) + 1)
+        start = max(0, self._looked - len(needle) + 1)
         end = self.find(needle, start)
         self.scanned += (end + len(needle) if end >= 0 else len(self)) - start
-        self.looked = 0 if end >= 0 else len(self)
+        self._looked = 0 if end >= 0 else len(self)
         return end
 
     def take(self, size: int) -> bytes:
@@ -1618,11 +1618,11 @@ class BodyReader:
     """How a response's body ends: one reader per framing (READERS), owning its state."""
 
     def __init__(self, head: ResponseHead):
-        self.length = head.length
+        self._length = head.length
 
     def read(self, buffer: ReceiveBuffer) -> Optional[bytes]:
         """The whole body once it is in the buffer, else None."""
-        return buffer.take(self.length) if len(buffer) >= self.length else None
+        return buffer.take(self._length) if len(buffer) >= self._length else None
 
     def end_of_stream(self, buffer: ReceiveBuffer) -> Optional[bytes]:
         """The body the server's close completes, or None: the close cut it short."""
@@ -1646,13 +1646,13 @@ class ChunkedReader(BodyReader):
     reads the next part, and returns True to go on, None for more bytes, or the whole body."""
 
     def __init__(self, head: ResponseHead):
-        self.state, self.left, self.body = self._size_line, 0, bytearray()  # left: of the current chunk
-        self.trailers, self.trailer_bytes = [], 0
+        self._state, self._left, self.body = self._size_line, 0, bytearray()  # left: of the current chunk
+        self._trailers, self._trailer_bytes = [], 0
 
     def read(self, buffer: ReceiveBuffer) -> Optional[bytes]:
         step = True
         while step is True:
-            step = self.state(buffer)
+            step = self._state(buffer)
         return step
 
     def _size_line(self, buffer: ReceiveBuffer) -> Optional[bool]:
@@ -1668,35 +1668,35 @@ class ChunkedReader(BodyReader):
         if len(digits) > 8 or len(self.body) + int(digits, 16) > MAX_RESPONSE_BODY:
             raise ProtocolError("a body longer than %d bytes" % MAX_RESPONSE_BODY)
         del buffer[:end + 2]
-        self.left = int(digits, 16)
-        self.state = self._data if self.left else self._trailer_line
+        self._left = int(digits, 16)
+        self._state = self._data if self._left else self._trailer_line
         return True
 
     def _data(self, buffer: ReceiveBuffer) -> Optional[bool]:
         """A chunk's data, and the CRLF after it."""
-        data = buffer.take(self.left)
+        data = buffer.take(self._left)
         self.body += data
-        self.left -= len(data)
-        if self.left or len(buffer) < 2:
+        self._left -= len(data)
+        if self._left or len(buffer) < 2:
             return None
         if buffer[:2] != b"\r\n":
             raise ProtocolError("a chunk longer than its size line says")
         del buffer[:2]
-        self.state = self._size_line
+        self._state = self._size_line
         return True
 
     def _trailer_line(self, buffer: ReceiveBuffer) -> Union[None, bool, bytes]:
         end = buffer.line_end()
-        if self.trailer_bytes + (end + 2 if end >= 0 else len(buffer)) > MAX_TRAILERS:
+        if self._trailer_bytes + (end + 2 if end >= 0 else len(buffer)) > MAX_TRAILERS:
             raise ProtocolError("a trailer section longer than %d bytes" % MAX_TRAILERS)
         if end < 0:
             return None
-        self.trailer_bytes += end + 2
+        self._trailer_bytes += end + 2
         line = buffer.take(end + 2)[:-2]
         if line:
-            self.trailers.append(line)
+            self._trailers.append(line)
             return True
-        parse_field_lines(self.trailers, "trailer")  # validated, then not needed
+        parse_field_lines(self._trailers, "trailer")  # validated, then not needed
         return bytes(self.body)
 
 
@@ -1713,56 +1713,56 @@ class ResponseParser:
     number of times, however the bytes are split, and each limit holds the same."""
 
     def __init__(self):
-        self.buffer = ReceiveBuffer()
-        self.response: Optional[ResponseHead] = None  # the response whose body is being read
-        self.reader: Optional[BodyReader] = None
+        self._buffer = ReceiveBuffer()
+        self._response: Optional[ResponseHead] = None  # the response whose body is being read
+        self._reader: Optional[BodyReader] = None
         self.closed = False  # a response that ends the connection was read
 
     @property
     def scanned(self) -> int:
-        return self.buffer.scanned
+        return self._buffer.scanned
 
     def feed(self, data: bytes) -> None:
         if not self.closed:
-            self.buffer += data
+            self._buffer += data
 
     def next_response(self) -> Optional[Response]:
-        while self.response is None:
+        while self._response is None:
             if self.closed:
                 return None
             head = self._read_head()
             if head is None:
                 return None
             if not head.interim:
-                self.response, self.reader = head, READERS[head.framing](head)
-        body = self.reader.read(self.buffer)
+                self._response, self._reader = head, READERS[head.framing](head)
+        body = self._reader.read(self._buffer)
         return None if body is None else self._complete(body)
 
     def end_of_stream(self) -> Optional[Response]:
         """The server closed: the response its close completes, or None when nothing was pending."""
-        body = None if self.response is None else self.reader.end_of_stream(self.buffer)
+        body = None if self._response is None else self._reader.end_of_stream(self._buffer)
         if body is not None:
             return self._complete(body)
-        if self.response is not None or (self.buffer and not self.closed):
+        if self._response is not None or (self._buffer and not self.closed):
             raise ConnectionLost("the connection closed in the middle of a response")
         return None
 
     def _complete(self, body: bytes) -> Response:
-        head, self.response, self.reader = self.response, None, None
+        head, self._response, self._reader = self._response, None, None
         if not head.persistent:
             self.closed = True
-            self.buffer.clear()
+            self._buffer.clear()
         return Response(head, body)
 
     def _read_head(self) -> Optional[ResponseHead]:
-        if not self.buffer.startswith(b"HTTP/1."[:len(self.buffer)]):
-            raise ProtocolError("%r where an HTTP/1.x status line should be" % bytes(self.buffer[:24]))
-        end = self.buffer.line_end(b"\r\n\r\n")
-        if end + 4 > MAX_RESPONSE_HEAD or (end < 0 and len(self.buffer) >= MAX_RESPONSE_HEAD):
+        if not self._buffer.startswith(b"HTTP/1."[:len(self._buffer)]):
+            raise ProtocolError("%r where an HTTP/1.x status line should be" % bytes(self._buffer[:24]))
+        end = self._buffer.line_end(b"\r\n\r\n")
+        if end + 4 > MAX_RESPONSE_HEAD or (end < 0 and len(self._buffer) >= MAX_RESPONSE_HEAD):
             raise ProtocolError("a response head longer than %d bytes" % MAX_RESPONSE_HEAD)
         if end < 0:
             return None
-        return parse_response_head(self.buffer.take(end + 4)[:-2])
+        return parse_response_head(self._buffer.take(end + 4)[:-2])
 
 
 # ---------------------------------------------------------------------------
@@ -1811,16 +1811,16 @@ class ConcurrencyLimit:
     def __init__(self, ceiling: int):
         self.ceiling = ceiling
         self.connections = min(START_CONNECTIONS, ceiling)
-        self.rates: dict[int, float] = {}  # answers per second measured at each number of connections
-        self.climbing = True  # doubling until a doubling does not pay
-        self.trying: Optional[int] = None  # a probe's level is being measured; back to this one otherwise
-        self.held_since = 0.0
-        self.probe_after = PROBE_FIRST_SECONDS
+        self._rates: dict[int, float] = {}  # answers per second measured at each number of connections
+        self._climbing = True  # doubling until a doubling does not pay
+        self._trying: Optional[int] = None  # a probe's level is being measured; back to this one otherwise
+        self._held_since = 0.0
+        self._probe_after = PROBE_FIRST_SECONDS
         self._restart(0.0)
 
     def _restart(self, now: float) -> None:
         """Measure from now: only requests sent from now on count."""
-        self.since, self.window_start, self.answers = now, None, 0
+        self.since, self._window_start, self.answers = now, None, 0
 
     def _set(self, connections: int, now: float) -> None:
         self.connections = max(1, min(self.ceiling, connections))
@@ -1829,34 +1829,34 @@ class ConcurrencyLimit:
     def answered(self, now: float, sent_at: float) -> None:
         if sent_at < self.since:
             return
-        if self.window_start is None:
-            self.window_start = now
+        if self._window_start is None:
+            self._window_start = now
             return
         self.answers += 1
-        elapsed = now - self.window_start
+        elapsed = now - self._window_start
         if elapsed >= LIMIT_WINDOW_SECONDS and self.answers >= LIMIT_WINDOW_ANSWERS * self.connections:
             self.decide(self.answers / elapsed, now)
 
     def decide(self, rate: float, now: float) -> None:
         """What one window measured: the plugin served `rate` answers a second at this many connections."""
         level = self.connections
-        held = self.rates.get(level) if not (self.climbing or self.trying) else None
-        self.rates[level] = rate if held is None else held + HELD_RATE_WEIGHT * (rate - held)
-        if self.trying is not None:
+        held = self._rates.get(level) if not (self._climbing or self._trying) else None
+        self._rates[level] = rate if held is None else held + HELD_RATE_WEIGHT * (rate - held)
+        if self._trying is not None:
             self._probed(level, rate, now)
-        elif self.climbing:
-            below = self.rates.get(level // 2)
+        elif self._climbing:
+            below = self._rates.get(level // 2)
             if below is not None and level > 1 and rate < below * (1 + THROUGHPUT_GAIN):
                 self._hold(level // 2, now)  # the doubling did not pay: the knee is below
             elif level >= self.ceiling:
                 self._hold(level, now)
             else:
                 self._set(level * 2, now)
-        elif now - self.held_since >= self.probe_after and level > 1:
-            self.trying = level
+        elif now - self._held_since >= self._probe_after and level > 1:
+            self._trying = level
             self._set(level // 2, now)
-        elif now - self.held_since >= self.probe_after and level < self.ceiling:
-            self.trying = level
+        elif now - self._held_since >= self._probe_after and level < self.ceiling:
+            self._trying = level
             self._set(level * 2, now)
         else:
             self._restart(now)
@@ -1865,17 +1865,17 @@ class ConcurrencyLimit:
         """A probe's window, from the level held (`trying`): keep fewer if they serve as much (within a third
         of the gain: a halving gives up less than a doubling must win), or more if they serve THROUGHPUT_GAIN
         more; after fewer did not, try more; else go back."""
-        held, self.trying = self.trying, None
-        if level < held and rate >= self.rates[held] * (1 - THROUGHPUT_GAIN / 3):
+        held, self._trying = self._trying, None
+        if level < held and rate >= self._rates[held] * (1 - THROUGHPUT_GAIN / 3):
             self._hold(level, now)
-        elif level > held and rate >= self.rates[held] * (1 + THROUGHPUT_GAIN):
-            self.climbing = True
+        elif level > held and rate >= self._rates[held] * (1 + THROUGHPUT_GAIN):
+            self._climbing = True
             if level < self.ceiling:
                 self._set(level * 2, now)
             else:
                 self._hold(level, now)
         elif level < held and held < self.ceiling:
-            self.trying = held
+            self._trying = held
             self._set(held * 2, now)
         else:
             self._hold(held, now, again=True)
@@ -1883,24 +1883,24 @@ class ConcurrencyLimit:
     def _hold(self, connections: int, now: float, again: bool = False) -> None:
         """Hold a level: probe it after PROBE_FIRST_SECONDS, or `again` (a probe came back to it) after twice
         as long as last time."""
-        self.probe_after = min(PROBE_SECONDS, self.probe_after * 2) if again else PROBE_FIRST_SECONDS
-        self.climbing = False
-        self.held_since = now
+        self._probe_after = min(PROBE_SECONDS, self._probe_after * 2) if again else PROBE_FIRST_SECONDS
+        self._climbing = False
+        self._held_since = now
         self._set(connections, now)
 
     def overloaded(self, now: float) -> None:
         """The plugin said it is overloaded (429, 503): half as many, at most once per window."""
         if now - self.since >= LIMIT_WINDOW_SECONDS:
-            self.trying = None
+            self._trying = None
             self._hold(self.connections // 2, now)
 
     def idle(self) -> None:
         """Nothing is in flight for a while (the mode works on something else): no window spans it."""
-        self.window_start, self.answers = None, 0
+        self._window_start, self.answers = None, 0
 
     def stalled(self, now: float) -> None:
         """A connection failed or an answer timed out."""
-        self.trying = None
+        self._trying = None
         self._hold(self.connections // 2, now)
 
 
@@ -1913,37 +1913,37 @@ class LoadStatistics:
     EDGES = [1e-5 * 1.05 ** bucket for bucket in range(int(math.log(1e8) / math.log(1.05)) + 1)]
 
     def __init__(self):
-        self.counts = [0] * (len(self.EDGES) + 1)  # the last: beyond the last edge
+        self._counts = [0] * (len(self.EDGES) + 1)  # the last: beyond the last edge
         self.answers = 0
-        self.in_flight_range: Optional[tuple[int, int]] = None
-        self.first_sent: Optional[float] = None
-        self.last_answer = 0.0
+        self._in_flight_range: Optional[tuple[int, int]] = None
+        self._first_sent: Optional[float] = None
+        self._last_answer = 0.0
 
     def sent(self, now: float, in_flight: int, more: bool) -> None:
-        if self.first_sent is None and in_flight:
-            self.first_sent = now
+        if self._first_sent is None and in_flight:
+            self._first_sent = now
         if more:
-            low, high = self.in_flight_range or (in_flight, in_flight)
-            self.in_flight_range = (min(low, in_flight), max(high, in_flight))
+            low, high = self._in_flight_range or (in_flight, in_flight)
+            self._in_flight_range = (min(low, in_flight), max(high, in_flight))
 
     def answered(self, now: float, sent_at: float) -> None:
         self.answers += 1
-        self.last_answer = now
-        self.counts[bisect.bisect_left(self.EDGES, now - sent_at)] += 1
+        self._last_answer = now
+        self._counts[bisect.bisect_left(self.EDGES, now - sent_at)] += 1
 
     def latency_ms(self, q: float) -> Optional[float]:
         """The upper edge of the bucket that holds the q-quantile, or None with no answers."""
         wanted, seen = q * self.answers, 0
-        for bucket, count in enumerate(self.counts if self.answers else ()):
+        for bucket, count in enumerate(self._counts if self.answers else ()):
             seen += count
             if seen >= wanted:
                 return round(self.EDGES[min(bucket, len(self.EDGES) - 1)] * 1e3, 2)
         return None
 
     def to_json(self) -> dict[str, object]:
-        low, high = self.in_flight_range or (0, 0)
+        low, high = self._in_flight_range or (0, 0)
         return {"answered": self.answers, "in_flight_min": low, "in_flight_max": high,
-                "seconds": round(self.last_answer - self.first_sent, 3) if self.first_sent else 0.0,
+                "seconds": round(self._last_answer - self._first_sent, 3) if self._first_sent else 0.0,
                 "latency_p50_ms": self.latency_ms(0.5), "latency_p99_ms": self.latency_ms(0.99)}
 
 
@@ -1958,33 +1958,33 @@ class Pacing:
     def __init__(self, max_rate: float):
         self.interval = 1.0 / max_rate if max_rate else 0.0
         self.next_slot = 0.0
-        self.last_wait = float("-inf")  # when a request last had to wait for the cap
-        self.answer_rate = 0.0  # responses per second, a moving average, while the window is full
-        self.read_every = 0.0
-        self.last_read = 0.0
+        self._last_wait = float("-inf")  # when a request last had to wait for the cap
+        self._answer_rate = 0.0  # responses per second, a moving average, while the window is full
+        self._read_every = 0.0
+        self._last_read = 0.0
 
     def send_delay(self, now: float) -> float:
         """0 when a request may go now (it takes the slot), else the seconds until it may."""
         if now < self.next_slot:
-            self.last_wait = now
+            self._last_wait = now
             return self.next_slot - now
         self.next_slot = max(self.next_slot, now - self.interval) + self.interval
         return 0.0
 
     def capping(self) -> bool:
-        return time.monotonic() - self.last_wait < 2.0
+        return time.monotonic() - self._last_wait < 2.0
 
     def read_pause(self, now: float, full: bool) -> float:
         """Seconds to wait before the next read of answers."""
-        return max(0.0, self.last_read + self.read_every - now) if full else 0.0
+        return max(0.0, self._last_read + self._read_every - now) if full else 0.0
 
     def read(self, now: float, answers: int, window: int, full: bool) -> None:
         """A read brought `answers` for a `window` of requests, full or not."""
         if full and answers:
-            rate = answers / max(now - self.last_read, 1e-6)
-            self.answer_rate = rate if not self.answer_rate else 0.8 * self.answer_rate + 0.2 * rate
-            self.read_every = min(MAX_PACE_SECONDS, 0.5 * window / self.answer_rate)
-        self.last_read = now
+            rate = answers / max(now - self._last_read, 1e-6)
+            self._answer_rate = rate if not self._answer_rate else 0.8 * self._answer_rate + 0.2 * rate
+            self._read_every = min(MAX_PACE_SECONDS, 0.5 * window / self._answer_rate)
+        self._last_read = now
 
 
 JSON_ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"), check_circular=False)
@@ -2037,19 +2037,19 @@ class WriteConnection:
         self.address = address
         self.tls_context = tls_context
         self.received = received  # the stream's one receive buffer (one loop reads them all)
-        self.would_block: tuple[type, ...] = (BlockingIOError,)
+        self._would_block: tuple[type, ...] = (BlockingIOError,)
         if tls_context is not None:
-            self.would_block += (ssl.SSLWantReadError, ssl.SSLWantWriteError)
+            self._would_block += (ssl.SSLWantReadError, ssl.SSLWantWriteError)
         self.timeout = timeout
-        self.sock = None
-        self.parser: Optional[ResponseParser] = None
+        self._sock = None
+        self._parser: Optional[ResponseParser] = None
         self.outgoing = b""  # requests the socket has not taken yet
         self.in_flight: deque[Job] = deque()
         self.pipelining = False
-        self.last_used = 0.0
+        self._last_used = 0.0
 
     def fileno(self) -> int:
-        return self.sock.fileno()
+        return self._sock.fileno()
 
     def free_slots(self, depth: int) -> int:
         if self.pipelining:
@@ -2063,14 +2063,14 @@ class WriteConnection:
 
     def send(self, jobs: list[Job], now: float) -> None:
         """Send the requests, pipelined; on OSError they stay in flight, unanswered."""
-        if (self.sock is not None and not self.in_flight and now - self.last_used > IDLE_CHECK_SECONDS
-                and select.select([self.sock], [], [], 0)[0]):
+        if (self._sock is not None and not self.in_flight and now - self._last_used > IDLE_CHECK_SECONDS
+                and select.select([self._sock], [], [], 0)[0]):
             self.close()  # closed by the server while idle (or it sent what nobody asked for)
         for job in jobs:
             job.sent_at = now
         self.in_flight.extend(jobs)
-        self.last_used = now
-        if self.sock is None:
+        self._last_used = now
+        if self._sock is None:
             self._open()
         self.outgoing += jobs[0].request if len(jobs) == 1 else b"".join([job.request for job in jobs])
         self.flush()
@@ -2078,8 +2078,8 @@ class WriteConnection:
     def flush(self) -> None:
         """Send what the socket takes now; the rest waits until it is writable again."""
         try:
-            sent = self.sock.send(self.outgoing)
-        except self.would_block:
+            sent = self._sock.send(self.outgoing)
+        except self._would_block:
             return
         self.outgoing = self.outgoing[sent:]
 
@@ -2093,33 +2093,33 @@ class WriteConnection:
         except BaseException:
             sock.close()
             raise
-        self.sock, self.parser, self.pipelining, self.outgoing = sock, ResponseParser(), False, b""
+        self._sock, self._parser, self.pipelining, self.outgoing = sock, ResponseParser(), False, b""
 
     def receive(self, now: float) -> tuple[list[Response], bool]:
         """The responses that have arrived (maybe none), and whether the server closed."""
         try:
-            size = self.sock.recv_into(self.received)
-        except self.would_block:
+            size = self._sock.recv_into(self.received)
+        except self._would_block:
             return [], False
-        self.last_used = now
+        self._last_used = now
         if not size:
-            final = self.parser.end_of_stream()
+            final = self._parser.end_of_stream()
             return ([] if final is None else [final]), True
-        self.parser.feed(self.received[:size])
-        while self.tls_context is not None and self.sock.pending():  # decrypted, not yet read
-            self.parser.feed(self.received[:self.sock.recv_into(self.received)])
+        self._parser.feed(self.received[:size])
+        while self.tls_context is not None and self._sock.pending():  # decrypted, not yet read
+            self._parser.feed(self.received[:self._sock.recv_into(self.received)])
         responses = []
-        response = self.parser.next_response()
+        response = self._parser.next_response()
         while response is not None:
             responses.append(response)
-            response = self.parser.next_response()
+            response = self._parser.next_response()
         return responses, False
 
     def close(self) -> list[Job]:
         """Close the connection; return the requests still unanswered on it."""
-        if self.sock is not None:
-            self.sock.close()
-        self.sock, self.parser, self.pipelining, self.outgoing = None, None, False, b""
+        if self._sock is not None:
+            self._sock.close()
+        self._sock, self._parser, self.pipelining, self.outgoing = None, None, False, b""
         unanswered = list(self.in_flight)
         self.in_flight.clear()
         return unanswered
@@ -2149,18 +2149,18 @@ class WriteStream:
         self.limit = ConcurrencyLimit(ceiling)
         self.received = memoryview(bytearray(RECEIVE_BYTES))
         self.connections: list[WriteConnection] = []
-        self.ready: deque[Job] = deque()  # to send, oldest first
-        self.retrying: list[Job] = []  # to send again after their backoff
+        self._ready: deque[Job] = deque()  # to send, oldest first
+        self._retrying: list[Job] = []  # to send again after their backoff
         self.fatal: Optional[BackfillError] = None
-        self.stats = LoadStatistics()
-        self.pacing = Pacing(max_rate)
+        self._stats = LoadStatistics()
+        self._pacing = Pacing(max_rate)
         self.health = health  # what /v1/health says when it is not ok (None when it is)
-        self.health_said: Optional[str] = None
-        self.health_asked_at = float("-inf")
+        self._health_said: Optional[str] = None
+        self._health_asked_at = float("-inf")
         self.unwell: Optional[str] = None  # what the plugin last said when it was unwell
 
     def submit(self, job: Job) -> None:
-        self.ready.append(job)
+        self._ready.append(job)
 
     def fail(self, error: BackfillError) -> None:
         self.fatal = self.fatal or error
@@ -2177,7 +2177,7 @@ class WriteStream:
 
     def pending(self) -> int:
         """Jobs submitted and not yet answered for good."""
-        return len(self.ready) + len(self.retrying) + self.in_flight()
+        return len(self._ready) + len(self._retrying) + self.in_flight()
 
     def drive(self, mode: StreamMode) -> Optional[BackfillError]:
         """Send every job mode.fill() gives; return when each has its final answer (or the run stopped), with
@@ -2186,14 +2186,14 @@ class WriteStream:
         more = True
         while True:
             if self.stop.is_set():
-                self.ready.clear()
-                self.retrying.clear()
+                self._ready.clear()
+                self._retrying.clear()
             else:
-                if more and len(self.ready) < self.capacity():
+                if more and len(self._ready) < self.capacity():
                     more = fill(self.capacity() + READ_AHEAD_ROWS - self.pending())
                 self._send()
             busy = [connection for connection in self.connections if connection.in_flight]
-            if not (busy or self.ready or self.retrying or (more and not self.stop.is_set())):
+            if not (busy or self._ready or self._retrying or (more and not self.stop.is_set())):
                 self.limit.idle()
                 return self.fatal
             self._wait(busy, answered)
@@ -2205,7 +2205,7 @@ class WriteStream:
     def load(self) -> dict[str, object]:
         """What an operator watches on a live tenant: connections in use (the requests the plugin
         works on at once) and the ceiling, writes in flight, the plugin's answer latency, retries."""
-        return {**self.stats.to_json(), "in_flight": self.in_flight(), "connections": self.limit.connections,
+        return {**self._stats.to_json(), "in_flight": self.in_flight(), "connections": self.limit.connections,
                 "connections_in_use": sum(1 for connection in self.connections if connection.in_flight),
                 "connections_ceiling": self.ceiling,
                 "retries": self.retry.granted, "last_retry_reason": self.retry.last_reason}
@@ -2217,7 +2217,7 @@ class WriteStream:
             load["in_flight_max"])
         if load["latency_p50_ms"] is not None:
             text += ", latency p50 %.1f ms p99 %.1f ms" % (load["latency_p50_ms"], load["latency_p99_ms"])
-        if self.pacing.capping():
+        if self._pacing.capping():
             text += ", capped by --max-rate"
         return text + ", " + self.retry.describe()
 
@@ -2225,12 +2225,12 @@ class WriteStream:
 
     def _send(self) -> None:
         now = time.monotonic()
-        if self.retrying:
-            due = sorted((job for job in self.retrying if job.not_before <= now), key=lambda job: job.number)
+        if self._retrying:
+            due = sorted((job for job in self._retrying if job.not_before <= now), key=lambda job: job.number)
             if due:
-                self.retrying = [job for job in self.retrying if job.not_before > now]
-                self.ready.extendleft(reversed(due))
-        if not self.ready:
+                self._retrying = [job for job in self._retrying if job.not_before > now]
+                self._ready.extendleft(reversed(due))
+        if not self._ready:
             return
         working = self.limit.connections
         while len(self.connections) < working:
@@ -2240,16 +2240,16 @@ class WriteStream:
         for connection in self.connections[:working]:
             batch: list[Job] = []
             slots = connection.free_slots(depth)
-            while slots > len(batch) and self.ready and not self.stop.is_set():
-                if self.pacing.interval and self.pacing.send_delay(now) > 0:
+            while slots > len(batch) and self._ready and not self.stop.is_set():
+                if self._pacing.interval and self._pacing.send_delay(now) > 0:
                     break
-                batch.append(self.ready.popleft())
+                batch.append(self._ready.popleft())
             if batch:
                 try:
                     connection.send(batch, now)
                 except OSError as exc:
                     self._connection_failed(connection, exc, now)
-        self.stats.sent(now, self.in_flight(), bool(self.ready))
+        self._stats.sent(now, self.in_flight(), bool(self._ready))
 
     # --- receiving --------------------------------------------------------
 
@@ -2262,13 +2262,13 @@ class WriteStream:
             time.sleep(max(0.0, self._wake_time(now) - now))
             return
         full = self.depth() > 1 and sum(len(connection.in_flight) for connection in busy) >= self.capacity()
-        if pause := self.pacing.read_pause(now, full):
+        if pause := self._pacing.read_pause(now, full):
             time.sleep(pause)
             now = time.monotonic()
-        answers = self.stats.answers
+        answers = self._stats.answers
         for connection in busy:  # answers are usually there by now: no select() first
             self._receive(connection, now, answered)
-        if self.stats.answers == answers:
+        if self._stats.answers == answers:
             busy = [connection for connection in self.connections if connection.in_flight]
             if busy:
                 readable, writable, _ = select.select(
@@ -2283,7 +2283,7 @@ class WriteStream:
                 for connection in readable:
                     if connection.in_flight:
                         self._receive(connection, now, answered)
-        self.pacing.read(now, self.stats.answers - answers, self.capacity(), full)
+        self._pacing.read(now, self._stats.answers - answers, self.capacity(), full)
         for connection in self.connections:
             if connection.in_flight and now >= connection.deadline():
                 self._connection_failed(connection, ConnectionLost(
@@ -2295,10 +2295,10 @@ class WriteStream:
         deadlines = [connection.deadline() for connection in self.connections if connection.in_flight]
         if deadlines:
             wake = min(wake, min(deadlines))
-        if self.retrying:
-            wake = min(wake, min(job.not_before for job in self.retrying))
-        if self.ready and self.pacing.interval:
-            wake = min(wake, self.pacing.next_slot)
+        if self._retrying:
+            wake = min(wake, min(job.not_before for job in self._retrying))
+        if self._ready and self._pacing.interval:
+            wake = min(wake, self._pacing.next_slot)
         return wake
 
     def _receive(self, connection: WriteConnection, now: float,
@@ -2316,14 +2316,14 @@ class WriteStream:
                 self._protocol_error(connection, ProtocolError("a response to no request"))
                 return
             job = connection.in_flight.popleft()
-            self.stats.answered(now, job.sent_at)
+            self._stats.answered(now, job.sent_at)
             if response.head.status in OVERLOAD_STATUSES:  # a sign of overload, not a sample of its rate
                 self.limit.overloaded(now)
             else:
                 self.limit.answered(now, job.sent_at)
             self._answered(job, response, now, answered)
             if not response.head.persistent:  # the rest were not answered: send them again
-                self.ready.extendleft(reversed(connection.close()))
+                self._ready.extendleft(reversed(connection.close()))
                 return
             connection.pipelining = True
         if closed:
@@ -2348,16 +2348,16 @@ class WriteStream:
                 "stopped, no row counted as refused. Check the plugin and its database, then re-run to "
                 "resume."
                 % (self.address.url, self.retry.retries, self.unwell,
-                   "; " + self.health_said if self.health_said else "")))
+                   "; " + self._health_said if self._health_said else "")))
 
     def _health_problem(self, now: float) -> Optional[str]:
         """Before a 500 is taken as the request's fault: what /v1/health says if it is not ok (asked at most
         every HEALTH_RECHECK_SECONDS), as the retry's reason."""
         if self.health is None:
             return None
-        if now - self.health_asked_at >= HEALTH_RECHECK_SECONDS:
-            self.health_said, self.health_asked_at = self.health(), now
-        return "HTTP 500 while " + self.health_said if self.health_said else None
+        if now - self._health_asked_at >= HEALTH_RECHECK_SECONDS:
+            self._health_said, self._health_asked_at = self.health(), now
+        return "HTTP 500 while " + self._health_said if self._health_said else None
 
     def _retry(self, job: Job, now: float, reason: str, retry_after: Optional[bytes] = None) -> bool:
         """Queue the job to go again, as RetryRule says; False when it has no retry left."""
@@ -2366,7 +2366,7 @@ class WriteStream:
         if delay is None:
             return False
         job.not_before = now + delay
-        self.retrying.append(job)
+        self._retrying.append(job)
         return True
 
     def _connection_failed(self, connection: WriteConnection, error: Exception, now: float,
@@ -2502,15 +2502,15 @@ class RecordFinder:
                  workspaces: list[str], pool):
         self.plugin = plugin
         self.database = database
-        self.tree = tree
+        self._tree = tree
         self.pool = pool
-        self.every_namespace = tree.namespaces()
-        self.tenant_namespaces = [self.every_namespace[n:n + NAMESPACES_PER_SEARCH]
-                                  for n in range(0, len(self.every_namespace), NAMESPACES_PER_SEARCH)]
+        self._every_namespace = tree.namespaces()
+        self._tenant_namespaces = [self._every_namespace[n:n + NAMESPACES_PER_SEARCH]
+                                  for n in range(0, len(self._every_namespace), NAMESPACES_PER_SEARCH)]
         self.expected = database.rows_per_namespace(tree)  # what the legacy rows make of each namespace
-        self.listings: dict[str, dict[str, dict]] = {}  # namespace read whole -> its records by id
-        self.crowded: dict[str, dict[str, dict]] = {}  # namespace over the cap -> its newest records by id
-        self.users = Counter(name for workspace in workspaces for name in self._written(workspace))
+        self._listings: dict[str, dict[str, dict]] = {}  # namespace read whole -> its records by id
+        self._crowded: dict[str, dict[str, dict]] = {}  # namespace over the cap -> its newest records by id
+        self._users = Counter(name for workspace in workspaces for name in self._written(workspace))
         self.tenant: Optional[Reading] = None  # the tenant read whole, its misplaced records kept
 
     def _written(self, workspace: Optional[str]) -> list[str]:
@@ -2518,17 +2518,17 @@ class RecordFinder:
         names = []
         for scope in SCOPE_KINDS:
             with contextlib.suppress(RowSkipped):
-                names.append(resolve_target(workspace, scope, self.tree).namespace)
+                names.append(resolve_target(workspace, scope, self._tree).namespace)
         return names
 
     def done_with(self, workspaces: list[Optional[str]]) -> None:
         """Forget what only these (finished) workspaces needed: memory stays flat."""
         for workspace in workspaces:
             for namespace in self._written(workspace):
-                self.users[namespace] -= 1
-                if self.users[namespace] <= 0:
-                    self.listings.pop(namespace, None)
-                    self.crowded.pop(namespace, None)
+                self._users[namespace] -= 1
+                if self._users[namespace] <= 0:
+                    self._listings.pop(namespace, None)
+                    self._crowded.pop(namespace, None)
 
     # --- reading namespaces whole ---------------------------------------------
 
@@ -2558,7 +2558,7 @@ class RecordFinder:
 
     def _read_written(self, namespaces: set) -> None:
         """The namespaces rows are written to, read once while a workspace still needs them."""
-        unread = sorted(namespaces - set(self.listings) - set(self.crowded))
+        unread = sorted(namespaces - set(self._listings) - set(self._crowded))
         if not unread:
             return
         found: dict[str, dict[str, dict]] = {namespace: {} for namespace in unread}
@@ -2572,10 +2572,10 @@ class RecordFinder:
         reading = self.read_whole(unread, keep)
         for namespace in unread:
             if namespace in reading.whole:
-                self.listings[namespace] = found[namespace]
+                self._listings[namespace] = found[namespace]
             elif namespace in reading.over_cap:
-                self.crowded[namespace] = found[namespace]
-        self.refused_namespaces = reading.refused
+                self._crowded[namespace] = found[namespace]
+        self._refused_namespaces = reading.refused
 
     def misplaced(self) -> Reading:
         """The whole tenant read once: of its records, those a backfill wrote (their id is a legacy row's)
@@ -2586,11 +2586,11 @@ class RecordFinder:
 
             def keep(records: list[dict]) -> None:
                 ids = [record["id"] for record in records if _is_uuid(record["id"])]
-                homes = self.database.targets_of(ids, self.tree)
+                homes = self.database.targets_of(ids, self._tree)
                 kept.extend(record for record in records
                             if record["id"] in homes and homes[record["id"]] != record.get("namespace"))
 
-            reading = self.read_whole(self.every_namespace, keep)
+            reading = self.read_whole(self._every_namespace, keep)
             self.tenant = reading._replace(records=kept)
         return self.tenant
 
@@ -2603,16 +2603,16 @@ class RecordFinder:
         them where -apply writes them), and returns those it proved are not there: the rows it took and did
         not return get no Lookup."""
         wanted = {s.row.id for s in sought}
-        self.refused_namespaces: dict = {}
+        self._refused_namespaces: dict = {}
         self._read_written({s.namespace for s in sought if s.namespace})
         seen: dict[str, dict] = {}
         for s in sought:
-            record = (self.listings.get(s.namespace) or self.crowded.get(s.namespace) or {}).get(s.row.id)
+            record = (self._listings.get(s.namespace) or self._crowded.get(s.namespace) or {}).get(s.row.id)
             if record is not None:
                 seen[s.row.id] = record
-        refused = {s.row.id: self.refused_namespaces[s.namespace] for s in sought
-                   if s.namespace in self.refused_namespaces}
-        crowded = [s for s in sought if s.namespace in self.crowded and s.row.id not in seen]
+        refused = {s.row.id: self._refused_namespaces[s.namespace] for s in sought
+                   if s.namespace in self._refused_namespaces}
+        crowded = [s for s in sought if s.namespace in self._crowded and s.row.id not in seen]
         if crowded and not_at_home is not None:
             proven = {s.row.id for s in not_at_home(crowded)}
             taken = {s.row.id for s in crowded} - proven
@@ -2628,7 +2628,7 @@ class RecordFinder:
             beyond = sorted(tenant.over_cap | set(tenant.refused))  # where a row could hide, unread
             unseen = [s for s in unseen if s.row.id not in seen]
             for s in unseen:
-                at_home = s.namespace in self.listings or whole_there.get(s.row.id, False) or not s.namespace
+                at_home = s.namespace in self._listings or whole_there.get(s.row.id, False) or not s.namespace
                 complete[s.row.id] = at_home and not beyond
             searched = [s for s in unseen if not complete[s.row.id]]
             chunks = [beyond[n:n + NAMESPACES_PER_SEARCH]
@@ -2656,7 +2656,7 @@ class RecordFinder:
         """Every place it could be was read whole: no word of it was needed to look."""
         tenant = self.tenant
         return (tenant is not None and not tenant.over_cap and not tenant.refused
-                and (sought.namespace is None or sought.namespace in self.listings))
+                and (sought.namespace is None or sought.namespace in self._listings))
 
     def _search_crowded(self, sought: list[Sought], crowded: list[Sought], seen: dict, refused: dict,
                         wanted: set) -> dict[str, bool]:
@@ -2665,7 +2665,7 @@ class RecordFinder:
         whether that own-words search came back whole (so that, with words, it is not there)."""
         if not crowded:
             return {}
-        in_crowded = [s for s in sought if s.namespace in self.crowded]
+        in_crowded = [s for s in sought if s.namespace in self._crowded]
         for records, _, _ in self.pool.map(lambda search: self._search([search[0]], search[1], wanted),
                                            shared_word_searches(in_crowded, crowded)):
             _keep(seen, records, wanted)  # a refused one: its rows are searched for one by one
@@ -2687,8 +2687,8 @@ class RecordFinder:
         rows by its words (about one search per NAMESPACES_PER_SEARCH namespaces, and the fallbacks)."""
         if self.tenant is not None:
             return True
-        reading = len(_packed(self.every_namespace, self.expected)) * 2
-        return unseen * 2 * len(self.tenant_namespaces) >= reading
+        reading = len(_packed(self._every_namespace, self.expected)) * 2
+        return unseen * 2 * len(self._tenant_namespaces) >= reading
 
     def _searchable(self, unseen: list[Sought]) -> dict[str, bool]:
         """Whether a search for each row's own words could find it: it has words, or is one character."""
@@ -2724,7 +2724,7 @@ class RecordFinder:
             if any(record["id"] == sought.row.id for record in found):
                 return records, True, None
         whole = True
-        for namespaces in self.tenant_namespaces if places is None else places:
+        for namespaces in self._tenant_namespaces if places is None else places:
             found, complete, error = self._search(namespaces, search_query(sought.content), {sought.row.id})
             records += found
             refused, whole = refused or error, whole and complete
@@ -2734,8 +2734,8 @@ class RecordFinder:
 
     def _nearby(self, sought: Sought) -> list[str]:
         """The namespaces the row's workspace reads, and the one the row is written to."""
-        names = set(self.tree.readable_namespaces(sought.row.workspace_id)) \
-            if sought.row.workspace_id in self.tree else set()
+        names = set(self._tree.readable_namespaces(sought.row.workspace_id)) \
+            if sought.row.workspace_id in self._tree else set()
         return sorted(names | ({sought.namespace} if sought.namespace else set()))
 
 
@@ -2841,10 +2841,10 @@ class FailureLog:
     """--failures FILE: one JSON object per line (ids, reasons, namespaces, never content)."""
 
     def __init__(self, path: Optional[str], append: bool = False):
-        self.file = None
+        self._file = None
         if path:
             try:
-                self.file = open(path, "a" if append else "w", encoding="utf-8")
+                self._file = open(path, "a" if append else "w", encoding="utf-8")
             except OSError as exc:
                 raise UsageError("Cannot write the failures file %s (%s); choose a writable path."
                                  % (path, exc.strerror)) from None
@@ -2854,13 +2854,13 @@ class FailureLog:
                     **{key: value for key, value in entry.items() if value is not None}})
 
     def write(self, entry: dict[str, object]) -> None:
-        if self.file is not None:
-            self.file.write(json.dumps(entry, ensure_ascii=False) + "\n")
-            self.file.flush()
+        if self._file is not None:
+            self._file.write(json.dumps(entry, ensure_ascii=False) + "\n")
+            self._file.flush()
 
     def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 class Counted(Protocol):
@@ -2885,56 +2885,56 @@ class Progress:
 
     def __init__(self, stream, shown: bool = True):
         self.stream = stream
-        self.shown = shown
-        self.tty = bool(getattr(stream, "isatty", lambda: False)())
-        self.activity, self.since = "starting", time.monotonic()
+        self._shown = shown
+        self._tty = bool(getattr(stream, "isatty", lambda: False)())
+        self._activity, self.since = "starting", time.monotonic()
         self.report: Optional[Counted] = None
-        self.total = 0
-        self.details: Callable[[], str] = str
-        self.drawn = False  # a line of ours is on the terminal
+        self._total = 0
+        self._details: Callable[[], str] = str
+        self._drawn = False  # a line of ours is on the terminal
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, name="progress", daemon=True)
 
     def __enter__(self) -> Progress:
-        if self.shown:
+        if self._shown:
             self.thread.start()
         return self
 
     def __exit__(self, *exc_info) -> None:
-        if not self.shown:
+        if not self._shown:
             return
         self.stopped.set()
         self.thread.join()
-        if self.tty and self.drawn:  # the last redraw: clear what it overwrites, and keep the rows line
+        if self._tty and self._drawn:  # the last redraw: clear what it overwrites, and keep the rows line
             self.stream.write("\r\x1b[K" + (self.line() + "\n" if self.report is not None else ""))
             self.stream.flush()
 
     def doing(self, activity: str) -> None:
         """What the run waits for now, until count() is called."""
-        self.activity, self.since = activity, time.monotonic()
+        self._activity, self.since = activity, time.monotonic()
 
     def count(self, report: Counted, total: int, details: Callable[[], str] = str) -> None:
         """Rows move from now on (the report last: the thread draws rows once it is set)."""
-        self.total, self.details, self.since = total, details, time.monotonic()
+        self._total, self._details, self.since = total, details, time.monotonic()
         self.report = report
 
     def line(self) -> str:
         elapsed = max(time.monotonic() - self.since, 1e-6)
         if self.report is None:
-            return "%s (%.0f s)" % (self.activity, elapsed)
+            return "%s (%.0f s)" % (self._activity, elapsed)
         done = self.report.done
         rate = done / elapsed
-        eta = "%ds" % ((self.total - done) / rate) if rate > 0 and done < self.total else "-"
-        percent = 100.0 * done / self.total if self.total else 100.0
+        eta = "%ds" % ((self._total - done) / rate) if rate > 0 and done < self._total else "-"
+        percent = 100.0 * done / self._total if self._total else 100.0
         return "%d/%d rows (%.0f%%), %.0f rows/s, ETA %s, errors %d%s" % (
-            done, self.total, percent, rate, eta, self.report.errors, self.details())
+            done, self._total, percent, rate, eta, self.report.errors, self._details())
 
     def _run(self) -> None:
-        interval = PROGRESS_TTY_SECONDS if self.tty else PROGRESS_LOG_SECONDS
+        interval = PROGRESS_TTY_SECONDS if self._tty else PROGRESS_LOG_SECONDS
         while not self.stopped.wait(interval):
-            if self.tty:
+            if self._tty:
                 self.stream.write("\r\x1b[K" + self.line())
-                self.drawn = True
+                self._drawn = True
             else:
                 self.stream.write("progress: %s\n" % self.line())
             self.stream.flush()
@@ -3211,11 +3211,11 @@ class Checkpoint:
     def __init__(self, path: str, identity: dict[str, object], position: Optional[dict] = None,
                  rows_done: int = 0, complete: bool = False):
         self.path = path
-        self.identity = identity
+        self._identity = identity
         self.position = position
-        self.rows_done = rows_done
+        self._rows_done = rows_done
         self.complete = complete
-        self.saved_at = 0.0
+        self._saved_at = 0.0
         self.lock: Optional[int] = None  # the locked file's descriptor
 
     @classmethod
@@ -3270,15 +3270,15 @@ class Checkpoint:
     def advance(self, position: tuple[Optional[str], str], rows: int) -> None:
         """Every row up to `position` is done: `rows` more than before."""
         self.position = {"created_at": position[0], "id": position[1]}
-        self.rows_done += rows
-        if time.monotonic() - self.saved_at >= CHECKPOINT_SAVE_SECONDS:
+        self._rows_done += rows
+        if time.monotonic() - self._saved_at >= CHECKPOINT_SAVE_SECONDS:
             self.save()
 
     def save(self, complete: bool = False) -> None:
         """Replace the file; on a failure (a full disk) the file stays as it was, and no temporary is left."""
         self.complete = complete
-        data = {"tool": PROG, "format": 1, "identity": self.identity, "position": self.position,
-                "rows_done": self.rows_done, "complete": complete}
+        data = {"tool": PROG, "format": 1, "identity": self._identity, "position": self.position,
+                "rows_done": self._rows_done, "complete": complete}
         temporary = self.path + ".tmp"
         created = False
         try:
@@ -3294,7 +3294,7 @@ class Checkpoint:
                     os.unlink(temporary)
             raise UsageError("Cannot write the checkpoint %s (%s); choose a writable path."
                              % (self.path, exc.strerror)) from None
-        self.saved_at = time.monotonic()
+        self._saved_at = time.monotonic()
 
     def close(self) -> None:
         if self.lock is not None:
@@ -3351,38 +3351,38 @@ class LowWaterMark:
 
     def __init__(self, checkpoint: Optional[Checkpoint]):
         self.checkpoint = checkpoint
-        self.next_number = 0
-        self.low_water = -1  # every row numbered <= this is done
-        self.settled: set = set()  # rows done above the mark
-        self.positions: dict[int, tuple[Optional[str], str]] = {}
+        self._next_number = 0
+        self._low_water = -1  # every row numbered <= this is done
+        self._settled: set = set()  # rows done above the mark
+        self._positions: dict[int, tuple[Optional[str], str]] = {}
         # After a refused row the mark cannot pass it in this run: stop tracking
         # (memory stays flat); a resume starts again at that row.
-        self.frozen = False
+        self._frozen = False
 
     def number(self, row: LegacyRow) -> int:
-        number = self.next_number
-        self.next_number += 1
-        if not self.frozen:
-            self.positions[number] = (row.legacy.get("created_at"), row.id)
+        number = self._next_number
+        self._next_number += 1
+        if not self._frozen:
+            self._positions[number] = (row.legacy.get("created_at"), row.id)
         return number
 
     def done(self, number: int) -> None:
         """Row `number` is done; raises BackfillError if the checkpoint cannot be saved."""
-        if self.frozen:
+        if self._frozen:
             return
-        self.settled.add(number)
-        before = self.low_water
-        while self.low_water + 1 in self.settled:
-            self.low_water += 1
-            self.settled.discard(self.low_water)
-            position = self.positions.pop(self.low_water)
-        if self.checkpoint is not None and self.low_water > before:
-            self.checkpoint.advance(position, self.low_water - before)
+        self._settled.add(number)
+        before = self._low_water
+        while self._low_water + 1 in self._settled:
+            self._low_water += 1
+            self._settled.discard(self._low_water)
+            position = self._positions.pop(self._low_water)
+        if self.checkpoint is not None and self._low_water > before:
+            self.checkpoint.advance(position, self._low_water - before)
 
     def freeze(self) -> None:
-        self.frozen = True
-        self.settled.clear()
-        self.positions.clear()
+        self._frozen = True
+        self._settled.clear()
+        self._positions.clear()
 
 
 # ---------------------------------------------------------------------------
@@ -3434,18 +3434,18 @@ class ApplyWrites:
         self.log = log
         self.failures = failures
         self.stream = stream
-        self.outcomes = outcomes
+        self._outcomes = outcomes
         self.max_consecutive_failures = settings.max_consecutive_failures
         self.mark = LowWaterMark(checkpoint)
-        self.heads: dict[str, bytes] = {}  # namespace -> the start of its POST
+        self._heads: dict[str, bytes] = {}  # namespace -> the start of its POST
         self.namespaces: set = set()  # upserted in this run
-        self.consecutive_failures = 0
+        self._consecutive_failures = 0
 
     def fill(self, room: int) -> bool:
         """Plan up to `room` more writes; False once there are no more rows."""
         while room > 0:
             try:
-                outcome = next(self.outcomes, None)
+                outcome = next(self._outcomes, None)
             except BackfillError as exc:  # the legacy database was lost
                 self.stream.fail(exc)
                 return False
@@ -3464,7 +3464,7 @@ class ApplyWrites:
             if outcome.target.namespace not in self.namespaces and not self._upsert_namespace(job):
                 continue
             try:
-                job.request = write_request(self.plugin.address, outcome, self.heads)
+                job.request = write_request(self.plugin.address, outcome, self._heads)
             except RowFailed as exc:
                 self._refused(job, exc)
                 continue
@@ -3498,7 +3498,7 @@ class ApplyWrites:
                 self._duplicated(job, found, response.body)
                 return
         self.report.count_copy(planned)
-        self.consecutive_failures = 0
+        self._consecutive_failures = 0
         self._settle(job.number)
         self.log("copy %s -> %s", planned.row.id, planned.target.namespace)
 
@@ -3528,11 +3528,11 @@ class ApplyWrites:
         self.log("error %s: %s", row.id, error)
         self.report.count_error(row.id, error)
         self.mark.freeze()
-        self.consecutive_failures += 1
-        if self.consecutive_failures >= self.max_consecutive_failures:
+        self._consecutive_failures += 1
+        if self._consecutive_failures >= self.max_consecutive_failures:
             self.stream.fail(DependencyError(
                 "The plugin refused %d rows in a row (the last: %s); stopped. Fix what it says (in the "
-                "plugin or in those rows), then re-run to resume." % (self.consecutive_failures, error)))
+                "plugin or in those rows), then re-run to resume." % (self._consecutive_failures, error)))
 
     def _settle(self, number: int) -> None:
         try:
@@ -3905,7 +3905,7 @@ class RollbackDeletes:
         self.log = log
         self.failures = failures
         self.stream = stream
-        self.not_there: list[Sought] = []  # deleted where -apply writes them: 404
+        self._not_there: list[Sought] = []  # deleted where -apply writes them: 404
         self.pending: Iterator[tuple[int, tuple[Sought, str, bool]]] = iter(())  # the deletes to send
 
     def back_out(self, rows: list[LegacyRow], tree: WorkspaceTree, settings: Settings,
@@ -3941,9 +3941,9 @@ class RollbackDeletes:
     def _not_at_home(self, crowded: list[Sought]) -> list[Sought]:
         """Rows of namespaces too full to read whole: deleted where -apply writes them (one request each,
         fewer than the searches that would find them); those that were not there (404) are returned."""
-        self.not_there = []
+        self._not_there = []
         self._delete([(s, s.namespace, True) for s in crowded])
-        return self.not_there
+        return self._not_there
 
     def _delete(self, targets: list[tuple[Sought, str, bool]]) -> None:
         """DELETE each (row, the namespace that holds its record, blind) through the stream; `blind`: where
@@ -3968,7 +3968,7 @@ class RollbackDeletes:
             self.report.deleted[namespace_kind(namespace)] += 1
             self.log("deleted %s from %s", sought.row.id, namespace)
         elif status == 404 and blind:
-            self.not_there.append(sought)
+            self._not_there.append(sought)
         elif status == 404:
             self._error(sought.row, namespace, "no longer in %s (moved or deleted meanwhile); run "
                         "-rollback again" % namespace, status)
