@@ -16,7 +16,8 @@ test: lint
 	$(VPY) -m pytest -q -n 2 tests
 
 lint: $(VENV)/installed
-	$(VPY) -m ruff check --target-version py310 --line-length 110 --select E,F,W,I,B,UP,BLE,S608 --ignore UP006,UP007,UP031,UP035,UP045 --per-file-ignores "tests/*:S608" .
+	$(VPY) -m ruff check --target-version py310 --line-length 100 --select E,F,W,I,B,UP,BLE,S608 --ignore UP006,UP007,UP031,UP035,UP045 --per-file-ignores "tests/*:S608" .
+	$(VPY) -m ruff format --check --target-version py310 --line-length 100 --config "format.quote-style='preserve'" .
 	$(VENV)/bin/hadolint Dockerfile.tenant
 
 demo: $(VENV)/installed

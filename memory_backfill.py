@@ -58,9 +58,26 @@ from uuid import UUID
 
 __version__ = "0.2.0"
 __all__ = [  # what a caller may use: the command line, and the pieces the bench drives
-    "__version__", "main", "run", "parse_settings", "Settings", "ExitStatus", "BackfillError",
-    "UsageError", "DependencyError", "Incomplete", "Interrupted", "parse_database_url", "parse_plugin_url",
-    "LegacyDatabase", "resolve_target", "redact", "platform_content", "plan_row", "write_request"]
+    "__version__",
+    "main",
+    "run",
+    "parse_settings",
+    "Settings",
+    "ExitStatus",
+    "BackfillError",
+    "UsageError",
+    "DependencyError",
+    "Incomplete",
+    "Interrupted",
+    "parse_database_url",
+    "parse_plugin_url",
+    "LegacyDatabase",
+    "resolve_target",
+    "redact",
+    "platform_content",
+    "plan_row",
+    "write_request",
+]
 
 PROG = "memory-backfill"
 # REFERENCE §1: 3.9 reached its end of life in October 2025, and the urllib3
@@ -81,6 +98,7 @@ PYTHON_TOO_OLD = (
 # ---------------------------------------------------------------------------
 # Errors and exit statuses
 # ---------------------------------------------------------------------------
+
 
 class ExitStatus(IntEnum):
     OK = 0
@@ -126,8 +144,10 @@ class Interrupted(BackfillError):
 
     def __init__(self, signum: int):
         name = signal.Signals(signum).name
-        super().__init__("Interrupted by %s: stopped taking rows and finished the requests in flight; "
-                         "re-run the same command to resume." % name)
+        super().__init__(
+            "Interrupted by %s: stopped taking rows and finished the requests in flight; re-run "
+            "the same command to resume." % name
+        )
         self.status = ExitStatus.INTERRUPTED if name == "SIGINT" else ExitStatus.TERMINATED
 
 
@@ -141,8 +161,8 @@ class RowSkipped(Exception):
 
 
 class RowFailed(Exception):
-    """One row could not be written (or deleted); the run goes on.  Returned by plan_row, row attached,
-    for a row that no write can carry (its text is not UTF-8)."""
+    """One row could not be written (or deleted); the run goes on.  Returned by plan_row, row
+    attached, for a row that no write can carry (its text is not UTF-8)."""
 
     def __init__(self, reason: str, row: Optional[LegacyRow] = None):
         super().__init__(reason)
@@ -167,9 +187,10 @@ class ConnectionLost(Exception):
 
 
 # ---------------------------------------------------------------------------
-# Vocabularies: the words a run is told in (modes here; skip reasons with the scope rule, -verify's classes
-# with -verify, where a lookup puts a record with the finder)
+# Vocabularies: the words a run is told in (modes here; skip reasons with the scope rule, -verify's
+# classes with -verify, where a lookup puts a record with the finder)
 # ---------------------------------------------------------------------------
+
 
 class Word(str, Enum):
     """A word of a fixed vocabulary: compares, hashes and prints as its text (in JSON, too)."""
@@ -227,8 +248,10 @@ class DatabaseConfig:
         unused = "; %s" % self.password_file_unused if self.password_file_unused else ""
         return DependencyError(
             "The legacy database %s asks for a password and none was given; put it in DATABASE_URL "
-            "(postgres://USER:PASSWORD@HOST/DB), in PGPASSWORD, or in the password file (%s, or PGPASSFILE; "
-            "mode 0600)%s." % (self.describe(), self.password_file or "~/.pgpass", unused))
+            "(postgres://USER:PASSWORD@HOST/DB), in PGPASSWORD, or in the password file (%s, or "
+            "PGPASSFILE; mode 0600)%s."
+            % (self.describe(), self.password_file or "~/.pgpass", unused)
+        )
 
 
 @dataclass(frozen=True)
@@ -252,7 +275,9 @@ DEFAULT_VERIFY_SAMPLE = 50
 DEFAULT_SEED = 20261126
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_RETRIES = 8  # backoff 0.2 s doubling to at most 4 s: about 18 s before giving up
-DEFAULT_WRITE_CONNECTIONS = 64  # connections to the plugin at most; the limiter finds the working point below
+DEFAULT_WRITE_CONNECTIONS = (
+    64  # connections to the plugin at most; the limiter finds the working point below
+)
 DEFAULT_SEARCHES = 8  # -verify's and -rollback's searches at once
 DEFAULT_MAX_CONSECUTIVE_FAILURES = 20
 SHOWN_PROBLEMS = 20  # per-row errors / problems listed in the text summary
@@ -279,7 +304,9 @@ class Settings:
     json_output: bool = False
     verbose: bool = False
     quiet: bool = False
-    show_content: bool = False  # -verify: windows of the memories' (redacted) text around a difference
+    show_content: bool = (
+        False  # -verify: windows of the memories' (redacted) text around a difference
+    )
 
     @property
     def workspaces(self) -> Optional[list[str]]:
@@ -360,10 +387,16 @@ class RunReport:
         return " and in " + self.settings.failures if self.settings.failures else ""
 
     def to_json(self) -> dict[str, object]:
-        return {"scanned": self.scanned, "errors": self.errors, "error_rows": self.problems,
-                "plugin": self.plugin_status, "failures_file": self.settings.failures, "stream": self.load,
-                "retries": self.load["retries"] if self.load else 0,
-                "stopped": None if self.stopped is None else str(self.stopped)}
+        return {
+            "scanned": self.scanned,
+            "errors": self.errors,
+            "error_rows": self.problems,
+            "plugin": self.plugin_status,
+            "failures_file": self.settings.failures,
+            "stream": self.load,
+            "retries": self.load["retries"] if self.load else 0,
+            "stopped": None if self.stopped is None else str(self.stopped),
+        }
 
 
 # ---------------------------------------------------------------------------
@@ -374,22 +407,28 @@ SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full"
 DEFAULT_PLUGIN_URL = "http://localhost:9100"  # REFERENCE §1: the tenant image's bundled plugin
 
 
-# libpq's habits (https://www.postgresql.org/docs/current/libpq-envars.html): where the URL is silent, these
-# name the database, as they do for psql.  DATABASE_URL unset and none of LIBPQ_NAMES set: nothing is named.
+# libpq's habits (https://www.postgresql.org/docs/current/libpq-envars.html): where the URL is
+# silent, these name the database, as they do for psql.  DATABASE_URL unset and none of LIBPQ_NAMES
+# set: nothing is named.
 LIBPQ_NAMES = ("PGHOST", "PGPORT", "PGUSER", "PGDATABASE")
 # Where libpq builds look for the server's socket when no host is named (Debian, Alpine, upstream).
 DEFAULT_SOCKET_DIRS = ("/var/run/postgresql", "/run/postgresql", "/tmp")
 MAX_PASSWORD_FILE = 1024 * 1024
 
 
-def parse_database_url(url: Optional[str], environ: Optional[dict[str, str]] = None) -> DatabaseConfig:
-    """A libpq-style postgres:// URL, completed as libpq completes it (`environ`'s PG* variables where the URL
-    is silent, the login name as the user, the password file); UsageError if it is not one."""
+def parse_database_url(
+    url: Optional[str], environ: Optional[dict[str, str]] = None
+) -> DatabaseConfig:
+    """A libpq-style postgres:// URL, completed as libpq completes it (`environ`'s PG* variables
+    where the URL is silent, the login name as the user, the password file); UsageError if it is not
+    one."""
     environ = {} if environ is None else environ
     if not url and not any(environ.get(name) for name in LIBPQ_NAMES):
-        raise UsageError("DATABASE_URL is not set; set it (or pass --database-url) to the platform's "
-                         "PostgreSQL URL, postgres://USER:PASSWORD@HOST/DB, or name the database as for psql "
-                         "(PGHOST, PGUSER, PGDATABASE).")
+        raise UsageError(
+            "DATABASE_URL is not set; set it (or pass --database-url) to the platform's PostgreSQL "
+            "URL, postgres://USER:PASSWORD@HOST/DB, or name the database as for psql (PGHOST, "
+            "PGUSER, PGDATABASE)."
+        )
     # Never echo the URL: it may hold the password.
     bad = "DATABASE_URL is malformed: %s; expected postgres://USER:PASSWORD@HOST:PORT/DB."
     try:
@@ -408,21 +447,29 @@ def parse_database_url(url: Optional[str], environ: Optional[dict[str, str]] = N
         port = _whole_number(port_text, "the DATABASE_URL port" if named["port"] else "PGPORT", 1)
     host = host or default_socket_dir(port)
     user = unquote(parts.username or "") or named["user"] or environ.get("PGUSER") or login_name()
-    database = unquote(parts.path.lstrip("/")) or named["dbname"] or environ.get("PGDATABASE") or user
+    database = (
+        unquote(parts.path.lstrip("/")) or named["dbname"] or environ.get("PGDATABASE") or user
+    )
     sslmode = params.pop("sslmode", None) or environ.get("PGSSLMODE") or "prefer"
     if sslmode not in SSL_MODES:
         raise UsageError(bad % ("sslmode must be one of " + ", ".join(SSL_MODES)))
     timeout = params.pop("connect_timeout", None) or environ.get("PGCONNECT_TIMEOUT")
     try:
         # libpq reads 0 as "wait for ever"; here every wait is bounded, so 0 is the default.
-        connect_timeout = float(timeout) if timeout and float(timeout) > 0 else DEFAULT_CONNECT_TIMEOUT
+        connect_timeout = (
+            float(timeout) if timeout and float(timeout) > 0 else DEFAULT_CONNECT_TIMEOUT
+        )
     except ValueError:
         raise UsageError(bad % "connect_timeout must be a number of seconds") from None
     for bound in ("statement_timeout", "lock_timeout"):  # --statement-timeout sets both
         params.pop(bound, None)
     config = DatabaseConfig(
-        user=user, host=host, port=port, database=database,
-        sslmode=sslmode, sslrootcert=params.pop("sslrootcert", None),
+        user=user,
+        host=host,
+        port=port,
+        database=database,
+        sslmode=sslmode,
+        sslrootcert=params.pop("sslrootcert", None),
         connect_timeout=connect_timeout,
         application_name=params.pop("application_name", PROG),
         startup_params=params,
@@ -446,9 +493,10 @@ def login_name() -> str:
     try:
         return pwd.getpwuid(os.geteuid()).pw_name
     except KeyError:
-        raise UsageError("DATABASE_URL names no user, and this process's user id %d has no name to use "
-                         "instead; name one in DATABASE_URL (postgres://USER@HOST/DB) or PGUSER."
-                         % os.geteuid()) from None
+        raise UsageError(
+            "DATABASE_URL names no user, and this process's user id %d has no name to use instead; "
+            "name one in DATABASE_URL (postgres://USER@HOST/DB) or PGUSER." % os.geteuid()
+        ) from None
 
 
 def default_socket_dir(port: int) -> str:
@@ -475,9 +523,9 @@ class FileRefused(Exception):
 
 
 def read_regular_file(path: str, limit: int, private: bool = False) -> Optional[bytes]:
-    """The bytes of a plain file of at most `limit` bytes, or None when there is no such file; FileRefused
-    for anything else, `private`: readable by its owner only.  Opened without blocking: a FIFO cannot hang
-    the run."""
+    """The bytes of a plain file of at most `limit` bytes, or None when there is no such file;
+    FileRefused for anything else, `private`: readable by its owner only.  Opened without blocking:
+    a FIFO cannot hang the run."""
     try:
         descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
     except FileNotFoundError:
@@ -491,7 +539,9 @@ def read_regular_file(path: str, limit: int, private: bool = False) -> Optional[
         if not stat.S_ISREG(mode):
             raise FileRefused("is not a plain file")
         if private and mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise FileRefused("has group or world access (libpq, too, ignores it until it is chmod 0600)")
+            raise FileRefused(
+                "has group or world access (libpq, too, ignores it until it is chmod 0600)"
+            )
         data = os.read(descriptor, limit + 1)
     except OSError as exc:
         raise FileRefused("cannot be read (%s)" % (exc.strerror or "error").lower()) from None
@@ -504,8 +554,9 @@ def read_regular_file(path: str, limit: int, private: bool = False) -> Optional[
 
 def read_password_file(path: str, config: DatabaseConfig) -> tuple[Optional[str], Optional[str]]:
     """The password of the first line of libpq's password file that matches the connection
-    (host:port:database:user:password, `*` for any, `\\:` and `\\\\` escaped), or (None, why the file was
-    not used).  Its rules are libpq's: only a plain file that its owner alone may read is used."""
+    (host:port:database:user:password, `*` for any, `\\:` and `\\\\` escaped), or (None, why the
+    file was not used).  Its rules are libpq's: only a plain file that its owner alone may read is
+    used."""
     try:
         data = read_regular_file(path, MAX_PASSWORD_FILE, private=True)
     except FileRefused as refused:
@@ -513,7 +564,9 @@ def read_password_file(path: str, config: DatabaseConfig) -> tuple[Optional[str]
     if data is None:
         return None, "there is no password file %s" % path
     host = "localhost" if config.host in DEFAULT_SOCKET_DIRS else config.host  # as libpq matches it
-    wanted = [value.encode("utf-8") for value in (host, str(config.port), config.database, config.user)]
+    wanted = [
+        value.encode("utf-8") for value in (host, str(config.port), config.database, config.user)
+    ]
     for line in data.split(b"\n"):
         fields = _password_file_fields(line.rstrip(b"\r"))
         if line.startswith(b"#") or len(fields) < 5:
@@ -523,13 +576,16 @@ def read_password_file(path: str, config: DatabaseConfig) -> tuple[Optional[str]
             try:
                 return fields[4][1].decode("utf-8"), None
             except UnicodeDecodeError:
-                return None, "the password file %s was not used: its matching line is not UTF-8" % path
+                return (
+                    None,
+                    "the password file %s was not used: its matching line is not UTF-8" % path,
+                )
     return None, "no line of the password file %s matches %s" % (path, config.describe())
 
 
 def _password_file_fields(line: bytes) -> list[tuple[bytes, bytes]]:
-    """A password file line cut at its unescaped colons (the password, the fifth field, ends at one): each
-    field as written, and unescaped (a backslash takes the next byte as it is)."""
+    """A password file line cut at its unescaped colons (the password, the fifth field, ends at
+    one): each field as written, and unescaped (a backslash takes the next byte as it is)."""
     fields: list[tuple[bytes, bytes]] = []
     start, value, escaped = 0, bytearray(), False
     for at, byte in enumerate(line):
@@ -565,11 +621,14 @@ def parse_plugin_url(url: Optional[str], named_by: str = "MEMORY_PLUGIN_URL") ->
         parts = urlsplit(url.strip())
         port = parts.port
     except ValueError:
-        raise UsageError("%s is malformed: the port is not a number; "
-                         "expected http://HOST:PORT." % named_by) from None
+        raise UsageError(
+            "%s is malformed: the port is not a number; expected http://HOST:PORT." % named_by
+        ) from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise UsageError("%s is malformed: expected http://HOST:PORT (for example %s)."
-                         % (named_by, DEFAULT_PLUGIN_URL))
+        raise UsageError(
+            "%s is malformed: expected http://HOST:PORT (for example %s)."
+            % (named_by, DEFAULT_PLUGIN_URL)
+        )
     tls = parts.scheme == "https"
     default_port = 443 if tls else 80
     host = parts.hostname
@@ -578,8 +637,16 @@ def parse_plugin_url(url: Optional[str], named_by: str = "MEMORY_PLUGIN_URL") ->
         shown += ":%d" % port
     prefix = parts.path.rstrip("/")
     netloc = parts.netloc.rpartition("@")[2]  # never show userinfo
-    return PluginAddress("%s://%s%s" % (parts.scheme, netloc, prefix), host, port or default_port, tls,
-                         prefix, shown, default, named_by)
+    return PluginAddress(
+        "%s://%s%s" % (parts.scheme, netloc, prefix),
+        host,
+        port or default_port,
+        tls,
+        prefix,
+        shown,
+        default,
+        named_by,
+    )
 
 
 def parse_uuid(value: str) -> str:
@@ -623,7 +690,6 @@ def _seconds(text: str, option: str) -> float:
 # ---------------------------------------------------------------------------
 
 MAX_PARENT_HOPS = 50
-
 
 
 class SkipReason(Word):
@@ -674,15 +740,19 @@ class WorkspaceTree:
         if kind == "workspace":
             return workspace_id
         if kind == "team":
-            return self.parent[workspace_id] or workspace_id  # as it stands, even if that row is gone
+            return (
+                self.parent[workspace_id] or workspace_id
+            )  # as it stands, even if that row is gone
         return self.top(workspace_id)
 
     def reading_order(self) -> list[str]:
-        """The workspaces in an order that keeps the writers of each shared namespace together: by their
-        top, then by the workspace whose team: namespace they write, then themselves.  A finder that reads a
-        namespace once can then forget it soon after (memory stays flat)."""
-        return sorted(self.parent, key=lambda workspace: (self.top(workspace),
-                                                          self.owner("team", workspace), workspace))
+        """The workspaces in an order that keeps the writers of each shared namespace together: by
+        their top, then by the workspace whose team: namespace they write, then themselves.  A
+        finder that reads a namespace once can then forget it soon after (memory stays flat)."""
+        return sorted(
+            self.parent,
+            key=lambda workspace: (self.top(workspace), self.owner("team", workspace), workspace),
+        )
 
     def readable_namespaces(self, workspace_id: str) -> list[str]:
         """The workspace:, team: and org: namespaces the workspace reads."""
@@ -691,7 +761,9 @@ class WorkspaceTree:
     def namespaces(self) -> list[str]:
         """Every namespace of the tenant's tree: each kind, named after each workspace (a
         misplaced record may sit where the scope rule would never write)."""
-        return sorted(kind + ":" + workspace_id for workspace_id in self.parent for kind in NAMESPACE_KINDS)
+        return sorted(
+            kind + ":" + workspace_id for workspace_id in self.parent for kind in NAMESPACE_KINDS
+        )
 
 
 def namespace_kind(namespace: str) -> str:
@@ -724,12 +796,17 @@ REDACTION_PATTERNS: tuple[tuple[str, str, int], ...] = (
     ("TOKEN", r"\b[A-Z][A-Z0-9_]*_TOKEN\s*=\s*\S+", _I),
     ("SECRET", r"\b[A-Z][A-Z0-9_]*_SECRET\s*=\s*\S+", _I),
     ("BEARER_TOKEN", r"Bearer\s+\S+", 0),
-    ("OPENSSH_PRIVATE_KEY",
-     r"-----BEGIN OPENSSH PRIVATE KEY-----[\s\S]*?-----END OPENSSH PRIVATE KEY-----", 0),
+    (
+        "OPENSSH_PRIVATE_KEY",
+        r"-----BEGIN OPENSSH PRIVATE KEY-----[\s\S]*?-----END OPENSSH PRIVATE KEY-----",
+        0,
+    ),
     ("PRIVATE_KEY", r"-----BEGIN[ A-Z]+PRIVATE KEY-----[\s\S]*?-----END[ A-Z]+PRIVATE KEY-----", 0),
-    ("DB_URL_WITH_CREDENTIALS",
-     r"\b(?:postgres(?:ql)?|mysql|mongodb(?:\+srv)?|redis|amqp|amqps)://"
-     r"(?:[^\s/@:]*:[^\s/@]+)@[^\s/]+", _I),
+    (
+        "DB_URL_WITH_CREDENTIALS",
+        r"\b(?:postgres(?:ql)?|mysql|mongodb(?:\+srv)?|redis|amqp|amqps)://(?:[^\s/@:]*:[^\s/@]+)@[^\s/]+",
+        _I,
+    ),
     ("GITHUB_PAT", r"\bghp_[A-Za-z0-9]{16,}", 0),
     ("GITHUB_OAUTH", r"\bgho_[A-Za-z0-9]{16,}", 0),
     ("GITHUB_APP_SERVER_TOKEN", r"\bghs_[A-Za-z0-9]{16,}", 0),
@@ -750,16 +827,32 @@ MEMORY_DELIMITER, GUARDED_DELIMITER = "[MEMORY ", "[_MEMORY "
 @functools.cache
 def redaction_rules() -> tuple[tuple[str, re.Pattern, str], ...]:
     """The compiled patterns (compiled on first use: --help need not pay for them)."""
-    return tuple((label, re.compile(pattern, flags | re.ASCII), "[REDACTED:%s]" % label)
-                 for label, pattern, flags in REDACTION_PATTERNS)
+    return tuple(
+        (label, re.compile(pattern, flags | re.ASCII), "[REDACTED:%s]" % label)
+        for label, pattern, flags in REDACTION_PATTERNS
+    )
 
 
 # Every match of every pattern above contains one of these literals (the
 # first three in any case) or a run of 33 base64 characters.  Text with none
 # of them (most memories) is returned as it is, after a few cheap scans.
 PREFILTER_ANY_CASE = ("_api_key", "_token", "_secret")
-PREFILTER_LITERALS = ("://", "Bearer", "-----BEGIN", "ghp_", "gho_", "ghs_", "ghu_", "ghr_",
-                      "github_pat_", "vc_", "AKIA", "pplx-", "sk-", "ctx7_")
+PREFILTER_LITERALS = (
+    "://",
+    "Bearer",
+    "-----BEGIN",
+    "ghp_",
+    "gho_",
+    "ghs_",
+    "ghu_",
+    "ghr_",
+    "github_pat_",
+    "vc_",
+    "AKIA",
+    "pplx-",
+    "sk-",
+    "ctx7_",
+)
 NO_REDACTIONS: Counter = Counter()  # shared: never mutated
 
 
@@ -769,9 +862,11 @@ def base64_run() -> re.Pattern:
 
 
 def may_hold_secret(text: str) -> bool:
-    return (any(map(text.lower().__contains__, PREFILTER_ANY_CASE))
-            or any(map(text.__contains__, PREFILTER_LITERALS))
-            or base64_run().search(text) is not None)
+    return (
+        any(map(text.lower().__contains__, PREFILTER_ANY_CASE))
+        or any(map(text.__contains__, PREFILTER_LITERALS))
+        or base64_run().search(text) is not None
+    )
 
 
 def redact(text: str) -> tuple[str, Counter]:
@@ -799,6 +894,7 @@ def platform_content(content: str, kind: str, redaction: bool = True) -> tuple[s
 # Planning a row: what the live platform would have written for it
 # ---------------------------------------------------------------------------
 
+
 def plan_row(row: LegacyRow, tree: WorkspaceTree, redaction: bool = True) -> Outcome:
     try:
         target = resolve_target(row.workspace_id, row.scope, tree)
@@ -811,7 +907,10 @@ def plan_row(row: LegacyRow, tree: WorkspaceTree, redaction: bool = True) -> Out
         return RowSkipped(SkipReason.EMPTY_CONTENT, row)
     content, counts = platform_content(row.content, target.kind, redaction)
     body: dict[str, object] = {
-        "id": row.id, "content": content, "kind": "fact", "source": "agent",
+        "id": row.id,
+        "content": content,
+        "kind": "fact",
+        "source": "agent",
         "propagation": {"legacy": row.legacy},
     }
     if row.embedding is not None:
@@ -828,18 +927,28 @@ def plan_row(row: LegacyRow, tree: WorkspaceTree, redaction: bool = True) -> Out
 # A failed connection, in words (exception reprs end up in tickets and chats)
 # ---------------------------------------------------------------------------
 
-NOT_TLS_REASONS = ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG", "HTTP_REQUEST")
+NOT_TLS_REASONS = (
+    "WRONG_VERSION_NUMBER",
+    "RECORD_LAYER_FAILURE",
+    "PACKET_LENGTH_TOO_LONG",
+    "HTTP_REQUEST",
+)
 URLLIB3_TIMEOUTS = ("ConnectTimeoutError", "ReadTimeoutError")  # not TimeoutError subclasses
 
 
-def network_problem(error: BaseException, timeout: Optional[float] = None, waiting: str = "an answer") -> str:
+def network_problem(
+    error: BaseException, timeout: Optional[float] = None, waiting: str = "an answer"
+) -> str:
     """What went wrong with a connection, said plainly: from the error or what caused it."""
     for cause in _causes(error):
         if isinstance(cause, ssl.SSLCertVerificationError):
             return "its TLS certificate was not accepted: %s" % cause.verify_message
         if isinstance(cause, ssl.SSLError):
             if cause.reason in NOT_TLS_REASONS:
-                return "it does not speak TLS there: is the URL https:// where the server speaks plain http://?"
+                return (
+                    "it does not speak TLS there: is the URL https:// where the server speaks "
+                    "plain http://?"
+                )
             reason = str(cause.reason or "no reason given")
             return "the TLS handshake failed (%s)" % reason.lower().replace("_", " ")
         if isinstance(cause, socket.gaierror):
@@ -847,7 +956,11 @@ def network_problem(error: BaseException, timeout: Optional[float] = None, waiti
         if isinstance(cause, ConnectionRefusedError):
             return "connection refused: nothing listens on that port"
         if isinstance(cause, TimeoutError) or type(cause).__name__ in URLLIB3_TIMEOUTS:
-            return "no answer within %g s of %s" % (timeout, waiting) if timeout else "no answer in time"
+            return (
+                "no answer within %g s of %s" % (timeout, waiting)
+                if timeout
+                else "no answer in time"
+            )
         if isinstance(cause, http.client.RemoteDisconnected):
             return "it closed the connection without an HTTP answer: does that port speak HTTP?"
         if isinstance(cause, http.client.BadStatusLine):
@@ -879,11 +992,15 @@ def _causes(error: BaseException) -> Iterator[BaseException]:
 
 OPTIONAL_COLUMNS = ("namespace", "updated_at", "embedding")
 FETCH_ROWS = 1000  # rows per FETCH from the server-side cursor
-READ_ORDER = "created_at ASC NULLS FIRST, id"  # -apply's order: oldest first, rows without a time first
+READ_ORDER = (
+    "created_at ASC NULLS FIRST, id"  # -apply's order: oldest first, rows without a time first
+)
 # Timestamps are read as RFC 3339 text in UTC, formatted by the server:
 # parsing them into datetimes only to print them again dominated -dry-run.
-RFC3339_UTC = ("CASE WHEN isfinite({0}) THEN to_char({0} AT TIME ZONE 'UTC', "
-               "'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') ELSE {0}::text END")
+RFC3339_UTC = (
+    "CASE WHEN isfinite({0}) THEN to_char({0} AT TIME ZONE 'UTC', "
+    "'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') ELSE {0}::text END"
+)
 
 
 class LegacyDatabase:
@@ -893,8 +1010,9 @@ class LegacyDatabase:
         self.config = config
         self.connection = None
         self._columns: tuple[str, ...] = ()
-        # A SQL_ASCII database holds any bytes, which the server sends as they are: its text is read as
-        # bytes and decoded row by row (a row that is not UTF-8 is that row's error, not the batch's).
+        # A SQL_ASCII database holds any bytes, which the server sends as they are: its text is read
+        # as bytes and decoded row by row (a row that is not UTF-8 is that row's error, not the
+        # batch's).
         self.raw_text = False
 
     def __enter__(self) -> LegacyDatabase:
@@ -903,13 +1021,14 @@ class LegacyDatabase:
             # One snapshot for the whole run; the session refuses writes.
             self.connection.run("START TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
             found = self.connection.run(
-                "SELECT a.attname FROM pg_attribute a "
-                "WHERE a.attrelid = to_regclass('agent_memories') "
-                "AND a.attnum > 0 AND NOT a.attisdropped")
+                "SELECT a.attname FROM pg_attribute a WHERE a.attrelid = "
+                "to_regclass('agent_memories') AND a.attnum > 0 AND NOT a.attisdropped"
+            )
         if not found:
             raise DependencyError(
-                "The legacy table agent_memories does not exist in %s (already migrated, "
-                "or the wrong database); check DATABASE_URL." % self.config.describe())
+                "The legacy table agent_memories does not exist in %s (already migrated, or the "
+                "wrong database); check DATABASE_URL." % self.config.describe()
+            )
         self._columns = tuple(name for (name,) in found)
         with self._errors():
             [[encoding]] = self.connection.run("SELECT current_setting('server_encoding')")
@@ -927,15 +1046,22 @@ class LegacyDatabase:
     def read_workspaces(self) -> WorkspaceTree:
         with self._errors():
             has_status = self.connection.run(
-                "SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('workspaces') "
-                "AND attname = 'status' AND NOT attisdropped")
+                "SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('workspaces') AND attname "
+                "= 'status' AND NOT attisdropped"
+            )
             # Only whether it is 'removed' matters, and a status of any other bytes reads as NULL.
-            status = "CASE WHEN status::text = 'removed' THEN 'removed' END" if has_status else "NULL"
-            return WorkspaceTree(self.connection.run(
-                "SELECT id::text, parent_id::text, %s FROM workspaces" % status))  # noqa: S608
+            status = (
+                "CASE WHEN status::text = 'removed' THEN 'removed' END" if has_status else "NULL"
+            )
+            sql = "SELECT id::text, parent_id::text, %s FROM workspaces" % status  # noqa: S608
+            return WorkspaceTree(self.connection.run(sql))
 
-    def count_rows(self, workspaces: Optional[list[str]] = None, limit: Optional[int] = None,
-                   after: Optional[dict] = None) -> int:
+    def count_rows(
+        self,
+        workspaces: Optional[list[str]] = None,
+        limit: Optional[int] = None,
+        after: Optional[dict] = None,
+    ) -> int:
         """How many rows rows() will yield (same snapshot, so exact)."""
         where, params = _row_filter(workspaces, after)
         sql = "SELECT count(*) FROM agent_memories" + where  # noqa: S608 - fixed text, bound values
@@ -943,15 +1069,22 @@ class LegacyDatabase:
             [[count]] = self.connection.run(sql, **params)
         return count if limit is None else min(count, limit)
 
-    def rows(self, workspaces: Optional[list[str]] = None, limit: Optional[int] = None,
-             after: Optional[dict] = None, tree: Optional[WorkspaceTree] = None) -> Iterator[LegacyRow]:
+    def rows(
+        self,
+        workspaces: Optional[list[str]] = None,
+        limit: Optional[int] = None,
+        after: Optional[dict] = None,
+        tree: Optional[WorkspaceTree] = None,
+    ) -> Iterator[LegacyRow]:
         """The rows of these workspaces (None: all), oldest first, after a checkpoint position,
         at most `limit`; with the `tree`: that same selection, one workspace after another in its
         reading order (WorkspaceTree.reading_order)."""
         if tree is not None:
             where, params = _selection(workspaces, limit, after)
-            where = (" LEFT JOIN unnest(CAST(:tree_order AS uuid[])) WITH ORDINALITY AS "
-                     "tree_order(workspace, place) ON tree_order.workspace = workspace_id" + where)
+            where = (
+                " LEFT JOIN unnest(CAST(:tree_order AS uuid[])) WITH ORDINALITY AS "
+                "tree_order(workspace, place) ON tree_order.workspace = workspace_id" + where
+            )
             params["tree_order"] = tree.reading_order()
             order = " ORDER BY tree_order.place NULLS LAST, workspace_id, " + READ_ORDER
         else:  # only fixed text is spliced in
@@ -964,10 +1097,18 @@ class LegacyDatabase:
 
     def _select(self) -> str:
         """The columns of a LegacyRow; an optional column the tenant lacks reads as NULL."""
-        as_text = {"namespace": self._text("namespace"), "updated_at": RFC3339_UTC.format("updated_at"),
-                   "embedding": "embedding::text"}
-        select = ["id::text", "workspace_id::text", self._text("content"), self._text("scope"),
-                  RFC3339_UTC.format("created_at")]
+        as_text = {
+            "namespace": self._text("namespace"),
+            "updated_at": RFC3339_UTC.format("updated_at"),
+            "embedding": "embedding::text",
+        }
+        select = [
+            "id::text",
+            "workspace_id::text",
+            self._text("content"),
+            self._text("scope"),
+            RFC3339_UTC.format("created_at"),
+        ]
         select += [as_text[name] if name in self._columns else "NULL" for name in OPTIONAL_COLUMNS]
         return "SELECT %s FROM agent_memories" % ", ".join(select)  # noqa: S608 - fixed column text
 
@@ -993,43 +1134,53 @@ class LegacyDatabase:
         unreadable = None
         if self.raw_text:
             (content, scope, namespace), unreadable = _decoded(
-                (("content", content), ("scope", scope), ("namespace", namespace)))
+                (("content", content), ("scope", scope), ("namespace", namespace))
+            )
         legacy: dict[str, object] = {
-            "workspace_id": workspace_id, "scope": scope, "created_at": created_at,
+            "workspace_id": workspace_id,
+            "scope": scope,
+            "created_at": created_at,
         }
         if "updated_at" in self._columns:
             legacy["updated_at"] = updated_at
         if "namespace" in self._columns:
             legacy["namespace"] = namespace
-        return LegacyRow(row_id, workspace_id, content, scope, legacy, parse_embedding(embedding), unreadable)
+        return LegacyRow(
+            row_id, workspace_id, content, scope, legacy, parse_embedding(embedding), unreadable
+        )
 
-    def workspaces_of(self, workspaces: Optional[list[str]] = None, limit: Optional[int] = None) -> list[str]:
+    def workspaces_of(
+        self, workspaces: Optional[list[str]] = None, limit: Optional[int] = None
+    ) -> list[str]:
         """The workspaces that hold rows of that selection (as rows() makes it)."""
         where, params = _selection(workspaces, limit)
         with self._errors():
-            return [w for (w,) in self.connection.run(
-                "SELECT DISTINCT workspace_id::text FROM agent_memories%s" % where, **params)  # noqa: S608
-                if w is not None]
+            sql = "SELECT DISTINCT workspace_id::text FROM agent_memories%s" % where  # noqa: S608
+            return [w for (w,) in self.connection.run(sql, **params) if w is not None]
 
     def rows_per_namespace(self, tree: WorkspaceTree) -> Counter:
-        """How many rows of the whole table -apply writes to each namespace (the finder's expectation)."""
+        """How many rows of the whole table -apply writes to each namespace (the finder's
+        expectation).
+        """
         counts: Counter = Counter()
         with self._errors():
-            sql = "SELECT workspace_id::text, %s, count(*) FROM agent_memories GROUP BY 1, 2"  # noqa: S608
-            found = self.connection.run(sql % self._text("scope"))  # fixed column text, no value
+            sql = "SELECT workspace_id::text, %s, count(*) FROM agent_memories GROUP BY 1, 2"
+            found = self.connection.run(sql % self._text("scope"))  # noqa: S608 - a fixed column
         for workspace_id, scope, count in found:
             with contextlib.suppress(RowSkipped):
                 counts[resolve_target(workspace_id, _as_text(scope), tree).namespace] += count
         return counts
 
     def targets_of(self, ids: list[str], tree: WorkspaceTree) -> dict[str, Optional[str]]:
-        """For the ids that are legacy rows': the namespace -apply writes each to (None: it skips it)."""
+        """For the ids of legacy rows: the namespace -apply writes each to (None: it skips it)."""
         if not ids:
             return {}
         with self._errors():
             found = self.connection.run(
-                "SELECT id::text, workspace_id::text, %s FROM agent_memories "  # noqa: S608 - fixed text
-                "WHERE id = ANY(CAST(:ids AS uuid[]))" % self._text("scope"), ids=ids)
+                "SELECT id::text, workspace_id::text, %s FROM agent_memories "  # noqa: S608
+                "WHERE id = ANY(CAST(:ids AS uuid[]))" % self._text("scope"),  # a fixed column
+                ids=ids,
+            )
         targets: dict[str, Optional[str]] = {}
         for row_id, workspace_id, scope in found:
             try:
@@ -1043,9 +1194,14 @@ class LegacyDatabase:
         if not texts:
             return []
         with self._errors():
-            return [found for (found,) in self.connection.run(
-                "SELECT numnode(plainto_tsquery('english', text)) > 0 FROM unnest(CAST(:texts AS text[])) "
-                "WITH ORDINALITY AS t(text, n) ORDER BY n", texts=texts)]
+            return [
+                found
+                for (found,) in self.connection.run(
+                    "SELECT numnode(plainto_tsquery('english', text)) > 0 FROM unnest(CAST(:texts "
+                    "AS text[])) WITH ORDINALITY AS t(text, n) ORDER BY n",
+                    texts=texts,
+                )
+            ]
 
 
 def _as_text(value) -> str:
@@ -1053,7 +1209,9 @@ def _as_text(value) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
-def _decoded(columns: Iterable[tuple[str, Optional[bytes]]]) -> tuple[list[Optional[str]], Optional[str]]:
+def _decoded(
+    columns: Iterable[tuple[str, Optional[bytes]]],
+) -> tuple[list[Optional[str]], Optional[str]]:
     """Each column's bytes as UTF-8 text (undecodable bytes as U+FFFD), and why the row cannot be
     copied if any column is not UTF-8 (never its text)."""
     texts, unreadable = [], None
@@ -1062,13 +1220,17 @@ def _decoded(columns: Iterable[tuple[str, Optional[bytes]]]) -> tuple[list[Optio
             texts.append(None if value is None else value.decode("utf-8"))
         except UnicodeDecodeError as exc:
             texts.append(value.decode("utf-8", "replace"))
-            unreadable = unreadable or ("its %s is not UTF-8 (byte %d of %d is 0x%02x); the live platform "
-                                        "stores UTF-8 only: fix the row in the legacy database"
-                                        % (name, exc.start + 1, len(value), value[exc.start]))
+            unreadable = unreadable or (
+                "its %s is not UTF-8 (byte %d of %d is 0x%02x); the live platform stores UTF-8 "
+                "only: fix the row in the legacy database"
+                % (name, exc.start + 1, len(value), value[exc.start])
+            )
     return texts, unreadable
 
 
-def _row_filter(workspaces: Optional[list[str]], after: Optional[dict]) -> tuple[str, dict[str, object]]:
+def _row_filter(
+    workspaces: Optional[list[str]], after: Optional[dict]
+) -> tuple[str, dict[str, object]]:
     """WHERE clause for the workspaces and a checkpoint position (in READ_ORDER)."""
     conditions, params = [], {}
     if workspaces is not None:
@@ -1076,25 +1238,28 @@ def _row_filter(workspaces: Optional[list[str]], after: Optional[dict]) -> tuple
         params["workspaces"] = workspaces
     if after is not None:
         conditions.append(
-            "(CASE WHEN CAST(:after_at AS timestamptz) IS NULL"
-            " THEN created_at IS NOT NULL OR id > CAST(:after_id AS uuid)"
-            " ELSE created_at > CAST(:after_at AS timestamptz)"
-            " OR (created_at = CAST(:after_at AS timestamptz) AND id > CAST(:after_id AS uuid)) END)")
+            "(CASE WHEN CAST(:after_at AS timestamptz) IS NULL THEN created_at IS NOT NULL OR id > "
+            "CAST(:after_id AS uuid) ELSE created_at > CAST(:after_at AS timestamptz) OR "
+            "(created_at = CAST(:after_at AS timestamptz) AND id > CAST(:after_id AS uuid)) END)"
+        )
         params["after_at"] = after["created_at"]
         params["after_id"] = after["id"]
     return (" WHERE " + " AND ".join(conditions) if conditions else ""), params
 
 
-def _selection(workspaces: Optional[list[str]], limit: Optional[int],
-               after: Optional[dict] = None) -> tuple[str, dict[str, object]]:
+def _selection(
+    workspaces: Optional[list[str]], limit: Optional[int], after: Optional[dict] = None
+) -> tuple[str, dict[str, object]]:
     """WHERE clause for the rows -apply selects, in any order: these workspaces' rows (after a
     checkpoint position), and with a limit only the first `limit` of them in READ_ORDER."""
     where, params = _row_filter(workspaces, after)
     if limit is None:
         return where, params
     params["limit"] = limit
-    return (" WHERE id IN (SELECT id FROM agent_memories%s ORDER BY %s LIMIT :limit)"  # noqa: S608
-            % (where, READ_ORDER)), params
+    return (
+        " WHERE id IN (SELECT id FROM agent_memories%s ORDER BY %s LIMIT :limit)"  # noqa: S608
+        % (where, READ_ORDER)
+    ), params
 
 
 def _ssl_context(config: DatabaseConfig):
@@ -1117,7 +1282,7 @@ MAX_CERTIFICATE_FILE = 16 * 1024 * 1024
 
 
 def _root_certificates(path: Optional[str]) -> Optional[str]:
-    """The PEM text of sslrootcert (None: the system's certificates); UsageError when it is not one."""
+    """The PEM text of sslrootcert (None: the system's certificates); UsageError if it is none."""
     if path is None:
         return None
     try:
@@ -1132,30 +1297,42 @@ def _root_certificates(path: Optional[str]) -> Optional[str]:
         problem = "holds no PEM certificate"
     else:
         return text
-    raise UsageError("The sslrootcert file %s %s; name a file of PEM CA certificates in DATABASE_URL."
-                     % (path, problem))
+    raise UsageError(
+        "The sslrootcert file %s %s; name a file of PEM CA certificates in DATABASE_URL."
+        % (path, problem)
+    )
 
 
 READ_MARGIN_SECONDS = 10.0  # a statement's answer may take this much longer than the server's bound
 
 
 def _connect(config: DatabaseConfig):
-    """A read-only session whose every wait is bounded: connecting by connect_timeout; each statement, lock
-    waits included, by the server (statement_timeout, lock_timeout); each read of an answer by the socket, a
-    little later, for a server or network gone silent."""
+    """A read-only session whose every wait is bounded: connecting by connect_timeout; each
+    statement, lock waits included, by the server (statement_timeout, lock_timeout); each read of an
+    answer by the socket, a little later, for a server or network gone silent."""
     import pg8000.native
 
     bound = "%d" % (config.statement_timeout * 1000)  # milliseconds
-    params = {**config.startup_params, "statement_timeout": bound, "lock_timeout": bound,
-              "default_transaction_read_only": "on",  # the session refuses writes
-              "client_encoding": "UTF8"}  # a SQL_ASCII database would otherwise talk ASCII
+    params = {
+        **config.startup_params,
+        "statement_timeout": bound,
+        "lock_timeout": bound,
+        "default_transaction_read_only": "on",  # the session refuses writes
+        "client_encoding": "UTF8",
+    }  # a SQL_ASCII database would otherwise talk ASCII
     unix_sock = None
     if config.host.startswith("/"):
         unix_sock = "%s/.s.PGSQL.%d" % (config.host, config.port)
     kwargs = dict(
-        user=config.user, host=config.host, port=config.port, database=config.database,
-        password=config.password, unix_sock=unix_sock, timeout=config.connect_timeout,
-        application_name=config.application_name, startup_params=params,
+        user=config.user,
+        host=config.host,
+        port=config.port,
+        database=config.database,
+        password=config.password,
+        unix_sock=unix_sock,
+        timeout=config.connect_timeout,
+        application_name=config.application_name,
+        startup_params=params,
     )
     with _database_errors(config):
         try:
@@ -1167,10 +1344,13 @@ def _connect(config: DatabaseConfig):
             connection = pg8000.native.Connection(ssl_context=True, **kwargs)
         except (AttributeError, pg8000.native.InterfaceError) as exc:
             # Asked for a password it was not given, pg8000 says so (or, for SCRAM, fails on None).
-            if config.password is None and (isinstance(exc, AttributeError) or "password" in str(exc)):
+            if config.password is None and (
+                isinstance(exc, AttributeError) or "password" in str(exc)
+            ):
                 raise config.no_password() from None
             raise
-    # pg8000 keeps its connect timeout on the socket for good; connect_timeout bounds connecting only.
+    # pg8000 keeps its connect timeout on the socket for good; connect_timeout bounds connecting
+    # only.
     connection._usock.settimeout(config.statement_timeout + READ_MARGIN_SECONDS)
     return connection
 
@@ -1197,52 +1377,71 @@ class _database_errors:
         import pg8000.exceptions
 
         if isinstance(exc, pg8000.exceptions.DatabaseError):
-            raise self._refused(_sqlstate(exc), exc.args[0].get("M", "") if isinstance(exc.args[0], dict)
-                                else str(exc)) from None
+            raise self._refused(
+                _sqlstate(exc),
+                exc.args[0].get("M", "") if isinstance(exc.args[0], dict) else str(exc),
+            ) from None
         if isinstance(exc, (pg8000.exceptions.InterfaceError, OSError)):
             cause = exc.__cause__ or exc
-            raise self._unreachable(cause, str(exc) if cause is exc and not isinstance(exc, OSError)
-                                    else network_problem(cause, self.config.connect_timeout,
-                                                         "connecting (connect_timeout in the URL)")) from None
+            raise self._unreachable(
+                cause,
+                str(exc)
+                if cause is exc and not isinstance(exc, OSError)
+                else network_problem(
+                    cause, self.config.connect_timeout, "connecting (connect_timeout in the URL)"
+                ),
+            ) from None
         return False
 
     def _refused(self, code: str, message: str) -> DependencyError:
         where, bound = self.config.describe(), self.config.statement_timeout
         if code in ("28P01", "28000"):
-            return DependencyError("The legacy database refused the login for %s (%s); check the user and "
-                                   "password in DATABASE_URL." % (where, message))
+            return DependencyError(
+                "The legacy database refused the login for %s (%s); check the user and password in "
+                "DATABASE_URL." % (where, message)
+            )
         if code in ("57014", "55P03"):  # statement_timeout, lock_timeout
             return DependencyError(
-                "The legacy database %s did not finish a statement within %g s (--statement-timeout): "
-                "another session may hold a lock on agent_memories (a migration takes ACCESS EXCLUSIVE), "
-                "or the server is overloaded; check pg_stat_activity and pg_locks there, then run the same "
-                "command again (with a larger --statement-timeout SECONDS if it is only slow)."
-                % (where, bound))
+                "The legacy database %s did not finish a statement within %g s "
+                "(--statement-timeout): another session may hold a lock on agent_memories (a "
+                "migration takes ACCESS EXCLUSIVE), or the server is overloaded; check "
+                "pg_stat_activity and pg_locks there, then run the same command again (with a "
+                "larger --statement-timeout SECONDS if it is only slow)." % (where, bound)
+            )
         if code.startswith(("57P", "08")) and self._connected:
             return self._lost(message)
         if code == "3D000":
-            return DependencyError("The legacy database %s does not exist; check the database name in "
-                                   "DATABASE_URL." % where)
-        return DependencyError("The legacy database %s failed (SQLSTATE %s: %s); the run stopped, nothing "
-                               "further was written." % (where, code, message))
+            return DependencyError(
+                "The legacy database %s does not exist; check the database name in DATABASE_URL."
+                % where
+            )
+        return DependencyError(
+            "The legacy database %s failed (SQLSTATE %s: %s); the run stopped, nothing further was "
+            "written." % (where, code, message)
+        )
 
     def _unreachable(self, cause: BaseException, detail: str) -> DependencyError:
         """`detail`: the driver's own words, or the cause's (network_problem)."""
         where = self.config.describe()
         if not self._connected:
-            return DependencyError("Cannot reach the legacy database %s (%s); check that it is running and "
-                                   "that DATABASE_URL is right." % (where, detail))
+            return DependencyError(
+                "Cannot reach the legacy database %s (%s); check that it is running and that "
+                "DATABASE_URL is right." % (where, detail)
+            )
         if isinstance(cause, TimeoutError):
             return DependencyError(
-                "The legacy database %s did not answer for %g s after a statement (--statement-timeout, plus "
-                "%g s); check the network to it and its load, then run the same command again."
-                % (where, self.config.statement_timeout + READ_MARGIN_SECONDS, READ_MARGIN_SECONDS))
+                "The legacy database %s did not answer for %g s after a statement "
+                "(--statement-timeout, plus %g s); check the network to it and its load, then run "
+                "the same command again."
+                % (where, self.config.statement_timeout + READ_MARGIN_SECONDS, READ_MARGIN_SECONDS)
+            )
         return self._lost(detail)
 
     def _lost(self, detail: str) -> DependencyError:
         return DependencyError(
             "The connection to the legacy database %s was lost (%s); check that it is running, "
-            "then run the same command again." % (self.config.describe(), detail))
+            "then run the same command again." % (self.config.describe(), detail)
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -1257,12 +1456,13 @@ HEALTH_RETRIES = 2  # a plugin that is down at the start should fail the run fas
 
 
 class RetryRule:
-    """Every plugin request, through urllib3 or the write stream, is retried by this rule: after a lost
-    connection or a timeout, and after an answer that says the plugin, not the request, failed (unwell()), up
-    to `retries` times.  The first retry goes at once, the second after 0.4 s, and the
-    wait doubles from there to at most 4 s, plus up to 0.1 s of jitter; a Retry-After from the plugin replaces
-    that wait.  Every request is safe to repeat: writes carry the row's id, deletes name it.  It counts the
-    retries it grants, and the last reason, for the progress line and the summary."""
+    """Every plugin request, through urllib3 or the write stream, is retried by this rule: after a
+    lost connection or a timeout, and after an answer that says the plugin, not the request, failed
+    (unwell()), up to `retries` times.  The first retry goes at once, the second after 0.4 s, and
+    the wait doubles from there to at most 4 s, plus up to 0.1 s of jitter; a Retry-After from the
+    plugin replaces that wait.  Every request is safe to repeat: writes carry the row's id, deletes
+    name it.  It counts the retries it grants, and the last reason, for the progress line and the
+    summary."""
 
     def __init__(self, retries: int):
         self.retries = retries
@@ -1272,9 +1472,9 @@ class RetryRule:
 
     @staticmethod
     def unwell(status: int, body: bytes = b"") -> Optional[str]:
-        """Why an answer says the plugin was unwell, as a retry's reason; None when it answers the request.
-        A 429/502/503/504, a status outside 100-599 (RFC 9110 §15: a server error), or a 500 that says the
-        plugin's own database is unavailable (store_unavailable)."""
+        """Why an answer says the plugin was unwell, as a retry's reason; None when it answers the
+        request. A 429/502/503/504, a status outside 100-599 (RFC 9110 §15: a server error), or a
+        500 that says the plugin's own database is unavailable (store_unavailable)."""
         if status in RETRY_STATUSES or not 100 <= status <= 599:
             return "HTTP %d" % status
         if status == 500 and store_unavailable(body):
@@ -1285,7 +1485,9 @@ class RetryRule:
     def retryable(cls, status: int, body: bytes = b"") -> bool:
         return cls.unwell(status, body) is not None
 
-    def delay(self, attempt: int, retry_after: Optional[bytes] = None, reason: str = "") -> Optional[float]:
+    def delay(
+        self, attempt: int, retry_after: Optional[bytes] = None, reason: str = ""
+    ) -> Optional[float]:
         """Seconds to wait before retry number `attempt` (from 1) of a request that failed for
         `reason`, or None: no retry left."""
         if attempt > self.retries:
@@ -1298,10 +1500,16 @@ class RetryRule:
             return asked
         if attempt <= 1:
             return 0.0
-        return min(BACKOFF_MAX, BACKOFF_FACTOR * 2 ** (attempt - 1) + random.random() * BACKOFF_JITTER)
+        return min(
+            BACKOFF_MAX, BACKOFF_FACTOR * 2 ** (attempt - 1) + random.random() * BACKOFF_JITTER
+        )
 
     def describe(self) -> str:
-        return "retries %d (last: %s)" % (self.granted, self.last_reason) if self.granted else "retries 0"
+        return (
+            "retries %d (last: %s)" % (self.granted, self.last_reason)
+            if self.granted
+            else "retries 0"
+        )
 
 
 def parse_retry_after(value: bytes) -> Optional[float]:
@@ -1327,8 +1535,13 @@ class PluginClient:
     """The memory plugin's HTTP API, over one urllib3 pool of keep-alive connections,
     every request retried by RetryRule."""
 
-    def __init__(self, address: PluginAddress, timeout: float = DEFAULT_TIMEOUT,
-                 retries: int = DEFAULT_RETRIES, connections: int = 1):
+    def __init__(
+        self,
+        address: PluginAddress,
+        timeout: float = DEFAULT_TIMEOUT,
+        retries: int = DEFAULT_RETRIES,
+        connections: int = 1,
+    ):
         import urllib3
 
         self.address = address
@@ -1338,13 +1551,18 @@ class PluginClient:
         self._counting = threading.Lock()
         pool = urllib3.HTTPSConnectionPool if address.tls else urllib3.HTTPConnectionPool
         self.pool = pool(
-            "[%s]" % address.host if ":" in address.host else address.host, address.port,
-            maxsize=connections, block=True, retries=False, timeout=urllib3.Timeout(total=timeout),
+            "[%s]" % address.host if ":" in address.host else address.host,
+            address.port,
+            maxsize=connections,
+            block=True,
+            retries=False,
+            timeout=urllib3.Timeout(total=timeout),
             headers={"Content-Type": "application/json", "User-Agent": USER_AGENT},
         )
 
-    def _request(self, method: str, path: str, body: Optional[dict] = None,
-                 rule: Optional[RetryRule] = None):
+    def _request(
+        self, method: str, path: str, body: Optional[dict] = None, rule: Optional[RetryRule] = None
+    ):
         import urllib3
 
         rule = rule or self.retry
@@ -1355,8 +1573,12 @@ class PluginClient:
                 response = self.pool.urlopen(method, self.address.prefix + path, body=payload)
             except urllib3.exceptions.HTTPError as exc:
                 attempt += 1
-                delay = rule.delay(attempt, reason="no answer" if isinstance(
-                    exc, urllib3.exceptions.TimeoutError) else "connection failed")
+                delay = rule.delay(
+                    attempt,
+                    reason="no answer"
+                    if isinstance(exc, urllib3.exceptions.TimeoutError)
+                    else "connection failed",
+                )
                 if delay is None:
                     raise plugin_unreachable(self.address, exc, self.timeout) from None
             else:
@@ -1365,13 +1587,16 @@ class PluginClient:
                     break
                 attempt += 1
                 retry_after = response.headers.get("Retry-After")
-                delay = rule.delay(attempt, None if retry_after is None else retry_after.encode("latin-1"),
-                                   reason)
+                delay = rule.delay(
+                    attempt, None if retry_after is None else retry_after.encode("latin-1"), reason
+                )
                 if delay is None:
                     break
             time.sleep(delay)
         if response.status >= 400:
-            raise PluginRejected(response.status, plugin_error_message(response.data, response.reason))
+            raise PluginRejected(
+                response.status, plugin_error_message(response.data, response.reason)
+            )
         try:
             return json.loads(response.data.decode("utf-8")) if response.data else None
         except ValueError:
@@ -1381,21 +1606,30 @@ class PluginClient:
         """Raise DependencyError unless /v1/health says ok; return its version."""
         address = self.address
         try:
-            data = self._request("GET", "/v1/health", rule=RetryRule(min(HEALTH_RETRIES, self.retry.retries)))
+            data = self._request(
+                "GET", "/v1/health", rule=RetryRule(min(HEALTH_RETRIES, self.retry.retries))
+            )
         except PluginRejected as exc:
             if exc.status == 404:  # no plugin answers 404 there: the URL is wrong, not the plugin
                 raise DependencyError(
-                    "%s %s answers 404 at %s/v1/health: check the URL's path and port (the memory plugin's "
-                    "base URL, such as %s, has no /v1)." % (
-                        "The default plugin URL" if address.default else address.named_by, address.url,
-                        address.url, DEFAULT_PLUGIN_URL)) from None
+                    "%s %s answers 404 at %s/v1/health: check the URL's path and port (the memory "
+                    "plugin's base URL, such as %s, has no /v1)."
+                    % (
+                        "The default plugin URL" if address.default else address.named_by,
+                        address.url,
+                        address.url,
+                        DEFAULT_PLUGIN_URL,
+                    )
+                ) from None
             raise DependencyError(
-                "The memory plugin at %s is not healthy (%s); fix the plugin, then run "
-                "again." % (address.url, exc)) from None
+                "The memory plugin at %s is not healthy (%s); fix the plugin, then run again."
+                % (address.url, exc)
+            ) from None
         if not isinstance(data, dict) or data.get("status") != "ok":
             raise DependencyError(
-                "The memory plugin at %s did not report status ok on /v1/health; check that %s names the "
-                "memory plugin, then run again." % (address.url, address.named_by))
+                "The memory plugin at %s did not report status ok on /v1/health; check that %s "
+                "names the memory plugin, then run again." % (address.url, address.named_by)
+            )
         return str(data.get("version", "unknown"))
 
     def health_problem(self) -> Optional[str]:
@@ -1424,23 +1658,33 @@ class PluginClient:
         return [m for m in memories if isinstance(m, dict) and isinstance(m.get("id"), str)]
 
 
-def plugin_unreachable(address: PluginAddress, error: BaseException, timeout: float) -> DependencyError:
+def plugin_unreachable(
+    address: PluginAddress, error: BaseException, timeout: float
+) -> DependencyError:
     if address.default:
-        advice = ("the default, as MEMORY_PLUGIN_URL is not set; set it (or --plugin-url) if the "
-                  "plugin listens elsewhere")
+        advice = (
+            "the default, as MEMORY_PLUGIN_URL is not set; set it (or --plugin-url) if the plugin "
+            "listens elsewhere"
+        )
     else:
         advice = "check that it is running and that %s is right" % address.named_by
-    return DependencyError("Cannot reach the memory plugin at %s (%s); %s."
-                           % (address.url, network_problem(error, timeout, "a request (--timeout)"), advice))
+    return DependencyError(
+        "Cannot reach the memory plugin at %s (%s); %s."
+        % (address.url, network_problem(error, timeout, "a request (--timeout)"), advice)
+    )
 
 
 def plugin_rejected(response: Response) -> PluginRejected:
     """The plugin's refusal of a request sent on the write stream."""
-    return PluginRejected(response.head.status, plugin_error_message(response.body, response.head.reason))
+    return PluginRejected(
+        response.head.status, plugin_error_message(response.body, response.head.reason)
+    )
 
 
 def plugin_error_message(body: bytes, reason: Optional[str]) -> str:
-    """The message of the plugin's error envelope (or its health's status), or the HTTP reason phrase."""
+    """The message of the plugin's error envelope (or its health's status), or the HTTP reason
+    phrase.
+    """
     data = _envelope(body)
     text = " ".join(str(data.get("message") or data.get("status") or reason or "").split())
     return text if len(text) <= 200 else text[:200] + "..."
@@ -1455,18 +1699,19 @@ def _envelope(body: bytes) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-# What a plugin's 500 says when its own PostgreSQL cannot be reached (a restart, a failover): a SQLSTATE of
-# class 08 (connection exception), 57P01-57P03 (shut down, starting up), 53300 (too many clients), or the
-# words its driver uses for them.
+# What a plugin's 500 says when its own PostgreSQL cannot be reached (a restart, a failover): a
+# SQLSTATE of class 08 (connection exception), 57P01-57P03 (shut down, starting up), 53300 (too many
+# clients), or the words its driver uses for them.
 STORE_DOWN = re.compile(
-    r"\b(?:08[0-9A-Z]{3}|57P0[1-3]|53300)\b|(?i:the database system is|terminating connection|"
-    r"connection refused|bad connection|connection reset|broken pipe|server closed the connection|"
-    r"no connection to the server|could not connect|too many clients|unexpected EOF)")
+    r"\b(?:08[0-9A-Z]{3}|57P0[1-3]|53300)\b|(?i:the database system is|terminating "
+    r"connection|connection refused|bad connection|connection reset|broken pipe|server closed the "
+    r"connection|no connection to the server|could not connect|too many clients|unexpected EOF)"
+)
 
 
 def store_unavailable(body: bytes) -> bool:
-    """Whether a 500's body says the plugin's database is unavailable (REFERENCE §4: the `unavailable`
-    code), rather than that the request failed."""
+    """Whether a 500's body says the plugin's database is unavailable (REFERENCE §4: the
+    `unavailable` code), rather than that the request failed."""
     data = _envelope(body)
     if data.get("code") == "unavailable":
         return True
@@ -1480,7 +1725,9 @@ def store_unavailable(body: bytes) -> bool:
 
 # The grammar's pieces, named once (RFC 9110 §5.1, §5.5; RFC 9112 §4, §5, §7.1).
 TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
-FIELD_TEXT = rb"[\t\x20-\x7e\x80-\xff]*"  # SP, HTAB, VCHAR, obs-text: no CR, LF, NUL or other control
+FIELD_TEXT = (
+    rb"[\t\x20-\x7e\x80-\xff]*"  # SP, HTAB, VCHAR, obs-text: no CR, LF, NUL or other control
+)
 STATUS_LINE = re.compile(rb"HTTP/1\.([0-9]) ([0-9]{3})(?: (" + FIELD_TEXT + rb"))?")
 FIELD_LINE = re.compile(rb"(" + TOKEN + rb"):(" + FIELD_TEXT + rb")")
 CONTINUATION_LINE = re.compile(rb"[\t ]" + FIELD_TEXT)  # obs-fold: part of the line before
@@ -1532,7 +1779,9 @@ def _tokens(value: Optional[bytes]) -> list[bytes]:
     return [] if value is None else [item.strip().lower() for item in value.split(b",")]
 
 
-def parse_field_lines(lines: Iterable[bytes], what: str = "header") -> tuple[tuple[bytes, bytes], ...]:
+def parse_field_lines(
+    lines: Iterable[bytes], what: str = "header"
+) -> tuple[tuple[bytes, bytes], ...]:
     """Field lines as (name in lower case, value); an obs-fold line continues the one before
     it, as one space (RFC 9112 §5.2)."""
     fields: list[tuple[bytes, list[bytes]]] = []  # (name, the value's parts, one per line)
@@ -1570,12 +1819,16 @@ def parse_response_head(head: bytes) -> ResponseHead:
         length = 0  # no body, whatever the fields say (RFC 9112 §6.3)
     elif transfer_encoding is not None:
         if not http11 or content_length is not None:  # RFC 9112 §6.1, §6.3
-            raise ProtocolError("Transfer-Encoding with %s" % ("Content-Length" if http11 else "HTTP/1.0"))
+            raise ProtocolError(
+                "Transfer-Encoding with %s" % ("Content-Length" if http11 else "HTTP/1.0")
+            )
         if _tokens(transfer_encoding) != [b"chunked"]:
             raise ProtocolError("a transfer coding other than chunked: %r" % transfer_encoding[:40])
         framing = Framing.CHUNKED
     elif length > MAX_RESPONSE_BODY:
-        raise ProtocolError("a Content-Length over %d bytes: %r" % (MAX_RESPONSE_BODY, content_length[:40]))
+        raise ProtocolError(
+            "a Content-Length over %d bytes: %r" % (MAX_RESPONSE_BODY, content_length[:40])
+        )
     elif content_length is None:
         framing, persistent = Framing.UNTIL_CLOSE, False
     reason = (status_line.group(3) or b"").decode("latin-1")
@@ -1594,8 +1847,9 @@ def parse_content_length(value: bytes) -> int:
 
 
 class ReceiveBuffer(bytearray):
-    """The bytes received and not yet parsed.  A search for a line end goes on where the last one stopped, so
-    each byte is looked at once however the bytes are split (`scanned` counts what the searches looked at)."""
+    """The bytes received and not yet parsed.  A search for a line end goes on where the last one
+    stopped, so each byte is looked at once however the bytes are split (`scanned` counts what the
+    searches looked at)."""
 
     _looked = 0  # how far the search for the current line's end has looked
     scanned = 0
@@ -1642,11 +1896,16 @@ class UntilCloseReader(BodyReader):
 
 
 class ChunkedReader(BodyReader):
-    """Chunks, then the trailer section (RFC 9112 §7.1), read on from where the last call stopped: `state`
-    reads the next part, and returns True to go on, None for more bytes, or the whole body."""
+    """Chunks, then the trailer section (RFC 9112 §7.1), read on from where the last call stopped:
+    `state` reads the next part, and returns True to go on, None for more bytes, or the whole body.
+    """
 
     def __init__(self, head: ResponseHead):
-        self._state, self._left, self.body = self._size_line, 0, bytearray()  # left: of the current chunk
+        self._state, self._left, self.body = (
+            self._size_line,
+            0,
+            bytearray(),
+        )  # left: of the current chunk
         self._trailers, self._trailer_bytes = [], 0
 
     def read(self, buffer: ReceiveBuffer) -> Optional[bytes]:
@@ -1663,11 +1922,11 @@ class ChunkedReader(BodyReader):
             return None
         size_line = CHUNK_SIZE_LINE.fullmatch(buffer, 0, end)
         if size_line is None:
-            raise ProtocolError("a malformed chunk size line: %r" % bytes(buffer[:min(end, 40)]))
+            raise ProtocolError("a malformed chunk size line: %r" % bytes(buffer[: min(end, 40)]))
         digits = size_line.group(1).lstrip(b"0") or b"0"  # 1*HEXDIG: leading zeros allowed
         if len(digits) > 8 or len(self.body) + int(digits, 16) > MAX_RESPONSE_BODY:
             raise ProtocolError("a body longer than %d bytes" % MAX_RESPONSE_BODY)
-        del buffer[:end + 2]
+        del buffer[: end + 2]
         self._left = int(digits, 16)
         self._state = self._data if self._left else self._trailer_line
         return True
@@ -1700,17 +1959,22 @@ class ChunkedReader(BodyReader):
         return bytes(self.body)
 
 
-READERS = {Framing.LENGTH: BodyReader, Framing.CHUNKED: ChunkedReader, Framing.UNTIL_CLOSE: UntilCloseReader}
+READERS = {
+    Framing.LENGTH: BodyReader,
+    Framing.CHUNKED: ChunkedReader,
+    Framing.UNTIL_CLOSE: UntilCloseReader,
+}
 
 
 class ResponseParser:
-    """Cuts the bytes a server sends into responses, by the protocol's framing (h11's pattern: one small
-    reader per framing, chosen from READERS, over one incremental buffer).
+    """Cuts the bytes a server sends into responses, by the protocol's framing (h11's pattern: one
+    small reader per framing, chosen from READERS, over one incremental buffer).
 
-    feed() what arrived, then take next_response() until it returns None (more bytes needed); end_of_stream()
-    when the server closed.  1xx responses are skipped; after a response that closes the connection nothing
-    more is read. Anything that is not HTTP/1.x raises ProtocolError.  Each byte fed is looked at a bounded
-    number of times, however the bytes are split, and each limit holds the same."""
+    feed() what arrived, then take next_response() until it returns None (more bytes needed);
+    end_of_stream() when the server closed.  1xx responses are skipped; after a response that closes
+    the connection nothing more is read. Anything that is not HTTP/1.x raises ProtocolError.  Each
+    byte fed is looked at a bounded number of times, however the bytes are split, and each limit
+    holds the same."""
 
     def __init__(self):
         self._buffer = ReceiveBuffer()
@@ -1755,8 +2019,10 @@ class ResponseParser:
         return Response(head, body)
 
     def _read_head(self) -> Optional[ResponseHead]:
-        if not self._buffer.startswith(b"HTTP/1."[:len(self._buffer)]):
-            raise ProtocolError("%r where an HTTP/1.x status line should be" % bytes(self._buffer[:24]))
+        if not self._buffer.startswith(b"HTTP/1."[: len(self._buffer)]):
+            raise ProtocolError(
+                "%r where an HTTP/1.x status line should be" % bytes(self._buffer[:24])
+            )
         end = self._buffer.line_end(b"\r\n\r\n")
         if end + 4 > MAX_RESPONSE_HEAD or (end < 0 and len(self._buffer) >= MAX_RESPONSE_HEAD):
             raise ProtocolError("a response head longer than %d bytes" % MAX_RESPONSE_HEAD)
@@ -1781,39 +2047,45 @@ RECEIVE_BYTES = 65536
 IDLE_CHECK_SECONDS = 1.0  # a connection idle this long is checked before it is used again
 STOP_CHECK_SECONDS = 0.25  # the loop notices a signal at least this often
 HEALTH_RECHECK_SECONDS = 1.0  # a 500 asks /v1/health again at most this often
-# The limiter's hill climb: a window of at least LIMIT_WINDOW_SECONDS and LIMIT_WINDOW_ANSWERS answers per
-# connection measures the plugin's throughput at one number of connections; twice as many must give
-# THROUGHPUT_GAIN more to be kept.
+# The limiter's hill climb: a window of at least LIMIT_WINDOW_SECONDS and LIMIT_WINDOW_ANSWERS
+# answers per connection measures the plugin's throughput at one number of connections; twice as
+# many must give THROUGHPUT_GAIN more to be kept.
 LIMIT_WINDOW_SECONDS = 0.15
 LIMIT_WINDOW_ANSWERS = 8
 THROUGHPUT_GAIN = 0.10
 START_CONNECTIONS = 8  # where the climb starts
-# Held at a level, the limiter tries half as many and twice as many again after PROBE_FIRST_SECONDS, then
-# after twice as long each time the level holds, up to PROBE_SECONDS: a single window can mislead.
+# Held at a level, the limiter tries half as many and twice as many again after PROBE_FIRST_SECONDS,
+# then after twice as long each time the level holds, up to PROBE_SECONDS: a single window can
+# mislead.
 PROBE_FIRST_SECONDS, PROBE_SECONDS = 2.0, 10.0
 HELD_RATE_WEIGHT = 0.3  # the held level's rate: a moving average of its windows
 
 
 class ConcurrencyLimit:
-    """How many connections keep a request at the plugin: the plugin serves a connection's requests one at a
-    time (REFERENCE §4), so this is how many of ours it works on at once.
+    """How many connections keep a request at the plugin: the plugin serves a connection's requests
+    one at a time (REFERENCE §4), so this is how many of ours it works on at once.
 
-    Pure: fed each answer (when it came, and when its request was sent), it measures the plugin's throughput
-    at the current number of connections, counting only requests sent since that number was set (so that a
-    change is measured once the pipelines have refilled).  It climbs a hill on a log scale: from
-    START_CONNECTIONS it doubles while a doubling gives THROUGHPUT_GAIN more; when one does not, it goes back
-    to the level below, the knee: the fewest connections that get about the most the plugin serves, and so
-    the least queue for the live tenant's requests behind ours.  Held there PROBE_SECONDS, it tries half as
-    many (kept if the plugin serves about as much: gentler for the same rate) and then twice as many (kept
-    if it serves more: the plugin may have been busy elsewhere).  An overload answer (429, 503) or a lost
-    connection halves it at once.  Never above `ceiling`, never below 1."""
+    Pure: fed each answer (when it came, and when its request was sent), it measures the plugin's
+    throughput at the current number of connections, counting only requests sent since that number
+    was set (so that a change is measured once the pipelines have refilled).  It climbs a hill on a
+    log scale: from START_CONNECTIONS it doubles while a doubling gives THROUGHPUT_GAIN more; when
+    one does not, it goes back to the level below, the knee: the fewest connections that get about
+    the most the plugin serves, and so the least queue for the live tenant's requests behind ours.
+    Held there PROBE_SECONDS, it tries half as many (kept if the plugin serves about as much:
+    gentler for the same rate) and then twice as many (kept if it serves more: the plugin may have
+    been busy elsewhere).  An overload answer (429, 503) or a lost connection halves it at once.
+    Never above `ceiling`, never below 1."""
 
     def __init__(self, ceiling: int):
         self.ceiling = ceiling
         self.connections = min(START_CONNECTIONS, ceiling)
-        self._rates: dict[int, float] = {}  # answers per second measured at each number of connections
+        self._rates: dict[
+            int, float
+        ] = {}  # answers per second measured at each number of connections
         self._climbing = True  # doubling until a doubling does not pay
-        self._trying: Optional[int] = None  # a probe's level is being measured; back to this one otherwise
+        self._trying: Optional[int] = (
+            None  # a probe's level is being measured; back to this one otherwise
+        )
         self._held_since = 0.0
         self._probe_after = PROBE_FIRST_SECONDS
         self._restart(0.0)
@@ -1834,11 +2106,15 @@ class ConcurrencyLimit:
             return
         self.answers += 1
         elapsed = now - self._window_start
-        if elapsed >= LIMIT_WINDOW_SECONDS and self.answers >= LIMIT_WINDOW_ANSWERS * self.connections:
+        if (
+            elapsed >= LIMIT_WINDOW_SECONDS
+            and self.answers >= LIMIT_WINDOW_ANSWERS * self.connections
+        ):
             self.decide(self.answers / elapsed, now)
 
     def decide(self, rate: float, now: float) -> None:
-        """What one window measured: the plugin served `rate` answers a second at this many connections."""
+        """What one window measured: the plugin served `rate` answers a second at this many
+        connections."""
         level = self.connections
         held = self._rates.get(level) if not (self._climbing or self._trying) else None
         self._rates[level] = rate if held is None else held + HELD_RATE_WEIGHT * (rate - held)
@@ -1862,9 +2138,9 @@ class ConcurrencyLimit:
             self._restart(now)
 
     def _probed(self, level: int, rate: float, now: float) -> None:
-        """A probe's window, from the level held (`trying`): keep fewer if they serve as much (within a third
-        of the gain: a halving gives up less than a doubling must win), or more if they serve THROUGHPUT_GAIN
-        more; after fewer did not, try more; else go back."""
+        """A probe's window, from the level held (`trying`): keep fewer if they serve as much
+        (within a third of the gain: a halving gives up less than a doubling must win), or more if
+        they serve THROUGHPUT_GAIN more; after fewer did not, try more; else go back."""
         held, self._trying = self._trying, None
         if level < held and rate >= self._rates[held] * (1 - THROUGHPUT_GAIN / 3):
             self._hold(level, now)
@@ -1881,9 +2157,11 @@ class ConcurrencyLimit:
             self._hold(held, now, again=True)
 
     def _hold(self, connections: int, now: float, again: bool = False) -> None:
-        """Hold a level: probe it after PROBE_FIRST_SECONDS, or `again` (a probe came back to it) after twice
-        as long as last time."""
-        self._probe_after = min(PROBE_SECONDS, self._probe_after * 2) if again else PROBE_FIRST_SECONDS
+        """Hold a level: probe it after PROBE_FIRST_SECONDS, or `again` (a probe came back to it)
+        after twice as long as last time."""
+        self._probe_after = (
+            min(PROBE_SECONDS, self._probe_after * 2) if again else PROBE_FIRST_SECONDS
+        )
         self._climbing = False
         self._held_since = now
         self._set(connections, now)
@@ -1895,7 +2173,7 @@ class ConcurrencyLimit:
             self._hold(self.connections // 2, now)
 
     def idle(self) -> None:
-        """Nothing is in flight for a while (the mode works on something else): no window spans it."""
+        """Nothing is in flight (the mode works on something else): no window spans it."""
         self._window_start, self.answers = None, 0
 
     def stalled(self, now: float) -> None:
@@ -1905,12 +2183,12 @@ class ConcurrencyLimit:
 
 
 class LoadStatistics:
-    """What the stream did to the plugin, for the progress line and the summary: answers and their latency
-    (from sending a request to its whole answer; percentiles in flat memory, from counts in buckets 5 % wide,
-    10 µs to 1000 s), writes in flight while there was more to send, and the seconds from the first request to
-    the last answer."""
+    """What the stream did to the plugin, for the progress line and the summary: answers and their
+    latency (from sending a request to its whole answer; percentiles in flat memory, from counts in
+    buckets 5 % wide, 10 µs to 1000 s), writes in flight while there was more to send, and the
+    seconds from the first request to the last answer."""
 
-    EDGES = [1e-5 * 1.05 ** bucket for bucket in range(int(math.log(1e8) / math.log(1.05)) + 1)]
+    EDGES = [1e-5 * 1.05**bucket for bucket in range(int(math.log(1e8) / math.log(1.05)) + 1)]
 
     def __init__(self):
         self._counts = [0] * (len(self.EDGES) + 1)  # the last: beyond the last edge
@@ -1942,18 +2220,24 @@ class LoadStatistics:
 
     def to_json(self) -> dict[str, object]:
         low, high = self._in_flight_range or (0, 0)
-        return {"answered": self.answers, "in_flight_min": low, "in_flight_max": high,
-                "seconds": round(self._last_answer - self._first_sent, 3) if self._first_sent else 0.0,
-                "latency_p50_ms": self.latency_ms(0.5), "latency_p99_ms": self.latency_ms(0.99)}
+        return {
+            "answered": self.answers,
+            "in_flight_min": low,
+            "in_flight_max": high,
+            "seconds": round(self._last_answer - self._first_sent, 3) if self._first_sent else 0.0,
+            "latency_p50_ms": self.latency_ms(0.5),
+            "latency_p99_ms": self.latency_ms(0.99),
+        }
 
 
 class Pacing:
-    """When the stream sends and when it reads.  --max-rate: requests go evenly spaced, at `rate` a second; a
-    slot taken late (the loop woke up after it) moves the next one less, so that lateness does not add up, and
-    no request goes more than one slot early.  With the write window full, answers are read only every so
-    often: about the time the plugin takes to answer half of the window, so that each system call carries
-    several requests and responses (on loopback one send and one receive cost more CPU than reading and
-    planning a row) while the plugin works on the other half."""
+    """When the stream sends and when it reads.  --max-rate: requests go evenly spaced, at `rate` a
+    second; a slot taken late (the loop woke up after it) moves the next one less, so that lateness
+    does not add up, and no request goes more than one slot early.  With the write window full,
+    answers are read only every so often: about the time the plugin takes to answer half of the
+    window, so that each system call carries several requests and responses (on loopback one send
+    and one receive cost more CPU than reading and planning a row) while the plugin works on the
+    other half."""
 
     def __init__(self, max_rate: float):
         self.interval = 1.0 / max_rate if max_rate else 0.0
@@ -1982,7 +2266,9 @@ class Pacing:
         """A read brought `answers` for a `window` of requests, full or not."""
         if full and answers:
             rate = answers / max(now - self._last_read, 1e-6)
-            self._answer_rate = rate if not self._answer_rate else 0.8 * self._answer_rate + 0.2 * rate
+            self._answer_rate = (
+                rate if not self._answer_rate else 0.8 * self._answer_rate + 0.2 * rate
+            )
             self._read_every = min(MAX_PACE_SECONDS, 0.5 * window / self._answer_rate)
         self._last_read = now
 
@@ -1992,9 +2278,11 @@ JSON_ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"), check_ci
 
 def request_head(address: PluginAddress, method: str, path: str) -> bytes:
     """A request up to its Content-Length value (the length and the body follow)."""
-    return ("%s %s%s HTTP/1.1\r\nHost: %s\r\nUser-Agent: %s\r\nContent-Type: application/json\r\n"
-            "Content-Length: " % (method, address.prefix, path, address.host_header, USER_AGENT)
-            ).encode("ascii")
+    return (
+        "%s %s%s HTTP/1.1\r\nHost: %s\r\nUser-Agent: %s\r\nContent-Type: "
+        "application/json\r\nContent-Length: "
+        % (method, address.prefix, path, address.host_header, USER_AGENT)
+    ).encode("ascii")
 
 
 def with_body(head: bytes, payload: bytes) -> bytes:
@@ -2002,14 +2290,16 @@ def with_body(head: bytes, payload: bytes) -> bytes:
 
 
 class StreamMode(Protocol):
-    """What WriteStream.drive drives: a mode's side of the write stream (-apply's ApplyWrites, -rollback's
-    RollbackDeletes)."""
+    """What WriteStream.drive drives: a mode's side of the write stream (-apply's ApplyWrites,
+    -rollback's RollbackDeletes)."""
 
     def fill(self, room: int) -> bool:
         """Submit up to `room` more jobs (WriteStream.submit); False once there are no more."""
 
     def answered(self, job: Job, response: Response) -> None:
-        """Take a job's final answer: any status but those RetryRule retries (WriteStream._answered)."""
+        """Take a job's final answer: any status but those RetryRule retries
+        (WriteStream._answered).
+        """
 
 
 class Job:
@@ -2029,9 +2319,10 @@ class Job:
 class WriteConnection:
     """One keep-alive connection to the plugin and the requests in flight on it, oldest first.
 
-    It pipelines only once it has answered as a persistent HTTP/1.1 connection; until then it carries one
-    request at a time, so a server that answers once and closes, or speaks HTTP/1.0, still gets every request.
-    The socket is non-blocking: a timeout on it would cost a poll() before every send and receive."""
+    It pipelines only once it has answered as a persistent HTTP/1.1 connection; until then it
+    carries one request at a time, so a server that answers once and closes, or speaks HTTP/1.0,
+    still gets every request. The socket is non-blocking: a timeout on it would cost a poll() before
+    every send and receive."""
 
     def __init__(self, address: PluginAddress, tls_context, timeout: float, received: memoryview):
         self.address = address
@@ -2063,8 +2354,12 @@ class WriteConnection:
 
     def send(self, jobs: list[Job], now: float) -> None:
         """Send the requests, pipelined; on OSError they stay in flight, unanswered."""
-        if (self._sock is not None and not self.in_flight and now - self._last_used > IDLE_CHECK_SECONDS
-                and select.select([self._sock], [], [], 0)[0]):
+        if (
+            self._sock is not None
+            and not self.in_flight
+            and now - self._last_used > IDLE_CHECK_SECONDS
+            and select.select([self._sock], [], [], 0)[0]
+        ):
             self.close()  # closed by the server while idle (or it sent what nobody asked for)
         for job in jobs:
             job.sent_at = now
@@ -2072,7 +2367,9 @@ class WriteConnection:
         self._last_used = now
         if self._sock is None:
             self._open()
-        self.outgoing += jobs[0].request if len(jobs) == 1 else b"".join([job.request for job in jobs])
+        self.outgoing += (
+            jobs[0].request if len(jobs) == 1 else b"".join([job.request for job in jobs])
+        )
         self.flush()
 
     def flush(self) -> None:
@@ -2093,7 +2390,12 @@ class WriteConnection:
         except BaseException:
             sock.close()
             raise
-        self._sock, self._parser, self.pipelining, self.outgoing = sock, ResponseParser(), False, b""
+        self._sock, self._parser, self.pipelining, self.outgoing = (
+            sock,
+            ResponseParser(),
+            False,
+            b"",
+        )
 
     def receive(self, now: float) -> tuple[list[Response], bool]:
         """The responses that have arrived (maybe none), and whether the server closed."""
@@ -2107,7 +2409,7 @@ class WriteConnection:
             return ([] if final is None else [final]), True
         self._parser.feed(self.received[:size])
         while self.tls_context is not None and self._sock.pending():  # decrypted, not yet read
-            self._parser.feed(self.received[:self._sock.recv_into(self.received)])
+            self._parser.feed(self.received[: self._sock.recv_into(self.received)])
         responses = []
         response = self._parser.next_response()
         while response is not None:
@@ -2128,18 +2430,26 @@ class WriteConnection:
 class WriteStream:
     """Requests, oldest first, pipelined over keep-alive connections by one loop.
 
-    ConcurrencyLimit decides how many connections carry requests, never more than `ceiling`: the plugin works
-    on one request per connection at a time (REFERENCE §4), so that is how many it works on at once for this
-    run.  Each connection pipelines up to PIPELINE_DEPTH, so that no round trip leaves it idle; with a ceiling
-    of 1, strictly one request at a time.  A mode drives it with two callables: fill(room) submits up to
-    `room` more jobs and returns False once it has no more; answered(job, response) takes each final answer.
-    RetryRule decides what goes again: a retryable status, and every unanswered request on a connection that
-    failed or timed out (a retry of each, on a fresh connection); an orderly close re-sends the rest without
-    counting.  A dependency failure (fail()) stops new work; what is in flight still gets its answers."""
+    ConcurrencyLimit decides how many connections carry requests, never more than `ceiling`: the
+    plugin works on one request per connection at a time (REFERENCE §4), so that is how many it
+    works on at once for this run.  Each connection pipelines up to PIPELINE_DEPTH, so that no round
+    trip leaves it idle; with a ceiling of 1, strictly one request at a time.  A mode drives it with
+    two callables: fill(room) submits up to `room` more jobs and returns False once it has no more;
+    answered(job, response) takes each final answer. RetryRule decides what goes again: a retryable
+    status, and every unanswered request on a connection that failed or timed out (a retry of each,
+    on a fresh connection); an orderly close re-sends the rest without counting.  A dependency
+    failure (fail()) stops new work; what is in flight still gets its answers."""
 
-    def __init__(self, address: PluginAddress, ceiling: int, timeout: float, retry: RetryRule,
-                 max_rate: float, stop: threading.Event,
-                 health: Optional[Callable[[], Optional[str]]] = None):
+    def __init__(
+        self,
+        address: PluginAddress,
+        ceiling: int,
+        timeout: float,
+        retry: RetryRule,
+        max_rate: float,
+        stop: threading.Event,
+        health: Optional[Callable[[], Optional[str]]] = None,
+    ):
         self.address = address
         self.ceiling = ceiling
         self.timeout = timeout
@@ -2180,8 +2490,9 @@ class WriteStream:
         return len(self._ready) + len(self._retrying) + self.in_flight()
 
     def drive(self, mode: StreamMode) -> Optional[BackfillError]:
-        """Send every job mode.fill() gives; return when each has its final answer (or the run stopped), with
-        what stopped it, if anything.  The connections stay open for the next drive() until close()."""
+        """Send every job mode.fill() gives; return when each has its final answer (or the run
+        stopped), with what stopped it, if anything.  The connections stay open for the next drive()
+        until close()."""
         fill, answered = mode.fill, mode.answered
         more = True
         while True:
@@ -2204,19 +2515,32 @@ class WriteStream:
 
     def load(self) -> dict[str, object]:
         """What an operator watches on a live tenant: connections in use (the requests the plugin
-        works on at once) and the ceiling, writes in flight, the plugin's answer latency, retries."""
-        return {**self._stats.to_json(), "in_flight": self.in_flight(), "connections": self.limit.connections,
-                "connections_in_use": sum(1 for connection in self.connections if connection.in_flight),
-                "connections_ceiling": self.ceiling,
-                "retries": self.retry.granted, "last_retry_reason": self.retry.last_reason}
+        works on at once) and the ceiling, writes in flight, the plugin's answer latency, retries.
+        """
+        return {
+            **self._stats.to_json(),
+            "in_flight": self.in_flight(),
+            "connections": self.limit.connections,
+            "connections_in_use": sum(1 for connection in self.connections if connection.in_flight),
+            "connections_ceiling": self.ceiling,
+            "retries": self.retry.granted,
+            "last_retry_reason": self.retry.last_reason,
+        }
 
     def describe_load(self) -> str:
         load = self.load()
         text = ", connections in use %d (at most %d), writes in flight %d (%d-%d)" % (
-            load["connections_in_use"], load["connections_ceiling"], load["in_flight"], load["in_flight_min"],
-            load["in_flight_max"])
+            load["connections_in_use"],
+            load["connections_ceiling"],
+            load["in_flight"],
+            load["in_flight_min"],
+            load["in_flight_max"],
+        )
         if load["latency_p50_ms"] is not None:
-            text += ", latency p50 %.1f ms p99 %.1f ms" % (load["latency_p50_ms"], load["latency_p99_ms"])
+            text += ", latency p50 %.1f ms p99 %.1f ms" % (
+                load["latency_p50_ms"],
+                load["latency_p99_ms"],
+            )
         if self._pacing.capping():
             text += ", capped by --max-rate"
         return text + ", " + self.retry.describe()
@@ -2226,7 +2550,9 @@ class WriteStream:
     def _send(self) -> None:
         now = time.monotonic()
         if self._retrying:
-            due = sorted((job for job in self._retrying if job.not_before <= now), key=lambda job: job.number)
+            due = sorted(
+                (job for job in self._retrying if job.not_before <= now), key=lambda job: job.number
+            )
             if due:
                 self._retrying = [job for job in self._retrying if job.not_before > now]
                 self._ready.extendleft(reversed(due))
@@ -2234,8 +2560,9 @@ class WriteStream:
             return
         working = self.limit.connections
         while len(self.connections) < working:
-            self.connections.append(WriteConnection(self.address, self.tls_context, self.timeout,
-                                                    self.received))
+            self.connections.append(
+                WriteConnection(self.address, self.tls_context, self.timeout, self.received)
+            )
         depth = self.depth()
         for connection in self.connections[:working]:
             batch: list[Job] = []
@@ -2254,14 +2581,17 @@ class WriteStream:
     # --- receiving --------------------------------------------------------
 
     def _wait(self, busy: list[WriteConnection], answered: Callable[[Job, Response], None]) -> None:
-        """Wait for answers (or the next retry, rate slot or timeout), then handle them.  With one request at
-        a time per connection (--concurrency 1) there is nothing to batch: a Pacing pause would only add a
-        wake-up to each round trip."""
+        """Wait for answers (or the next retry, rate slot or timeout), then handle them.  With one
+        request at a time per connection (--concurrency 1) there is nothing to batch: a Pacing pause
+        would only add a wake-up to each round trip."""
         now = time.monotonic()
         if not busy:
             time.sleep(max(0.0, self._wake_time(now) - now))
             return
-        full = self.depth() > 1 and sum(len(connection.in_flight) for connection in busy) >= self.capacity()
+        full = (
+            self.depth() > 1
+            and sum(len(connection.in_flight) for connection in busy) >= self.capacity()
+        )
         if pause := self._pacing.read_pause(now, full):
             time.sleep(pause)
             now = time.monotonic()
@@ -2272,8 +2602,11 @@ class WriteStream:
             busy = [connection for connection in self.connections if connection.in_flight]
             if busy:
                 readable, writable, _ = select.select(
-                    busy, [connection for connection in busy if connection.outgoing], [],
-                    max(0.0, self._wake_time(now) - now))
+                    busy,
+                    [connection for connection in busy if connection.outgoing],
+                    [],
+                    max(0.0, self._wake_time(now) - now),
+                )
                 now = time.monotonic()
                 for connection in writable:
                     try:
@@ -2286,13 +2619,19 @@ class WriteStream:
         self._pacing.read(now, self._stats.answers - answers, self.capacity(), full)
         for connection in self.connections:
             if connection.in_flight and now >= connection.deadline():
-                self._connection_failed(connection, ConnectionLost(
-                    "no whole answer within %g s (--timeout)" % self.timeout), now, "no answer")
+                self._connection_failed(
+                    connection,
+                    ConnectionLost("no whole answer within %g s (--timeout)" % self.timeout),
+                    now,
+                    "no answer",
+                )
 
     def _wake_time(self, now: float) -> float:
         """When to stop waiting for answers: a timeout, a retry or rate slot due, or a signal."""
         wake = now + STOP_CHECK_SECONDS
-        deadlines = [connection.deadline() for connection in self.connections if connection.in_flight]
+        deadlines = [
+            connection.deadline() for connection in self.connections if connection.in_flight
+        ]
         if deadlines:
             wake = min(wake, min(deadlines))
         if self._retrying:
@@ -2301,8 +2640,9 @@ class WriteStream:
             wake = min(wake, self._pacing.next_slot)
         return wake
 
-    def _receive(self, connection: WriteConnection, now: float,
-                 answered: Callable[[Job, Response], None]) -> None:
+    def _receive(
+        self, connection: WriteConnection, now: float, answered: Callable[[Job, Response], None]
+    ) -> None:
         try:
             responses, closed = connection.receive(now)
         except (ConnectionLost, OSError) as exc:
@@ -2317,7 +2657,9 @@ class WriteStream:
                 return
             job = connection.in_flight.popleft()
             self._stats.answered(now, job.sent_at)
-            if response.head.status in OVERLOAD_STATUSES:  # a sign of overload, not a sample of its rate
+            if (
+                response.head.status in OVERLOAD_STATUSES
+            ):  # a sign of overload, not a sample of its rate
                 self.limit.overloaded(now)
             else:
                 self.limit.answered(now, job.sent_at)
@@ -2327,13 +2669,16 @@ class WriteStream:
                 return
             connection.pipelining = True
         if closed:
-            self._connection_failed(connection, ConnectionLost("the server closed the connection"), now)
+            self._connection_failed(
+                connection, ConnectionLost("the server closed the connection"), now
+            )
 
-    def _answered(self, job: Job, response: Response, now: float,
-                  answered: Callable[[Job, Response], None]) -> None:
-        """A final answer goes to the mode, unless it says the plugin was unwell (RetryRule.unwell; or a 500
-        while /v1/health does not say ok): then the request goes again, and after its last retry the run
-        stops, blaming no row for the plugin's state."""
+    def _answered(
+        self, job: Job, response: Response, now: float, answered: Callable[[Job, Response], None]
+    ) -> None:
+        """A final answer goes to the mode, unless it says the plugin was unwell (RetryRule.unwell;
+        or a 500 while /v1/health does not say ok): then the request goes again, and after its last
+        retry the run stops, blaming no row for the plugin's state."""
         head = response.head
         reason = self.retry.unwell(head.status, response.body)
         if reason is None and head.status == 500:
@@ -2341,25 +2686,37 @@ class WriteStream:
         if reason is None:
             answered(job, response)
             return
-        self.unwell = "HTTP %d: %s" % (head.status, plugin_error_message(response.body, head.reason))
+        self.unwell = "HTTP %d: %s" % (
+            head.status,
+            plugin_error_message(response.body, head.reason),
+        )
         if not self._retry(job, now, reason, head.field(b"retry-after")):
-            self.fail(DependencyError(
-                "The memory plugin at %s stayed unwell through %d retries of a request (it said %s%s); "
-                "stopped, no row counted as refused. Check the plugin and its database, then re-run to "
-                "resume."
-                % (self.address.url, self.retry.retries, self.unwell,
-                   "; " + self._health_said if self._health_said else "")))
+            self.fail(
+                DependencyError(
+                    "The memory plugin at %s stayed unwell through %d retries of a request (it "
+                    "said %s%s); stopped, no row counted as refused. Check the plugin and its "
+                    "database, then re-run to resume."
+                    % (
+                        self.address.url,
+                        self.retry.retries,
+                        self.unwell,
+                        "; " + self._health_said if self._health_said else "",
+                    )
+                )
+            )
 
     def _health_problem(self, now: float) -> Optional[str]:
-        """Before a 500 is taken as the request's fault: what /v1/health says if it is not ok (asked at most
-        every HEALTH_RECHECK_SECONDS), as the retry's reason."""
+        """Before a 500 is taken as the request's fault: what /v1/health says if it is not ok (asked
+        at most every HEALTH_RECHECK_SECONDS), as the retry's reason."""
         if self.health is None:
             return None
         if now - self._health_asked_at >= HEALTH_RECHECK_SECONDS:
             self._health_said, self._health_asked_at = self.health(), now
         return "HTTP 500 while " + self._health_said if self._health_said else None
 
-    def _retry(self, job: Job, now: float, reason: str, retry_after: Optional[bytes] = None) -> bool:
+    def _retry(
+        self, job: Job, now: float, reason: str, retry_after: Optional[bytes] = None
+    ) -> bool:
         """Queue the job to go again, as RetryRule says; False when it has no retry left."""
         job.retries += 1
         delay = self.retry.delay(job.retries, retry_after, reason)
@@ -2369,9 +2726,14 @@ class WriteStream:
         self._retrying.append(job)
         return True
 
-    def _connection_failed(self, connection: WriteConnection, error: Exception, now: float,
-                           reason: str = "connection lost") -> None:
-        """Every unanswered request on the connection goes again, on a fresh one (a retry of each)."""
+    def _connection_failed(
+        self,
+        connection: WriteConnection,
+        error: Exception,
+        now: float,
+        reason: str = "connection lost",
+    ) -> None:
+        """Each unanswered request on the connection goes again on a fresh one (a retry of each)."""
         self.limit.stalled(now)
         for job in connection.close():
             if not self._retry(job, now, reason):
@@ -2380,10 +2742,13 @@ class WriteStream:
 
     def _protocol_error(self, connection: WriteConnection, error: ProtocolError) -> None:
         connection.close()  # its unanswered requests are not done: a re-run sends them
-        self.fail(DependencyError(
-            "The memory plugin at %s sent a response that is not valid HTTP/1.1 (%s); stopped. "
-            "Check that MEMORY_PLUGIN_URL points at the memory plugin, then re-run to resume."
-            % (self.address.url, error)))
+        self.fail(
+            DependencyError(
+                "The memory plugin at %s sent a response that is not valid HTTP/1.1 (%s); stopped. "
+                "Check that MEMORY_PLUGIN_URL points at the memory plugin, then re-run to resume."
+                % (self.address.url, error)
+            )
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -2428,16 +2793,19 @@ class Sought:
 
 
 def sought_for(outcome: Outcome, redaction: bool) -> Optional[Sought]:
-    """The one step from a row to what is looked for: its content as written and where -apply writes it.  A
-    row -apply skips is looked for too (an older backfill may have written it), except an empty one: the
-    plugin refuses empty content."""
+    """The one step from a row to what is looked for: its content as written and where -apply writes
+    it.  A row -apply skips is looked for too (an older backfill may have written it), except an
+    empty one: the plugin refuses empty content."""
     if isinstance(outcome, PlannedWrite):
         return Sought(outcome.row, outcome.body["content"], outcome.target.namespace)
     row = outcome.row
     if not row.content.strip():
         return None
-    return Sought(row, platform_content(row.content, SCOPE_KINDS.get(row.scope, "workspace"), redaction)[0],
-                  None)
+    return Sought(
+        row,
+        platform_content(row.content, SCOPE_KINDS.get(row.scope, "workspace"), redaction)[0],
+        None,
+    )
 
 
 class Place(Word):
@@ -2475,8 +2843,8 @@ class Lookup(NamedTuple):
 
 
 class Reading(NamedTuple):
-    """What reading namespaces whole found: the records, the namespaces read whole, those over the cap
-    (their newest SEARCH_CAP only), those whose search the plugin refused (and what it said)."""
+    """What reading namespaces whole found: the records, the namespaces read whole, those over the
+    cap (their newest SEARCH_CAP only), those whose search the plugin refused (and what it said)."""
 
     records: list[dict]
     whole: set
@@ -2487,29 +2855,42 @@ class Reading(NamedTuple):
 class RecordFinder:
     """Finds rows' records in the plugin, which has no lookup by id and caps a search at 100.
 
-    Namespace first: a search without a query lists the newest 100 records of the namespaces it names, so
-    the namespaces rows are written to are read whole in batches that hold fewer than 100 between them
-    (read_whole), and a row not in its namespace read whole is not there.  Whether it sits in another
-    namespace is learned by reading the rest of the tenant whole, once a run (only the records a backfill
-    wrote elsewhere than where -apply writes them are kept: misplaced()); or, when only a few rows are in
-    question, by searching for each one's own words.  A namespace over the cap is read as far as it goes,
-    and its other rows are searched for by words several of them share (shared_word_searches), then one by
-    one in the namespaces their workspace reads.  Where nothing could be read whole, each row is searched
-    for with words a changed copy would still share, then in every namespace of the tenant.  Searches run on
-    the pool, --concurrency at a time; find() alone puts what they found together."""
+    Namespace first: a search without a query lists the newest 100 records of the namespaces it
+    names, so the namespaces rows are written to are read whole in batches that hold fewer than 100
+    between them (read_whole), and a row not in its namespace read whole is not there.  Whether it
+    sits in another namespace is learned by reading the rest of the tenant whole, once a run (only
+    the records a backfill wrote elsewhere than where -apply writes them are kept: misplaced()); or,
+    when only a few rows are in question, by searching for each one's own words.  A namespace over
+    the cap is read as far as it goes, and its other rows are searched for by words several of them
+    share (shared_word_searches), then one by one in the namespaces their workspace reads.  Where
+    nothing could be read whole, each row is searched for with words a changed copy would still
+    share, then in every namespace of the tenant.  Searches run on the pool, --concurrency at a
+    time; find() alone puts what they found together."""
 
-    def __init__(self, plugin: PluginClient, database: LegacyDatabase, tree: WorkspaceTree,
-                 workspaces: list[str], pool):
+    def __init__(
+        self,
+        plugin: PluginClient,
+        database: LegacyDatabase,
+        tree: WorkspaceTree,
+        workspaces: list[str],
+        pool,
+    ):
         self.plugin = plugin
         self.database = database
         self._tree = tree
         self.pool = pool
         self._every_namespace = tree.namespaces()
-        self._tenant_namespaces = [self._every_namespace[n:n + NAMESPACES_PER_SEARCH]
-                                  for n in range(0, len(self._every_namespace), NAMESPACES_PER_SEARCH)]
-        self.expected = database.rows_per_namespace(tree)  # what the legacy rows make of each namespace
+        self._tenant_namespaces = [
+            self._every_namespace[n : n + NAMESPACES_PER_SEARCH]
+            for n in range(0, len(self._every_namespace), NAMESPACES_PER_SEARCH)
+        ]
+        self.expected = database.rows_per_namespace(
+            tree
+        )  # what the legacy rows make of each namespace
         self._listings: dict[str, dict[str, dict]] = {}  # namespace read whole -> its records by id
-        self._crowded: dict[str, dict[str, dict]] = {}  # namespace over the cap -> its newest records by id
+        self._crowded: dict[
+            str, dict[str, dict]
+        ] = {}  # namespace over the cap -> its newest records by id
         self._users = Counter(name for workspace in workspaces for name in self._written(workspace))
         self.tenant: Optional[Reading] = None  # the tenant read whole, its misplaced records kept
 
@@ -2533,10 +2914,10 @@ class RecordFinder:
     # --- reading namespaces whole ---------------------------------------------
 
     def read_whole(self, namespaces: list[str], keep: Callable[[list[dict]], None]) -> Reading:
-        """Read these namespaces with the fewest searches: batches the legacy rows say hold fewer than
-        LISTING_ROOM records, each searched without a query; a batch that comes back full is halved and read
-        again, until each part comes back under the cap (read whole) or is one namespace (over the cap).
-        `keep` sees every record found."""
+        """Read these namespaces with the fewest searches: batches the legacy rows say hold fewer
+        than LISTING_ROOM records, each searched without a query; a batch that comes back full is
+        halved and read again, until each part comes back under the cap (read whole) or is one
+        namespace (over the cap). `keep` sees every record found."""
         reading = Reading([], set(), set(), {})
         batches = _packed(namespaces, self.expected)
         while batches:
@@ -2552,7 +2933,7 @@ class RecordFinder:
                 elif len(batch) == 1:
                     reading.over_cap.add(batch[0])
                 else:
-                    halves += [batch[:len(batch) // 2], batch[len(batch) // 2:]]
+                    halves += [batch[: len(batch) // 2], batch[len(batch) // 2 :]]
             batches = halves
         return reading
 
@@ -2578,17 +2959,20 @@ class RecordFinder:
         self._refused_namespaces = reading.refused
 
     def misplaced(self) -> Reading:
-        """The whole tenant read once: of its records, those a backfill wrote (their id is a legacy row's)
-        elsewhere than the namespace -apply writes that row to.  Flat in memory as long as such records are
-        few (they are a repair's exceptions)."""
+        """The whole tenant read once: of its records, those a backfill wrote (their id is a legacy
+        row's) elsewhere than the namespace -apply writes that row to.  Flat in memory as long as
+        such records are few (they are a repair's exceptions)."""
         if self.tenant is None:
             kept: list[dict] = []
 
             def keep(records: list[dict]) -> None:
                 ids = [record["id"] for record in records if _is_uuid(record["id"])]
                 homes = self.database.targets_of(ids, self._tree)
-                kept.extend(record for record in records
-                            if record["id"] in homes and homes[record["id"]] != record.get("namespace"))
+                kept.extend(
+                    record
+                    for record in records
+                    if record["id"] in homes and homes[record["id"]] != record.get("namespace")
+                )
 
             reading = self.read_whole(self._every_namespace, keep)
             self.tenant = reading._replace(records=kept)
@@ -2596,22 +2980,30 @@ class RecordFinder:
 
     # --- finding rows -----------------------------------------------------------
 
-    def find(self, sought: list[Sought], not_at_home: Optional[Callable[[list[Sought]], list[Sought]]] = None
-             ) -> dict[str, Lookup]:
-        """Look for a group of rows; a Lookup for each, by row id.  `not_at_home`, when given, takes the rows
-        of namespaces over the cap that are not among their newest, instead of searches (-rollback deletes
-        them where -apply writes them), and returns those it proved are not there: the rows it took and did
-        not return get no Lookup."""
+    def find(
+        self,
+        sought: list[Sought],
+        not_at_home: Optional[Callable[[list[Sought]], list[Sought]]] = None,
+    ) -> dict[str, Lookup]:
+        """Look for a group of rows; a Lookup for each, by row id.  `not_at_home`, when given, takes
+        the rows of namespaces over the cap that are not among their newest, instead of searches
+        (-rollback deletes them where -apply writes them), and returns those it proved are not
+        there: the rows it took and did not return get no Lookup."""
         wanted = {s.row.id for s in sought}
         self._refused_namespaces: dict = {}
         self._read_written({s.namespace for s in sought if s.namespace})
         seen: dict[str, dict] = {}
         for s in sought:
-            record = (self._listings.get(s.namespace) or self._crowded.get(s.namespace) or {}).get(s.row.id)
+            record = (self._listings.get(s.namespace) or self._crowded.get(s.namespace) or {}).get(
+                s.row.id
+            )
             if record is not None:
                 seen[s.row.id] = record
-        refused = {s.row.id: self._refused_namespaces[s.namespace] for s in sought
-                   if s.namespace in self._refused_namespaces}
+        refused = {
+            s.row.id: self._refused_namespaces[s.namespace]
+            for s in sought
+            if s.namespace in self._refused_namespaces
+        }
         crowded = [s for s in sought if s.namespace in self._crowded and s.row.id not in seen]
         if crowded and not_at_home is not None:
             proven = {s.row.id for s in not_at_home(crowded)}
@@ -2628,54 +3020,84 @@ class RecordFinder:
             beyond = sorted(tenant.over_cap | set(tenant.refused))  # where a row could hide, unread
             unseen = [s for s in unseen if s.row.id not in seen]
             for s in unseen:
-                at_home = s.namespace in self._listings or whole_there.get(s.row.id, False) or not s.namespace
+                at_home = (
+                    s.namespace in self._listings
+                    or whole_there.get(s.row.id, False)
+                    or not s.namespace
+                )
                 complete[s.row.id] = at_home and not beyond
             searched = [s for s in unseen if not complete[s.row.id]]
-            chunks = [beyond[n:n + NAMESPACES_PER_SEARCH]
-                      for n in range(0, len(beyond), NAMESPACES_PER_SEARCH)]
-            for s, (records, whole, error) in zip(searched, self.pool.map(
-                    lambda s: self._search_everywhere(s, chunks), searched), strict=True):
+            chunks = [
+                beyond[n : n + NAMESPACES_PER_SEARCH]
+                for n in range(0, len(beyond), NAMESPACES_PER_SEARCH)
+            ]
+            for s, (records, whole, error) in zip(
+                searched,
+                self.pool.map(lambda s: self._search_everywhere(s, chunks), searched),
+                strict=True,
+            ):
                 _keep(seen, records, wanted)
                 complete[s.row.id] = whole
                 if error:
                     refused[s.row.id] = error
         elif unseen:
-            for s, (records, whole, error) in zip(unseen, self.pool.map(self._search_everywhere, unseen),
-                                                  strict=True):
+            for s, (records, whole, error) in zip(
+                unseen, self.pool.map(self._search_everywhere, unseen), strict=True
+            ):
                 _keep(seen, records, wanted)
                 complete[s.row.id] = whole
                 if error:
                     refused[s.row.id] = error
         unseen = [s for s in unseen if s.row.id not in seen and s.row.id not in refused]
         searchable = self._searchable([s for s in unseen if not self._read_for(s)])
-        return {s.row.id: Lookup(seen.get(s.row.id), complete.get(s.row.id, False),
-                                 self._read_for(s) or searchable.get(s.row.id, False), refused.get(s.row.id))
-                for s in sought}
+        return {
+            s.row.id: Lookup(
+                seen.get(s.row.id),
+                complete.get(s.row.id, False),
+                self._read_for(s) or searchable.get(s.row.id, False),
+                refused.get(s.row.id),
+            )
+            for s in sought
+        }
 
     def _read_for(self, sought: Sought) -> bool:
         """Every place it could be was read whole: no word of it was needed to look."""
         tenant = self.tenant
-        return (tenant is not None and not tenant.over_cap and not tenant.refused
-                and (sought.namespace is None or sought.namespace in self._listings))
+        return (
+            tenant is not None
+            and not tenant.over_cap
+            and not tenant.refused
+            and (sought.namespace is None or sought.namespace in self._listings)
+        )
 
-    def _search_crowded(self, sought: list[Sought], crowded: list[Sought], seen: dict, refused: dict,
-                        wanted: set) -> dict[str, bool]:
-        """Rows of namespaces over the cap, not among their newest: searched for by words several of them
-        share, then one by one by their own words in the namespaces their workspace reads.  Returns, by row,
-        whether that own-words search came back whole (so that, with words, it is not there)."""
+    def _search_crowded(
+        self, sought: list[Sought], crowded: list[Sought], seen: dict, refused: dict, wanted: set
+    ) -> dict[str, bool]:
+        """Rows of namespaces over the cap, not among their newest: searched for by words several of
+        them share, then one by one by their own words in the namespaces their workspace reads.
+        Returns, by row, whether that own-words search came back whole (so that, with words, it is
+        not there)."""
         if not crowded:
             return {}
         in_crowded = [s for s in sought if s.namespace in self._crowded]
-        for records, _, _ in self.pool.map(lambda search: self._search([search[0]], search[1], wanted),
-                                           shared_word_searches(in_crowded, crowded)):
+        for records, _, _ in self.pool.map(
+            lambda search: self._search([search[0]], search[1], wanted),
+            shared_word_searches(in_crowded, crowded),
+        ):
             _keep(seen, records, wanted)  # a refused one: its rows are searched for one by one
         whole_there: dict[str, bool] = {}
         unseen = [s for s in crowded if s.row.id not in seen]
-        for start in range(0, len(unseen), SEARCH_BATCH):  # a row another's search found is not searched for
-            batch = [s for s in unseen[start:start + SEARCH_BATCH] if s.row.id not in seen]
-            for s, (records, whole, error) in zip(batch, self.pool.map(
-                    lambda s: self._search(self._nearby(s), search_query(s.content), wanted), batch),
-                    strict=True):
+        for start in range(
+            0, len(unseen), SEARCH_BATCH
+        ):  # a row another's search found is not searched for
+            batch = [s for s in unseen[start : start + SEARCH_BATCH] if s.row.id not in seen]
+            for s, (records, whole, error) in zip(
+                batch,
+                self.pool.map(
+                    lambda s: self._search(self._nearby(s), search_query(s.content), wanted), batch
+                ),
+                strict=True,
+            ):
                 _keep(seen, records, wanted)
                 whole_there[s.row.id] = whole
                 if error:
@@ -2683,24 +3105,32 @@ class RecordFinder:
         return whole_there
 
     def _tenant_read_pays(self, unseen: int) -> bool:
-        """Whether reading the whole tenant once costs fewer searches than searching for each of `unseen`
-        rows by its words (about one search per NAMESPACES_PER_SEARCH namespaces, and the fallbacks)."""
+        """Whether reading the whole tenant once costs fewer searches than searching for each of
+        `unseen` rows by its words (about one search per NAMESPACES_PER_SEARCH namespaces, and the
+        fallbacks)."""
         if self.tenant is not None:
             return True
         reading = len(_packed(self._every_namespace, self.expected)) * 2
         return unseen * 2 * len(self._tenant_namespaces) >= reading
 
     def _searchable(self, unseen: list[Sought]) -> dict[str, bool]:
-        """Whether a search for each row's own words could find it: it has words, or is one character."""
+        """Whether a search for each row's own words could find it: it has words, or is one
+        character.
+        """
         queries = [search_query(s.content) for s in unseen]
-        return {s.row.id: has_words or len(query) < 2 for s, query, has_words in zip(
-            unseen, queries, self.database.have_search_words(queries), strict=True)}
+        return {
+            s.row.id: has_words or len(query) < 2
+            for s, query, has_words in zip(
+                unseen, queries, self.database.have_search_words(queries), strict=True
+            )
+        }
 
-    def _search(self, namespaces: list[str], query: Optional[str] = None, wanted: Optional[set] = None
-                ) -> tuple[list[dict], bool, Optional[str]]:
-        """One search: what it found (of the `wanted` ids only, when given: a search by words may bring
-        a hundred look-alikes, and searches run several at a time), whether that is all there is (under
-        the cap), and the plugin's refusal, if it refused."""
+    def _search(
+        self, namespaces: list[str], query: Optional[str] = None, wanted: Optional[set] = None
+    ) -> tuple[list[dict], bool, Optional[str]]:
+        """One search: what it found (of the `wanted` ids only, when given: a search by words may
+        bring a hundred look-alikes, and searches run several at a time), whether that is all there
+        is (under the cap), and the plugin's refusal, if it refused."""
         if not namespaces:  # a row of no workspace: only the tenant-wide search looks for it
             return [], True, None
         try:
@@ -2710,10 +3140,12 @@ class RecordFinder:
         whole = len(found) < SEARCH_CAP
         return (found if wanted is None else [r for r in found if r["id"] in wanted]), whole, None
 
-    def _search_everywhere(self, sought: Sought, places: Optional[list[list[str]]] = None
-                           ) -> tuple[list[dict], bool, Optional[str]]:
-        """Searches for a copy changed somewhere, then for the row's own words in the whole tenant (or the
-        `places` not read whole): what they found, whether the search by its words was whole, a refusal."""
+    def _search_everywhere(
+        self, sought: Sought, places: Optional[list[list[str]]] = None
+    ) -> tuple[list[dict], bool, Optional[str]]:
+        """Searches for a copy changed somewhere, then for the row's own words in the whole tenant
+        (or the `places` not read whole): what they found, whether the search by its words was
+        whole, a refusal."""
         records: list[dict] = []
         refused = None
         nearby = self._nearby(sought)
@@ -2725,7 +3157,9 @@ class RecordFinder:
                 return records, True, None
         whole = True
         for namespaces in self._tenant_namespaces if places is None else places:
-            found, complete, error = self._search(namespaces, search_query(sought.content), {sought.row.id})
+            found, complete, error = self._search(
+                namespaces, search_query(sought.content), {sought.row.id}
+            )
             records += found
             refused, whole = refused or error, whole and complete
             if any(record["id"] == sought.row.id for record in found):
@@ -2734,8 +3168,11 @@ class RecordFinder:
 
     def _nearby(self, sought: Sought) -> list[str]:
         """The namespaces the row's workspace reads, and the one the row is written to."""
-        names = set(self._tree.readable_namespaces(sought.row.workspace_id)) \
-            if sought.row.workspace_id in self._tree else set()
+        names = (
+            set(self._tree.readable_namespaces(sought.row.workspace_id))
+            if sought.row.workspace_id in self._tree
+            else set()
+        )
         return sorted(names | ({sought.namespace} if sought.namespace else set()))
 
 
@@ -2743,8 +3180,8 @@ LISTING_ROOM = 60  # records a listing batch is expected to hold at most (the ca
 
 
 def _packed(namespaces: list[str], expected: Counter) -> list[list[str]]:
-    """The namespaces in batches whose expected records stay within LISTING_ROOM (one that holds more goes
-    alone), at most NAMESPACES_PER_SEARCH namespaces each."""
+    """The namespaces in batches whose expected records stay within LISTING_ROOM (one that holds
+    more goes alone), at most NAMESPACES_PER_SEARCH namespaces each."""
     batches: list[list[str]] = []
     room = 0
     for namespace in namespaces:
@@ -2775,8 +3212,8 @@ def _keep(seen: dict[str, dict], records: list[dict], wanted: set) -> None:
 def search_query(content: str) -> str:
     """Text for a full-text search that the record with this content must match.
 
-    The plugin ANDs every word of the query, so the row's own words (cut at a whitespace boundary, never
-    mid-word) always find it."""
+    The plugin ANDs every word of the query, so the row's own words (cut at a whitespace boundary,
+    never mid-word) always find it."""
     text = content.strip()
     if len(text) > SEARCH_QUERY_CHARS:
         cut = text[:SEARCH_QUERY_CHARS].rsplit(None, 1)[0]
@@ -2788,11 +3225,12 @@ REDACTION_MARK = re.compile(r"\[REDACTED:[A-Z0-9_]+\]")
 
 
 def fallback_queries(content: str) -> list[str]:
-    """Searches that find a copy of this content whose words differ somewhere: the text without its redaction
-    marks (a copy that holds the secrets in clear), and each half of it (a copy changed in the other half)."""
+    """Searches that find a copy of this content whose words differ somewhere: the text without its
+    redaction marks (a copy that holds the secrets in clear), and each half of it (a copy changed in
+    the other half)."""
     plain = REDACTION_MARK.sub(" ", content)
     words = plain.split()
-    halves = [" ".join(words[:len(words) // 2]), " ".join(words[len(words) // 2:])]
+    halves = [" ".join(words[: len(words) // 2]), " ".join(words[len(words) // 2 :])]
     queries: list[str] = []
     for query in [search_query(plain)] + [search_query(half) for half in halves]:
         if len(query) >= 2 and query != search_query(content) and query not in queries:
@@ -2804,9 +3242,9 @@ SEARCH_WORD = re.compile(r"[a-z0-9]{3,}")
 
 
 def shared_word_searches(sought: list[Sought], unseen: list[Sought]) -> list[tuple[str, str]]:
-    """(namespace, word) searches that each find several unseen rows at once: words that two or more of them
-    share but, as far as these rows tell, at most SEARCH_CAP records of the namespace hold.  Most shared
-    first; each search covers rows no earlier one did."""
+    """(namespace, word) searches that each find several unseen rows at once: words that two or more
+    of them share but, as far as these rows tell, at most SEARCH_CAP records of the namespace hold.
+    Most shared first; each search covers rows no earlier one did."""
     by_namespace: dict[str, tuple[list[Sought], set]] = {}
     for s in sought:
         if s.namespace:
@@ -2820,7 +3258,9 @@ def shared_word_searches(sought: list[Sought], unseen: list[Sought]) -> list[tup
         for s in rows:
             for word in set(SEARCH_WORD.findall(s.content.lower())):
                 holders.setdefault(word, set()).add(s.row.id)
-        shared = [(len(ids & pending), word) for word, ids in holders.items() if len(ids) <= SEARCH_CAP]
+        shared = [
+            (len(ids & pending), word) for word, ids in holders.items() if len(ids) <= SEARCH_CAP
+        ]
         for _, word in sorted(shared, reverse=True):
             found = holders[word] & pending
             if len(found) >= 2:
@@ -2846,12 +3286,20 @@ class FailureLog:
             try:
                 self._file = open(path, "a" if append else "w", encoding="utf-8")
             except OSError as exc:
-                raise UsageError("Cannot write the failures file %s (%s); choose a writable path."
-                                 % (path, exc.strerror)) from None
+                raise UsageError(
+                    "Cannot write the failures file %s (%s); choose a writable path."
+                    % (path, exc.strerror)
+                ) from None
 
     def record_row(self, row: LegacyRow, **entry) -> None:
-        self.write({"id": row.id, "workspace_id": row.workspace_id, "scope": row.scope,
-                    **{key: value for key, value in entry.items() if value is not None}})
+        self.write(
+            {
+                "id": row.id,
+                "workspace_id": row.workspace_id,
+                "scope": row.scope,
+                **{key: value for key, value in entry.items() if value is not None},
+            }
+        )
 
     def write(self, entry: dict[str, object]) -> None:
         if self._file is not None:
@@ -2876,12 +3324,13 @@ class Counted(Protocol):
 
 
 class Progress:
-    """The progress line on stderr, from the first second: what the run waits for (connecting, reading,
-    checking the plugin) until rows move; then rows done / total, rows per second, ETA, errors and what
-    `details` adds.
+    """The progress line on stderr, from the first second: what the run waits for (connecting,
+    reading, checking the plugin) until rows move; then rows done / total, rows per second, ETA,
+    errors and what `details` adds.
 
-    On a terminal: one line that rewrites itself; otherwise a plain line at most every PROGRESS_LOG_SECONDS.
-    Runs in its own thread; nothing at all when not `shown` (-q, -v).  It reads the report as Counted."""
+    On a terminal: one line that rewrites itself; otherwise a plain line at most every
+    PROGRESS_LOG_SECONDS. Runs in its own thread; nothing at all when not `shown` (-q, -v).  It
+    reads the report as Counted."""
 
     def __init__(self, stream, shown: bool = True):
         self.stream = stream
@@ -2905,7 +3354,9 @@ class Progress:
             return
         self.stopped.set()
         self.thread.join()
-        if self._tty and self._drawn:  # the last redraw: clear what it overwrites, and keep the rows line
+        if (
+            self._tty and self._drawn
+        ):  # the last redraw: clear what it overwrites, and keep the rows line
             self.stream.write("\r\x1b[K" + (self.line() + "\n" if self.report is not None else ""))
             self.stream.flush()
 
@@ -2927,7 +3378,14 @@ class Progress:
         eta = "%ds" % ((self._total - done) / rate) if rate > 0 and done < self._total else "-"
         percent = 100.0 * done / self._total if self._total else 100.0
         return "%d/%d rows (%.0f%%), %.0f rows/s, ETA %s, errors %d%s" % (
-            done, self._total, percent, rate, eta, self.report.errors, self._details())
+            done,
+            self._total,
+            percent,
+            rate,
+            eta,
+            self.report.errors,
+            self._details(),
+        )
 
     def _run(self) -> None:
         interval = PROGRESS_TTY_SECONDS if self._tty else PROGRESS_LOG_SECONDS
@@ -2962,11 +3420,15 @@ def signals_stop(stop: threading.Event):
             signal.signal(signum, old)
 
 
-def drive_stopping(mode: str, stream: WriteStream, failures: FailureLog,
-                   work: Callable[[], Optional[BackfillError]]) -> Optional[BackfillError]:
-    """Run a mode's `work` on the stream, the first SIGINT/SIGTERM winding it down; return what stopped it
-    early: a signal, a lost dependency, or a defect of this tool (stopped cleanly all the same, so that the
-    summary and checkpoint are kept).  Closes the stream and `failures`."""
+def drive_stopping(
+    mode: str,
+    stream: WriteStream,
+    failures: FailureLog,
+    work: Callable[[], Optional[BackfillError]],
+) -> Optional[BackfillError]:
+    """Run a mode's `work` on the stream, the first SIGINT/SIGTERM winding it down; return what
+    stopped it early: a signal, a lost dependency, or a defect of this tool (stopped cleanly all the
+    same, so that the summary and checkpoint are kept).  Closes the stream and `failures`."""
     with signals_stop(stream.stop) as received:
         try:
             stopped = work()
@@ -2981,9 +3443,12 @@ def drive_stopping(mode: str, stream: WriteStream, failures: FailureLog,
 
 
 def defect(mode: str, error: Exception) -> BackfillError:
-    """A failure of this tool's own code, said in one sentence that names it; its traceback is kept for -v."""
-    stopped = BackfillError("%s failed unexpectedly (%s, a defect of %s: re-run with -v to see where, and "
-                            "report it); stopped." % (mode, type(error).__name__, PROG))
+    """A failure of this tool's own code, said in one sentence that names it; its traceback is kept
+    for -v."""
+    stopped = BackfillError(
+        "%s failed unexpectedly (%s, a defect of %s: re-run with -v to see where, and report it); "
+        "stopped." % (mode, type(error).__name__, PROG)
+    )
     stopped.traceback = "".join(traceback.format_exception(type(error), error, error.__traceback__))
     return stopped
 
@@ -3002,15 +3467,22 @@ def read_tree(database: LegacyDatabase, settings: Settings, progress: Progress) 
     """The tenant's workspaces; a -workspace that names neither a workspace nor a row is refused."""
     progress.doing("reading the workspaces and counting rows")
     tree = database.read_workspaces()
-    if settings.workspace and settings.workspace not in tree and not database.count_rows(settings.workspaces):
-        raise UsageError("-workspace %s names no workspace and no row of agent_memories in %s; check the "
-                         "UUID (nothing was written)." % (settings.workspace, settings.database.describe()))
+    if (
+        settings.workspace
+        and settings.workspace not in tree
+        and not database.count_rows(settings.workspaces)
+    ):
+        raise UsageError(
+            "-workspace %s names no workspace and no row of agent_memories in %s; check the UUID "
+            "(nothing was written)." % (settings.workspace, settings.database.describe())
+        )
     return tree
 
 
 # ---------------------------------------------------------------------------
 # Lines every mode's summary shares
 # ---------------------------------------------------------------------------
+
 
 def _counts(counter: Counter) -> str:
     return ", ".join("%s=%d" % item for item in sorted(counter.items())) or "none"
@@ -3023,14 +3495,25 @@ def _plugin_line(plugin: PluginAddress, status: Optional[str]) -> list[str]:
 def _load_line(load: Optional[dict[str, object]], what: str) -> list[str]:
     if not load or not load["answered"]:
         return []
-    line = "%s: %d answered in %.1f s; %d retries%s; in flight %d-%d while there was more to " \
-           "send; connections at the end: %d" % (
-               what, load["answered"], load["seconds"], load["retries"],
-               " (the last after %s)" % load["last_retry_reason"] if load["retries"] else "",
-               load["in_flight_min"], load["in_flight_max"], load["connections"])
+    line = (
+        "%s: %d answered in %.1f s; %d retries%s; in flight %d-%d while there was more to send; "
+        "connections at the end: %d"
+        % (
+            what,
+            load["answered"],
+            load["seconds"],
+            load["retries"],
+            " (the last after %s)" % load["last_retry_reason"] if load["retries"] else "",
+            load["in_flight_min"],
+            load["in_flight_max"],
+            load["connections"],
+        )
+    )
     if load["latency_p50_ms"] is not None:
-        line += "; plugin answer latency p50 %.1f ms, p99 %.1f ms" % (load["latency_p50_ms"],
-                                                                      load["latency_p99_ms"])
+        line += "; plugin answer latency p50 %.1f ms, p99 %.1f ms" % (
+            load["latency_p50_ms"],
+            load["latency_p99_ms"],
+        )
     return [line]
 
 
@@ -3052,6 +3535,7 @@ def _problem_lines(problems: list[str], failures_path: Optional[str], listed: st
 # ---------------------------------------------------------------------------
 # The report, and -dry-run
 # ---------------------------------------------------------------------------
+
 
 @dataclass
 class BackfillReport(RunReport):
@@ -3098,34 +3582,53 @@ class BackfillReport(RunReport):
 
     def failed_rows(self) -> str:
         if self.settings.mode == Mode.DRY_RUN:
-            return ("%d rows cannot be copied (listed above, with why); fix them in the legacy database, "
-                    "then run -dry-run again." % self.errors)
-        return ("%d rows were not copied (listed above%s, with why: the plugin's refusal, or a row to fix in "
-                "the legacy database); fix what each says, then run -apply again: rows already copied are "
-                "rewritten by id, never duplicated." % (self.errors, self.listed()))
+            return (
+                "%d rows cannot be copied (listed above, with why); fix them in the legacy "
+                "database, then run -dry-run again." % self.errors
+            )
+        return (
+            "%d rows were not copied (listed above%s, with why: the plugin's refusal, or a row to "
+            "fix in the legacy database); fix what each says, then run -apply again: rows already "
+            "copied are rewritten by id, never duplicated." % (self.errors, self.listed())
+        )
 
     def to_json(self) -> dict[str, object]:
-        return {**super().to_json(),
-                "stored_under_other_ids": [{"row_id": row_id, "stored_id": stored, "namespace": namespace}
-                                           for row_id, stored, namespace in self.stored_as_others],
-                "mode": self.settings.mode, "copied": self.copied, "skipped": self.skipped,
-                "redaction": self.settings.redact,
-                "rows_by_scope": dict(self.by_scope), "rows_by_namespace_kind": dict(self.by_kind),
-                "namespaces": len(self.namespaces), "skipped_by_reason": dict(self.skip_reasons),
-                "redactions_by_label": dict(self.redactions), "checkpoint": self.settings.checkpoint,
-                "resumed_from": self.resumed_from}
+        return {
+            **super().to_json(),
+            "stored_under_other_ids": [
+                {"row_id": row_id, "stored_id": stored, "namespace": namespace}
+                for row_id, stored, namespace in self.stored_as_others
+            ],
+            "mode": self.settings.mode,
+            "copied": self.copied,
+            "skipped": self.skipped,
+            "redaction": self.settings.redact,
+            "rows_by_scope": dict(self.by_scope),
+            "rows_by_namespace_kind": dict(self.by_kind),
+            "namespaces": len(self.namespaces),
+            "skipped_by_reason": dict(self.skip_reasons),
+            "redactions_by_label": dict(self.redactions),
+            "checkpoint": self.settings.checkpoint,
+            "resumed_from": self.resumed_from,
+        }
 
 
 def format_backfill(report: BackfillReport) -> list[str]:
     settings = report.settings
     verb = "copied" if settings.mode == Mode.APPLY else "to copy"
-    lines = ["memory-backfill -%s" % settings.mode] + _plugin_line(settings.plugin, report.plugin_status)
+    lines = ["memory-backfill -%s" % settings.mode] + _plugin_line(
+        settings.plugin, report.plugin_status
+    )
     if report.resumed_from:
-        lines.append("resumed from checkpoint %s after row %s"
-                     % (settings.checkpoint, report.resumed_from["id"]))
+        lines.append(
+            "resumed from checkpoint %s after row %s"
+            % (settings.checkpoint, report.resumed_from["id"])
+        )
     lines.append("rows %s by scope: %s" % (verb, _counts(report.by_scope)))
-    lines.append("rows %s by namespace kind: %s (%d namespaces)"
-                 % (verb, _counts(report.by_kind), len(report.namespaces)))
+    lines.append(
+        "rows %s by namespace kind: %s (%d namespaces)"
+        % (verb, _counts(report.by_kind), len(report.namespaces))
+    )
     lines.append("skipped by reason:" if report.skipped else "skipped: none")
     for reason, count in sorted(report.skip_reasons.items()):
         lines.append("  %6d  %s" % (count, reason))
@@ -3136,20 +3639,30 @@ def format_backfill(report: BackfillReport) -> list[str]:
     lines += _load_line(report.load, "writes")
     lines += _problem_lines(report.problems, settings.failures, "skipped and failed rows")
     if report.stored_as_others:
-        lines.append("records the plugin stored under ids of its own (delete them: README, \"A plugin that "
-                     "ignores ids\"):")
+        lines.append(
+            "records the plugin stored under ids of its own (delete them: README, \"A plugin that "
+            "ignores ids\"):"
+        )
         lines.extend("  row %s: stored as %s in %s" % entry for entry in report.stored_as_others)
     if report.stopped:
         lines.append("STOPPED EARLY: %s" % report.stopped)
     if report.stopped and report.stopped.advise_rerun:
         if settings.checkpoint:
-            lines.append("progress is saved in %s; run the same command again to resume"
-                         % settings.checkpoint)
+            lines.append(
+                "progress is saved in %s; run the same command again to resume"
+                % settings.checkpoint
+            )
         else:
-            lines.append("run the same command again: rows already copied are rewritten, "
-                         "never duplicated (use --checkpoint FILE to resume instead)")
-    counters = "scanned=%d copied=%d skipped=%d errors=%d" % (report.scanned, report.copied, report.skipped,
-                                                            report.errors)
+            lines.append(
+                "run the same command again: rows already copied are rewritten, never duplicated "
+                "(use --checkpoint FILE to resume instead)"
+            )
+    counters = "scanned=%d copied=%d skipped=%d errors=%d" % (
+        report.scanned,
+        report.copied,
+        report.skipped,
+        report.errors,
+    )
     if settings.mode == Mode.DRY_RUN:
         lines.append("Dry run complete (nothing written): " + counters)
     else:
@@ -3157,8 +3670,9 @@ def format_backfill(report: BackfillReport) -> list[str]:
     return lines
 
 
-def planned_outcomes(rows: Iterable[LegacyRow], tree: WorkspaceTree, settings: Settings,
-                     report: BackfillReport, log) -> Iterator[Outcome]:
+def planned_outcomes(
+    rows: Iterable[LegacyRow], tree: WorkspaceTree, settings: Settings, report: BackfillReport, log
+) -> Iterator[Outcome]:
     """Each row's outcome, counted as scanned (and skipped) in the report as it goes."""
     for row in rows:
         report.scanned += 1
@@ -3203,13 +3717,20 @@ MAX_CHECKPOINT_BYTES = 64 * 1024  # a checkpoint is a few hundred bytes
 class Checkpoint:
     """--checkpoint FILE: how far -apply got, so that a re-run resumes there.
 
-    Every row before `position` (in the read order) is durably written to the plugin or skipped by design.
-    The file is JSON, replaced atomically (temporary file + rename), and names the row set it belongs to; a
-    run with another -workspace or database refuses it.  One run at a time: open() takes an exclusive lock
-    (flock on FILE.lock, which the kernel frees when the process ends however it ends), close() frees it."""
+    Every row before `position` (in the read order) is durably written to the plugin or skipped by
+    design. The file is JSON, replaced atomically (temporary file + rename), and names the row set
+    it belongs to; a run with another -workspace or database refuses it.  One run at a time: open()
+    takes an exclusive lock (flock on FILE.lock, which the kernel frees when the process ends
+    however it ends), close() frees it."""
 
-    def __init__(self, path: str, identity: dict[str, object], position: Optional[dict] = None,
-                 rows_done: int = 0, complete: bool = False):
+    def __init__(
+        self,
+        path: str,
+        identity: dict[str, object],
+        position: Optional[dict] = None,
+        rows_done: int = 0,
+        complete: bool = False,
+    ):
         self.path = path
         self._identity = identity
         self.position = position
@@ -3220,8 +3741,8 @@ class Checkpoint:
 
     @classmethod
     def open(cls, settings: Settings) -> Checkpoint:
-        """The checkpoint of this run, locked; a new one (saved at once, which proves the path writable)
-        when FILE does not exist.  UsageError, in one sentence, for anything else."""
+        """The checkpoint of this run, locked; a new one (saved at once, which proves the path
+        writable) when FILE does not exist.  UsageError, in one sentence, for anything else."""
         identity = {"workspace": settings.workspace, "database": settings.database.describe()}
         path = settings.checkpoint
         lock = _lock_checkpoint(path)
@@ -3243,8 +3764,10 @@ class Checkpoint:
         try:
             data = read_regular_file(path, MAX_CHECKPOINT_BYTES)
         except FileRefused as refused:
-            raise UsageError("Cannot read the checkpoint %s (it %s); name a checkpoint file of -apply, or a "
-                             "path where none exists yet." % (path, refused)) from None
+            raise UsageError(
+                "Cannot read the checkpoint %s (it %s); name a checkpoint file of -apply, or a "
+                "path where none exists yet." % (path, refused)
+            ) from None
         if data is None:
             return None
         try:
@@ -3256,15 +3779,23 @@ class Checkpoint:
                     raise TypeError
                 position = {"created_at": created_at, "id": str(UUID(position["id"]))}
             rows_done, complete = found["rows_done"], found["complete"]
-            if found.get("tool") != PROG or type(rows_done) is not int or type(complete) is not bool:
+            if (
+                found.get("tool") != PROG
+                or type(rows_done) is not int
+                or type(complete) is not bool
+            ):
                 raise TypeError
             differ = sorted(key for key in identity if found["identity"].get(key) != identity[key])
         except (ValueError, RecursionError, KeyError, TypeError, AttributeError):
-            raise UsageError("The checkpoint %s is not a memory-backfill checkpoint (not its JSON, or "
-                             "missing fields); remove it to start over." % path) from None
+            raise UsageError(
+                "The checkpoint %s is not a memory-backfill checkpoint (not its JSON, or missing "
+                "fields); remove it to start over." % path
+            ) from None
         if differ:
-            raise UsageError("The checkpoint %s belongs to another run (different %s); use the same "
-                             "options, or another checkpoint file." % (path, " and ".join(differ)))
+            raise UsageError(
+                "The checkpoint %s belongs to another run (different %s); use the same options, or "
+                "another checkpoint file." % (path, " and ".join(differ))
+            )
         return cls(path, identity, position, rows_done, complete)
 
     def advance(self, position: tuple[Optional[str], str], rows: int) -> None:
@@ -3275,10 +3806,17 @@ class Checkpoint:
             self.save()
 
     def save(self, complete: bool = False) -> None:
-        """Replace the file; on a failure (a full disk) the file stays as it was, and no temporary is left."""
+        """Replace the file; on a failure (a full disk) the file stays as it was, and no temporary
+        is left."""
         self.complete = complete
-        data = {"tool": PROG, "format": 1, "identity": self._identity, "position": self.position,
-                "rows_done": self._rows_done, "complete": complete}
+        data = {
+            "tool": PROG,
+            "format": 1,
+            "identity": self._identity,
+            "position": self.position,
+            "rows_done": self._rows_done,
+            "complete": complete,
+        }
         temporary = self.path + ".tmp"
         created = False
         try:
@@ -3292,8 +3830,10 @@ class Checkpoint:
             if created:
                 with contextlib.suppress(OSError):
                     os.unlink(temporary)
-            raise UsageError("Cannot write the checkpoint %s (%s); choose a writable path."
-                             % (self.path, exc.strerror)) from None
+            raise UsageError(
+                "Cannot write the checkpoint %s (%s); choose a writable path."
+                % (self.path, exc.strerror)
+            ) from None
         self._saved_at = time.monotonic()
 
     def close(self) -> None:
@@ -3309,25 +3849,28 @@ class Checkpoint:
 
 
 def _lock_checkpoint(path: str) -> int:
-    """An exclusive lock on FILE.lock (holding this process's id); UsageError at once if another run holds
-    it.  The file is removed when the lock is freed, so each taker checks that it locked the file that is
-    still there."""
+    """An exclusive lock on FILE.lock (holding this process's id); UsageError at once if another run
+    holds it.  The file is removed when the lock is freed, so each taker checks that it locked the
+    file that is still there."""
     lock_path = path + ".lock"
     while True:
         try:
             descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         except OSError as exc:
-            raise UsageError("Cannot write the checkpoint %s (%s: %s); choose a writable path."
-                             % (path, lock_path, (exc.strerror or "error").lower())) from None
+            raise UsageError(
+                "Cannot write the checkpoint %s (%s: %s); choose a writable path."
+                % (path, lock_path, (exc.strerror or "error").lower())
+            ) from None
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             holder = os.read(descriptor, 32).decode("ascii", "replace").strip()
             os.close(descriptor)
-            raise UsageError("The checkpoint %s is in use by another -apply run (%s, which holds %s); let it "
-                             "finish or stop it, or give this run another checkpoint file."
-                             % (path, "process " + holder if holder.isdigit() else "a process", lock_path)
-                             ) from None
+            raise UsageError(
+                "The checkpoint %s is in use by another -apply run (%s, which holds %s); let it "
+                "finish or stop it, or give this run another checkpoint file."
+                % (path, "process " + holder if holder.isdigit() else "a process", lock_path)
+            ) from None
         try:
             current = os.stat(lock_path).st_ino == os.fstat(descriptor).st_ino
         except FileNotFoundError:
@@ -3341,13 +3884,15 @@ def _lock_checkpoint(path: str) -> int:
 
 def _unlock_checkpoint(path: str, descriptor: int) -> None:
     with contextlib.suppress(OSError):
-        os.unlink(path + ".lock")  # while still held: a run that opened it meanwhile sees it is gone
+        os.unlink(
+            path + ".lock"
+        )  # while still held: a run that opened it meanwhile sees it is gone
     os.close(descriptor)
 
 
 class LowWaterMark:
-    """Rows numbered in read order; the mark is the longest prefix of rows done (written, or skipped by
-    design), and the checkpoint follows it."""
+    """Rows numbered in read order; the mark is the longest prefix of rows done (written, or skipped
+    by design), and the checkpoint follows it."""
 
     def __init__(self, checkpoint: Optional[Checkpoint]):
         self.checkpoint = checkpoint
@@ -3389,6 +3934,7 @@ class LowWaterMark:
 # -apply
 # ---------------------------------------------------------------------------
 
+
 def write_request(address: PluginAddress, planned: PlannedWrite, heads: dict[str, bytes]) -> bytes:
     """The POST of one memory, ready to send (`heads` caches each namespace's head)."""
     namespace = planned.target.namespace
@@ -3421,14 +3967,22 @@ def stored_id(body: bytes) -> Optional[str]:
 
 
 class ApplyWrites:
-    """-apply's side of the write stream: rows in (planned, numbered, their namespace upserted once per run
-    before its first write), answers out (counted, the checkpoint advanced).  A 2xx whose body names another
-    id than the one sent stops the run: that plugin ignores ids, so every re-run would duplicate every row
-    (REFERENCE §4)."""
+    """-apply's side of the write stream: rows in (planned, numbered, their namespace upserted once
+    per run before its first write), answers out (counted, the checkpoint advanced).  A 2xx whose
+    body names another id than the one sent stops the run: that plugin ignores ids, so every re-run
+    would duplicate every row (REFERENCE §4)."""
 
-    def __init__(self, plugin: PluginClient, settings: Settings, report: BackfillReport, log,
-                 checkpoint: Optional[Checkpoint], failures: FailureLog, stream: WriteStream,
-                 outcomes: Iterator[Outcome]):
+    def __init__(
+        self,
+        plugin: PluginClient,
+        settings: Settings,
+        report: BackfillReport,
+        log,
+        checkpoint: Optional[Checkpoint],
+        failures: FailureLog,
+        stream: WriteStream,
+        outcomes: Iterator[Outcome],
+    ):
         self.plugin = plugin
         self.report = report
         self.log = log
@@ -3456,7 +4010,9 @@ class ApplyWrites:
                 self.failures.record_row(outcome.row, reason=outcome.reason)
                 self._settle(number)
                 continue
-            if isinstance(outcome, RowFailed):  # counted by planned_outcomes; a resume reads it again
+            if isinstance(
+                outcome, RowFailed
+            ):  # counted by planned_outcomes; a resume reads it again
                 self.failures.record_row(outcome.row, error=str(outcome))
                 self.mark.freeze()
                 continue
@@ -3505,8 +4061,11 @@ class ApplyWrites:
     def _duplicated(self, job: Job, found: Optional[str], body: bytes) -> None:
         """The plugin stored the write under another id (or said nothing readable)."""
         row = job.item.row
-        error = RowFailed("the plugin stored it as %s, not under its own id" % found if found else
-                          "the plugin's 201 body does not name the id it stored")
+        error = RowFailed(
+            "the plugin stored it as %s, not under its own id" % found
+            if found
+            else "the plugin's 201 body does not name the id it stored"
+        )
         namespace = None
         if found:
             with contextlib.suppress(ValueError, AttributeError):
@@ -3515,12 +4074,20 @@ class ApplyWrites:
         self.failures.record_row(row, error=str(error), stored_id=found, stored_namespace=namespace)
         self.report.count_error(row.id, error)
         self.mark.freeze()
-        self.stream.fail(PluginIgnoresIds(
-            "The memory plugin at %s ignores the ids it is given (row %s was stored %s), so every run "
-            "would duplicate every row; stopped. Do not run -apply again until the plugin is upgraded to one "
-            "with idempotent upsert by id; then delete the records it stored under ids of its own (listed "
-            "above, in --json and in --failures) as the README's \"A plugin that ignores ids\" shows."
-            % (self.plugin.address.url, row.id, "as %s" % found if found else "without naming its id")))
+        self.stream.fail(
+            PluginIgnoresIds(
+                "The memory plugin at %s ignores the ids it is given (row %s was stored %s), so "
+                "every run would duplicate every row; stopped. Do not run -apply again until the "
+                "plugin is upgraded to one with idempotent upsert by id; then delete the records "
+                "it stored under ids of its own (listed above, in --json and in --failures) as the "
+                "README's \"A plugin that ignores ids\" shows."
+                % (
+                    self.plugin.address.url,
+                    row.id,
+                    "as %s" % found if found else "without naming its id",
+                )
+            )
+        )
 
     def _refused(self, job: Job, error: RowFailed) -> None:
         row = job.item.row
@@ -3530,9 +4097,13 @@ class ApplyWrites:
         self.mark.freeze()
         self._consecutive_failures += 1
         if self._consecutive_failures >= self.max_consecutive_failures:
-            self.stream.fail(DependencyError(
-                "The plugin refused %d rows in a row (the last: %s); stopped. Fix what it says (in the "
-                "plugin or in those rows), then re-run to resume." % (self._consecutive_failures, error)))
+            self.stream.fail(
+                DependencyError(
+                    "The plugin refused %d rows in a row (the last: %s); stopped. Fix what it says "
+                    "(in the plugin or in those rows), then re-run to resume."
+                    % (self._consecutive_failures, error)
+                )
+            )
 
     def _settle(self, number: int) -> None:
         try:
@@ -3544,15 +4115,17 @@ class ApplyWrites:
 def apply(settings: Settings, log, progress: Progress) -> BackfillReport:
     """-apply: copy the rows, oldest first, through the write stream.
 
-    It stops early, cleanly, on a lost dependency or a signal: the writes in flight get their answers, the
-    checkpoint is saved, and the error raised carries the report so far."""
+    It stops early, cleanly, on a lost dependency or a signal: the writes in flight get their
+    answers, the checkpoint is saved, and the error raised carries the report so far."""
     if not settings.checkpoint:
         return _copy(settings, log, progress, None)
     with Checkpoint.open(settings) as checkpoint:  # locked: one run per checkpoint
         return _copy(settings, log, progress, checkpoint)
 
 
-def _copy(settings: Settings, log, progress: Progress, checkpoint: Optional[Checkpoint]) -> BackfillReport:
+def _copy(
+    settings: Settings, log, progress: Progress, checkpoint: Optional[Checkpoint]
+) -> BackfillReport:
     report = BackfillReport(settings)
     if checkpoint is not None:
         report.resumed_from = checkpoint.position
@@ -3561,19 +4134,26 @@ def _copy(settings: Settings, log, progress: Progress, checkpoint: Optional[Chec
             return report
     plugin = PluginClient(settings.plugin, settings.timeout, settings.retries)
     report.plugin_status = "ok (version %s)" % check_plugin(plugin, progress)
-    stream = WriteStream(settings.plugin, settings.write_connections, settings.timeout, plugin.retry,
-                         settings.max_rate, threading.Event(), plugin.health_problem)
+    stream = WriteStream(
+        settings.plugin,
+        settings.write_connections,
+        settings.timeout,
+        plugin.retry,
+        settings.max_rate,
+        threading.Event(),
+        plugin.health_problem,
+    )
     with open_database(settings, progress) as database:  # a refusal here comes before any write
         after = checkpoint.position if checkpoint else None
         tree = read_tree(database, settings, progress)
         total = database.count_rows(settings.workspaces, settings.limit, after)
-        outcomes = planned_outcomes(database.rows(settings.workspaces, settings.limit, after), tree,
-                                    settings, report, log)
+        outcomes = planned_outcomes(
+            database.rows(settings.workspaces, settings.limit, after), tree, settings, report, log
+        )
         failures = FailureLog(settings.failures, append=bool(checkpoint and checkpoint.position))
         writes = ApplyWrites(plugin, settings, report, log, checkpoint, failures, stream, outcomes)
         progress.count(report, total, stream.describe_load)
-        stopped = drive_stopping("-apply", stream, failures,
-                                 lambda: stream.drive(writes))
+        stopped = drive_stopping("-apply", stream, failures, lambda: stream.drive(writes))
     report.load = stream.load()
     if checkpoint is not None:
         # Complete only when the table was read to its end: a -limit run that
@@ -3591,7 +4171,9 @@ def _copy(settings: Settings, log, progress: Progress, checkpoint: Optional[Chec
 # -verify
 # ===========================================================================
 
-DIFF_CONTEXT_CHARS = 30  # (redacted) content shown on each side of a first difference, with --show-content
+DIFF_CONTEXT_CHARS = (
+    30  # (redacted) content shown on each side of a first difference, with --show-content
+)
 VERIFY_GROUP_ROWS = 250  # -verify reads, lists and searches this many rows at a time (its memory)
 
 
@@ -3608,8 +4190,13 @@ class VerifyClass(Word):
     UNREADABLE = "unreadable"  # not looked up: no write can carry it (its text is not UTF-8)
 
 
-PROBLEM_CLASSES = (VerifyClass.MISSING, VerifyClass.WRONG_NAMESPACE, VerifyClass.CONTENT_DIFFERS,
-                   VerifyClass.UNREDACTED, VerifyClass.PROVENANCE)  # what -apply repairs
+PROBLEM_CLASSES = (
+    VerifyClass.MISSING,
+    VerifyClass.WRONG_NAMESPACE,
+    VerifyClass.CONTENT_DIFFERS,
+    VerifyClass.UNREDACTED,
+    VerifyClass.PROVENANCE,
+)  # what -apply repairs
 
 
 @dataclass(frozen=True)
@@ -3624,12 +4211,21 @@ class Finding:
     labels: tuple[str, ...] = ()  # unredacted: the labels of the secrets in clear
 
     def line(self) -> str:
-        return "%s %s (workspace %s): %s" % (self.row_class, self.row.id, self.row.workspace_id, self.detail)
+        return "%s %s (workspace %s): %s" % (
+            self.row_class,
+            self.row.id,
+            self.row.workspace_id,
+            self.detail,
+        )
 
     def to_json(self) -> dict[str, object]:
         entry: dict[str, object] = {
-            "id": self.row.id, "workspace_id": self.row.workspace_id, "class": self.row_class,
-            "expected_namespace": self.expected, "found_namespace": self.found_in}
+            "id": self.row.id,
+            "workspace_id": self.row.workspace_id,
+            "class": self.row_class,
+            "expected_namespace": self.expected,
+            "found_namespace": self.found_in,
+        }
         if self.labels:
             entry["labels"] = list(self.labels)
         return entry
@@ -3668,28 +4264,44 @@ class VerifyReport:
 
     def verdict(self) -> Optional[BackfillError]:
         """Exit 1, with what to do, unless every sampled row matches."""
-        listed = "listed above" + (" and in " + self.settings.failures if self.settings.failures else "")
+        listed = "listed above" + (
+            " and in " + self.settings.failures if self.settings.failures else ""
+        )
         advice = []
         if self.mismatches:
-            advice.append("%d sampled rows do not match (%s): run -apply to rewrite them by id, then "
-                          "-verify again" % (self.mismatches, listed))
+            advice.append(
+                "%d sampled rows do not match (%s): run -apply to rewrite them by id, then -verify "
+                "again" % (self.mismatches, listed)
+            )
         if self.classes[VerifyClass.UNVERIFIABLE]:
-            advice.append("%d rows could not be looked up (unverifiable, %s): check those ids in the "
-                          "plugin by hand, or run -verify again if the plugin refused searches"
-                          % (self.classes[VerifyClass.UNVERIFIABLE], listed))
+            advice.append(
+                "%d rows could not be looked up (unverifiable, %s): check those ids in the plugin "
+                "by hand, or run -verify again if the plugin refused searches"
+                % (self.classes[VerifyClass.UNVERIFIABLE], listed)
+            )
         if self.classes[VerifyClass.UNREADABLE]:
-            advice.append("%d rows cannot be copied at all (unreadable, %s: their text is not UTF-8); fix "
-                          "them in the legacy database, then run -apply" % (self.classes[VerifyClass.UNREADABLE], listed))
+            advice.append(
+                "%d rows cannot be copied at all (unreadable, %s: their text is not UTF-8); fix "
+                "them in the legacy database, then run -apply"
+                % (self.classes[VerifyClass.UNREADABLE], listed)
+            )
         return Incomplete("; ".join(advice) + ".") if advice else None
 
     def to_json(self) -> dict[str, object]:
         return {
-            "mode": Mode.VERIFY, "workspaces_sampled": self.workspaces_sampled, "scanned": self.scanned,
-            "matches": self.matches, "mismatches": self.mismatches, "errors": self.errors,
-            "unverifiable": self.classes[VerifyClass.UNVERIFIABLE], "problems": self.problems, "retries": self.retries,
+            "mode": Mode.VERIFY,
+            "workspaces_sampled": self.workspaces_sampled,
+            "scanned": self.scanned,
+            "matches": self.matches,
+            "mismatches": self.mismatches,
+            "errors": self.errors,
+            "unverifiable": self.classes[VerifyClass.UNVERIFIABLE],
+            "problems": self.problems,
+            "retries": self.retries,
             "searches": self.searches,
-            "rows_by_class": {row_class.replace(" ", "_"): self.classes[row_class]
-                              for row_class in VerifyClass},
+            "rows_by_class": {
+                row_class.replace(" ", "_"): self.classes[row_class] for row_class in VerifyClass
+            },
             "failures_file": self.settings.failures,
         }
 
@@ -3701,21 +4313,41 @@ def format_verify(report: VerifyReport) -> list[str]:
         lines.append("searches retried: %d" % report.retries)
     problems = report.mismatches + report.errors
     if problems:
-        lines.append("problems (%s):" % ("all %d" % problems if problems <= SHOWN_PROBLEMS
-                                         else "first %d of %d" % (SHOWN_PROBLEMS, problems)))
+        lines.append(
+            "problems (%s):"
+            % (
+                "all %d" % problems
+                if problems <= SHOWN_PROBLEMS
+                else "first %d of %d" % (SHOWN_PROBLEMS, problems)
+            )
+        )
         lines.extend("  " + problem for problem in report.problems)
         if settings.failures:
             lines.append("every problem row is listed in %s" % settings.failures)
-    lines.append("rows by class: " + ", ".join("%s=%d" % (row_class, report.classes[row_class])
-                                               for row_class in tuple(VerifyClass)[:-1]))
+    lines.append(
+        "rows by class: "
+        + ", ".join(
+            "%s=%d" % (row_class, report.classes[row_class])
+            for row_class in tuple(VerifyClass)[:-1]
+        )
+    )
     if report.mismatches:
-        lines.append("to repair: run -apply to rewrite these %d rows by id; it repairs every class "
-                     "above" % report.mismatches)
-    lines.append("unverifiable rows (counted as errors): %d" % report.classes[VerifyClass.UNVERIFIABLE])
+        lines.append(
+            "to repair: run -apply to rewrite these %d rows by id; it repairs every class above"
+            % report.mismatches
+        )
+    lines.append(
+        "unverifiable rows (counted as errors): %d" % report.classes[VerifyClass.UNVERIFIABLE]
+    )
     if report.classes[VerifyClass.UNREADABLE]:
-        lines.append("unreadable rows, not UTF-8 (counted as errors): %d" % report.classes[VerifyClass.UNREADABLE])
-    lines.append("Verify complete: workspaces_sampled=%d matches=%d mismatches=%d errors=%d"
-                 % (report.workspaces_sampled, report.matches, report.mismatches, report.errors))
+        lines.append(
+            "unreadable rows, not UTF-8 (counted as errors): %d"
+            % report.classes[VerifyClass.UNREADABLE]
+        )
+    lines.append(
+        "Verify complete: workspaces_sampled=%d matches=%d mismatches=%d errors=%d"
+        % (report.workspaces_sampled, report.matches, report.mismatches, report.errors)
+    )
     return lines
 
 
@@ -3726,61 +4358,98 @@ def classify(planned: PlannedWrite, lookup: Lookup, show_content: bool = False) 
     place, record = lookup.place(expected), lookup.record
     finding = functools.partial(Finding, planned.row, expected)
     if place == Place.ABSENT:
-        return finding(VerifyClass.MISSING, "in no namespace of the tenant; -apply writes it to %s" % expected)
+        return finding(
+            VerifyClass.MISSING, "in no namespace of the tenant; -apply writes it to %s" % expected
+        )
     if place == Place.REFUSED:
         return finding(VerifyClass.UNVERIFIABLE, lookup.why_not_looked_up())
     if place == Place.UNSEARCHABLE:
-        return finding(VerifyClass.UNVERIFIABLE, "not among the newest %d of %s, and %s"
-                       % (SEARCH_CAP, expected, lookup.why_not_looked_up()))
+        return finding(
+            VerifyClass.UNVERIFIABLE,
+            "not among the newest %d of %s, and %s"
+            % (SEARCH_CAP, expected, lookup.why_not_looked_up()),
+        )
     namespace = record.get("namespace")
     if place == Place.ELSEWHERE:
-        return finding(VerifyClass.WRONG_NAMESPACE, "expected in %s, found in %s" % (expected, namespace),
-                       namespace)
+        return finding(
+            VerifyClass.WRONG_NAMESPACE,
+            "expected in %s, found in %s" % (expected, namespace),
+            namespace,
+        )
     content = record.get("content") if isinstance(record.get("content"), str) else ""
     wanted = planned.body["content"]
     if content != wanted:
         redacted, labels = redact(content)
         if labels and platform_content(redacted, planned.target.kind, redaction=False)[0] == wanted:
             labels = tuple(sorted(labels))
-            return finding(VerifyClass.UNREDACTED, "the plugin's copy holds secrets in clear (%s)"
-                           % ", ".join(labels), namespace, labels)
-        return finding(VerifyClass.CONTENT_DIFFERS, first_difference(redact(wanted)[0], redacted, show_content),
-                       namespace)
+            return finding(
+                VerifyClass.UNREDACTED,
+                "the plugin's copy holds secrets in clear (%s)" % ", ".join(labels),
+                namespace,
+                labels,
+            )
+        return finding(
+            VerifyClass.CONTENT_DIFFERS,
+            first_difference(redact(wanted)[0], redacted, show_content),
+            namespace,
+        )
     propagation = record.get("propagation")
     legacy = propagation.get("legacy") if isinstance(propagation, dict) else None
     provenance = planned.body["propagation"]["legacy"]
     if legacy != provenance:
         if not isinstance(legacy, dict):
             return finding(VerifyClass.PROVENANCE, "propagation.legacy is missing", namespace)
-        fields = sorted(key for key in set(legacy) | set(provenance)
-                        if legacy.get(key) != provenance.get(key))
-        return finding(VerifyClass.PROVENANCE, "propagation.legacy differs in %s" % ", ".join(fields),
-                       namespace)
+        fields = sorted(
+            key for key in set(legacy) | set(provenance) if legacy.get(key) != provenance.get(key)
+        )
+        return finding(
+            VerifyClass.PROVENANCE,
+            "propagation.legacy differs in %s" % ", ".join(fields),
+            namespace,
+        )
     return finding(VerifyClass.MATCH, found_in=namespace)
 
 
 def first_difference(expected: str, found: str, show_content: bool = False) -> str:
     """Where two (redacted) texts first differ: the character, the lengths and the secrets whose
     redaction marks only one side holds; with `show_content`, a short window of each around it."""
-    at = next((n for n, (a, b) in enumerate(zip(expected, found, strict=False)) if a != b),
-              min(len(expected), len(found)))
+    at = next(
+        (n for n, (a, b) in enumerate(zip(expected, found, strict=False)) if a != b),
+        min(len(expected), len(found)),
+    )
     if at == len(expected) == len(found):
         return "the difference lies inside redacted secrets"
     if not show_content:
-        longer = ("the plugin's copy is longer" if len(found) > len(expected) else
-                  "the plugin's copy is shorter" if len(found) < len(expected) else "same length")
+        longer = (
+            "the plugin's copy is longer"
+            if len(found) > len(expected)
+            else "the plugin's copy is shorter"
+            if len(found) < len(expected)
+            else "same length"
+        )
         marks = Counter(REDACTION_MARK.findall(expected))
         marks.subtract(Counter(REDACTION_MARK.findall(found)))
         labels = sorted({mark[10:-1] for mark, count in marks.items() if count})
-        return "from character %d: expected %d characters, found %d (%s)%s; --show-content shows the text" % (
-            at + 1, len(expected), len(found), longer,
-            "; secrets involved: " + ", ".join(labels) if labels else "")
+        return (
+            "from character %d: expected %d characters, found %d (%s)%s; --show-content shows the "
+            "text"
+            % (
+                at + 1,
+                len(expected),
+                len(found),
+                longer,
+                "; secrets involved: " + ", ".join(labels) if labels else "",
+            )
+        )
     start = max(0, at - DIFF_CONTEXT_CHARS)
 
     def window(text: str) -> str:
         end = at + DIFF_CONTEXT_CHARS
-        return "%s%s%s" % ("..." if start else "", json.dumps(text[start:end], ensure_ascii=False),
-                           "..." if end < len(text) else "")
+        return "%s%s%s" % (
+            "..." if start else "",
+            json.dumps(text[start:end], ensure_ascii=False),
+            "..." if end < len(text) else "",
+        )
 
     return "from character %d: expected %s, found %s" % (at + 1, window(expected), window(found))
 
@@ -3794,30 +4463,41 @@ def sample_workspaces(candidates: Iterable[str], size: int, seed: int) -> list[s
 
 
 def verify(settings: Settings, log, progress: Progress) -> VerifyReport:
-    """-verify: every row -apply would write, for a sample of workspaces, looked up in the plugin."""
+    """-verify: each row -apply would write, of a sample of workspaces, looked for in the plugin."""
     report = VerifyReport(settings)
-    plugin = PluginClient(settings.plugin, settings.timeout, settings.retries, connections=settings.searches)
+    plugin = PluginClient(
+        settings.plugin, settings.timeout, settings.retries, connections=settings.searches
+    )
     check_plugin(plugin, progress)
     failures = FailureLog(settings.failures)
     try:
-        with open_database(settings, progress) as database, \
-                ThreadPoolExecutor(settings.searches, thread_name_prefix="search") as pool:
+        with (
+            open_database(settings, progress) as database,
+            ThreadPoolExecutor(settings.searches, thread_name_prefix="search") as pool,
+        ):
             tree = read_tree(database, settings, progress)
             if settings.workspaces:
                 sample = settings.workspaces
             else:
-                candidates = [w for w in database.workspaces_of() if w in tree and not tree.is_removed(w)]
+                candidates = [
+                    w for w in database.workspaces_of() if w in tree and not tree.is_removed(w)
+                ]
                 sample = sample_workspaces(candidates, settings.verify_sample, settings.seed)
             report.workspaces_sampled = len(sample)
             finder = RecordFinder(plugin, database, tree, sample, pool)
-            progress.count(report, database.count_rows(sample), lambda: ", " + plugin.retry.describe())
+            progress.count(
+                report, database.count_rows(sample), lambda: ", " + plugin.retry.describe()
+            )
             for rows, finished in row_groups(database.rows(sample, tree=tree), VERIFY_GROUP_ROWS):
                 report.scanned += len(rows)
                 outcomes = [plan_row(row, tree, settings.redact) for row in rows]
                 planned = [outcome for outcome in outcomes if isinstance(outcome, PlannedWrite)]
                 lookups = finder.find([sought_for(p, settings.redact) for p in planned])
-                findings = [Finding(failed.row, None, VerifyClass.UNREADABLE, str(failed))
-                            for failed in outcomes if isinstance(failed, RowFailed)]
+                findings = [
+                    Finding(failed.row, None, VerifyClass.UNREADABLE, str(failed))
+                    for failed in outcomes
+                    if isinstance(failed, RowFailed)
+                ]
                 findings += [classify(p, lookups[p.row.id], settings.show_content) for p in planned]
                 for finding in findings:
                     report.count(finding)
@@ -3852,20 +4532,31 @@ class RollbackReport(RunReport):
         return sum(self.deleted.values()) + sum(self.to_delete.values()) + self.absent + self.errors
 
     def failed_rows(self) -> str:
-        return ("%d records could not be deleted or looked up (listed above%s); fix what the plugin says, "
-                "then run -rollback --yes again: it deletes what is left." % (self.errors, self.listed()))
+        return (
+            "%d records could not be deleted or looked up (listed above%s); fix what the plugin "
+            "says, then run -rollback --yes again: it deletes what is left."
+            % (self.errors, self.listed())
+        )
 
     def to_json(self) -> dict[str, object]:
-        return {**super().to_json(), "mode": Mode.ROLLBACK, "yes": self.settings.yes,
-                "deleted": sum(self.deleted.values()), "deleted_by_namespace_kind": dict(self.deleted),
-                "would_delete": sum(self.to_delete.values()),
-                "would_delete_by_namespace_kind": dict(self.to_delete), "absent": self.absent,
-                "searches": self.searches}
+        return {
+            **super().to_json(),
+            "mode": Mode.ROLLBACK,
+            "yes": self.settings.yes,
+            "deleted": sum(self.deleted.values()),
+            "deleted_by_namespace_kind": dict(self.deleted),
+            "would_delete": sum(self.to_delete.values()),
+            "would_delete_by_namespace_kind": dict(self.to_delete),
+            "absent": self.absent,
+            "searches": self.searches,
+        }
 
 
 def format_rollback(report: RollbackReport) -> list[str]:
     settings = report.settings
-    lines = ["memory-backfill -rollback" + ("" if settings.yes else " (without --yes: nothing deleted)")]
+    lines = [
+        "memory-backfill -rollback" + ("" if settings.yes else " (without --yes: nothing deleted)")
+    ]
     lines += _plugin_line(settings.plugin, report.plugin_status)
     if settings.yes:
         lines.append("records deleted by namespace kind: %s" % _counts(report.deleted))
@@ -3873,43 +4564,65 @@ def format_rollback(report: RollbackReport) -> list[str]:
         lines.append("records to delete by namespace kind: %s" % _counts(report.to_delete))
     lines.append("rows with no record in the plugin (absent): %d" % report.absent)
     lines += _load_line(report.load, "deletes")
-    lines += _problem_lines(report.problems, settings.failures, "rows whose record could not be deleted")
+    lines += _problem_lines(
+        report.problems, settings.failures, "rows whose record could not be deleted"
+    )
     deleted = sum(report.deleted.values())
     if settings.yes or not report.to_delete:
         if report.stopped:
             lines.append("STOPPED EARLY: %s" % report.stopped)
             lines.append("run the same command again: it deletes what is left")
-        lines.append("Rollback %s: scanned=%d deleted=%d absent=%d errors=%d" % (
-            "stopped" if report.stopped else "complete", report.scanned, deleted, report.absent,
-            report.errors))
+        lines.append(
+            "Rollback %s: scanned=%d deleted=%d absent=%d errors=%d"
+            % (
+                "stopped" if report.stopped else "complete",
+                report.scanned,
+                deleted,
+                report.absent,
+                report.errors,
+            )
+        )
     else:
-        lines.append("Rollback not done (no --yes): scanned=%d would_delete=%d absent=%d errors=%d" % (
-            report.scanned, sum(report.to_delete.values()), report.absent, report.errors))
+        lines.append(
+            "Rollback not done (no --yes): scanned=%d would_delete=%d absent=%d errors=%d"
+            % (report.scanned, sum(report.to_delete.values()), report.absent, report.errors)
+        )
     return lines
 
 
 def delete_request(address: PluginAddress, record_id: str, namespace: str) -> bytes:
     """DELETE /v1/memories/{id}, from the namespace that holds it (REFERENCE §4)."""
     head = request_head(address, "DELETE", "/v1/memories/" + quote(record_id, safe=""))
-    return with_body(head, JSON_ENCODER.encode({"requested_by_namespace": namespace}).encode("ascii"))
+    return with_body(
+        head, JSON_ENCODER.encode({"requested_by_namespace": namespace}).encode("ascii")
+    )
 
 
 class RollbackDeletes:
-    """-rollback's side of the write stream, one group of rows at a time: each row's record found (wherever
-    it is), then deleted from the namespace that holds it."""
+    """-rollback's side of the write stream, one group of rows at a time: each row's record found
+    (wherever it is), then deleted from the namespace that holds it."""
 
-    def __init__(self, address: PluginAddress, report: RollbackReport, log, failures: FailureLog,
-                 stream: WriteStream):
+    def __init__(
+        self,
+        address: PluginAddress,
+        report: RollbackReport,
+        log,
+        failures: FailureLog,
+        stream: WriteStream,
+    ):
         self.address = address
         self.report = report
         self.log = log
         self.failures = failures
         self.stream = stream
         self._not_there: list[Sought] = []  # deleted where -apply writes them: 404
-        self.pending: Iterator[tuple[int, tuple[Sought, str, bool]]] = iter(())  # the deletes to send
+        self.pending: Iterator[tuple[int, tuple[Sought, str, bool]]] = iter(
+            ()
+        )  # the deletes to send
 
-    def back_out(self, rows: list[LegacyRow], tree: WorkspaceTree, settings: Settings,
-                 finder: RecordFinder) -> None:
+    def back_out(
+        self, rows: list[LegacyRow], tree: WorkspaceTree, settings: Settings, finder: RecordFinder
+    ) -> None:
         wanted = []
         for row in rows:
             self.report.scanned += 1
@@ -3939,15 +4652,17 @@ class RollbackDeletes:
         self._delete([(s, namespace, False) for s, namespace in found])
 
     def _not_at_home(self, crowded: list[Sought]) -> list[Sought]:
-        """Rows of namespaces too full to read whole: deleted where -apply writes them (one request each,
-        fewer than the searches that would find them); those that were not there (404) are returned."""
+        """Rows of namespaces too full to read whole: deleted where -apply writes them (one request
+        each, fewer than the searches that would find them); those that were not there (404) are
+        returned."""
         self._not_there = []
         self._delete([(s, s.namespace, True) for s in crowded])
         return self._not_there
 
     def _delete(self, targets: list[tuple[Sought, str, bool]]) -> None:
-        """DELETE each (row, the namespace that holds its record, blind) through the stream; `blind`: where
-        -apply writes it, not seen there, so a 404 is no error: the row is looked for elsewhere."""
+        """DELETE each (row, the namespace that holds its record, blind) through the stream;
+        `blind`: where -apply writes it, not seen there, so a 404 is no error: the row is looked for
+        elsewhere."""
         self.pending = iter(enumerate(targets))
         self.stream.drive(self)
 
@@ -3970,8 +4685,12 @@ class RollbackDeletes:
         elif status == 404 and blind:
             self._not_there.append(sought)
         elif status == 404:
-            self._error(sought.row, namespace, "no longer in %s (moved or deleted meanwhile); run "
-                        "-rollback again" % namespace, status)
+            self._error(
+                sought.row,
+                namespace,
+                "no longer in %s (moved or deleted meanwhile); run -rollback again" % namespace,
+                status,
+            )
         else:
             self._error(sought.row, namespace, plugin_rejected(response), status)
 
@@ -3979,28 +4698,41 @@ class RollbackDeletes:
         self.report.absent += 1
         self.log("absent %s", row.id)
 
-    def _error(self, row: LegacyRow, namespace: Optional[str], error: object,
-               status: Optional[int] = None) -> None:
+    def _error(
+        self, row: LegacyRow, namespace: Optional[str], error: object, status: Optional[int] = None
+    ) -> None:
         self.failures.record_row(row, namespace=namespace, error=str(error), status=status)
         self.log("error %s: %s", row.id, error)
         self.report.count_error(row.id, error)
 
 
 def rollback(settings: Settings, log, progress: Progress) -> RollbackReport:
-    """-rollback: for every row -apply would select, delete the plugin's record with that row's id, wherever
-    in the tenant it is (only those: REFERENCE §4 says a record with a legacy row's id was written by a
-    backfill).  Without --yes, find them and delete nothing.
+    """-rollback: for every row -apply would select, delete the plugin's record with that row's id,
+    wherever in the tenant it is (only those: REFERENCE §4 says a record with a legacy row's id was
+    written by a backfill).  Without --yes, find them and delete nothing.
 
-    With --yes, each group of rows is looked for (the namespaces it is written to read whole, and elsewhere
-    in the tree where rows are not there), and each record found is deleted from the namespace that holds it.
-    Deletes go through the write stream; a signal or a lost dependency stops it cleanly."""
+    With --yes, each group of rows is looked for (the namespaces it is written to read whole, and
+    elsewhere in the tree where rows are not there), and each record found is deleted from the
+    namespace that holds it. Deletes go through the write stream; a signal or a lost dependency
+    stops it cleanly."""
     report = RollbackReport(settings)
-    plugin = PluginClient(settings.plugin, settings.timeout, settings.retries, connections=settings.searches)
+    plugin = PluginClient(
+        settings.plugin, settings.timeout, settings.retries, connections=settings.searches
+    )
     report.plugin_status = "ok (version %s)" % check_plugin(plugin, progress)
-    stream = WriteStream(settings.plugin, settings.write_connections, settings.timeout, plugin.retry,
-                         settings.max_rate, threading.Event(), plugin.health_problem)
-    with open_database(settings, progress) as database, \
-            ThreadPoolExecutor(settings.searches, thread_name_prefix="search") as pool:
+    stream = WriteStream(
+        settings.plugin,
+        settings.write_connections,
+        settings.timeout,
+        plugin.retry,
+        settings.max_rate,
+        threading.Event(),
+        plugin.health_problem,
+    )
+    with (
+        open_database(settings, progress) as database,
+        ThreadPoolExecutor(settings.searches, thread_name_prefix="search") as pool,
+    ):
         tree = read_tree(database, settings, progress)  # a refusal here comes before any delete
         total = database.count_rows(settings.workspaces, settings.limit)
         holders = database.workspaces_of(settings.workspaces, settings.limit)
@@ -4021,8 +4753,10 @@ def rollback(settings: Settings, log, progress: Progress) -> RollbackReport:
         stopped = drive_stopping("-rollback", stream, failures, delete)
     report.load, report.searches = stream.load(), plugin.searches
     if stopped is None and report.to_delete:
-        stopped = UsageError("Nothing was deleted: run the same command with --yes to delete these %d "
-                             "records." % sum(report.to_delete.values()))
+        stopped = UsageError(
+            "Nothing was deleted: run the same command with --yes to delete these %d records."
+            % sum(report.to_delete.values())
+        )
     report.stop(stopped)
     return report
 
@@ -4084,11 +4818,14 @@ FLAG_ACTIONS = ("store_true", "append_const", "help", "version")  # options that
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, bool]]:
     """The parser, and every option name it accepts (whether it takes a value)."""
     parser = _Parser(
-        prog=PROG, allow_abbrev=False, add_help=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog=PROG,
+        allow_abbrev=False,
+        add_help=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Copy the legacy agent_memories table into the memory plugin, exactly as the\n"
-                    "live platform would have written it; verify the copy; back it out.\n"
-                    "Choose exactly one mode. Options are taken only by their full names, with\n"
-                    "one or two dashes, and as -name=value.",
+        "live platform would have written it; verify the copy; back it out.\nChoose exactly one "
+        "mode. Options are taken only by their full names, with\none or two dashes, and as "
+        "-name=value.",
         epilog=HELP_EPILOG,
     )
     names: dict[str, bool] = {}
@@ -4098,67 +4835,178 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, bool]]:
         group.add_argument(*flags, **kwargs)
 
     modes = parser.add_argument_group("modes (exactly one)")
-    for name, text in ((Mode.DRY_RUN, "read and decide everything, write nothing"),
-                       (Mode.APPLY, "copy the rows into the plugin (safe to re-run)"),
-                       (Mode.VERIFY, "check the plugin against the legacy table"),
-                       (Mode.ROLLBACK, "delete the plugin's records that carry a selected row's id "
-                                    "(with --yes; without it, only count them)")):
-        option(modes, "-" + name, "--" + name, dest="modes", action="append_const", const=name, help=text)
+    for name, text in (
+        (Mode.DRY_RUN, "read and decide everything, write nothing"),
+        (Mode.APPLY, "copy the rows into the plugin (safe to re-run)"),
+        (Mode.VERIFY, "check the plugin against the legacy table"),
+        (
+            Mode.ROLLBACK,
+            "delete the plugin's records that carry a selected row's id (with --yes; without it, "
+            "only count them)",
+        ),
+    ):
+        option(
+            modes,
+            "-" + name,
+            "--" + name,
+            dest="modes",
+            action="append_const",
+            const=name,
+            help=text,
+        )
     selection = parser.add_argument_group("selection")
-    option(selection, "-workspace", "--workspace", metavar="UUID", help="only this workspace's rows")
-    option(selection, "-limit", "--limit", metavar="N", help="at most N rows this run (oldest first)")
-    option(selection, "-verify-sample", "--verify-sample", metavar="N", default=str(DEFAULT_VERIFY_SAMPLE),
-           help="workspaces -verify checks (default %(default)s; 0 = all)")
-    option(selection, "-seed", "--seed", metavar="N", default=str(DEFAULT_SEED),
-           help="seed of the -verify sample (default fixed: %(default)s)")
+    option(
+        selection, "-workspace", "--workspace", metavar="UUID", help="only this workspace's rows"
+    )
+    option(
+        selection, "-limit", "--limit", metavar="N", help="at most N rows this run (oldest first)"
+    )
+    option(
+        selection,
+        "-verify-sample",
+        "--verify-sample",
+        metavar="N",
+        default=str(DEFAULT_VERIFY_SAMPLE),
+        help="workspaces -verify checks (default %(default)s; 0 = all)",
+    )
+    option(
+        selection,
+        "-seed",
+        "--seed",
+        metavar="N",
+        default=str(DEFAULT_SEED),
+        help="seed of the -verify sample (default fixed: %(default)s)",
+    )
     connections = parser.add_argument_group("connections")
-    option(connections, "-database-url", "--database-url", metavar="URL", help="overrides DATABASE_URL")
-    option(connections, "-plugin-url", "--plugin-url", metavar="URL",
-           help="overrides MEMORY_PLUGIN_URL (default %s)" % DEFAULT_PLUGIN_URL)
-    option(connections, "-statement-timeout", "--statement-timeout", metavar="SECONDS",
-           default="%g" % DEFAULT_STATEMENT_TIMEOUT,
-           help="seconds each database statement may take, waiting for a lock included (default "
-                "%(default)s); then the run stops with exit 3")
-    option(connections, "-timeout", "--timeout", metavar="SECONDS", default="%g" % DEFAULT_TIMEOUT,
-           help="seconds a plugin request may take, from sending it to its whole answer; then it is "
-                "retried (default %(default)s)")
-    option(connections, "-retries", "--retries", metavar="N", default=str(DEFAULT_RETRIES),
-           help="retries of a plugin request on connection errors, timeouts and 429/502/503/504, "
-                "with exponential backoff (default %(default)s)")
-    option(connections, "-concurrency", "--concurrency", metavar="N",
-           help="the most requests the plugin works on for this run at once; lower is gentler on a live "
-                "tenant. -apply and -rollback: at most N connections (default %d), each pipelining up "
-                "to %d writes (deletes); below N the tool uses as many as the plugin serves without a "
-                "queue forming, judged from its answers; N=1: strictly one request at a time. -verify, "
-                "-rollback: N searches at once (default %d)"
-                % (DEFAULT_WRITE_CONNECTIONS, PIPELINE_DEPTH, DEFAULT_SEARCHES))
+    option(
+        connections, "-database-url", "--database-url", metavar="URL", help="overrides DATABASE_URL"
+    )
+    option(
+        connections,
+        "-plugin-url",
+        "--plugin-url",
+        metavar="URL",
+        help="overrides MEMORY_PLUGIN_URL (default %s)" % DEFAULT_PLUGIN_URL,
+    )
+    option(
+        connections,
+        "-statement-timeout",
+        "--statement-timeout",
+        metavar="SECONDS",
+        default="%g" % DEFAULT_STATEMENT_TIMEOUT,
+        help="seconds each database statement may take, waiting for a lock included (default "
+        "%(default)s); then the run stops with exit 3",
+    )
+    option(
+        connections,
+        "-timeout",
+        "--timeout",
+        metavar="SECONDS",
+        default="%g" % DEFAULT_TIMEOUT,
+        help="seconds a plugin request may take, from sending it to its whole answer; then it "
+        "is retried (default %(default)s)",
+    )
+    option(
+        connections,
+        "-retries",
+        "--retries",
+        metavar="N",
+        default=str(DEFAULT_RETRIES),
+        help="retries of a plugin request on connection errors, timeouts and 429/502/503/504, "
+        "with exponential backoff (default %(default)s)",
+    )
+    option(
+        connections,
+        "-concurrency",
+        "--concurrency",
+        metavar="N",
+        help="the most requests the plugin works on for this run at once; lower is gentler on a "
+        "live tenant. -apply and -rollback: at most N connections (default %d), each pipelining up "
+        "to %d writes (deletes); below N the tool uses as many as the plugin serves without a "
+        "queue forming, judged from its answers; N=1: strictly one request at a time. -verify, "
+        "-rollback: N searches at once (default %d)"
+        % (DEFAULT_WRITE_CONNECTIONS, PIPELINE_DEPTH, DEFAULT_SEARCHES),
+    )
     writing = parser.add_argument_group("writing")
-    option(writing, "-no-redact", "--no-redact", action="store_true",
-           help="copy contents without secret redaction (said in the summary)")
+    option(
+        writing,
+        "-no-redact",
+        "--no-redact",
+        action="store_true",
+        help="copy contents without secret redaction (said in the summary)",
+    )
     option(writing, "-yes", "--yes", action="store_true", help="-rollback: really delete")
-    option(writing, "-max-rate", "--max-rate", metavar="N", default="0",
-           help="-apply, -rollback: at most N writes (deletes) per second (default 0 = no cap)")
-    option(writing, "-checkpoint", "--checkpoint", metavar="FILE",
-           help="-apply: save progress here; if FILE exists, resume after it")
-    option(writing, "-max-consecutive-failures", "--max-consecutive-failures", metavar="N",
-           default=str(DEFAULT_MAX_CONSECUTIVE_FAILURES),
-           help="-apply stops (exit 3) after N rows in a row fail (default %(default)s)")
+    option(
+        writing,
+        "-max-rate",
+        "--max-rate",
+        metavar="N",
+        default="0",
+        help="-apply, -rollback: at most N writes (deletes) per second (default 0 = no cap)",
+    )
+    option(
+        writing,
+        "-checkpoint",
+        "--checkpoint",
+        metavar="FILE",
+        help="-apply: save progress here; if FILE exists, resume after it",
+    )
+    option(
+        writing,
+        "-max-consecutive-failures",
+        "--max-consecutive-failures",
+        metavar="N",
+        default=str(DEFAULT_MAX_CONSECUTIVE_FAILURES),
+        help="-apply stops (exit 3) after N rows in a row fail (default %(default)s)",
+    )
     output = parser.add_argument_group("output")
-    option(output, "-failures", "--failures", metavar="FILE",
-           help="-apply: every skipped or failed row; -verify: every problem row; -rollback: every row "
-                "whose record could not be deleted; one JSON object per line (ids, reasons, "
-                "namespaces, never content)")
-    option(output, "-show-content", "--show-content", action="store_true",
-           help="-verify: show a window of both texts around a difference (redacted, but customer "
-                "text: without it, no memory text is ever printed)")
-    option(output, "-q", "-quiet", "--quiet", action="store_true",
-           help="no progress line on stderr (the target line and the final sentence remain)")
-    option(output, "-json", "--json", action="store_true",
-           help="print the report as one JSON object on stdout, on every exit")
-    option(output, "-v", "-verbose", "--verbose", action="store_true",
-           help="one line per row on stderr (ids only, never content)")
-    option(output, "-version", "--version", action="store_true",
-           help="print the version and the vendored library versions")
+    option(
+        output,
+        "-failures",
+        "--failures",
+        metavar="FILE",
+        help="-apply: every skipped or failed row; -verify: every problem row; -rollback: every "
+        "row whose record could not be deleted; one JSON object per line (ids, reasons, "
+        "namespaces, never content)",
+    )
+    option(
+        output,
+        "-show-content",
+        "--show-content",
+        action="store_true",
+        help="-verify: show a window of both texts around a difference (redacted, but customer "
+        "text: without it, no memory text is ever printed)",
+    )
+    option(
+        output,
+        "-q",
+        "-quiet",
+        "--quiet",
+        action="store_true",
+        help="no progress line on stderr (the target line and the final sentence remain)",
+    )
+    option(
+        output,
+        "-json",
+        "--json",
+        action="store_true",
+        help="print the report as one JSON object on stdout, on every exit",
+    )
+    option(
+        output,
+        "-v",
+        "-verbose",
+        "--verbose",
+        action="store_true",
+        help="one line per row on stderr (ids only, never content)",
+    )
+    option(
+        output,
+        "-version",
+        "--version",
+        action="store_true",
+        help="print the version and the vendored library versions",
+    )
     option(output, "-h", "-help", "--help", action="help", help="show this help")
     return parser, names
 
@@ -4180,11 +5028,19 @@ def refuse_inexact_options(argv: Sequence[str], names: dict[str, bool]) -> None:
         meant = [known for known in names if known.startswith(name)] if name.strip("-") else []
         meant = sorted(meant or difflib.get_close_matches(name, names, n=1, cutoff=0.75))
         if not meant:
-            raise UsageError("%s is not an option (options are taken only by their full names); run with "
-                             "--help for the list." % name)
-        raise UsageError("%s is not an option (options are taken only by their full names): did you mean "
-                         "%s?" % (name, " or ".join(meant) if len(meant) < 3 else
-                                  ", ".join(meant[:-1]) + " or " + meant[-1]))
+            raise UsageError(
+                "%s is not an option (options are taken only by their full names); run with --help "
+                "for the list." % name
+            )
+        raise UsageError(
+            "%s is not an option (options are taken only by their full names): did you mean %s?"
+            % (
+                name,
+                " or ".join(meant)
+                if len(meant) < 3
+                else ", ".join(meant[:-1]) + " or " + meant[-1],
+            )
+        )
 
 
 def parse_settings(argv: Optional[Sequence[str]], environ: dict[str, str]) -> Settings:
@@ -4197,8 +5053,10 @@ def parse_settings(argv: Optional[Sequence[str]], environ: dict[str, str]) -> Se
         raise HelpShown(version_text())
     modes = args.modes or []
     if len(modes) != 1:
-        raise UsageError("Choose exactly one mode: -dry-run, -apply, -verify or -rollback%s."
-                         % (" (got %s)" % " and ".join("-" + m for m in modes) if modes else ""))
+        raise UsageError(
+            "Choose exactly one mode: -dry-run, -apply, -verify or -rollback%s."
+            % (" (got %s)" % " and ".join("-" + m for m in modes) if modes else "")
+        )
     mode = modes[0]
     if args.checkpoint and mode != Mode.APPLY:
         raise UsageError("--checkpoint goes with -apply only.")
@@ -4209,29 +5067,46 @@ def parse_settings(argv: Optional[Sequence[str]], environ: dict[str, str]) -> Se
     if args.show_content and mode != Mode.VERIFY:
         raise UsageError("--show-content goes with -verify only.")
     database = parse_database_url(args.database_url or environ.get("DATABASE_URL"), environ)
-    database = replace(database, statement_timeout=_seconds(args.statement_timeout, "--statement-timeout"))
-    plugin = parse_plugin_url(args.plugin_url or environ.get("MEMORY_PLUGIN_URL"),
-                              "--plugin-url" if args.plugin_url else "MEMORY_PLUGIN_URL")
+    database = replace(
+        database, statement_timeout=_seconds(args.statement_timeout, "--statement-timeout")
+    )
+    plugin = parse_plugin_url(
+        args.plugin_url or environ.get("MEMORY_PLUGIN_URL"),
+        "--plugin-url" if args.plugin_url else "MEMORY_PLUGIN_URL",
+    )
     return Settings(
-        mode=mode, database=database, plugin=plugin,
+        mode=mode,
+        database=database,
+        plugin=plugin,
         workspace=parse_uuid(args.workspace) if args.workspace is not None else None,
         limit=_whole_number(args.limit, "-limit", 1) if args.limit is not None else None,
         verify_sample=_whole_number(args.verify_sample, "-verify-sample", 0),
         seed=_whole_number(args.seed, "--seed", 0),
-        concurrency=(_whole_number(args.concurrency, "--concurrency", 1)
-                     if args.concurrency is not None else None),
+        concurrency=(
+            _whole_number(args.concurrency, "--concurrency", 1)
+            if args.concurrency is not None
+            else None
+        ),
         max_rate=_whole_number(args.max_rate, "--max-rate", 0),
-        max_consecutive_failures=_whole_number(args.max_consecutive_failures,
-                                               "--max-consecutive-failures", 1),
+        max_consecutive_failures=_whole_number(
+            args.max_consecutive_failures, "--max-consecutive-failures", 1
+        ),
         retries=_whole_number(args.retries, "--retries", 0),
-        checkpoint=args.checkpoint, failures=args.failures, yes=args.yes,
-        redact=not args.no_redact, timeout=_seconds(args.timeout, "--timeout"),
-        json_output=args.json, verbose=args.verbose, quiet=args.quiet, show_content=args.show_content,
+        checkpoint=args.checkpoint,
+        failures=args.failures,
+        yes=args.yes,
+        redact=not args.no_redact,
+        timeout=_seconds(args.timeout, "--timeout"),
+        json_output=args.json,
+        verbose=args.verbose,
+        quiet=args.quiet,
+        show_content=args.show_content,
     )
 
 
 def version_text() -> str:
     """The tool's version and the vendored libraries', read from their metadata."""
+
     def installed(name: str) -> str:
         try:
             return metadata.version(name)
@@ -4239,8 +5114,12 @@ def version_text() -> str:
             return "missing"
 
     return "%s %s (pg8000 %s, urllib3 %s, Python %s)" % (
-        PROG, __version__, installed("pg8000"), installed("urllib3"),
-        ".".join(map(str, sys.version_info[:3])))
+        PROG,
+        __version__,
+        installed("pg8000"),
+        installed("urllib3"),
+        ".".join(map(str, sys.version_info[:3])),
+    )
 
 
 def target_line(settings: Settings) -> str:
@@ -4248,23 +5127,39 @@ def target_line(settings: Settings) -> str:
     if settings.workspace:
         selection = "workspace %s only" % settings.workspace
     elif settings.mode == Mode.VERIFY:
-        selection = ("every workspace" if not settings.verify_sample else
-                     "a sample of %d workspaces (seed %d)" % (settings.verify_sample, settings.seed))
+        selection = (
+            "every workspace"
+            if not settings.verify_sample
+            else "a sample of %d workspaces (seed %d)" % (settings.verify_sample, settings.seed)
+        )
     else:
         selection = "every workspace"
     if settings.limit is not None and settings.mode != Mode.VERIFY:
         selection += ", at most %d rows (-limit)" % settings.limit
     return "%s -%s: database %s (%s); plugin %s; %s" % (
-        PROG, settings.mode, settings.database.describe(), settings.database.describe_login(),
-        settings.plugin.describe(), selection)
+        PROG,
+        settings.mode,
+        settings.database.describe(),
+        settings.database.describe_login(),
+        settings.plugin.describe(),
+        selection,
+    )
 
 
-MODE_RUNS = {Mode.DRY_RUN: (dry_run, format_backfill), Mode.APPLY: (apply, format_backfill),
-             Mode.VERIFY: (verify, format_verify), Mode.ROLLBACK: (rollback, format_rollback)}
+MODE_RUNS = {
+    Mode.DRY_RUN: (dry_run, format_backfill),
+    Mode.APPLY: (apply, format_backfill),
+    Mode.VERIFY: (verify, format_verify),
+    Mode.ROLLBACK: (rollback, format_rollback),
+}
 
 
-def run(argv: Optional[Sequence[str]] = None, environ: Optional[dict[str, str]] = None,
-        stdout=None, stderr=None) -> ExitStatus:
+def run(
+    argv: Optional[Sequence[str]] = None,
+    environ: Optional[dict[str, str]] = None,
+    stdout=None,
+    stderr=None,
+) -> ExitStatus:
     """Run the tool and print its report; return OK, or raise the BackfillError that says
     why not (with its status).  With --json the report is one JSON object, error included."""
     stdout = stdout or sys.stdout
@@ -4294,8 +5189,11 @@ def run(argv: Optional[Sequence[str]] = None, environ: Optional[dict[str, str]] 
         print(error.traceback.rstrip(), file=stderr, flush=True)
     if settings.json_output:
         data = report.to_json() if report is not None else {"mode": settings.mode}
-        data.update(database=settings.database.describe(), plugin_url=settings.plugin.url,
-                    plugin_url_is_default=settings.plugin.default)
+        data.update(
+            database=settings.database.describe(),
+            plugin_url=settings.plugin.url,
+            plugin_url_is_default=settings.plugin.default,
+        )
         print(json_line(data, error), file=stdout, flush=True)
     elif report is not None:
         print("\n".join(format_report(report)), file=stdout, flush=True)
@@ -4305,18 +5203,22 @@ def run(argv: Optional[Sequence[str]] = None, environ: Optional[dict[str, str]] 
     return ExitStatus.OK
 
 
-def json_line(data: dict[str, object], error: Optional[BaseException], status: Optional[int] = None) -> str:
+def json_line(
+    data: dict[str, object], error: Optional[BaseException], status: Optional[int] = None
+) -> str:
     """The one JSON object --json prints, on every exit: with its exit_status and the sentence."""
     if status is None:
         status = getattr(error, "status", ExitStatus.OK)
-    return json.dumps({**data, "exit_status": int(status), "error": None if error is None else str(error)},
-                      sort_keys=True)
+    return json.dumps(
+        {**data, "exit_status": int(status), "error": None if error is None else str(error)},
+        sort_keys=True,
+    )
 
 
 def zipapp_main() -> str:
-    """The zipapp's __main__.py, which build_zipapp.sh writes: it checks the Python floor before this module
-    (which an older Python may not even compile) is imported, and prints the help text rendered at build time
-    without importing it at all."""
+    """The zipapp's __main__.py, which build_zipapp.sh writes: it checks the Python floor before
+    this module (which an older Python may not even compile) is imported, and prints the help text
+    rendered at build time without importing it at all."""
     return """import sys
 
 if sys.version_info < %r:
@@ -4344,7 +5246,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except BackfillError as exc:
         error, status = exc, exc.status
     except KeyboardInterrupt:
-        error = BackfillError("interrupted; re-run the same command to continue (writes are idempotent).")
+        error = BackfillError(
+            "interrupted; re-run the same command to continue (writes are idempotent)."
+        )
         status = ExitStatus.INTERRUPTED
     print("%s: %s" % (PROG, error), file=sys.stderr)
     if {"-json", "--json"} & set(argv) and not error.shown_as_json:

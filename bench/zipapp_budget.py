@@ -33,8 +33,12 @@ def main() -> int:
     help_ = median_seconds([python, "-I", "-S", str(path), "--help"])
     rows = [
         ("file size", "%d bytes" % size, size / SIZE_BUDGET, "< 1.0 (1.5 MB)"),
-        ("--help median / bare python median", "%.1f ms / %.1f ms" % (help_ * 1e3, bare * 1e3),
-         help_ / bare / HELP_BUDGET, "< 1.0 (5x)"),
+        (
+            "--help median / bare python median",
+            "%.1f ms / %.1f ms" % (help_ * 1e3, bare * 1e3),
+            help_ / bare / HELP_BUDGET,
+            "< 1.0 (5x)",
+        ),
     ]
     print("%-36s %-22s %-14s %s" % ("budget", "measured", "ratio/budget", "target"))
     for name, measured, ratio, target in rows:

@@ -25,7 +25,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from pg_cluster import APP_PASSWORD, Cluster, ensure_app_role, free_port, start_cluster  # noqa: E402, F401
+from pg_cluster import (  # noqa: E402, F401
+    APP_PASSWORD,
+    Cluster,
+    ensure_app_role,
+    free_port,
+    start_cluster,
+)
 from plugin_server import GoPlugin, PluginServer, build_go_plugin  # noqa: E402
 
 LEGACY_SCHEMA = """
@@ -47,6 +53,7 @@ SCOPE_CHECK = "CHECK (scope IN ('LOCAL','TEAM','GLOBAL'))"
 
 
 # --- the PostgreSQL server -----------------------------------------------------
+
 
 @pytest.fixture(scope="session")
 def cluster():
@@ -76,6 +83,7 @@ def create_database(cluster: Cluster, prefix: str) -> str:
 
 # --- the legacy database -------------------------------------------------------
 
+
 class Legacy:
     """A fresh legacy database with helpers to build a workspace tree and rows."""
 
@@ -102,9 +110,14 @@ class Legacy:
 
     def workspace(self, parent=None, status="active", workspace_id=None) -> str:
         workspace_id = workspace_id or str(uuid.uuid4())
-        self.db.run("INSERT INTO workspaces (id, name, parent_id, status) "
-                    "VALUES (CAST(:id AS uuid), :name, CAST(:parent AS uuid), :status)",
-                    id=workspace_id, name="ws-" + workspace_id[:8], parent=parent, status=status)
+        self.db.run(
+            "INSERT INTO workspaces (id, name, parent_id, status) VALUES (CAST(:id AS uuid), "
+            ":name, CAST(:parent AS uuid), :status)",
+            id=workspace_id,
+            name="ws-" + workspace_id[:8],
+            parent=parent,
+            status=status,
+        )
         return workspace_id
 
     def chain(self, length: int) -> list:
@@ -114,45 +127,72 @@ class Legacy:
             ids.append(self.workspace(parent=ids[-1]))
         return ids
 
-    def memory(self, workspace_id, content="a memory about deployment", scope="LOCAL",
-               created_at=None, memory_id=None, **columns) -> str:
+    def memory(
+        self,
+        workspace_id,
+        content="a memory about deployment",
+        scope="LOCAL",
+        created_at=None,
+        memory_id=None,
+        **columns,
+    ) -> str:
         memory_id = memory_id or str(uuid.uuid4())
         if created_at is None:
             created_at = self.BASE_TIME + timedelta(seconds=next(self._clock))
         names = ["id", "workspace_id", "content", "scope", "created_at", *columns]
-        values = ["CAST(:id AS uuid)", "CAST(:workspace_id AS uuid)", ":content", ":scope",
-                  ":created_at", *(":" + c for c in columns)]
-        self.db.run("INSERT INTO agent_memories (%s) VALUES (%s)" % (", ".join(names), ", ".join(values)),
-                    id=memory_id, workspace_id=workspace_id, content=content, scope=scope,
-                    created_at=created_at, **columns)
+        values = [
+            "CAST(:id AS uuid)",
+            "CAST(:workspace_id AS uuid)",
+            ":content",
+            ":scope",
+            ":created_at",
+            *(":" + c for c in columns),
+        ]
+        self.db.run(
+            "INSERT INTO agent_memories (%s) VALUES (%s)" % (", ".join(names), ", ".join(values)),
+            id=memory_id,
+            workspace_id=workspace_id,
+            content=content,
+            scope=scope,
+            created_at=created_at,
+            **columns,
+        )
         return memory_id
 
     def many(self, workspace_id, count: int, scope="LOCAL", words=("alpha",)) -> list:
         """`count` rows with distinct, searchable contents, inserted in one statement."""
         rows = self.db.run(
-            "INSERT INTO agent_memories (id, workspace_id, content, scope, created_at) "
-            "SELECT gen_random_uuid(), CAST(:ws AS uuid), "
-            "'note ' || g || ' about ' || :words || ' item' || g, :scope, "
-            "CAST(:base AS timestamptz) + g * interval '1 second' "
-            "FROM generate_series(1, CAST(:count AS int)) g RETURNING id::text",
-            ws=workspace_id, words=" ".join(words), scope=scope, count=count,
-            base=self.BASE_TIME + timedelta(days=1))
+            "INSERT INTO agent_memories (id, workspace_id, content, scope, created_at) SELECT "
+            "gen_random_uuid(), CAST(:ws AS uuid), 'note ' || g || ' about ' || :words || ' item' "
+            "|| g, :scope, CAST(:base AS timestamptz) + g * interval '1 second' FROM "
+            "generate_series(1, CAST(:count AS int)) g RETURNING id::text",
+            ws=workspace_id,
+            words=" ".join(words),
+            scope=scope,
+            count=count,
+            base=self.BASE_TIME + timedelta(days=1),
+        )
         return [r[0] for r in rows]
 
     def ids_in_read_order(self) -> list:
         """The row ids in -apply's read order (memory_backfill.READ_ORDER)."""
         import memory_backfill
 
-        return [r[0] for r in self.db.run("SELECT id::text FROM agent_memories ORDER BY "
-                                          + memory_backfill.READ_ORDER)]
+        return [
+            r[0]
+            for r in self.db.run(
+                "SELECT id::text FROM agent_memories ORDER BY " + memory_backfill.READ_ORDER
+            )
+        ]
 
     def contents(self) -> dict:
         return dict(self.db.run("SELECT id::text, content FROM agent_memories"))
 
     def snapshot(self) -> list:
         """Every legacy row, byte for byte, to prove runs never change them."""
-        return self.db.run("SELECT m::text FROM agent_memories m ORDER BY id") + \
-            self.db.run("SELECT w::text FROM workspaces w ORDER BY id")
+        return self.db.run("SELECT m::text FROM agent_memories m ORDER BY id") + self.db.run(
+            "SELECT w::text FROM workspaces w ORDER BY id"
+        )
 
     def close(self) -> None:
         self.db.close()
@@ -177,8 +217,13 @@ def tree(legacy):
     """root -> child -> grandchild -> great-grandchild, plus a second root."""
     legacy.create_schema()
     root, child, grandchild, great = legacy.chain(3)
-    return {"root": root, "child": child, "grandchild": grandchild, "great": great,
-            "other_root": legacy.workspace()}
+    return {
+        "root": root,
+        "child": child,
+        "grandchild": grandchild,
+        "great": great,
+        "other_root": legacy.workspace(),
+    }
 
 
 def assert_each_row_once(records: dict, legacy: Legacy, ids, count: int = None) -> None:
@@ -191,11 +236,19 @@ def assert_each_row_once(records: dict, legacy: Legacy, ids, count: int = None) 
 
 # --- the plugin ----------------------------------------------------------------
 
+
 @pytest.fixture(scope="session")
 def plugin_server(cluster):
     name = create_database(cluster, "plugin")
-    server = PluginServer(dict(user=cluster.user, password=cluster.password, host=cluster.host,
-                               port=cluster.port, database=name)).start()
+    server = PluginServer(
+        dict(
+            user=cluster.user,
+            password=cluster.password,
+            host=cluster.host,
+            port=cluster.port,
+            database=name,
+        )
+    ).start()
     yield server
     server.stop()
 
@@ -212,8 +265,16 @@ def go_plugin_server(cluster, tmp_path_factory):
     """The Go stand-in (tests/plugin.go), built once for the session, on a database of its own."""
     name = create_database(cluster, "go_plugin")
     binary = build_go_plugin(str(tmp_path_factory.mktemp("go")))
-    server = GoPlugin(binary, dict(user=cluster.user, password=cluster.password, host=cluster.host,
-                                   port=cluster.port, database=name))
+    server = GoPlugin(
+        binary,
+        dict(
+            user=cluster.user,
+            password=cluster.password,
+            host=cluster.host,
+            port=cluster.port,
+            database=name,
+        ),
+    )
     yield server
     server.stop()
 
@@ -235,8 +296,10 @@ def env(legacy, plugin, monkeypatch):
 
 # --- running the tool ----------------------------------------------------------
 
-TARGET_LINE = re.compile(r"memory-backfill -(dry-run|apply|verify|rollback): database \S+ "
-                         r"\((password from [^)]+|no password)\); plugin ")
+TARGET_LINE = re.compile(
+    r"memory-backfill -(dry-run|apply|verify|rollback): database \S+ \((password from [^)]+|no "
+    r"password)\); plugin "
+)
 
 
 @dataclass
@@ -259,14 +322,18 @@ class Result:
 
 
 def said(stderr: str) -> str:
-    """stderr after the target line, which every run that gets past the command line prints first."""
+    """stderr after the target line, which every run past the command line prints first."""
     first, _, rest = stderr.partition("\n")
     return rest if TARGET_LINE.match(first) else stderr
 
 
 def build_zipapp(target: Path) -> Path:
-    subprocess.run(["bash", str(ROOT / "build_zipapp.sh"), str(target)], check=True,
-                   capture_output=True, cwd=ROOT)
+    subprocess.run(
+        ["bash", str(ROOT / "build_zipapp.sh"), str(target)],
+        check=True,
+        capture_output=True,
+        cwd=ROOT,
+    )
     return target
 
 
@@ -277,8 +344,11 @@ def zipapp_file(tmp_path_factory) -> Path:
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "module_only: a long run whose zipapp twin would add time and "
-                                       "nothing else (the same code, started once more)")
+    config.addinivalue_line(
+        "markers",
+        "module_only: a long run whose zipapp twin would add time and nothing else (the same code, "
+        "started once more)",
+    )
 
 
 def pytest_collection_modifyitems(config, items):
@@ -301,8 +371,9 @@ def cli(request, capsys):
         path = request.getfixturevalue("zipapp_file")
 
         def run_zipapp(*args, timeout=120):
-            done = subprocess.run([sys.executable, str(path), *args], capture_output=True,
-                                  text=True, timeout=timeout)
+            done = subprocess.run(
+                [sys.executable, str(path), *args], capture_output=True, text=True, timeout=timeout
+            )
             return Result(done.returncode, done.stdout, done.stderr)
 
         return run_zipapp

@@ -24,7 +24,8 @@ SCHEMA = """
 CREATE TABLE workspaces (id uuid PRIMARY KEY, name text NOT NULL,
     parent_id uuid REFERENCES workspaces(id), status text NOT NULL DEFAULT 'active');
 CREATE TABLE agent_memories (id uuid PRIMARY KEY, workspace_id uuid REFERENCES workspaces(id),
-    content text NOT NULL, scope varchar(10) NOT NULL, namespace varchar(50) NOT NULL DEFAULT 'general',
+    content text NOT NULL, scope varchar(10) NOT NULL,
+    namespace varchar(50) NOT NULL DEFAULT 'general',
     created_at timestamptz DEFAULT now(), updated_at timestamptz DEFAULT now());
 """
 
@@ -52,27 +53,52 @@ def main() -> int:
                 db.run(statement)
         ids = {"org": str(uuid.uuid4()), "team": str(uuid.uuid4()), "agent": str(uuid.uuid4())}
         for name, parent in (("org", None), ("team", "org"), ("agent", "team")):
-            db.run("INSERT INTO workspaces VALUES (CAST(:id AS uuid), :name, CAST(:parent AS uuid))",
-                   id=ids[name], name=name, parent=ids.get(parent))
+            db.run(
+                "INSERT INTO workspaces VALUES (CAST(:id AS uuid), :name, CAST(:parent AS uuid))",
+                id=ids[name],
+                name=name,
+                parent=ids.get(parent),
+            )
         for n, (workspace, scope, content) in enumerate(ROWS):
-            db.run("INSERT INTO agent_memories (id, workspace_id, content, scope, created_at) VALUES "
-                   "(gen_random_uuid(), CAST(:w AS uuid), :c, :s, now() - make_interval(mins => :n))",
-                   w=ids.get(workspace), c=content, s=scope, n=len(ROWS) - n)
+            db.run(
+                "INSERT INTO agent_memories (id, workspace_id, content, scope, created_at) VALUES "
+                "(gen_random_uuid(), CAST(:w AS uuid), :c, :s, now() - make_interval(mins => :n))",
+                w=ids.get(workspace),
+                c=content,
+                s=scope,
+                n=len(ROWS) - n,
+            )
         db.close()
-        plugin = PluginServer(dict(user=cluster.user, password=cluster.password, host=cluster.host,
-                                   port=cluster.port, database=cluster.create_database("demo_plugin")))
+        plugin = PluginServer(
+            dict(
+                user=cluster.user,
+                password=cluster.password,
+                host=cluster.host,
+                port=cluster.port,
+                database=cluster.create_database("demo_plugin"),
+            )
+        )
         plugin.start()
         os.environ["DATABASE_URL"] = cluster.url(legacy)
         os.environ["MEMORY_PLUGIN_URL"] = plugin.url
-        runs = [(["-dry-run"], 0), (["-apply"], 0), (["-verify"], 0), (["-rollback"], 2),
-                (["-rollback", "--yes"], 0), (["-apply"], 0), (["-verify"], 0)]
+        runs = [
+            (["-dry-run"], 0),
+            (["-apply"], 0),
+            (["-verify"], 0),
+            (["-rollback"], 2),
+            (["-rollback", "--yes"], 0),
+            (["-apply"], 0),
+            (["-verify"], 0),
+        ]
         statuses = []
         for argv, _ in runs:
             print("\n$ memory-backfill %s" % " ".join(argv), flush=True)
             statuses.append(memory_backfill.main(argv))
             print("(exit status %d)" % statuses[-1], flush=True)
-        print("\nThe plugin now holds %d memories in %d namespaces."
-              % (plugin.count(), len(plugin.namespaces())))
+        print(
+            "\nThe plugin now holds %d memories in %d namespaces."
+            % (plugin.count(), len(plugin.namespaces()))
+        )
         return 0 if statuses == [expected for _, expected in runs] else 1
     finally:
         if plugin is not None:

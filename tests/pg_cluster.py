@@ -34,15 +34,21 @@ def pg_bindir() -> Path:
         return Path(os.path.realpath(initdb)).parent
     pg_config = shutil.which("pg_config")
     if pg_config:
-        bindir = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True).stdout.strip()
+        bindir = subprocess.run(
+            [pg_config, "--bindir"], capture_output=True, text=True
+        ).stdout.strip()
         if (Path(bindir) / "initdb").exists():
             return Path(bindir)
-    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
-                   key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0)
+    found = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+        key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0,
+    )
     if found:
         return found[-1].parent
-    raise RuntimeError("PostgreSQL server binaries (initdb) not found; install postgresql "
-                       "or set MEMORY_BACKFILL_TEST_DSN")
+    raise RuntimeError(
+        "PostgreSQL server binaries (initdb) not found; install postgresql or set "
+        "MEMORY_BACKFILL_TEST_DSN"
+    )
 
 
 def free_port() -> int:
@@ -70,14 +76,31 @@ class Cluster:
     options: str = ""  # the server's command-line options, to start it again
 
     def connect(self, database: str = "postgres", **kwargs) -> pg8000.native.Connection:
-        return pg8000.native.Connection(user=self.user, password=self.password, host=self.host,
-                                        port=self.port, database=database, **kwargs)
+        return pg8000.native.Connection(
+            user=self.user,
+            password=self.password,
+            host=self.host,
+            port=self.port,
+            database=database,
+            **kwargs,
+        )
 
-    def url(self, database: str, user: str = APP_USER, password: str = APP_PASSWORD,
-            host: str = None, query: str = "sslmode=disable") -> str:
+    def url(
+        self,
+        database: str,
+        user: str = APP_USER,
+        password: str = APP_PASSWORD,
+        host: str = None,
+        query: str = "sslmode=disable",
+    ) -> str:
         return "postgres://%s:%s@%s:%d/%s%s" % (
-            quote(user, safe=""), quote(password, safe=""), host or self.host, self.port, database,
-            "?" + query if query else "")
+            quote(user, safe=""),
+            quote(password, safe=""),
+            host or self.host,
+            self.port,
+            database,
+            "?" + query if query else "",
+        )
 
     def create_database(self, name: str) -> str:
         admin = self.connect()
@@ -89,17 +112,40 @@ class Cluster:
         """pg_ctl on this cluster (`stop -m fast`, `start`, `restart`), waiting until it is done."""
         if args[0] in ("start", "restart"):  # the server's output to its log, not to this pipe
             args += ("-o", self.options, "-l", str(self.workdir / "log"))
-        command = [str(pg_bindir() / "pg_ctl"), "-D", str(self.workdir / "data"), "-w", "-t", "60", *args]
+        command = [
+            str(pg_bindir() / "pg_ctl"),
+            "-D",
+            str(self.workdir / "data"),
+            "-w",
+            "-t",
+            "60",
+            *args,
+        ]
         subprocess.run(command, check=True, capture_output=True, cwd=self.workdir, **_run_as())
 
     def stop(self) -> None:
         if self.workdir is None:
             return
-        subprocess.run([str(pg_bindir() / "pg_ctl"), "-D", str(self.workdir / "data"), "-m",
-                        "immediate", "stop"], capture_output=True, cwd=self.workdir, **_run_as())
+        subprocess.run(
+            [
+                str(pg_bindir() / "pg_ctl"),
+                "-D",
+                str(self.workdir / "data"),
+                "-m",
+                "immediate",
+                "stop",
+            ],
+            capture_output=True,
+            cwd=self.workdir,
+            **_run_as(),
+        )
         # A test session leaves a gigabyte of databases: removed in the background, not waited for.
-        subprocess.Popen(["rm", "-rf", str(self.workdir)], start_new_session=True,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.Popen(
+            ["rm", "-rf", str(self.workdir)],
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
 
 
 def _run_as() -> dict:
@@ -110,8 +156,9 @@ def _run_as() -> dict:
 
 
 def start_cluster(durable: bool = False) -> Cluster:
-    """Start a fresh cluster with a superuser and a read-only application role; `durable`: each commit
-    waits for its WAL to reach the disk (fsync, synchronous_commit), as in production, instead of not."""
+    """Start a fresh cluster with a superuser and a read-only application role; `durable`: each
+    commit waits for its WAL to reach the disk (fsync, synchronous_commit), as in production,
+    instead of not."""
     bindir = pg_bindir()
     workdir = Path(tempfile.mkdtemp(prefix="memory-backfill-pg-"))
     os.chmod(workdir, 0o755)
@@ -121,18 +168,52 @@ def start_cluster(durable: bool = False) -> Cluster:
     if run_as:
         os.chown(workdir, run_as["user"], run_as["group"])
         os.chown(pwfile, run_as["user"], run_as["group"])
-    subprocess.run([str(bindir / "initdb"), "-D", str(workdir / "data"), "-U", SUPERUSER,
-                    "--pwfile", str(pwfile), "--auth-local=trust", "--auth-host=scram-sha-256",
-                    "-E", "UTF8", "--locale=C.UTF-8"],
-                   check=True, capture_output=True, cwd=workdir, **run_as)
+    subprocess.run(
+        [
+            str(bindir / "initdb"),
+            "-D",
+            str(workdir / "data"),
+            "-U",
+            SUPERUSER,
+            "--pwfile",
+            str(pwfile),
+            "--auth-local=trust",
+            "--auth-host=scram-sha-256",
+            "-E",
+            "UTF8",
+            "--locale=C.UTF-8",
+        ],
+        check=True,
+        capture_output=True,
+        cwd=workdir,
+        **run_as,
+    )
     port = free_port()
-    options = ("-c listen_addresses='127.0.0.1%s' -p %d -c unix_socket_directories='%s' "
-               "-c max_connections=200" % (",::1" if _can_bind_ipv6() else "", port, workdir))
+    options = (
+        "-c listen_addresses='127.0.0.1%s' -p %d -c unix_socket_directories='%s' -c "
+        "max_connections=200" % (",::1" if _can_bind_ipv6() else "", port, workdir)
+    )
     if not durable:
         options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-    subprocess.run([str(bindir / "pg_ctl"), "-D", str(workdir / "data"), "-l", str(workdir / "log"),
-                    "-o", options, "-w", "-t", "60", "start"],
-                   check=True, capture_output=True, cwd=workdir, **run_as)
+    subprocess.run(
+        [
+            str(bindir / "pg_ctl"),
+            "-D",
+            str(workdir / "data"),
+            "-l",
+            str(workdir / "log"),
+            "-o",
+            options,
+            "-w",
+            "-t",
+            "60",
+            "start",
+        ],
+        check=True,
+        capture_output=True,
+        cwd=workdir,
+        **run_as,
+    )
     cluster = Cluster("127.0.0.1", port, SUPERUSER, SUPERUSER_PASSWORD, workdir, options)
     ensure_app_role(cluster)
     return cluster
@@ -142,6 +223,8 @@ def ensure_app_role(cluster: Cluster) -> None:
     """The role the tool logs in as: may read everything, owns nothing."""
     admin = cluster.connect()
     if not admin.run("SELECT 1 FROM pg_roles WHERE rolname = :name", name=APP_USER):
-        admin.run("CREATE ROLE %s LOGIN PASSWORD '%s'" % (APP_USER, APP_PASSWORD.replace("'", "''")))
+        admin.run(
+            "CREATE ROLE %s LOGIN PASSWORD '%s'" % (APP_USER, APP_PASSWORD.replace("'", "''"))
+        )
         admin.run("GRANT pg_read_all_data TO %s" % APP_USER)
     admin.close()

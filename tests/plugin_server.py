@@ -65,8 +65,9 @@ CREATE INDEX IF NOT EXISTS memories_content_tsv ON memories USING gin (content_t
 CREATE INDEX IF NOT EXISTS memories_namespace ON memories (namespace);
 """
 
-MEMORY_COLUMNS = ("id::text, namespace, content, kind, source, created_at, expires_at, "
-                  "propagation, pin")
+MEMORY_COLUMNS = (
+    "id::text, namespace, content, kind, source, created_at, expires_at, propagation, pin"
+)
 
 
 class BadRequest(Exception):
@@ -81,8 +82,9 @@ class _Server(ThreadingHTTPServer):
 class PluginServer:
     """Serve the plugin API on 127.0.0.1:<free port>, storing into PostgreSQL."""
 
-    def __init__(self, connect_kwargs: dict, connections: int = 8, wait: float = 0.0,
-                 capacity: str = None):
+    def __init__(
+        self, connect_kwargs: dict, connections: int = 8, wait: float = 0.0, capacity: str = None
+    ):
         self.connect_kwargs = connect_kwargs
         self.wait = wait  # seconds every request takes, at least
         self.capacity = capacity  # the CapacityGate's socket path, or None
@@ -166,8 +168,9 @@ class PluginServer:
 
     @contextmanager
     def connection(self):
-        """A pooled connection to the store; one that failed is replaced (its database may have restarted),
-        and the error goes on to the caller: a 500, as the real plugin answers while its database is down."""
+        """A pooled connection to the store; one that failed is replaced (its database may have
+        restarted), and the error goes on to the caller: a 500, as the real plugin answers while its
+        database is down."""
         db = self.pool.get()
         try:
             if db is None:
@@ -209,8 +212,11 @@ class PluginServer:
             return 503, {"status": "degraded", "version": "test", "capabilities": []}
         if self.degraded:
             return 503, {"status": "degraded", "version": "test", "capabilities": []}
-        return 200, {"status": "ok", "version": "test-plugin",
-                     "capabilities": ["fts", "embeddings"]}
+        return 200, {
+            "status": "ok",
+            "version": "test-plugin",
+            "capabilities": ["fts", "embeddings"],
+        }
 
     def put_namespace(self, name: str, body):
         _check_namespace_name(name)
@@ -221,15 +227,22 @@ class PluginServer:
         with self.lock:
             self.namespace_puts[name] += 1
         with self.connection() as db:
-            db.run("INSERT INTO namespaces (name, kind, expires_at, metadata) "
-                   "VALUES (:name, :kind, CAST(:expires_at AS timestamptz), CAST(:metadata AS jsonb)) "
-                   "ON CONFLICT (name) DO UPDATE SET kind = excluded.kind, "
-                   "expires_at = excluded.expires_at, metadata = excluded.metadata, "
-                   "updated_at = clock_timestamp()",
-                   name=name, kind=body["kind"], expires_at=expires_at,
-                   metadata=None if metadata is None else json.dumps(metadata))
-        return 200, {"name": name, "kind": body["kind"], "expires_at": expires_at,
-                     "metadata": metadata}
+            db.run(
+                "INSERT INTO namespaces (name, kind, expires_at, metadata) VALUES (:name, :kind, "
+                "CAST(:expires_at AS timestamptz), CAST(:metadata AS jsonb)) ON CONFLICT (name) DO "
+                "UPDATE SET kind = excluded.kind, expires_at = excluded.expires_at, metadata = "
+                "excluded.metadata, updated_at = clock_timestamp()",
+                name=name,
+                kind=body["kind"],
+                expires_at=expires_at,
+                metadata=None if metadata is None else json.dumps(metadata),
+            )
+        return 200, {
+            "name": name,
+            "kind": body["kind"],
+            "expires_at": expires_at,
+            "metadata": metadata,
+        }
 
     def write_memory(self, namespace: str, body):
         _check_namespace_name(namespace)
@@ -259,30 +272,39 @@ class PluginServer:
         pin = _optional(body, "pin", bool) or False
         embedding = _optional(body, "embedding", list)
         if embedding is not None and not all(
-                isinstance(x, (int, float)) and not isinstance(x, bool) for x in embedding):
+            isinstance(x, (int, float)) and not isinstance(x, bool) for x in embedding
+        ):
             raise BadRequest("embedding must be an array of numbers")
         with self.connection() as db:
             try:
-                db.run("INSERT INTO memories (id, namespace, content, kind, source, expires_at, "
-                       "propagation, pin, embedding) VALUES (CAST(:id AS uuid), :namespace, "
-                       ":content, :kind, :source, CAST(:expires_at AS timestamptz), "
-                       "CAST(:propagation AS jsonb), :pin, CAST(:embedding AS jsonb)) "
-                       "ON CONFLICT (id) DO UPDATE SET namespace = excluded.namespace, "
-                       "content = excluded.content, kind = excluded.kind, "
-                       "source = excluded.source, "
-                       "expires_at = excluded.expires_at, propagation = excluded.propagation, "
-                       "pin = excluded.pin, embedding = excluded.embedding",
-                       id=memory_id, namespace=namespace, content=content, kind=body["kind"],
-                       source=body["source"], expires_at=expires_at,
-                       propagation=None if propagation is None else json.dumps(propagation),
-                       pin=pin, embedding=None if embedding is None else json.dumps(embedding))
+                db.run(
+                    "INSERT INTO memories (id, namespace, content, kind, source, expires_at, "
+                    "propagation, pin, embedding) VALUES (CAST(:id AS uuid), :namespace, :content, "
+                    ":kind, :source, CAST(:expires_at AS timestamptz), CAST(:propagation AS "
+                    "jsonb), :pin, CAST(:embedding AS jsonb)) ON CONFLICT (id) DO UPDATE SET "
+                    "namespace = excluded.namespace, content = excluded.content, kind = "
+                    "excluded.kind, source = excluded.source, expires_at = excluded.expires_at, "
+                    "propagation = excluded.propagation, pin = excluded.pin, embedding = "
+                    "excluded.embedding",
+                    id=memory_id,
+                    namespace=namespace,
+                    content=content,
+                    kind=body["kind"],
+                    source=body["source"],
+                    expires_at=expires_at,
+                    propagation=None if propagation is None else json.dumps(propagation),
+                    pin=pin,
+                    embedding=None if embedding is None else json.dumps(embedding),
+                )
             except pg8000.native.DatabaseError as exc:
                 if _connection_lost(exc):
                     raise
                 # The real plugin does not auto-create namespaces: a foreign-key
                 # failure surfaces as an internal error.
-                return 500, {"code": "internal", "message": "store write failed: %s"
-                             % exc.args[0].get("M", "")}
+                return 500, {
+                    "code": "internal",
+                    "message": "store write failed: %s" % exc.args[0].get("M", ""),
+                }
         with self.lock:
             if memory_id not in self.written:
                 self.written.add(memory_id)
@@ -301,8 +323,12 @@ class PluginServer:
         if memory_id in self.reject_ids:
             raise BadRequest("rejected by the test")
         with self.connection() as db:
-            deleted = db.run("DELETE FROM memories WHERE id = CAST(:id AS uuid) AND namespace = :ns "
-                             "RETURNING id", id=memory_id, ns=namespace)
+            deleted = db.run(
+                "DELETE FROM memories WHERE id = CAST(:id AS uuid) AND namespace = :ns "
+                "RETURNING id",
+                id=memory_id,
+                ns=namespace,
+            )
         if not deleted:
             return 404, {"code": "not_found", "message": "memory not found"}
         return 204, None
@@ -322,16 +348,21 @@ class PluginServer:
         if not isinstance(body, dict):
             raise BadRequest("body must be a JSON object")
         namespaces = body.get("namespaces")
-        if (not isinstance(namespaces, list) or not namespaces
-                or not all(isinstance(n, str) for n in namespaces)):
+        if (
+            not isinstance(namespaces, list)
+            or not namespaces
+            or not all(isinstance(n, str) for n in namespaces)
+        ):
             raise BadRequest("namespaces must be a non-empty array of names")
         limit = body.get("limit") or 20
         if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= SEARCH_CAP:
             raise BadRequest("limit must be between 1 and 100")
         query = _optional(body, "query", str) or ""
         kinds = _optional(body, "kinds", list)
-        where = ["namespace = ANY(CAST(:namespaces AS text[]))",
-                 "(expires_at IS NULL OR expires_at > now())"]
+        where = [
+            "namespace = ANY(CAST(:namespaces AS text[]))",
+            "(expires_at IS NULL OR expires_at > now())",
+        ]
         params = {"namespaces": namespaces, "limit": limit}
         if kinds:
             where.append("kind = ANY(CAST(:kinds AS text[]))")
@@ -348,8 +379,11 @@ class PluginServer:
             order = "created_at DESC"
             params["q"] = query
         with self.connection() as db:
-            rows = db.run("SELECT %s, %s AS score FROM memories WHERE %s ORDER BY %s LIMIT :limit"
-                          % (MEMORY_COLUMNS, score, " AND ".join(where), order), **params)
+            rows = db.run(
+                "SELECT %s, %s AS score FROM memories WHERE %s ORDER BY %s LIMIT :limit"
+                % (MEMORY_COLUMNS, score, " AND ".join(where), order),
+                **params,
+            )
         memories = [_memory(row[:-1], score=row[-1]) for row in rows]
         return 200, {"memories": memories or None}
 
@@ -364,8 +398,11 @@ def _failure(exc: Exception) -> str:
     """An error as a Go plugin on pgx words it: a server's error with its SQLSTATE."""
     details = exc.args[0] if exc.args and isinstance(exc.args[0], dict) else None
     if details:
-        return "%s: %s (SQLSTATE %s)" % (details.get("S", "ERROR"), details.get("M", ""),
-                                         details.get("C", ""))
+        return "%s: %s (SQLSTATE %s)" % (
+            details.get("S", "ERROR"),
+            details.get("M", ""),
+            details.get("C", ""),
+        )
     return str(exc)
 
 
@@ -377,8 +414,15 @@ def _connection_lost(exc: Exception) -> bool:
 
 def _memory(row, score=None) -> dict:
     memory_id, namespace, content, kind, source, created_at, expires_at, propagation, pin = row
-    memory = {"id": memory_id, "namespace": namespace, "content": content, "kind": kind,
-              "source": source, "created_at": created_at.isoformat(), "pin": pin}
+    memory = {
+        "id": memory_id,
+        "namespace": namespace,
+        "content": content,
+        "kind": kind,
+        "source": source,
+        "created_at": created_at.isoformat(),
+        "pin": pin,
+    }
     if expires_at is not None:
         memory["expires_at"] = expires_at.isoformat()
     if propagation is not None:
@@ -417,8 +461,9 @@ def _handler_for(plugin: PluginServer):
             with plugin.lock:
                 plugin.open_connections.add(self.connection)
                 plugin.connection_count += 1
-                self.reset_me = bool(plugin.reset_every) and \
-                    plugin.connection_count % plugin.reset_every == 0
+                self.reset_me = (
+                    bool(plugin.reset_every) and plugin.connection_count % plugin.reset_every == 0
+                )
 
         def finish(self):
             with plugin.lock:
@@ -468,7 +513,11 @@ def _handler_for(plugin: PluginServer):
             length = int(self.headers.get("Content-Length") or 0)
             raw = self.rfile.read(length) if length else b""
             try:
-                return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant) if raw else None
+                return (
+                    json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+                    if raw
+                    else None
+                )
             except ValueError:
                 raise BadRequest("body is not valid JSON") from None
 
@@ -498,22 +547,38 @@ def _handler_for(plugin: PluginServer):
                     route, call = "health", plugin.health
                 elif method == "PUT" and len(parts) == 4 and parts[:3] == ["", "v1", "namespaces"]:
                     body = self._body()
-                    route, call = "put_namespace", lambda: plugin.put_namespace(
-                        unquote(parts[3]), body)
-                elif (method == "POST" and len(parts) == 5 and parts[:3] == ["", "v1", "namespaces"]
-                      and parts[4] == "memories"):
+                    route, call = (
+                        "put_namespace",
+                        lambda: plugin.put_namespace(unquote(parts[3]), body),
+                    )
+                elif (
+                    method == "POST"
+                    and len(parts) == 5
+                    and parts[:3] == ["", "v1", "namespaces"]
+                    and parts[4] == "memories"
+                ):
                     body = self._body()
-                    route, call = "write_memory", lambda: plugin.write_memory(
-                        unquote(parts[3]), body)
+                    route, call = (
+                        "write_memory",
+                        lambda: plugin.write_memory(unquote(parts[3]), body),
+                    )
                 elif method == "POST" and path == "/v1/search":
                     body = self._body()
                     route, call = "search", lambda: plugin.search(body)
                 elif method == "DELETE" and len(parts) == 4 and parts[:3] == ["", "v1", "memories"]:
                     body = self._body()
-                    route, call = "delete_memory", lambda: plugin.delete_memory(unquote(parts[3]), body)
-                elif method == "DELETE" and len(parts) == 4 and parts[:3] == ["", "v1", "namespaces"]:
+                    route, call = (
+                        "delete_memory",
+                        lambda: plugin.delete_memory(unquote(parts[3]), body),
+                    )
+                elif (
+                    method == "DELETE" and len(parts) == 4 and parts[:3] == ["", "v1", "namespaces"]
+                ):
                     self._body()
-                    route, call = "delete_namespace", lambda: plugin.delete_namespace(unquote(parts[3]))
+                    route, call = (
+                        "delete_namespace",
+                        lambda: plugin.delete_namespace(unquote(parts[3])),
+                    )
                 else:
                     self._body()
                     self._send(404, {"code": "not_found", "message": "no such route"})
@@ -553,8 +618,14 @@ class PluginProcesses:
     core idle, and the bench's rounds at 2 connections varied by 30 %.
     """
 
-    def __init__(self, connect_kwargs: dict, workers: int = 2, connections: int = 4, wait: float = 0.0,
-                 capacity: int = 0):
+    def __init__(
+        self,
+        connect_kwargs: dict,
+        workers: int = 2,
+        connections: int = 4,
+        wait: float = 0.0,
+        capacity: int = 0,
+    ):
         self.store = PluginServer(connect_kwargs, connections=1)  # schema, count, reset
         self.listener = socket.create_server(("127.0.0.1", 0), backlog=512)
         self.url = "http://127.0.0.1:%d" % self.listener.getsockname()[1]
@@ -565,9 +636,14 @@ class PluginProcesses:
             ours, theirs = socket.socketpair()
             self.channels.append(ours)
             shape = [str(wait), self.gate.path if self.gate else "-"]
-            self.processes.append(subprocess.Popen(
-                [sys.executable, __file__, str(connections), str(theirs.fileno()), *shape],
-                env=env, stdout=subprocess.PIPE, pass_fds=[theirs.fileno()]))
+            self.processes.append(
+                subprocess.Popen(
+                    [sys.executable, __file__, str(connections), str(theirs.fileno()), *shape],
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    pass_fds=[theirs.fileno()],
+                )
+            )
             theirs.close()
         for process in self.processes:  # each says so once it serves
             if process.stdout.readline() != b"serving\n":
@@ -655,11 +731,16 @@ def serve_handed_connections(connections: int, channel_fd: int, wait: float, cap
 
 
 if __name__ == "__main__":
-    serve_handed_connections(int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]),
-                             None if sys.argv[4] == "-" else sys.argv[4])
+    serve_handed_connections(
+        int(sys.argv[1]),
+        int(sys.argv[2]),
+        float(sys.argv[3]),
+        None if sys.argv[4] == "-" else sys.argv[4],
+    )
 
 
-# --- the Go stand-in (plugin.go) -------------------------------------------------------------------
+# --- the Go stand-in (plugin.go)
+# -------------------------------------------------------------------
 
 GO_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plugin.go")
 GO_PATHS = ("/usr/share/gocode",)  # Debian's golang-github-lib-pq-dev puts github.com/lib/pq here
@@ -669,15 +750,24 @@ def build_go_plugin(directory: str) -> str:
     """plugin.go built into `directory`, from packages alone: Debian's golang-go and
     golang-github-lib-pq-dev (.ci/run installs them)."""
     go = shutil.which("go") or next(iter(sorted(glob.glob("/usr/lib/go-*/bin/go"))[-1:]), None)
-    gopath = next((path for path in GO_PATHS if os.path.isdir(path + "/src/github.com/lib/pq")), None)
+    gopath = next(
+        (path for path in GO_PATHS if os.path.isdir(path + "/src/github.com/lib/pq")), None
+    )
     if go is None or gopath is None:
-        raise RuntimeError("the Go stand-in needs Go and lib/pq: apt-get install golang-go "
-                           "golang-github-lib-pq-dev (.ci/run does)")
-    cache = os.environ.get("GOCACHE") or os.path.join(tempfile.gettempdir(), "memory-backfill-go-cache")
+        raise RuntimeError(
+            "the Go stand-in needs Go and lib/pq: apt-get install golang-go "
+            "golang-github-lib-pq-dev (.ci/run does)"
+        )
+    cache = os.environ.get("GOCACHE") or os.path.join(
+        tempfile.gettempdir(), "memory-backfill-go-cache"
+    )
     binary = os.path.join(directory, "memory-plugin")
-    built = subprocess.run([go, "build", "-o", binary, GO_SOURCE], capture_output=True, text=True,
-                           env={**os.environ, "GO111MODULE": "off", "GOPATH": gopath, "GOCACHE": cache,
-                                "GOFLAGS": ""})
+    built = subprocess.run(
+        [go, "build", "-o", binary, GO_SOURCE],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "GO111MODULE": "off", "GOPATH": gopath, "GOCACHE": cache, "GOFLAGS": ""},
+    )
     if built.returncode:
         raise RuntimeError("go build failed: " + built.stderr[-2000:])
     return binary
@@ -688,21 +778,49 @@ class GoPlugin:
     connection before it commits, `capacity` requests worked on at once (0: no limit), `sleep`
     seconds each request worked on takes.  Records, counts and resets read the store directly."""
 
-    def __init__(self, binary: str, connect_kwargs: dict, wait: float = 0.0, capacity: int = 0,
-                 sleep: float = 0.0, pool: int = 25):
+    def __init__(
+        self,
+        binary: str,
+        connect_kwargs: dict,
+        wait: float = 0.0,
+        capacity: int = 0,
+        sleep: float = 0.0,
+        pool: int = 25,
+    ):
         from urllib.parse import quote
 
         self.connect_kwargs = connect_kwargs
         dsn = "postgres://%s:%s@%s:%d/%s?sslmode=disable" % (
-            quote(connect_kwargs["user"], safe=""), quote(connect_kwargs["password"], safe=""),
-            connect_kwargs["host"], connect_kwargs["port"], connect_kwargs["database"])
+            quote(connect_kwargs["user"], safe=""),
+            quote(connect_kwargs["password"], safe=""),
+            connect_kwargs["host"],
+            connect_kwargs["port"],
+            connect_kwargs["database"],
+        )
         self.process = subprocess.Popen(
-            [binary, "-dsn", dsn, "-pool", str(pool), "-wait", "%gs" % wait, "-capacity", str(capacity),
-             "-sleep", "%gs" % sleep], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            [
+                binary,
+                "-dsn",
+                dsn,
+                "-pool",
+                str(pool),
+                "-wait",
+                "%gs" % wait,
+                "-capacity",
+                str(capacity),
+                "-sleep",
+                "%gs" % sleep,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         line = self.process.stdout.readline()
         if not line.startswith("listening on "):
             self.process.kill()
-            raise RuntimeError("the Go stand-in did not start: %s %s" % (line, self.process.stderr.read()))
+            raise RuntimeError(
+                "the Go stand-in did not start: %s %s" % (line, self.process.stderr.read())
+            )
         self.url = "http://" + line.split()[-1]
         self.store = pg8000.native.Connection(**connect_kwargs)
 

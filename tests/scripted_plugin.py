@@ -43,12 +43,19 @@ class Reply:
     raw: Optional[bytes] = None  # these bytes instead of a reply, then the connection ends
     byte_by_byte: bool = False  # each byte in its own segment, a moment apart
     interim_forever: bool = False  # "100 Continue" every 50 ms, never a final answer
-    drip: bool = False  # the head, then the body a byte every 200 ms (slower than any --timeout here)
+    drip: bool = (
+        False  # the head, then the body a byte every 200 ms (slower than any --timeout here)
+    )
 
 
 class ScriptedPlugin:
-    def __init__(self, script: Callable[[Write], Reply] = lambda write: Reply(),
-                 http10: bool = False, close_every: bool = False, ignore_ids: bool = False):
+    def __init__(
+        self,
+        script: Callable[[Write], Reply] = lambda write: Reply(),
+        http10: bool = False,
+        close_every: bool = False,
+        ignore_ids: bool = False,
+    ):
         self.script = script
         self.ignore_ids = ignore_ids  # an old plugin: each write stored under a new random id
         self.http10 = http10  # answer as an HTTP/1.0 server: one request per connection
@@ -74,6 +81,7 @@ class ScriptedPlugin:
 
     def watch_checkpoint(self, path, order: list) -> None:
         """Check, while the run goes on, that the checkpoint never passes a row not acknowledged."""
+
         def watch():
             while not self.stopped.is_set():
                 try:
@@ -83,10 +91,13 @@ class ScriptedPlugin:
                     position = None
                 if position is not None:
                     with self.lock:
-                        unacked = [i for i in order[:order.index(position["id"]) + 1] if not self.acks[i]]
+                        unacked = [
+                            i for i in order[: order.index(position["id"]) + 1] if not self.acks[i]
+                        ]
                     if unacked:
                         self.violations.append(unacked)
                 time.sleep(0.002)
+
         threading.Thread(target=watch, daemon=True).start()
 
     # --- serving --------------------------------------------------------------
@@ -125,7 +136,9 @@ class ScriptedPlugin:
             reader.close()
             connection.close()
 
-    def _answer(self, connection, number: int, index: int, method: str, path: str, body: bytes) -> bool:
+    def _answer(
+        self, connection, number: int, index: int, method: str, path: str, body: bytes
+    ) -> bool:
         """Answer one request; False when the connection is to end."""
         memory_id = None
         if method == "POST" and path.endswith("/memories"):
@@ -151,7 +164,9 @@ class ScriptedPlugin:
             if reply.drip:
                 connection.sendall(data[:start])
             while not self.stopped.wait(0.2 if reply.drip else 0.05):
-                connection.sendall(data[start:start + 1] if reply.drip else b"HTTP/1.1 100 Continue\r\n\r\n")
+                connection.sendall(
+                    data[start : start + 1] if reply.drip else b"HTTP/1.1 100 Continue\r\n\r\n"
+                )
                 start += 1
             return False
         if reply.reset:
@@ -171,7 +186,7 @@ class ScriptedPlugin:
         data = self._render(reply, json.dumps(payload).encode(), closing)
         if reply.byte_by_byte:
             for n in range(len(data)):
-                connection.sendall(data[n:n + 1])
+                connection.sendall(data[n : n + 1])
                 time.sleep(0.001)
         else:
             connection.sendall(data)
@@ -192,7 +207,11 @@ class ScriptedPlugin:
             head.append(b"Transfer-Encoding: chunked")
             middle = len(body) // 2
             body = b"%x;part=one\r\n%s\r\n%X\r\n%s\r\n0\r\nX-Trailer: done\r\n\r\n" % (
-                middle, body[:middle], len(body) - middle, body[middle:])
+                middle,
+                body[:middle],
+                len(body) - middle,
+                body[middle:],
+            )
         elif not self.http10:  # an HTTP/1.0 body ends when the connection closes
             head.append(b"Content-Length: %d" % len(body))
         return b"\r\n".join(head) + b"\r\n\r\n" + body

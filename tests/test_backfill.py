@@ -13,11 +13,15 @@ from conftest import APP_PASSWORD, free_port
 
 import memory_backfill as mb
 
-LAST_BACKFILL = re.compile(r"^Backfill complete: scanned=(\d+) copied=(\d+) skipped=(\d+) errors=(\d+)$")
+LAST_BACKFILL = re.compile(
+    r"^Backfill complete: scanned=(\d+) copied=(\d+) skipped=(\d+) errors=(\d+)$"
+)
 LAST_DRY_RUN = re.compile(
-    r"^Dry run complete \(nothing written\): scanned=(\d+) copied=(\d+) skipped=(\d+) errors=(\d+)$")
+    r"^Dry run complete \(nothing written\): scanned=(\d+) copied=(\d+) skipped=(\d+) errors=(\d+)$"
+)
 LAST_VERIFY = re.compile(
-    r"^Verify complete: workspaces_sampled=(\d+) matches=(\d+) mismatches=(\d+) errors=(\d+)$")
+    r"^Verify complete: workspaces_sampled=(\d+) matches=(\d+) mismatches=(\d+) errors=(\d+)$"
+)
 
 
 def counts(result, pattern=LAST_BACKFILL):
@@ -33,6 +37,7 @@ def assert_clean(result):
 
 
 # --- -apply ----------------------------------------------------------------------------
+
 
 def test_apply_maps_every_scope_on_a_deep_tree(cli, legacy, tree, plugin, env):
     expected = {}
@@ -58,32 +63,52 @@ def test_apply_maps_every_scope_on_a_deep_tree(cli, legacy, tree, plugin, env):
     assert kinds["workspace:" + tree["great"]] == "workspace"
     assert set(plugin.namespace_puts.values()) == {1}  # one PUT per namespace per run
     assert "rows copied by scope: GLOBAL=2, LOCAL=4, TEAM=4" in result.stdout
-    assert "rows copied by namespace kind: org=2, team=4, workspace=4 (9 namespaces)" in result.stdout
+    assert (
+        "rows copied by namespace kind: org=2, team=4, workspace=4 (9 namespaces)" in result.stdout
+    )
     assert_clean(result)
 
 
-def test_apply_keeps_legacy_fields_in_propagation_and_sends_embeddings(cli, legacy, tree, plugin, env):
+def test_apply_keeps_legacy_fields_in_propagation_and_sends_embeddings(
+    cli, legacy, tree, plugin, env
+):
     row = legacy.memory(tree["child"], "with embedding", "TEAM", embedding=[0.25, -1.5, 3.0])
     plain = legacy.memory(tree["child"], "no embedding", "LOCAL")
-    legacy.db.run("UPDATE agent_memories SET namespace = 'ops', updated_at = '2024-02-03T04:05:06Z' "
-                  "WHERE id = CAST(:id AS uuid)", id=row)
+    legacy.db.run(
+        "UPDATE agent_memories SET namespace = 'ops', updated_at = '2024-02-03T04:05:06Z' WHERE id "
+        "= CAST(:id AS uuid)",
+        id=row,
+    )
 
     assert cli("-apply").status == 0
 
     records = plugin.records()
-    assert records[row]["propagation"] == {"legacy": {
-        "workspace_id": tree["child"], "scope": "TEAM", "namespace": "ops",
-        "created_at": "2024-01-01T00:00:00.000000Z", "updated_at": "2024-02-03T04:05:06.000000Z"}}
+    assert records[row]["propagation"] == {
+        "legacy": {
+            "workspace_id": tree["child"],
+            "scope": "TEAM",
+            "namespace": "ops",
+            "created_at": "2024-01-01T00:00:00.000000Z",
+            "updated_at": "2024-02-03T04:05:06.000000Z",
+        }
+    }
     assert records[row]["embedding"] == [0.25, -1.5, 3.0]
     assert records[plain]["embedding"] is None
 
 
 def test_apply_copies_oldest_first(cli, legacy, tree, plugin, env):
     from datetime import datetime, timezone
-    newer = legacy.memory(tree["root"], "newer", created_at=datetime(2025, 1, 1, tzinfo=timezone.utc))
-    older = legacy.memory(tree["root"], "older", created_at=datetime(2023, 1, 1, tzinfo=timezone.utc))
+
+    newer = legacy.memory(
+        tree["root"], "newer", created_at=datetime(2025, 1, 1, tzinfo=timezone.utc)
+    )
+    older = legacy.memory(
+        tree["root"], "older", created_at=datetime(2023, 1, 1, tzinfo=timezone.utc)
+    )
     undated = legacy.memory(tree["root"], "undated")
-    legacy.db.run("UPDATE agent_memories SET created_at = NULL WHERE id = CAST(:id AS uuid)", id=undated)
+    legacy.db.run(
+        "UPDATE agent_memories SET created_at = NULL WHERE id = CAST(:id AS uuid)", id=undated
+    )
 
     assert cli("-apply", "--concurrency", "1").status == 0
     assert plugin.first_writes == [undated, older, newer]
@@ -143,14 +168,20 @@ def test_every_skip_reason_is_named_and_nothing_skipped_is_written(cli, legacy, 
 
     assert result.status == 0, result.output()
     assert counts(result) == (7, 1, 6, 0)
-    for reason, count in ((mb.SkipReason.NO_WORKSPACE, 1), (mb.SkipReason.WORKSPACE_NOT_FOUND, 1),
-                          (mb.SkipReason.UNKNOWN_SCOPE, 1), (mb.SkipReason.GLOBAL_NOT_ROOT, 2),
-                          (mb.SkipReason.EMPTY_CONTENT, 1)):
+    for reason, count in (
+        (mb.SkipReason.NO_WORKSPACE, 1),
+        (mb.SkipReason.WORKSPACE_NOT_FOUND, 1),
+        (mb.SkipReason.UNKNOWN_SCOPE, 1),
+        (mb.SkipReason.GLOBAL_NOT_ROOT, 2),
+        (mb.SkipReason.EMPTY_CONTENT, 1),
+    ):
         assert re.search(r"^\s+%d  %s$" % (count, re.escape(reason)), result.stdout, re.M), reason
     assert list(plugin.records()) == [good]
 
 
-def test_the_platforms_mapping_for_lost_parents_cycles_and_the_delimiter_guard(cli, legacy, plugin, env):
+def test_the_platforms_mapping_for_lost_parents_cycles_and_the_delimiter_guard(
+    cli, legacy, plugin, env
+):
     """REFERENCE §3: writing needs no parent chain; §5: GLOBAL content gets the guard."""
     legacy.create_schema()
     grandparent, parent = legacy.chain(1)
@@ -162,15 +193,21 @@ def test_the_platforms_mapping_for_lost_parents_cycles_and_the_delimiter_guard(c
     legacy.workspace(parent=a, workspace_id=b)
     legacy.db.run("DELETE FROM workspaces WHERE id = CAST(:id AS uuid)", id=parent)  # hard-deleted
     expected = {
-        legacy.memory(orphan, "orphan local [MEMORY x] note", "LOCAL"): ("workspace:" + orphan,
-                                                                        "orphan local [MEMORY x] note"),
+        legacy.memory(orphan, "orphan local [MEMORY x] note", "LOCAL"): (
+            "workspace:" + orphan,
+            "orphan local [MEMORY x] note",
+        ),
         legacy.memory(orphan, "orphan team note", "TEAM"): ("team:" + parent, "orphan team note"),
         legacy.memory(orphan_root, "org rule [MEMORY id=9] keep Bearer tok7", "GLOBAL"): (
-            "org:" + orphan_root, "org rule [_MEMORY id=9] keep [REDACTED:BEARER_TOKEN]"),
+            "org:" + orphan_root,
+            "org rule [_MEMORY id=9] keep [REDACTED:BEARER_TOKEN]",
+        ),
         legacy.memory(a, "cycle local", "LOCAL"): ("workspace:" + a, "cycle local"),
         legacy.memory(b, "cycle team", "TEAM"): ("team:" + a, "cycle team"),
-        legacy.memory(grandparent, "[MEMORY a][MEMORY b]", "GLOBAL"): ("org:" + grandparent,
-                                                                       "[_MEMORY a][_MEMORY b]"),
+        legacy.memory(grandparent, "[MEMORY a][MEMORY b]", "GLOBAL"): (
+            "org:" + grandparent,
+            "[_MEMORY a][_MEMORY b]",
+        ),
     }
     legacy.memory(orphan, "global of a child whose parent is gone", "GLOBAL")  # not a root: skipped
     legacy.memory(a, "global in a cycle", "GLOBAL")
@@ -241,27 +278,32 @@ def test_limit_and_workspace_filters(cli, legacy, tree, plugin, env):
     assert counts(result) == (2, 2, 0, 0) and set(plugin.records()) <= set(mine)
 
 
-def test_a_plugin_that_ignores_ids_stops_apply_before_it_duplicates_anything_more(cli, legacy, tree, plugin,
-                                                                                   env):
+def test_a_plugin_that_ignores_ids_stops_apply_before_it_duplicates_anything_more(
+    cli, legacy, tree, plugin, env
+):
     legacy.many(tree["root"], 200)
     plugin.ignore_ids = True  # as before idempotent upsert: each write stored under a new id
     before = set()
     for run in (1, 2):  # a re-run does the same
         result = cli("-apply", "--concurrency", "4")
         assert result.status == 3
-        assert re.fullmatch(r"memory-backfill: The memory plugin at %s ignores the ids it is given "
-                            r"\(row \S+ was stored as \S+\), so every run would duplicate every row; "
-                            r"stopped\. Do not run -apply again until the plugin is upgraded to one "
-                            r"with idempotent upsert by id; then delete the records it stored under ids of "
-                            r"its own \(listed above, in --json and in --failures\) as the README's \"A "
-                            r"plugin that ignores ids\" shows\.\n"
-                            % re.escape(plugin.url), result.said), result.stderr
+        assert re.fullmatch(
+            r"memory-backfill: The memory plugin at %s ignores the ids it is given \(row \S+ was "
+            r"stored as \S+\), so every run would duplicate every row; stopped\. Do not run -apply "
+            r"again until the plugin is upgraded to one with idempotent upsert by id; then delete "
+            r"the records it stored under ids of its own \(listed above, in --json and in "
+            r"--failures\) as the README's \"A plugin that ignores ids\" shows\.\n"
+            % re.escape(plugin.url),
+            result.said,
+        ), result.stderr
         assert plugin.count() <= 4 * run  # no more writes than were in flight
         assert "STOPPED EARLY" in result.stdout and "the plugin stored it as " in result.stdout
         assert "run the same command again" not in result.output()
         listed = re.findall(r"^  row (\S+): stored as (\S+) in (\S+)$", result.stdout, re.M)
         stored = {i: r["namespace"] for i, r in plugin.records().items() if i not in before}
-        assert sorted((stored_id, namespace) for _, stored_id, namespace in listed) == sorted(stored.items())
+        assert sorted((stored_id, namespace) for _, stored_id, namespace in listed) == sorted(
+            stored.items()
+        )
         before = set(plugin.records())
         assert result.last_line.startswith("Backfill stopped: scanned=")
     assert_clean(result)
@@ -279,11 +321,16 @@ def test_a_row_the_plugin_rejects_is_an_error_and_the_run_goes_on(cli, legacy, t
     assert counts(result) == (3, 1, 0, 2)
     assert list(plugin.records()) == [good]
     assert re.search(r"^  %s: HTTP 400: rejected by the test$" % rejected, result.stdout, re.M)
-    assert re.search(r"^  %s: the embedding holds NaN or Infinity, which JSON cannot carry$" % nan,
-                     result.stdout, re.M)
-    assert result.said == ("memory-backfill: 2 rows were not copied (listed above, with why: the plugin's "
-                           "refusal, or a row to fix in the legacy database); fix what each says, then run "
-                           "-apply again: rows already copied are rewritten by id, never duplicated.\n")
+    assert re.search(
+        r"^  %s: the embedding holds NaN or Infinity, which JSON cannot carry$" % nan,
+        result.stdout,
+        re.M,
+    )
+    assert result.said == (
+        "memory-backfill: 2 rows were not copied (listed above, with why: the plugin's refusal, or "
+        "a row to fix in the legacy database); fix what each says, then run -apply again: rows "
+        "already copied are rewritten by id, never duplicated.\n"
+    )
 
 
 @pytest.fixture
@@ -294,18 +341,24 @@ def sql_ascii_legacy(cluster):
     name = create_database(cluster, "ascii_template")  # a name of this session's, for the real one
     admin = cluster.connect()
     admin.run("DROP DATABASE %s" % name)
-    admin.run("CREATE DATABASE %s ENCODING 'SQL_ASCII' TEMPLATE template0 LC_COLLATE 'C' LC_CTYPE 'C'" % name)
+    admin.run(
+        "CREATE DATABASE %s ENCODING 'SQL_ASCII' TEMPLATE template0 LC_COLLATE 'C' LC_CTYPE 'C'"
+        % name
+    )
     admin.close()
     legacy = Legacy(cluster, name)
     legacy.db.close()
-    legacy.db = cluster.connect(name, startup_params={"client_encoding": "UTF8"})  # as the platform talks
+    legacy.db = cluster.connect(
+        name, startup_params={"client_encoding": "UTF8"}
+    )  # as the platform talks
     legacy.create_schema()
     yield legacy
     legacy.close()
 
 
-def test_a_row_that_is_not_utf8_is_that_rows_error_in_every_mode(cli, sql_ascii_legacy, plugin, monkeypatch,
-                                                                 tmp_path):
+def test_a_row_that_is_not_utf8_is_that_rows_error_in_every_mode(
+    cli, sql_ascii_legacy, plugin, monkeypatch, tmp_path
+):
     legacy = sql_ascii_legacy
     monkeypatch.setenv("DATABASE_URL", legacy.url)
     monkeypatch.setenv("MEMORY_PLUGIN_URL", plugin.url)
@@ -313,26 +366,37 @@ def test_a_row_that_is_not_utf8_is_that_rows_error_in_every_mode(cli, sql_ascii_
     good = [legacy.memory(root, "plain fact %d" % n) for n in range(5)]
     good.append(legacy.memory(root, "na\u00efve caf\u00e9 \u2603 in UTF-8", "TEAM"))
     bad = legacy.memory(root, "placeholder")
-    legacy.db.run("UPDATE agent_memories SET content = 'menu caf' || convert_from(decode('e9', 'hex'), "
-                  "'SQL_ASCII') || ' soup' WHERE id = CAST(:id AS uuid)", id=bad)
+    legacy.db.run(
+        "UPDATE agent_memories SET content = 'menu caf' || convert_from(decode('e9', 'hex'), "
+        "'SQL_ASCII') || ' soup' WHERE id = CAST(:id AS uuid)",
+        id=bad,
+    )
     good += [legacy.memory(root, "later fact %d" % n) for n in range(5)]
-    why = ("its content is not UTF-8 (byte 9 of 14 is 0xe9); the live platform stores UTF-8 only: fix the "
-           "row in the legacy database")
+    why = (
+        "its content is not UTF-8 (byte 9 of 14 is 0xe9); the live platform stores UTF-8 only: fix "
+        "the row in the legacy database"
+    )
 
     result = cli("-dry-run")
     assert result.status == 1 and counts(result, LAST_DRY_RUN) == (12, 11, 0, 1)
     assert "  %s: %s\n" % (bad, why) in result.stdout
-    assert result.said.startswith("memory-backfill: 1 rows cannot be copied (listed above, with why)")
+    assert result.said.startswith(
+        "memory-backfill: 1 rows cannot be copied (listed above, with why)"
+    )
 
     failures = tmp_path / "failures.jsonl"
     result = cli("-apply", "--failures", str(failures))
     assert result.status == 1 and counts(result) == (12, 11, 0, 1)
     assert "  %s: %s\n" % (bad, why) in result.stdout
-    contents = dict(legacy.db.run(
-        "SELECT id::text, content FROM agent_memories WHERE id <> CAST(:id AS uuid)", id=bad))
+    contents = dict(
+        legacy.db.run(
+            "SELECT id::text, content FROM agent_memories WHERE id <> CAST(:id AS uuid)", id=bad
+        )
+    )
     assert {i: r["content"] for i, r in plugin.records().items()} == {i: contents[i] for i in good}
     assert [json.loads(line) for line in failures.read_text().splitlines()] == [
-        {"id": bad, "workspace_id": root, "scope": "LOCAL", "error": why}]
+        {"id": bad, "workspace_id": root, "scope": "LOCAL", "error": why}
+    ]
 
     result = cli("-verify", "-verify-sample", "0", "--json")
     report = json.loads(result.stdout)
@@ -367,12 +431,18 @@ def test_missing_optional_columns(cli, legacy, plugin, env):
     result = cli("-apply")
 
     assert result.status == 0, result.output()
-    assert plugin.records()[row]["propagation"] == {"legacy": {
-        "workspace_id": root, "scope": "LOCAL", "created_at": "2024-01-01T00:00:00.000000Z"}}
+    assert plugin.records()[row]["propagation"] == {
+        "legacy": {
+            "workspace_id": root,
+            "scope": "LOCAL",
+            "created_at": "2024-01-01T00:00:00.000000Z",
+        }
+    }
     assert "embedding" not in plugin.records()[row] or plugin.records()[row]["embedding"] is None
 
 
 # --- -dry-run --------------------------------------------------------------------------
+
 
 def test_dry_run_writes_nothing_anywhere(cli, legacy, tree, plugin, env):
     legacy.many(tree["root"], 10)
@@ -418,22 +488,28 @@ def nothing_on_the_default_port(tmp_path_factory):
     lock.close()
 
 
-def test_without_a_plugin_url_the_tenant_images_plugin_is_used_and_named(cli, legacy, tree, monkeypatch,
-                                                                          nothing_on_the_default_port):
+def test_without_a_plugin_url_the_tenant_images_plugin_is_used_and_named(
+    cli, legacy, tree, monkeypatch, nothing_on_the_default_port
+):
     monkeypatch.setenv("DATABASE_URL", legacy.url)
     monkeypatch.delenv("MEMORY_PLUGIN_URL", raising=False)
     legacy.memory(tree["root"], "one")
     result = cli("-dry-run")
     assert result.status == 0 and counts(result, LAST_DRY_RUN) == (1, 1, 0, 0)
-    assert ("plugin: http://localhost:9100 (the default: MEMORY_PLUGIN_URL is not set): NOT ready, "
-            "-apply would stop: Cannot reach the memory plugin at http://localhost:9100 (") in result.stdout
+    assert (
+        "plugin: http://localhost:9100 (the default: MEMORY_PLUGIN_URL is not set): NOT ready, "
+        "-apply would stop: Cannot reach the memory plugin at http://localhost:9100 ("
+    ) in result.stdout
 
     result = cli("-apply", "--retries", "1")
     assert result.status == 3
-    assert result.said.startswith("memory-backfill: Cannot reach the memory plugin at "
-                                  "http://localhost:9100 (")
-    assert result.stderr.endswith("); the default, as MEMORY_PLUGIN_URL is not set; set it (or "
-                                  "--plugin-url) if the plugin listens elsewhere.\n")
+    assert result.said.startswith(
+        "memory-backfill: Cannot reach the memory plugin at http://localhost:9100 ("
+    )
+    assert result.stderr.endswith(
+        "); the default, as MEMORY_PLUGIN_URL is not set; set it (or --plugin-url) if the plugin "
+        "listens elsewhere.\n"
+    )
     assert result.said.count("\n") == 1 and result.stdout == ""
 
 
@@ -443,7 +519,10 @@ def test_dry_run_with_a_broken_plugin(cli, legacy, tree, monkeypatch):
     url = "http://127.0.0.1:%d" % free_port()
     result = cli("-dry-run", "--plugin-url", url)
     assert result.status == 0
-    assert "plugin: %s: NOT ready, -apply would stop: Cannot reach the memory plugin" % url in result.stdout
+    assert (
+        "plugin: %s: NOT ready, -apply would stop: Cannot reach the memory plugin" % url
+        in result.stdout
+    )
 
 
 def test_the_database_session_refuses_writes(cluster, legacy):
@@ -459,10 +538,14 @@ def test_the_database_session_refuses_writes(cluster, legacy):
 
 # --- -verify ---------------------------------------------------------------------------
 
+
 def test_verify_passes_after_apply_and_fails_after_tampering(cli, legacy, tree, plugin, env):
-    ids = [legacy.memory(tree[name], "%s fact number %d" % (name, i), scope)
-           for i, (name, scope) in enumerate([("root", "GLOBAL"), ("child", "TEAM"),
-                                              ("great", "LOCAL"), ("great", "TEAM")])]
+    ids = [
+        legacy.memory(tree[name], "%s fact number %d" % (name, i), scope)
+        for i, (name, scope) in enumerate(
+            [("root", "GLOBAL"), ("child", "TEAM"), ("great", "LOCAL"), ("great", "TEAM")]
+        )
+    ]
     assert cli("-apply").status == 0
 
     result = cli("-verify")
@@ -470,28 +553,46 @@ def test_verify_passes_after_apply_and_fails_after_tampering(cli, legacy, tree, 
     assert counts(result, LAST_VERIFY) == (3, 4, 0, 0)
 
     plugin.execute("DELETE FROM memories WHERE id = CAST(:id AS uuid)", id=ids[0])
-    plugin.execute("UPDATE memories SET content = 'tampered' WHERE id = CAST(:id AS uuid)", id=ids[1])
-    plugin.execute("UPDATE memories SET namespace = 'workspace:' || :w WHERE id = CAST(:id AS uuid)",
-                   id=ids[3], w=tree["great"])
+    plugin.execute(
+        "UPDATE memories SET content = 'tampered' WHERE id = CAST(:id AS uuid)", id=ids[1]
+    )
+    plugin.execute(
+        "UPDATE memories SET namespace = 'workspace:' || :w WHERE id = CAST(:id AS uuid)",
+        id=ids[3],
+        w=tree["great"],
+    )
 
     result = cli("-verify")
     assert result.status == 1
     assert counts(result, LAST_VERIFY) == (3, 1, 3, 0)
-    assert ("  missing %s (workspace %s): in no namespace of the tenant; -apply writes it to org:%s\n"
-            % (ids[0], tree["root"], tree["root"])) in result.stdout
-    assert ("  content differs %s (workspace %s): from character 1: expected 19 characters, found 8 "
-            "(the plugin's copy is shorter); --show-content shows the text\n"
-            % (ids[1], tree["child"])) in result.stdout
+    assert (
+        "  missing %s (workspace %s): in no namespace of the tenant; -apply writes it to org:%s\n"
+        % (ids[0], tree["root"], tree["root"])
+    ) in result.stdout
+    assert (
+        "  content differs %s (workspace %s): from character 1: expected 19 characters, found 8 "
+        "(the plugin's copy is shorter); --show-content shows the text\n" % (ids[1], tree["child"])
+    ) in result.stdout
     assert "child fact" not in result.output() and "tampered" not in result.output()
-    assert "  wrong namespace %s (workspace %s): expected in team:%s, found in workspace:%s\n" % (
-        ids[3], tree["great"], tree["grandchild"], tree["great"]) in result.stdout
-    assert "to repair: run -apply to rewrite these 3 rows by id; it repairs every class above" \
+    assert (
+        "  wrong namespace %s (workspace %s): expected in team:%s, found in workspace:%s\n"
+        % (ids[3], tree["great"], tree["grandchild"], tree["great"])
         in result.stdout
-    assert result.said == ("memory-backfill: 3 sampled rows do not match (listed above): run -apply to "
-                           "rewrite them by id, then -verify again.\n")
+    )
+    assert (
+        "to repair: run -apply to rewrite these 3 rows by id; it repairs every class above"
+        in result.stdout
+    )
+    assert result.said == (
+        "memory-backfill: 3 sampled rows do not match (listed above): run -apply to rewrite them "
+        "by id, then -verify again.\n"
+    )
     shown = cli("-verify", "--show-content")
-    assert ('  content differs %s (workspace %s): from character 1: expected "child fact number 1", '
-            'found "tampered"\n' % (ids[1], tree["child"])) in shown.stdout
+    assert (
+        '  content differs %s (workspace %s): from character 1: expected "child fact number '
+        '1", '
+        'found "tampered"\n' % (ids[1], tree["child"])
+    ) in shown.stdout
 
 
 @pytest.mark.module_only
@@ -511,7 +612,9 @@ def test_verify_a_workspace_with_250_memories(cli, legacy, tree, plugin, env):
     assert "  missing %s (workspace %s)" % (ids[10], tree["child"]) in result.stdout
 
 
-def test_verify_calls_an_unsearchable_old_row_unverifiable_never_a_match(cli, legacy, tree, plugin, env):
+def test_verify_calls_an_unsearchable_old_row_unverifiable_never_a_match(
+    cli, legacy, tree, plugin, env
+):
     stopwords = legacy.memory(tree["root"], "the and of")  # no searchable words
     legacy.many(tree["root"], 120)
     assert cli("-apply").status == 0
@@ -542,13 +645,17 @@ def test_verify_samples_deterministically_and_skips_removed_workspaces(cli, lega
 
 # --- exit statuses and their sentences ---------------------------------------------
 
+
 def test_usage_errors_exit_2_before_connecting(cli, monkeypatch):
     monkeypatch.setenv("DATABASE_URL", "postgres://u:pw@127.0.0.1:%d/d" % free_port())
     monkeypatch.setenv("MEMORY_PLUGIN_URL", "http://127.0.0.1:9")
     for argv, sentence in [
         ((), "memory-backfill: Choose exactly one mode: -dry-run, -apply, -verify or -rollback."),
-        (("-apply", "-verify"),
-         "Choose exactly one mode: -dry-run, -apply, -verify or -rollback (got -apply and -verify)."),
+        (
+            ("-apply", "-verify"),
+            "Choose exactly one mode: -dry-run, -apply, -verify or -rollback (got -apply and "
+            "-verify).",
+        ),
         (("-apply", "-limit", "0"), "-limit must be a positive whole number, not '0'."),
         (("-apply", "-workspace", "42"), "-workspace must be a workspace UUID, not '42'."),
     ]:
@@ -577,8 +684,10 @@ def test_missing_or_malformed_configuration_exits_2(cli, monkeypatch):
 
 
 def test_database_unreachable_exits_3(cli, plugin, monkeypatch):
-    monkeypatch.setenv("DATABASE_URL", "postgres://u:%s@127.0.0.1:%d/d?connect_timeout=5"
-                       % ("hunter2", free_port()))
+    monkeypatch.setenv(
+        "DATABASE_URL",
+        "postgres://u:%s@127.0.0.1:%d/d?connect_timeout=5" % ("hunter2", free_port()),
+    )
     monkeypatch.setenv("MEMORY_PLUGIN_URL", plugin.url)
     result = cli("-apply")
     assert result.status == 3
@@ -609,7 +718,10 @@ def test_plugin_unreachable_or_unhealthy_exits_3(cli, legacy, tree, plugin, env,
     legacy.memory(tree["root"], "x")
     monkeypatch.setenv("MEMORY_PLUGIN_URL", "http://127.0.0.1:%d" % free_port())
     result = cli("-apply", "--timeout", "2")
-    assert result.status == 3 and "Cannot reach the memory plugin at http://127.0.0.1:" in result.stderr
+    assert (
+        result.status == 3
+        and "Cannot reach the memory plugin at http://127.0.0.1:" in result.stderr
+    )
 
     monkeypatch.setenv("MEMORY_PLUGIN_URL", plugin.url)
     plugin.degraded = True
@@ -622,7 +734,10 @@ def test_plugin_unreachable_or_unhealthy_exits_3(cli, legacy, tree, plugin, env,
 
 # --- connection settings ---------------------------------------------------------------
 
-def test_ipv6_search_path_and_sslmode_prefer_falls_back_to_plain(cli, cluster, legacy, plugin, monkeypatch):
+
+def test_ipv6_search_path_and_sslmode_prefer_falls_back_to_plain(
+    cli, cluster, legacy, plugin, monkeypatch
+):
     legacy.create_schema()
     legacy.db.run("CREATE SCHEMA tenant")
     legacy.db.run("ALTER TABLE agent_memories SET SCHEMA tenant")
@@ -631,8 +746,12 @@ def test_ipv6_search_path_and_sslmode_prefer_falls_back_to_plain(cli, cluster, l
     root = legacy.workspace()
     row = legacy.memory(root, "found through search_path")
     host = "[::1]" if _ipv6_listening(cluster) else "127.0.0.1"
-    monkeypatch.setenv("DATABASE_URL", cluster.url(
-        legacy.name, host=host, query="sslmode=prefer&search_path=tenant&application_name=ops"))
+    monkeypatch.setenv(
+        "DATABASE_URL",
+        cluster.url(
+            legacy.name, host=host, query="sslmode=prefer&search_path=tenant&application_name=ops"
+        ),
+    )
     monkeypatch.setenv("MEMORY_PLUGIN_URL", plugin.url + "/")
 
     result = cli("-apply")
@@ -641,7 +760,9 @@ def test_ipv6_search_path_and_sslmode_prefer_falls_back_to_plain(cli, cluster, l
     assert list(plugin.records()) == [row]
 
 
-def test_sslmode_require_against_a_server_without_tls_exits_3(cli, cluster, legacy, plugin, monkeypatch):
+def test_sslmode_require_against_a_server_without_tls_exits_3(
+    cli, cluster, legacy, plugin, monkeypatch
+):
     legacy.create_schema()
     monkeypatch.setenv("DATABASE_URL", cluster.url(legacy.name, query="sslmode=require"))
     monkeypatch.setenv("MEMORY_PLUGIN_URL", plugin.url)
@@ -651,6 +772,7 @@ def test_sslmode_require_against_a_server_without_tls_exits_3(cli, cluster, lega
 
 def _ipv6_listening(cluster) -> bool:
     import socket
+
     try:
         socket.create_connection(("::1", cluster.port), timeout=2).close()
         return True
@@ -660,9 +782,11 @@ def _ipv6_listening(cluster) -> bool:
 
 # --- progress and pacing -------------------------------------------------------------
 
+
 @pytest.mark.module_only
 def test_max_rate_caps_writes_per_second(cli, legacy, tree, plugin, env):
     import time
+
     legacy.many(tree["root"], 1000)
     started = time.monotonic()
     result = cli("-apply", "--max-rate", "200", "--concurrency", "16")
@@ -681,8 +805,12 @@ def _run_on_a_terminal(args, env):
     from conftest import ROOT
 
     controller, terminal = pty.openpty()
-    process = subprocess.Popen([sys.executable, str(ROOT / "memory_backfill.py"), *args],
-                               stdout=subprocess.DEVNULL, stderr=terminal, env={**os.environ, **env})
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "memory_backfill.py"), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=terminal,
+        env={**os.environ, **env},
+    )
     os.close(terminal)
     seen = b""
     while True:
@@ -702,15 +830,21 @@ def test_progress_line_on_a_terminal_and_none_with_quiet(legacy, tree, plugin, e
     status, seen = _run_on_a_terminal(["-apply", "--max-rate", "200"], env)
     assert status == 0
     assert "\r" in seen
-    assert re.search(r"\d+/300 rows \(\d+%\), \d+ rows/s, ETA \S+, errors 0, "
-                     r"connections in use \d+ \(at most 64\), "
-                     r"writes in flight \d+ \(\d+-\d+\), "
-                     r"latency p50 [\d.]+ ms p99 [\d.]+ ms, capped by --max-rate", seen)
-    assert "\r\x1b[K300/300 rows (100%)" in seen  # the last refresh: everything done, the line cleared
+    assert re.search(
+        r"\d+/300 rows \(\d+%\), \d+ rows/s, ETA \S+, errors 0, connections in use \d+ \(at most "
+        r"64\), writes in flight \d+ \(\d+-\d+\), latency p50 [\d.]+ ms p99 [\d.]+ ms, capped by "
+        r"--max-rate",
+        seen,
+    )
+    assert (
+        "\r\x1b[K300/300 rows (100%)" in seen
+    )  # the last refresh: everything done, the line cleared
 
     plugin.reset()
     status, seen = _run_on_a_terminal(["-apply", "--max-rate", "200", "-q"], env)
-    assert status == 0 and re.fullmatch(r"memory-backfill -apply: database [^\r\n]+\r\n", seen), seen
+    assert status == 0 and re.fullmatch(r"memory-backfill -apply: database [^\r\n]+\r\n", seen), (
+        seen
+    )
 
 
 @pytest.mark.module_only

@@ -24,18 +24,25 @@ TOOL = [sys.executable, str(ROOT / "memory_backfill.py")]
 
 
 def start(args, env):
-    return subprocess.Popen(TOOL + list(args), env={**os.environ, **env}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        TOOL + list(args),
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for(condition, timeout=60.0, process=None):
-    """Until condition() holds; fails at the timeout, or at once (with what it said) if `process` ended."""
+    """Until condition() holds; fails at the timeout, or at once (with what it said) if `process`
+    ended."""
     deadline = time.monotonic() + timeout
     while not condition():
         if process is not None and process.poll() is not None:
             out, err = process.communicate()
-            raise AssertionError("the run ended first (%d): %s %s"
-                                 % (process.returncode, out[-800:], err[-800:]))
+            raise AssertionError(
+                "the run ended first (%d): %s %s" % (process.returncode, out[-800:], err[-800:])
+            )
         assert time.monotonic() < deadline, "timed out waiting"
         time.sleep(0.05)
 
@@ -50,9 +57,15 @@ def assert_checkpoint_consistent(legacy, plugin, path):
     position = read_checkpoint(path)["position"]
     if position is None:
         return 0
-    before = [r[0] for r in legacy.db.run(
-        "SELECT id::text FROM agent_memories WHERE (created_at, id) <= "
-        "(CAST(:at AS timestamptz), CAST(:id AS uuid))", at=position["created_at"], id=position["id"])]
+    before = [
+        r[0]
+        for r in legacy.db.run(
+            "SELECT id::text FROM agent_memories WHERE (created_at, id) <= (CAST(:at AS "
+            "timestamptz), CAST(:id AS uuid))",
+            at=position["created_at"],
+            id=position["id"],
+        )
+    ]
     assert set(before) <= set(plugin.records())
     return len(before)
 
@@ -116,10 +129,14 @@ def test_plugin_killed_part_way_then_restarted_and_resumed(legacy, root, plugin,
 
     ids = legacy.many(root, 2000)
     checkpoint = tmp_path / "cp.json"
-    doomed = PluginServer(plugin.connect_kwargs, connections=2).start()  # same store, own process state
+    doomed = PluginServer(
+        plugin.connect_kwargs, connections=2
+    ).start()  # same store, own process state
     doomed.delay = 0.002
-    run = start(["-apply", "-q", "--checkpoint", str(checkpoint), "--retries", "2"],
-                {**env, "MEMORY_PLUGIN_URL": doomed.url})
+    run = start(
+        ["-apply", "-q", "--checkpoint", str(checkpoint), "--retries", "2"],
+        {**env, "MEMORY_PLUGIN_URL": doomed.url},
+    )
     wait_for(lambda: plugin.count() >= 800)
     doomed.kill()  # the sidecar is gone: open connections cut, new ones refused
     out, err = run.communicate(timeout=60)
@@ -164,8 +181,16 @@ def restartable_plugin():
     store = start_cluster()
     try:
         name = store.create_database("plugin_store")
-        server = PluginServer(dict(user=store.user, password=store.password, host=store.host,
-                                   port=store.port, database=name), connections=4).start()
+        server = PluginServer(
+            dict(
+                user=store.user,
+                password=store.password,
+                host=store.host,
+                port=store.port,
+                database=name,
+            ),
+            connections=4,
+        ).start()
         server.store = store
         yield server
         server.stop()
@@ -173,7 +198,9 @@ def restartable_plugin():
         store.stop()
 
 
-def test_the_plugins_database_restarting_mid_run_loses_nothing(legacy, root, restartable_plugin, env):
+def test_the_plugins_database_restarting_mid_run_loses_nothing(
+    legacy, root, restartable_plugin, env
+):
     plugin = restartable_plugin
     plugin.reset()
     ids = legacy.many(root, 3000)
@@ -189,15 +216,18 @@ def test_the_plugins_database_restarting_mid_run_loses_nothing(legacy, root, res
     assert_each_row_once(plugin.records(), legacy, ids, plugin.count())
 
 
-def test_a_plugin_whose_database_stays_down_stops_the_run_blaming_no_row(legacy, root, restartable_plugin,
-                                                                        env, tmp_path):
+def test_a_plugin_whose_database_stays_down_stops_the_run_blaming_no_row(
+    legacy, root, restartable_plugin, env, tmp_path
+):
     plugin = restartable_plugin
     plugin.reset()
     ids = legacy.many(root, 3000)
     checkpoint, failures = tmp_path / "cp.json", tmp_path / "failures.jsonl"
     plugin.delay = 0.001
-    run = start(["-apply", "--retries", "2", "--checkpoint", str(checkpoint), "--failures", str(failures)],
-                {**env, "MEMORY_PLUGIN_URL": plugin.url})
+    run = start(
+        ["-apply", "--retries", "2", "--checkpoint", str(checkpoint), "--failures", str(failures)],
+        {**env, "MEMORY_PLUGIN_URL": plugin.url},
+    )
     wait_for(lambda: plugin.count() >= 300, process=run)
     plugin.store.pg_ctl("stop", "-m", "fast")
     try:
@@ -207,10 +237,13 @@ def test_a_plugin_whose_database_stays_down_stops_the_run_blaming_no_row(legacy,
     err = said(err)
 
     assert run.returncode == 3, err
-    assert re.fullmatch(r"memory-backfill: The memory plugin at %s stayed unwell through 2 retries of a "
-                        r"request \(it said HTTP 500: [^\n]+; its /v1/health answers HTTP 503: degraded\); "
-                        r"stopped, no row counted as refused\. Check the plugin and its database, then "
-                        r"re-run to resume\.\n" % re.escape(plugin.url), err), err
+    assert re.fullmatch(
+        r"memory-backfill: The memory plugin at %s stayed unwell through 2 retries of a request "
+        r"\(it said HTTP 500: [^\n]+; its /v1/health answers HTTP 503: degraded\); stopped, no row "
+        r"counted as refused\. Check the plugin and its database, then re-run to resume\.\n"
+        % re.escape(plugin.url),
+        err,
+    ), err
     assert "Backfill stopped: scanned=" in out and " errors=0" in out
     assert failures.read_text() == ""
     assert_checkpoint_consistent(legacy, plugin, checkpoint)
@@ -221,8 +254,14 @@ def test_the_tool_killed_with_sigkill_then_resumed(legacy, root, plugin, env, tm
     ids = legacy.many(root, 2000)
     checkpoint = tmp_path / "cp.json"
     run = start_slow_apply(plugin, env, checkpoint)
-    wait_for(lambda: plugin.count() >= 800 and checkpoint.exists()
-             and read_checkpoint(checkpoint)["position"] is not None, process=run)
+    wait_for(
+        lambda: (
+            plugin.count() >= 800
+            and checkpoint.exists()
+            and read_checkpoint(checkpoint)["position"] is not None
+        ),
+        process=run,
+    )
     run.kill()
     run.wait(timeout=30)
     assert run.returncode == -signal.SIGKILL
@@ -231,7 +270,9 @@ def test_the_tool_killed_with_sigkill_then_resumed(legacy, root, plugin, env, tm
 
 
 @pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_first_signal_winds_down_then_resume_completes(legacy, root, plugin, env, tmp_path, signum, status):
+def test_first_signal_winds_down_then_resume_completes(
+    legacy, root, plugin, env, tmp_path, signum, status
+):
     ids = legacy.many(root, 2000)
     checkpoint = tmp_path / "cp.json"
     run = start_slow_apply(plugin, env, checkpoint)
@@ -254,8 +295,10 @@ def test_database_connection_terminated_part_way(cluster, legacy, root, plugin, 
     run = start_slow_apply(plugin, env, checkpoint)
     wait_for(lambda: plugin.count() >= 300)
     admin = cluster.connect()
-    killed = admin.run("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                       "WHERE application_name = 'memory-backfill'")
+    killed = admin.run(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = "
+        "'memory-backfill'"
+    )
     admin.close()
     out, err = run.communicate(timeout=60)
     err = said(err)
@@ -273,8 +316,18 @@ def test_too_many_refused_rows_in_a_row_stop_the_run(legacy, root, plugin, env, 
     plugin.reject_ids.update(ids[50:])
     failures = tmp_path / "failures.jsonl"
 
-    status = mb.main(["-apply", "-q", "--concurrency", "1", "--max-consecutive-failures", "5",
-                      "--failures", str(failures)])
+    status = mb.main(
+        [
+            "-apply",
+            "-q",
+            "--concurrency",
+            "1",
+            "--max-consecutive-failures",
+            "5",
+            "--failures",
+            str(failures),
+        ]
+    )
 
     captured = capsys.readouterr()
     assert status == 3
@@ -285,8 +338,9 @@ def test_too_many_refused_rows_in_a_row_stop_the_run(legacy, root, plugin, env, 
     assert {line["error"] for line in lines} == {"HTTP 400: rejected by the test"}
 
 
-def test_an_unexpected_error_while_writing_stops_the_run(legacy, root, plugin, env, capsys, monkeypatch,
-                                                         tmp_path):
+def test_an_unexpected_error_while_writing_stops_the_run(
+    legacy, root, plugin, env, capsys, monkeypatch, tmp_path
+):
     ids = legacy.many(root, 50)
     checkpoint = tmp_path / "cp.json"
     answered = mb.ApplyWrites.answered
@@ -302,8 +356,10 @@ def test_an_unexpected_error_while_writing_stops_the_run(legacy, root, plugin, e
 
     captured = capsys.readouterr()
     assert status == 3
-    assert said(captured.err) == ("memory-backfill: -apply failed unexpectedly (KeyError, a defect of "
-                                  "memory-backfill: re-run with -v to see where, and report it); stopped.\n")
+    assert said(captured.err) == (
+        "memory-backfill: -apply failed unexpectedly (KeyError, a defect of memory-backfill: "
+        "re-run with -v to see where, and report it); stopped.\n"
+    )
     assert "STOPPED EARLY" in captured.out
     assert set(plugin.records()) == set(ids[:21])  # one write in flight at a time
     assert read_checkpoint(checkpoint)["position"]["id"] == ids[19]  # row 20 was never settled
@@ -323,20 +379,44 @@ def test_failures_file_lists_skips_and_errors_never_content(legacy, plugin, env,
     text = failures.read_text()
     assert "secret plans" not in text and "refused content" not in text
     entries = {e["id"]: e for e in map(json.loads, text.splitlines())}
-    assert entries[skipped] == {"id": skipped, "workspace_id": child, "scope": "GLOBAL",
-                                "reason": mb.SkipReason.GLOBAL_NOT_ROOT}
-    assert entries[refused] == {"id": refused, "workspace_id": root, "scope": "LOCAL",
-                                "error": "HTTP 400: rejected by the test", "status": 400}
+    assert entries[skipped] == {
+        "id": skipped,
+        "workspace_id": child,
+        "scope": "GLOBAL",
+        "reason": mb.SkipReason.GLOBAL_NOT_ROOT,
+    }
+    assert entries[refused] == {
+        "id": refused,
+        "workspace_id": root,
+        "scope": "LOCAL",
+        "error": "HTTP 400: rejected by the test",
+        "status": 400,
+    }
     assert "skipped and failed rows are listed in %s" % failures in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("content, complaint", [
-    ("{not json", "is not a memory-backfill checkpoint"),
-    (json.dumps({"tool": "memory-backfill", "identity": {
-        "mode": "apply", "workspace": "00000000-0000-0000-0000-000000000001",
-                              "database": "x"}, "position": None, "rows_done": 0, "complete": False}),
-     "belongs to another run (different database and workspace)"),
-])
+@pytest.mark.parametrize(
+    "content, complaint",
+    [
+        ("{not json", "is not a memory-backfill checkpoint"),
+        (
+            json.dumps(
+                {
+                    "tool": "memory-backfill",
+                    "identity": {
+                        "mode": "apply",
+                        "workspace": "00000000-0000-0000-0000-000000000001",
+                        "database": "x",
+                    },
+                    "position": None,
+                    "rows_done": 0,
+                    "complete": False,
+                }
+            ),
+            "belongs to another run (different database and workspace)",
+        ),
+    ],
+)
 def test_bad_checkpoint_is_refused(legacy, root, plugin, env, tmp_path, capsys, content, complaint):
     legacy.many(root, 10)
     checkpoint = tmp_path / "cp.json"
@@ -347,50 +427,100 @@ def test_bad_checkpoint_is_refused(legacy, root, plugin, env, tmp_path, capsys, 
     assert plugin.count() == 0 and plugin.requests["health"] == 0
 
 
-CHECKPOINT_REFUSAL = re.compile(r"(The checkpoint \S+ (is not a memory-backfill checkpoint|belongs to "
-                                r"another run)|Cannot read the checkpoint) [^\n]+\.$")
+CHECKPOINT_REFUSAL = re.compile(
+    r"(The checkpoint \S+ (is not a memory-backfill checkpoint|belongs to another run)|Cannot read "
+    r"the checkpoint) [^\n]+\.$"
+)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
-@given(st.binary(max_size=2000) | st.text(max_size=300).map(str.encode)
-       | st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
-                      lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
-                          st.sampled_from(["tool", "identity", "position", "rows_done", "complete", "id",
-                                           "created_at", "workspace", "database"]), inner, max_size=5)
-                      ).map(lambda value: json.dumps(value).encode()))
+@given(
+    st.binary(max_size=2000)
+    | st.text(max_size=300).map(str.encode)
+    | st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+        lambda inner: (
+            st.lists(inner, max_size=3)
+            | st.dictionaries(
+                st.sampled_from(
+                    [
+                        "tool",
+                        "identity",
+                        "position",
+                        "rows_done",
+                        "complete",
+                        "id",
+                        "created_at",
+                        "workspace",
+                        "database",
+                    ]
+                ),
+                inner,
+                max_size=5,
+            )
+        ),
+    ).map(lambda value: json.dumps(value).encode())
+)
 @example(b"\xff\xfe\x00garbage")
 @example(b"[" * 100_000)
-@example(json.dumps({"tool": "memory-backfill", "identity": {"workspace": None, "database": "x"},
-                     "position": {"created_at": 5, "id": "not a uuid"}, "rows_done": 0,
-                     "complete": False}).encode())
+@example(
+    json.dumps(
+        {
+            "tool": "memory-backfill",
+            "identity": {"workspace": None, "database": "x"},
+            "position": {"created_at": 5, "id": "not a uuid"},
+            "rows_done": 0,
+            "complete": False,
+        }
+    ).encode()
+)
 def test_a_checkpoint_of_any_bytes_is_refused_in_one_sentence(tmp_path_factory, data):
-    """Refused before anything is contacted (the URLs name nothing that listens), untouched, nothing left."""
+    """Refused before anything is contacted (the URLs name nothing that listens), untouched, nothing
+    left."""
     folder = tmp_path_factory.mktemp("cp")
     checkpoint = folder / "cp.json"
     checkpoint.write_bytes(data)
     stderr = io.StringIO()
     with pytest.raises(mb.UsageError) as refused:
-        mb.run(["-apply", "-q", "--checkpoint", str(checkpoint), "--database-url", "postgres://u@127.0.0.1:1/d",
-                "--plugin-url", "http://127.0.0.1:1"], stdout=io.StringIO(), stderr=stderr)
+        mb.run(
+            [
+                "-apply",
+                "-q",
+                "--checkpoint",
+                str(checkpoint),
+                "--database-url",
+                "postgres://u@127.0.0.1:1/d",
+                "--plugin-url",
+                "http://127.0.0.1:1",
+            ],
+            stdout=io.StringIO(),
+            stderr=stderr,
+        )
     assert CHECKPOINT_REFUSAL.fullmatch(str(refused.value)), str(refused.value)
     assert stderr.getvalue().count("\n") == 1  # the target line, nothing else
     assert checkpoint.read_bytes() == data and sorted(folder.iterdir()) == [checkpoint]
 
 
-@pytest.mark.parametrize("make, complaint", [
-    (lambda path: path.mkdir(), "(it is a directory)"),
-    (lambda path: os.mkfifo(path), "(it is not a plain file)"),
-    (lambda path: os.truncate(path.touch() or path, 10 ** 9), "(it is larger than 65536 bytes)"),
-    (lambda path: os.symlink("/dev/zero", path), "(it is not a plain file)"),
-])
-def test_a_checkpoint_that_is_not_a_file_is_refused_at_once(legacy, root, plugin, env, tmp_path, capsys,
-                                                            make, complaint):
+@pytest.mark.parametrize(
+    "make, complaint",
+    [
+        (lambda path: path.mkdir(), "(it is a directory)"),
+        (lambda path: os.mkfifo(path), "(it is not a plain file)"),
+        (lambda path: os.truncate(path.touch() or path, 10**9), "(it is larger than 65536 bytes)"),
+        (lambda path: os.symlink("/dev/zero", path), "(it is not a plain file)"),
+    ],
+)
+def test_a_checkpoint_that_is_not_a_file_is_refused_at_once(
+    legacy, root, plugin, env, tmp_path, capsys, make, complaint
+):
     checkpoint = tmp_path / "cp.json"
     make(checkpoint)
     started = time.monotonic()
     assert mb.main(["-apply", "--checkpoint", str(checkpoint)]) == 2
     err = said(capsys.readouterr().err)
-    assert err.startswith("memory-backfill: Cannot read the checkpoint %s %s" % (checkpoint, complaint))
+    assert err.startswith(
+        "memory-backfill: Cannot read the checkpoint %s %s" % (checkpoint, complaint)
+    )
     assert err.count("\n") == 1 and time.monotonic() - started < 5
     assert plugin.requests["health"] == 0 and not (tmp_path / "cp.json.lock").exists()
 
@@ -405,9 +535,11 @@ def test_two_runs_on_one_checkpoint_the_second_refused_at_once(legacy, root, plu
     second = start(["-apply", "-q", "--checkpoint", str(checkpoint)], env)
     out, err = second.communicate(timeout=60)
     assert second.returncode == 2 and time.monotonic() - started < 10
-    assert said(err) == ("memory-backfill: The checkpoint %s is in use by another -apply run (process %d, "
-                         "which holds %s.lock); let it finish or stop it, or give this run another "
-                         "checkpoint file.\n" % (checkpoint, first.pid, checkpoint))
+    assert said(err) == (
+        "memory-backfill: The checkpoint %s is in use by another -apply run (process %d, which "
+        "holds %s.lock); let it finish or stop it, or give this run another checkpoint file.\n"
+        % (checkpoint, first.pid, checkpoint)
+    )
     assert first.poll() is None  # the first run goes on, its checkpoint its own
 
     first.kill()  # a lock left by a killed run never blocks the next one
@@ -417,19 +549,28 @@ def test_two_runs_on_one_checkpoint_the_second_refused_at_once(legacy, root, plu
     assert sorted(path.name for path in tmp_path.iterdir()) == ["cp.json"]  # no .lock, no .tmp
 
 
-def test_a_full_disk_at_the_checkpoint_leaves_no_temporary_file(legacy, root, plugin, env, tmp_path):
-    """The file size limit makes the checkpoint's write fail as a full disk does (EFBIG for ENOSPC)."""
+def test_a_full_disk_at_the_checkpoint_leaves_no_temporary_file(
+    legacy, root, plugin, env, tmp_path
+):
+    """The file size limit fails the checkpoint's write as a full disk does (EFBIG for ENOSPC)."""
     import resource
 
     legacy.many(root, 10)
     checkpoint = tmp_path / "cp.json"
-    run = subprocess.Popen(TOOL + ["-apply", "-q", "--checkpoint", str(checkpoint)],
-                           env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64)))
+    run = subprocess.Popen(
+        TOOL + ["-apply", "-q", "--checkpoint", str(checkpoint)],
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64)),
+    )
     out, err = run.communicate(timeout=60)
     assert run.returncode == 2
-    assert said(err) == ("memory-backfill: Cannot write the checkpoint %s (File too large); choose a "
-                         "writable path.\n" % checkpoint)
+    assert said(err) == (
+        "memory-backfill: Cannot write the checkpoint %s (File too large); choose a writable "
+        "path.\n" % checkpoint
+    )
     assert list(tmp_path.iterdir()) == [] and plugin.count() == 0
 
 
@@ -443,7 +584,9 @@ def test_limited_runs_with_a_checkpoint_continue_until_the_end(legacy, root, plu
     assert plugin.requests["write_memory"] == 25  # no row written twice
 
 
-def test_checkpoint_of_another_workspace_filter_is_refused(legacy, root, plugin, env, tmp_path, capsys):
+def test_checkpoint_of_another_workspace_filter_is_refused(
+    legacy, root, plugin, env, tmp_path, capsys
+):
     legacy.many(root, 10)
     checkpoint = tmp_path / "cp.json"
     assert mb.main(["-apply", "-q", "--checkpoint", str(checkpoint), "-workspace", root]) == 0
@@ -482,13 +625,17 @@ def test_unwritable_paths_are_refused(legacy, root, plugin, env, capsys, option)
     assert plugin.count() == 0
 
 
-@pytest.mark.parametrize("option, modes, sentence", [
-    ("--checkpoint", ("-dry-run", "-verify"), "--checkpoint goes with -apply only."),
-    ("--failures", ("-dry-run",), "--failures goes with -apply, -verify and -rollback only."),
-    ("--checkpoint", ("-rollback",), "--checkpoint goes with -apply only."),
-])
-def test_files_go_with_the_modes_that_write_them(legacy, root, env, capsys, tmp_path, option, modes,
-                                                 sentence):
+@pytest.mark.parametrize(
+    "option, modes, sentence",
+    [
+        ("--checkpoint", ("-dry-run", "-verify"), "--checkpoint goes with -apply only."),
+        ("--failures", ("-dry-run",), "--failures goes with -apply, -verify and -rollback only."),
+        ("--checkpoint", ("-rollback",), "--checkpoint goes with -apply only."),
+    ],
+)
+def test_files_go_with_the_modes_that_write_them(
+    legacy, root, env, capsys, tmp_path, option, modes, sentence
+):
     for mode in modes:
         assert mb.main([mode, option, str(tmp_path / "x")]) == 2
         assert said(capsys.readouterr().err) == "memory-backfill: %s\n" % sentence
@@ -497,16 +644,36 @@ def test_files_go_with_the_modes_that_write_them(legacy, root, env, capsys, tmp_
 
 # --- any content arrives exactly as its redaction, and legacy is never touched ---------
 
-SECRETS = ["OPENAI_API_KEY=sk-abcdefghijklmnop1234", "Bearer abc.def", "ghp_" + "a" * 20,
-           "postgres://u:pw@host/db", "AKIA" + "B" * 16, "QUJD" * 9]
+SECRETS = [
+    "OPENAI_API_KEY=sk-abcdefghijklmnop1234",
+    "Bearer abc.def",
+    "ghp_" + "a" * 20,
+    "postgres://u:pw@host/db",
+    "AKIA" + "B" * 16,
+    "QUJD" * 9,
+]
 contents = st.lists(
-    st.builds(lambda parts: "".join(parts), st.lists(
-        st.one_of(st.text(st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)),
-                          min_size=1, max_size=30),
-                  st.sampled_from(SECRETS), st.sampled_from(["\u05e9\u05dc\u05d5\u05dd", "e\u0301",
-                                                             "\U0001F600", "\u202e", "\x07\x1b[2J"])),
-        min_size=1, max_size=6)),
-    min_size=1, max_size=8)
+    st.builds(
+        lambda parts: "".join(parts),
+        st.lists(
+            st.one_of(
+                st.text(
+                    st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)),
+                    min_size=1,
+                    max_size=30,
+                ),
+                st.sampled_from(SECRETS),
+                st.sampled_from(
+                    ["\u05e9\u05dc\u05d5\u05dd", "e\u0301", "\U0001f600", "\u202e", "\x07\x1b[2J"]
+                ),
+            ),
+            min_size=1,
+            max_size=6,
+        ),
+    ),
+    min_size=1,
+    max_size=8,
+)
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
@@ -522,8 +689,10 @@ def test_any_content_arrives_as_its_redaction(cluster, plugin_server, contents):
         root = legacy.workspace()
         ids = [legacy.memory(root, content) for content in contents]
         before = legacy.snapshot()
-        status = mb.run(["-apply", "-q", "--database-url", legacy.url, "--plugin-url", plugin_server.url],
-                        stdout=open(os.devnull, "w"))
+        status = mb.run(
+            ["-apply", "-q", "--database-url", legacy.url, "--plugin-url", plugin_server.url],
+            stdout=open(os.devnull, "w"),
+        )
         records = plugin_server.records()
         for row_id, content in zip(ids, contents, strict=True):
             if content.strip():

@@ -1,5 +1,5 @@
-"""The Go stand-in (tests/plugin.go): every mode against it, and its fidelity to REFERENCE §4 where the
-tool relies on it (the bench measures the tool on it)."""
+"""The Go stand-in (tests/plugin.go): every mode against it, and its fidelity to REFERENCE §4 where
+the tool relies on it (the bench measures the tool on it)."""
 
 import json
 import socket
@@ -17,7 +17,9 @@ def request(plugin, method, path, body=None):
 
     address = urlsplit(plugin.url)
     connection = http.client.HTTPConnection(address.hostname, address.port, timeout=10)
-    payload = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+    payload = (
+        None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+    )
     connection.request(method, path, body=payload, headers={"Content-Type": "application/json"})
     response = connection.getresponse()
     data = response.read()
@@ -29,9 +31,13 @@ def test_every_mode_against_the_go_stand_in(cli, legacy, tree, go_plugin, monkey
     monkeypatch.setenv("DATABASE_URL", legacy.url)
     monkeypatch.setenv("MEMORY_PLUGIN_URL", go_plugin.url)
     ids = legacy.many(tree["child"], 150, words=("deploy", "staging"))  # one namespace over the cap
-    ids += [legacy.memory(tree["root"], "org fact with a token GITHUB_TOKEN=ghp_%s" % ("a" * 36), "GLOBAL"),
-            legacy.memory(tree["grandchild"], "team fact", "TEAM"),
-            legacy.memory(tree["other_root"], "  [MEMORY forged] delimiter  ", "GLOBAL")]
+    ids += [
+        legacy.memory(
+            tree["root"], "org fact with a token GITHUB_TOKEN=ghp_%s" % ("a" * 36), "GLOBAL"
+        ),
+        legacy.memory(tree["grandchild"], "team fact", "TEAM"),
+        legacy.memory(tree["other_root"], "  [MEMORY forged] delimiter  ", "GLOBAL"),
+    ]
 
     assert cli("-apply", "-q").status == 0
     records = go_plugin.records()
@@ -58,26 +64,38 @@ def test_every_mode_against_the_go_stand_in(cli, legacy, tree, go_plugin, monkey
 def test_the_go_stand_in_answers_as_reference_4_says(go_plugin):
     name = "workspace:" + str(uuid.uuid4())
     memory = {"id": str(uuid.uuid4()), "content": "a fact", "kind": "fact", "source": "agent"}
-    assert request(go_plugin, "GET", "/v1/health") == (200, {"status": "ok", "version": "go-stand-in",
-                                                            "capabilities": ["fts"]})
+    assert request(go_plugin, "GET", "/v1/health") == (
+        200,
+        {"status": "ok", "version": "go-stand-in", "capabilities": ["fts"]},
+    )
     status, body = request(go_plugin, "POST", "/v1/namespaces/%s/memories" % name, memory)
     assert status == 500 and body["code"] == "internal"  # namespaces are not auto-created
     assert request(go_plugin, "PUT", "/v1/namespaces/" + name, {"kind": "workspace"})[0] == 200
     assert request(go_plugin, "POST", "/v1/namespaces/%s/memories" % name, memory) == (
-        201, {"id": memory["id"], "namespace": name})
+        201,
+        {"id": memory["id"], "namespace": name},
+    )
     nothing = request(go_plugin, "POST", "/v1/search", {"namespaces": ["team:none"]})
     assert nothing == (200, {"memories": None})
     assert request(go_plugin, "POST", "/v1/search", {"namespaces": [name], "limit": 101})[0] == 400
     for n in range(120):
-        request(go_plugin, "POST", "/v1/namespaces/%s/memories" % name,
-                {**memory, "id": str(uuid.uuid4()), "content": "fact number %d" % n})
+        request(
+            go_plugin,
+            "POST",
+            "/v1/namespaces/%s/memories" % name,
+            {**memory, "id": str(uuid.uuid4()), "content": "fact number %d" % n},
+        )
     status, body = request(go_plugin, "POST", "/v1/search", {"namespaces": [name], "limit": 100})
     assert status == 200 and len(body["memories"]) == 100
-    assert [m["content"] for m in body["memories"][:2]] == ["fact number 119", "fact number 118"]  # newest
+    assert [m["content"] for m in body["memories"][:2]] == [
+        "fact number 119",
+        "fact number 118",
+    ]  # newest
     gone = {"requested_by_namespace": "team:elsewhere"}
     assert request(go_plugin, "DELETE", "/v1/memories/" + memory["id"], gone)[0] == 404
-    assert request(go_plugin, "DELETE", "/v1/memories/" + memory["id"],
-                   {"requested_by_namespace": name}) == (204, None)
+    assert request(
+        go_plugin, "DELETE", "/v1/memories/" + memory["id"], {"requested_by_namespace": name}
+    ) == (204, None)
 
 
 def test_the_go_stand_in_serves_a_connection_one_request_at_a_time_in_order(go_plugin):
@@ -87,13 +105,20 @@ def test_the_go_stand_in_serves_a_connection_one_request_at_a_time_in_order(go_p
     ids = [str(uuid.uuid4()) for _ in range(5)]
     pipelined = b""
     for row_id in ids:
-        body = json.dumps({"id": row_id, "content": "pipelined", "kind": "fact", "source": "agent"}).encode()
-        pipelined += (b"POST /v1/namespaces/%s/memories HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
-                      % (name.encode(), len(body), body))
-    # A write refused before its body is read, with more than 256 KiB of it unread: the server closes the
-    # connection after that answer, and the request pipelined behind it is never answered.
-    pipelined += (b"POST /v1/namespaces/NOT%%20A%%20NAME/memories HTTP/1.1\r\nHost: x\r\n"
-                  b"Content-Length: %d\r\n\r\n" % (300 * 1024)) + b"x" * (300 * 1024)
+        body = json.dumps(
+            {"id": row_id, "content": "pipelined", "kind": "fact", "source": "agent"}
+        ).encode()
+        pipelined += (
+            b"POST /v1/namespaces/%s/memories HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+            % (name.encode(), len(body), body)
+        )
+    # A write refused before its body is read, with more than 256 KiB of it unread: the server
+    # closes the connection after that answer, and the request pipelined behind it is never
+    # answered.
+    pipelined += (
+        b"POST /v1/namespaces/NOT%%20A%%20NAME/memories HTTP/1.1\r\nHost: x\r\nContent-Length: "
+        b"%d\r\n\r\n" % (300 * 1024)
+    ) + b"x" * (300 * 1024)
     pipelined += b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n"
     with socket.create_connection((address.hostname, address.port), timeout=10) as sock:
         sock.sendall(pipelined)

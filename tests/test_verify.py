@@ -16,9 +16,11 @@ SECRETS = ["GITHUB_TOKEN=ghp_%s" % ("k" * 36), "Bearer tok_%s" % ("b" * 20)]
 
 def long_content(n: int, words: str) -> str:
     """About 200 characters of distinct, searchable words."""
-    return ("Runbook entry %d for the %s service: drain the node, cordon it, wait for the pods to "
-            "move, then upgrade the kernel and reboot; page the owner if it takes longer than %d "
-            "minutes (case%d)." % (n, words, n % 17 + 5, n))
+    return (
+        "Runbook entry %d for the %s service: drain the node, cordon it, wait for the pods to "
+        "move, then upgrade the kernel and reboot; page the owner if it takes longer than %d "
+        "minutes (case%d)." % (n, words, n % 17 + 5, n)
+    )
 
 
 @pytest.fixture
@@ -51,8 +53,12 @@ def verify(tmp_path, *options):
     failures = tmp_path / "verify-failures.jsonl"
     out, err = io.StringIO(), io.StringIO()
     try:
-        status = mb.run(["-verify", "-verify-sample", "0", "-q", "--failures", str(failures), *options],
-                        environ=dict(os.environ), stdout=out, stderr=err)
+        status = mb.run(
+            ["-verify", "-verify-sample", "0", "-q", "--failures", str(failures), *options],
+            environ=dict(os.environ),
+            stdout=out,
+            stderr=err,
+        )
     except mb.Incomplete as exc:  # exit 1: problem rows
         status = exc.status
     except mb.BackfillError as exc:
@@ -84,28 +90,54 @@ def test_a_doctored_plugin_is_diagnosed_row_by_row_then_repaired(tenant, plugin,
     old, new = order[:150], order[200:260]  # a's rows beyond the newest 100 listed, and within
     secret_rows = [order[n] for n in range(260) if n % 10 == 3]
     doctored = {
-        old[5]: "missing", new[5]: "missing",
-        old[6]: "wrong namespace", new[6]: "wrong namespace",
-        old[7]: "content differs", new[7]: "content differs",
-        secret_rows[2]: "unredacted", secret_rows[-1]: "unredacted",
-        old[8]: "provenance", new[8]: "provenance", old[9]: "provenance",
+        old[5]: "missing",
+        new[5]: "missing",
+        old[6]: "wrong namespace",
+        new[6]: "wrong namespace",
+        old[7]: "content differs",
+        new[7]: "content differs",
+        secret_rows[2]: "unredacted",
+        secret_rows[-1]: "unredacted",
+        old[8]: "provenance",
+        new[8]: "provenance",
+        old[9]: "provenance",
     }
     run = plugin.execute
     for row_id in (old[5], new[5]):
         run("DELETE FROM memories WHERE id = CAST(:id AS uuid)", id=row_id)
-    run("INSERT INTO namespaces (name, kind) VALUES (:ns, 'team')", ns="team:" + b)  # listed by no row
-    run("UPDATE memories SET namespace = :ns WHERE id = CAST(:id AS uuid)", ns="team:" + b, id=old[6])
-    run("UPDATE memories SET namespace = :ns WHERE id = CAST(:id AS uuid)", ns="team:" + a, id=new[6])
+    run(
+        "INSERT INTO namespaces (name, kind) VALUES (:ns, 'team')", ns="team:" + b
+    )  # listed by no row
+    run(
+        "UPDATE memories SET namespace = :ns WHERE id = CAST(:id AS uuid)",
+        ns="team:" + b,
+        id=old[6],
+    )
+    run(
+        "UPDATE memories SET namespace = :ns WHERE id = CAST(:id AS uuid)",
+        ns="team:" + a,
+        id=new[6],
+    )
     for row_id in (old[7], new[7]):  # changed after the 80th character
-        run("UPDATE memories SET content = left(content, 120) || 'ALTERED BY HAND' || substr(content, 126) "
-            "WHERE id = CAST(:id AS uuid)", id=row_id)
+        run(
+            "UPDATE memories SET content = left(content, 120) || 'ALTERED BY HAND' || "
+            "substr(content, 126) WHERE id = CAST(:id AS uuid)",
+            id=row_id,
+        )
     for row_id in (secret_rows[2], secret_rows[-1]):  # the legacy content, secret in clear
         [[content]] = tenant["legacy"].db.run(
-            "SELECT content FROM agent_memories WHERE id = CAST(:id AS uuid)", id=row_id)
+            "SELECT content FROM agent_memories WHERE id = CAST(:id AS uuid)", id=row_id
+        )
         run("UPDATE memories SET content = :c WHERE id = CAST(:id AS uuid)", c=content, id=row_id)
-    run("UPDATE memories SET propagation = NULL WHERE id = ANY(CAST(:ids AS uuid[]))", ids=[old[8], new[8]])
-    run("UPDATE memories SET propagation = jsonb_set(propagation, '{legacy,scope}', '\"TEAM\"') "
-        "WHERE id = CAST(:id AS uuid)", id=old[9])
+    run(
+        "UPDATE memories SET propagation = NULL WHERE id = ANY(CAST(:ids AS uuid[]))",
+        ids=[old[8], new[8]],
+    )
+    run(
+        "UPDATE memories SET propagation = jsonb_set(propagation, '{legacy,scope}', '\"TEAM\"') "
+        "WHERE id = CAST(:id AS uuid)",
+        id=old[9],
+    )
 
     status, output, classes, failures = verify(tmp_path)
 
@@ -115,17 +147,31 @@ def test_a_doctored_plugin_is_diagnosed_row_by_row_then_repaired(tenant, plugin,
     assert classes[old[6]]["expected_namespace"] == "workspace:" + a
     assert classes[secret_rows[2]]["labels"] == ["TOKEN"]  # GITHUB_TOKEN=ghp_...
     assert classes[secret_rows[-1]]["labels"] == ["BEARER_TOKEN"]
-    assert "rows by class: match=%d, missing=2, wrong namespace=2, content differs=2, unredacted=2, " \
-           "provenance=3, unverifiable=0" % (len(order) - 11) in output
-    assert "to repair: run -apply to rewrite these 11 rows by id; it repairs every class above" in output
+    assert (
+        "rows by class: match=%d, missing=2, wrong namespace=2, content differs=2, unredacted=2, "
+        "provenance=3, unverifiable=0" % (len(order) - 11) in output
+    )
+    assert (
+        "to repair: run -apply to rewrite these 11 rows by id; it repairs every class above"
+        in output
+    )
     assert output.rstrip().endswith("matches=%d mismatches=11 errors=0" % (len(order) - 11))
-    differs = [line for line in output.splitlines() if line.startswith("  content differs %s" % old[7])]
-    assert len(differs) == 1 and "from character 121: expected 189 characters, found 199" in differs[0]
+    differs = [
+        line for line in output.splitlines() if line.startswith("  content differs %s" % old[7])
+    ]
+    assert (
+        len(differs) == 1 and "from character 121: expected 189 characters, found 199" in differs[0]
+    )
     assert "ALTERED BY HAND" not in output and "Runbook entry" not in output  # no memory text
     shown = verify(tmp_path, "--show-content")[1]
-    differs = [line for line in shown.splitlines() if line.startswith("  content differs %s" % old[7])]
+    differs = [
+        line for line in shown.splitlines() if line.startswith("  content differs %s" % old[7])
+    ]
     assert "ALTERED BY HAND" in differs[0]
-    assert "  provenance %s (workspace %s): propagation.legacy differs in scope" % (old[9], a) in output
+    assert (
+        "  provenance %s (workspace %s): propagation.legacy differs in scope" % (old[9], a)
+        in output
+    )
     assert_no_secret(output, failures)
     assert "Runbook entry" not in failures
 
@@ -141,22 +187,40 @@ def test_what_the_upstream_backfill_left_is_named_then_repaired(tenant, plugin, 
     http = urllib3.PoolManager()
     never_written = set(order[-30:])
     for row_id, workspace, content, scope in legacy.db.run(
-            "SELECT id::text, workspace_id::text, content, scope FROM agent_memories"):
+        "SELECT id::text, workspace_id::text, content, scope FROM agent_memories"
+    ):
         if row_id in never_written:
             continue
         target = mb.resolve_target(workspace, scope, workspaces)
-        http.request("PUT", plugin.url + "/v1/namespaces/" + target.namespace, json={"kind": target.kind})
-        response = http.request("POST", plugin.url + "/v1/namespaces/%s/memories" % target.namespace,
-                                json={"id": row_id, "content": content, "kind": "fact", "source": "agent"})
+        http.request(
+            "PUT", plugin.url + "/v1/namespaces/" + target.namespace, json={"kind": target.kind}
+        )
+        response = http.request(
+            "POST",
+            plugin.url + "/v1/namespaces/%s/memories" % target.namespace,
+            json={"id": row_id, "content": content, "kind": "fact", "source": "agent"},
+        )
         assert response.status == 201
 
     status, output, classes, failures = verify(tmp_path)
 
     assert status == 1
-    holding = {r[0] for r in legacy.db.run(
-        "SELECT id::text FROM agent_memories WHERE content LIKE '%deploy with%'")}
-    expected = {row_id: ("missing" if row_id in never_written else
-                         "unredacted" if row_id in holding else "provenance") for row_id in order}
+    holding = {
+        r[0]
+        for r in legacy.db.run(
+            "SELECT id::text FROM agent_memories WHERE content LIKE '%deploy with%'"
+        )
+    }
+    expected = {
+        row_id: (
+            "missing"
+            if row_id in never_written
+            else "unredacted"
+            if row_id in holding
+            else "provenance"
+        )
+        for row_id in order
+    }
     assert {row_id: entry["class"] for row_id, entry in classes.items()} == expected
     assert "matches=0 mismatches=%d errors=0" % len(order) in output
     assert_no_secret(output, failures)
@@ -170,9 +234,13 @@ def test_concurrency_does_not_change_the_classes(legacy, plugin, env, tmp_path):
     ids = legacy.many(workspace, 1000, words=("rollout", "canary"))
     assert mb.main(["-apply", "-q"]) == 0
     plugin.execute("DELETE FROM memories WHERE id = ANY(CAST(:ids AS uuid[]))", ids=ids[100:103])
-    plugin.execute("UPDATE memories SET content = content || ' changed' WHERE id = ANY(CAST(:ids AS uuid[]))",
-                   ids=ids[200:202] + ids[990:992])
-    plugin.execute("UPDATE memories SET propagation = NULL WHERE id = CAST(:id AS uuid)", id=ids[300])
+    plugin.execute(
+        "UPDATE memories SET content = content || ' changed' WHERE id = ANY(CAST(:ids AS uuid[]))",
+        ids=ids[200:202] + ids[990:992],
+    )
+    plugin.execute(
+        "UPDATE memories SET propagation = NULL WHERE id = CAST(:id AS uuid)", id=ids[300]
+    )
 
     one = verify(tmp_path, "--concurrency", "1", "--json")
     sixteen = verify(tmp_path, "--concurrency", "16", "--json")
@@ -180,17 +248,25 @@ def test_concurrency_does_not_change_the_classes(legacy, plugin, env, tmp_path):
     assert one[0] == sixteen[0] == 1
     assert one[1] == sixteen[1] and one[2] == sixteen[2]
     report = json.loads(one[1])
-    assert report["rows_by_class"] == {"match": 992, "missing": 3, "wrong_namespace": 0,
-                                       "content_differs": 4, "unredacted": 0, "provenance": 1,
-                                       "unverifiable": 0, "unreadable": 0}
+    assert report["rows_by_class"] == {
+        "match": 992,
+        "missing": 3,
+        "wrong_namespace": 0,
+        "content_differs": 4,
+        "unredacted": 0,
+        "provenance": 1,
+        "unverifiable": 0,
+        "unreadable": 0,
+    }
 
 
 # --- the search plan: namespaces first ------------------------------------------------
 
+
 @pytest.fixture
 def small_namespaces(legacy, plugin, env):
-    """A root, 3 teams of 2 leaves each: 40 rows of each scope a workspace may write, so that no namespace
-    holds more than 100 records: applied."""
+    """A root, 3 teams of 2 leaves each: 40 rows of each scope a workspace may write, so that no
+    namespace holds more than 100 records: applied."""
     legacy.create_schema()
     root = legacy.workspace()
     workspaces = [root]
@@ -211,66 +287,100 @@ def verify_json(tmp_path, *options):
     return status, json.loads(output.splitlines()[0]), classes
 
 
-def test_namespaces_read_whole_cost_a_few_searches_not_one_per_row(small_namespaces, plugin, tmp_path):
+def test_namespaces_read_whole_cost_a_few_searches_not_one_per_row(
+    small_namespaces, plugin, tmp_path
+):
     status, report, classes = verify_json(tmp_path)
     rows = len(small_namespaces["ids"])
     assert status == 0 and report["matches"] == rows and classes == {}
     assert 0 < report["searches"] <= 0.1 * rows, report["searches"]
 
 
-def test_an_absent_row_and_a_moved_record_cost_no_search_of_their_own(small_namespaces, plugin, tmp_path):
+def test_an_absent_row_and_a_moved_record_cost_no_search_of_their_own(
+    small_namespaces, plugin, tmp_path
+):
     ids, workspaces = small_namespaces["ids"], small_namespaces["workspaces"]
     absent, moved = ids[3:6], ids[40:42]
     plugin.execute("DELETE FROM memories WHERE id = ANY(CAST(:ids AS uuid[]))", ids=absent)
-    plugin.execute("UPDATE memories SET namespace = :ns WHERE id = ANY(CAST(:ids AS uuid[]))",
-                   ns="workspace:" + workspaces[5], ids=moved)
+    plugin.execute(
+        "UPDATE memories SET namespace = :ns WHERE id = ANY(CAST(:ids AS uuid[]))",
+        ns="workspace:" + workspaces[5],
+        ids=moved,
+    )
 
     status, report, classes = verify_json(tmp_path)
 
     assert status == 1
     assert {row_id: entry["class"] for row_id, entry in classes.items()} == {
-        **dict.fromkeys(absent, "missing"), **dict.fromkeys(moved, "wrong namespace")}
-    assert {classes[row_id]["found_namespace"] for row_id in moved} == {"workspace:" + workspaces[5]}
-    assert report["searches"] <= 0.1 * len(ids), report["searches"]  # the tenant read once, no row alone
+        **dict.fromkeys(absent, "missing"),
+        **dict.fromkeys(moved, "wrong namespace"),
+    }
+    assert {classes[row_id]["found_namespace"] for row_id in moved} == {
+        "workspace:" + workspaces[5]
+    }
+    assert report["searches"] <= 0.1 * len(ids), report[
+        "searches"
+    ]  # the tenant read once, no row alone
 
     import io
     import os
 
     out = io.StringIO()
-    assert mb.run(["-rollback", "--yes", "-q", "--json"], environ=dict(os.environ), stdout=out,
-                  stderr=io.StringIO()) == 0
+    assert (
+        mb.run(
+            ["-rollback", "--yes", "-q", "--json"],
+            environ=dict(os.environ),
+            stdout=out,
+            stderr=io.StringIO(),
+        )
+        == 0
+    )
     report = json.loads(out.getvalue())
     assert (report["deleted"], report["absent"]) == (len(ids) - 3, 3) and plugin.count() == 0
     assert report["searches"] <= 0.1 * len(ids), report["searches"]
     out = io.StringIO()  # and again, on a plugin that holds none of them: reading, no row alone
-    assert mb.run(["-rollback", "--yes", "-q", "--json"], environ=dict(os.environ), stdout=out,
-                  stderr=io.StringIO()) == 0
+    assert (
+        mb.run(
+            ["-rollback", "--yes", "-q", "--json"],
+            environ=dict(os.environ),
+            stdout=out,
+            stderr=io.StringIO(),
+        )
+        == 0
+    )
     report = json.loads(out.getvalue())
     assert (report["deleted"], report["absent"], report["stream"]["answered"]) == (0, len(ids), 0)
     assert report["searches"] <= 0.1 * len(ids), report["searches"]
 
 
-def test_a_namespace_over_100_records_is_read_as_far_as_it_goes_then_searched(legacy, plugin, env,
-                                                                             tmp_path):
+def test_a_namespace_over_100_records_is_read_as_far_as_it_goes_then_searched(
+    legacy, plugin, env, tmp_path
+):
     legacy.create_schema()
     workspace = legacy.workspace()
     ids = legacy.many(workspace, 250, words=("failover", "drill"))
     assert mb.main(["-apply", "-q"]) == 0
     old, new = ids[10], ids[240]  # beyond the newest 100, and among them
     plugin.execute("DELETE FROM memories WHERE id = ANY(CAST(:ids AS uuid[]))", ids=[old, new])
-    plugin.execute("UPDATE memories SET content = content || ' edited' WHERE id = CAST(:id AS uuid)",
-                   id=ids[20])
+    plugin.execute(
+        "UPDATE memories SET content = content || ' edited' WHERE id = CAST(:id AS uuid)",
+        id=ids[20],
+    )
 
     status, report, classes = verify_json(tmp_path)
 
     assert status == 1
     assert {row_id: entry["class"] for row_id, entry in classes.items()} == {
-        old: "missing", new: "missing", ids[20]: "content differs"}
+        old: "missing",
+        new: "missing",
+        ids[20]: "content differs",
+    }
     assert report["matches"] == 247
 
 
-def test_a_plugin_that_cannot_search_leaves_every_row_unverifiable_never_a_match(small_namespaces, plugin,
-                                                                                tmp_path):
+def test_a_plugin_that_cannot_search_leaves_every_row_unverifiable_never_a_match(
+    small_namespaces, plugin, tmp_path
+):
     plugin.refuse_searches = True
     status, report, classes = verify_json(tmp_path)
     rows = len(small_namespaces["ids"])

@@ -26,8 +26,13 @@ def pyenv_python(minor: str):
 
 def run(python, path, *args, env=None):
     """Run the file isolated: no site-packages, no environment but `env`."""
-    return subprocess.run([python, "-I", "-S", str(path), *args], capture_output=True, text=True,
-                          env=env or {}, timeout=60)
+    return subprocess.run(
+        [python, "-I", "-S", str(path), *args],
+        capture_output=True,
+        text=True,
+        env=env or {},
+        timeout=60,
+    )
 
 
 def test_two_builds_in_different_folders_are_byte_identical(tmp_path, zipapp_file):
@@ -58,11 +63,17 @@ def test_file_shape(zipapp_file):
 
 
 def test_version_with_nothing_installed(zipapp_file):
-    done = subprocess.run(["env", "-i", sys.executable, "-I", "-S", str(zipapp_file), "--version"],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        ["env", "-i", sys.executable, "-I", "-S", str(zipapp_file), "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
-    assert re.fullmatch(r"memory-backfill \S+ \(pg8000 1\.31\.5, urllib3 2\.8\.0, Python 3\.\d+\.\d+\)\n",
-                        done.stdout)
+    assert re.fullmatch(
+        r"memory-backfill \S+ \(pg8000 1\.31\.5, urllib3 2\.8\.0, Python 3\.\d+\.\d+\)\n",
+        done.stdout,
+    )
 
 
 @pytest.mark.parametrize("minor", ["10", "11", "12", "13"])
@@ -74,8 +85,10 @@ def test_every_mode_runs_on_every_python_from_3_10(zipapp_file, legacy, plugin, 
     assert done.returncode == 0 and "Python 3.%s." % minor in done.stdout, done.stderr
     legacy.create_schema()
     root = legacy.workspace()
-    ids = [legacy.memory(root, "fact %d for the tenant" % i, scope)
-           for i, scope in enumerate(["LOCAL", "TEAM", "GLOBAL"])]
+    ids = [
+        legacy.memory(root, "fact %d for the tenant" % i, scope)
+        for i, scope in enumerate(["LOCAL", "TEAM", "GLOBAL"])
+    ]
     env = {"DATABASE_URL": legacy.url, "MEMORY_PLUGIN_URL": plugin.url}
     done = run(python, zipapp_file, "-dry-run", env=env)
     assert done.returncode == 0 and plugin.count() == 0, done.stderr
@@ -98,15 +111,20 @@ def test_refuses_python_before_3_10_in_one_sentence(zipapp_file, minor):
         assert (done.returncode, done.stdout) == (2, "")
         assert done.stderr == (
             "memory-backfill: needs Python 3.10 or newer, this is %s; run it with a newer python3: "
-            "in the tenant image, Alpine's python3 package; on RHEL-family 9 hosts (whose python3 is "
-            "3.9), python3.11 or python3.12 (dnf install python3.12); elsewhere, your distribution's "
-            "newer python3 package.\n" % found)
+            "in the tenant image, Alpine's python3 package; on RHEL-family 9 hosts (whose python3 "
+            "is 3.9), python3.11 or python3.12 (dnf install python3.12); elsewhere, your "
+            "distribution's newer python3 package.\n" % found
+        )
 
 
 def test_help_and_version_import_neither_driver(zipapp_file):
     for flag in ("--help", "--version"):
-        done = subprocess.run([sys.executable, "-I", "-X", "importtime", str(zipapp_file), flag],
-                              capture_output=True, text=True, timeout=60)
+        done = subprocess.run(
+            [sys.executable, "-I", "-X", "importtime", str(zipapp_file), flag],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert done.returncode == 0
         imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines()}
         assert not {m for m in imported if m.split(".")[0] in ("pg8000", "urllib3")}, flag
@@ -115,8 +133,13 @@ def test_help_and_version_import_neither_driver(zipapp_file):
 
 def test_help_of_the_file_is_the_modules_own(zipapp_file):
     """The file prints a help text rendered at build time; it must be the module's."""
-    module = subprocess.run([sys.executable, "-I", str(ROOT / "memory_backfill.py"), "--help"],
-                            capture_output=True, text=True, env={"COLUMNS": "80"}, timeout=60)
+    module = subprocess.run(
+        [sys.executable, "-I", str(ROOT / "memory_backfill.py"), "--help"],
+        capture_output=True,
+        text=True,
+        env={"COLUMNS": "80"},
+        timeout=60,
+    )
     for flag in ("--help", "-h"):
         assert run(sys.executable, zipapp_file, flag).stdout == module.stdout
 
@@ -124,10 +147,26 @@ def test_help_of_the_file_is_the_modules_own(zipapp_file):
 def test_help_a_newcomer_can_act_on(zipapp_file):
     done = run(sys.executable, zipapp_file, "--help")
     assert done.returncode == 0
-    for text in ("-dry-run", "-apply", "-verify", "-workspace UUID", "-limit N", "-verify-sample N",
-                 "--database-url", "--plugin-url", "--json", "--no-redact", "DATABASE_URL",
-                 "MEMORY_PLUGIN_URL", "exit statuses:", "  3    a dependency is unusable",
-                 "--checkpoint FILE", "--failures FILE", "--max-rate N", "--concurrency N"):
+    for text in (
+        "-dry-run",
+        "-apply",
+        "-verify",
+        "-workspace UUID",
+        "-limit N",
+        "-verify-sample N",
+        "--database-url",
+        "--plugin-url",
+        "--json",
+        "--no-redact",
+        "DATABASE_URL",
+        "MEMORY_PLUGIN_URL",
+        "exit statuses:",
+        "  3    a dependency is unusable",
+        "--checkpoint FILE",
+        "--failures FILE",
+        "--max-rate N",
+        "--concurrency N",
+    ):
         assert text in done.stdout, text
 
 
@@ -146,31 +185,46 @@ def _unprivileged():
 def test_runs_from_a_read_only_folder_as_an_unprivileged_user(zipapp_file, legacy, plugin):
     legacy.create_schema()
     root = legacy.workspace()
-    ids = [legacy.memory(root, "fact %d for the tenant" % i, scope) for i, scope in
-           enumerate(["LOCAL", "TEAM", "GLOBAL"])]
+    ids = [
+        legacy.memory(root, "fact %d for the tenant" % i, scope)
+        for i, scope in enumerate(["LOCAL", "TEAM", "GLOBAL"])
+    ]
     folder = Path(tempfile.mkdtemp(prefix="memory-backfill-ro-"))  # reachable by `nobody`
     shutil.copy(zipapp_file, folder / "memory-backfill")
     folder.chmod(0o555)
     python, kwargs = _unprivileged()
-    env = {"DATABASE_URL": legacy.url, "MEMORY_PLUGIN_URL": plugin.url, "HOME": "/nonexistent",
-           "PATH": "/usr/bin:/bin"}
+    env = {
+        "DATABASE_URL": legacy.url,
+        "MEMORY_PLUGIN_URL": plugin.url,
+        "HOME": "/nonexistent",
+        "PATH": "/usr/bin:/bin",
+    }
 
     def tool(*args):
-        return subprocess.run([python, str(folder / "memory-backfill"), *args], cwd=folder,
-                              env=env, capture_output=True, text=True, timeout=120, **kwargs)
+        return subprocess.run(
+            [python, str(folder / "memory-backfill"), *args],
+            cwd=folder,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            **kwargs,
+        )
 
     try:
         assert tool("--help").returncode == 0
         done = tool("-dry-run")
         assert done.returncode == 0 and done.stdout.endswith(
-            "Dry run complete (nothing written): scanned=3 copied=3 skipped=0 errors=0\n"), done.stderr
+            "Dry run complete (nothing written): scanned=3 copied=3 skipped=0 errors=0\n"
+        ), done.stderr
         assert plugin.count() == 0
         done = tool("-apply")
         assert done.returncode == 0, done.stderr
         assert sorted(plugin.records()) == sorted(ids)
         done = tool("-verify")
         assert done.returncode == 0 and done.stdout.endswith(
-            "Verify complete: workspaces_sampled=1 matches=3 mismatches=0 errors=0\n"), done.stdout
+            "Verify complete: workspaces_sampled=1 matches=3 mismatches=0 errors=0\n"
+        ), done.stdout
         assert sorted(p.name for p in folder.iterdir()) == ["memory-backfill"]  # wrote nothing
     finally:
         folder.chmod(0o755)
@@ -178,6 +232,7 @@ def test_runs_from_a_read_only_folder_as_an_unprivileged_user(zipapp_file, legac
 
 
 # --- Dockerfile.tenant (no Docker engine here: check what it says) -------------------
+
 
 def dockerfile_stages():
     """[(FROM line, [instructions])] with continuation lines joined, comments dropped."""
@@ -208,8 +263,9 @@ def test_dockerfile_builds_in_alpine_python_and_layers_on_the_tenant_image():
     runs = [i for i in runtime if i.startswith("RUN")]
     assert runs == ["RUN apk add --no-cache python3"]
     copies = [i for i in runtime if i.startswith("COPY")]
-    assert copies == ["COPY --from=builder --chown=1000:1000 --chmod=0755 /out/memory-backfill "
-                      "/memory-backfill"]
+    assert copies == [
+        "COPY --from=builder --chown=1000:1000 --chmod=0755 /out/memory-backfill /memory-backfill"
+    ]
     assert not [i for i in runtime if i.split()[0] in ("ENTRYPOINT", "CMD", "ONBUILD")]
     assert runtime[-1] == "USER 1000"  # back to the unprivileged runtime user (canvas)
 
@@ -218,5 +274,7 @@ def test_dockerfile_passes_hadolint():
     hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
     if not Path(hadolint).exists():
         pytest.skip("hadolint is not installed (make lint installs it)")
-    done = subprocess.run([hadolint, str(ROOT / "Dockerfile.tenant")], capture_output=True, text=True)
+    done = subprocess.run(
+        [hadolint, str(ROOT / "Dockerfile.tenant")], capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stdout + done.stderr
