@@ -16,10 +16,13 @@ Usage:
 Configuration comes from DATABASE_URL and MEMORY_PLUGIN_URL (or --database-url / --plugin-url;
 the plugin defaults to the tenant image's http://localhost:9100).  --help lists every option.
 
+The facts it relies on (the legacy tables, the scope rule, the plugin's API, SAFE-T1201) are
+stated, with their sources, in docs/contract.md; "contract §N" below cites its sections.
+
 The module reads top to bottom, each section using only those above it: the core (what the live
 platform would write, decided without I/O); the adapters (PostgreSQL, the plugin over urllib3, the
 write stream, the record finder, local files, progress and signals); one section per mode
-(-dry-run and -apply, -verify, -rollback); reporting; the command line.
+(-dry-run and -apply, -verify, -rollback), each report beside its formatter; the command line.
 """
 
 from __future__ import annotations
@@ -80,7 +83,7 @@ __all__ = [  # what a caller may use: the command line, and the pieces the bench
 ]
 
 PROG = "memory-backfill"
-# REFERENCE §1: 3.9 reached its end of life in October 2025, and the urllib3
+# contract §1: 3.9 reached its end of life in October 2025, and the urllib3
 # releases that fix its 2026 advisories need 3.10.
 MIN_PYTHON = (3, 10)
 PYTHON_TOO_OLD = (
@@ -404,12 +407,12 @@ class RunReport:
 # ---------------------------------------------------------------------------
 
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
-DEFAULT_PLUGIN_URL = "http://localhost:9100"  # REFERENCE §1: the tenant image's bundled plugin
+DEFAULT_PLUGIN_URL = "http://localhost:9100"  # contract §1: the tenant image's bundled plugin
 
 
-# libpq's habits (https://www.postgresql.org/docs/current/libpq-envars.html): where the URL is
-# silent, these name the database, as they do for psql.  DATABASE_URL unset and none of LIBPQ_NAMES
-# set: nothing is named.
+# libpq's habits (contract §1; https://www.postgresql.org/docs/current/libpq-envars.html): where the
+# URL is silent, these name the database, as they do for psql.  DATABASE_URL unset and none of
+# LIBPQ_NAMES set: nothing is named.
 LIBPQ_NAMES = ("PGHOST", "PGPORT", "PGUSER", "PGDATABASE")
 # Where libpq builds look for the server's socket when no host is named (Debian, Alpine, upstream).
 DEFAULT_SOCKET_DIRS = ("/var/run/postgresql", "/run/postgresql", "/tmp")
@@ -614,7 +617,7 @@ def _strip_secrets(text: str, url: str) -> str:
 
 def parse_plugin_url(url: Optional[str], named_by: str = "MEMORY_PLUGIN_URL") -> PluginAddress:
     """MEMORY_PLUGIN_URL (or --plugin-url) as an address; with none, the tenant image's constant
-    (REFERENCE §1)."""
+    (contract §1)."""
     default = not url
     url = url or DEFAULT_PLUGIN_URL
     try:
@@ -686,7 +689,7 @@ def _seconds(text: str, option: str) -> float:
 
 
 # ---------------------------------------------------------------------------
-# The scope rule: REFERENCE §3, the platform's namespace resolver
+# The scope rule: contract §3, the platform's namespace resolver
 # ---------------------------------------------------------------------------
 
 MAX_PARENT_HOPS = 50
@@ -702,7 +705,7 @@ class SkipReason(Word):
     EMPTY_CONTENT = "content is empty after trimming whitespace"
 
 
-# REFERENCE §3's table: scope -> namespace kind.  Whose id names the namespace
+# contract §3's table: scope -> namespace kind.  Whose id names the namespace
 # is WorkspaceTree.owner's rule, the same for writing and for reading.
 SCOPE_KINDS = {"LOCAL": "workspace", "TEAM": "team", "GLOBAL": "org"}
 NAMESPACE_KINDS = tuple(SCOPE_KINDS.values())
@@ -785,7 +788,7 @@ def resolve_target(workspace_id: Optional[str], scope: str, tree: WorkspaceTree)
 
 
 # ---------------------------------------------------------------------------
-# Redaction and the delimiter guard: REFERENCE §5
+# Redaction and the delimiter guard: contract §5
 # ---------------------------------------------------------------------------
 
 # SAFE-T1201, applied in this order, each over the output of the previous one.
@@ -987,7 +990,7 @@ def _causes(error: BaseException) -> Iterator[BaseException]:
 
 
 # ---------------------------------------------------------------------------
-# The legacy database (pg8000, read only): REFERENCE §2
+# The legacy database (pg8000, read only): contract §2
 # ---------------------------------------------------------------------------
 
 OPTIONAL_COLUMNS = ("namespace", "updated_at", "embedding")
@@ -1010,9 +1013,9 @@ class LegacyDatabase:
         self.config = config
         self.connection = None
         self._columns: tuple[str, ...] = ()
-        # A SQL_ASCII database holds any bytes, which the server sends as they are: its text is read
-        # as bytes and decoded row by row (a row that is not UTF-8 is that row's error, not the
-        # batch's).
+        # A SQL_ASCII database (contract §2) holds any bytes, which the server sends as they are:
+        # its text is read as bytes and decoded row by row (a row that is not UTF-8 is that row's
+        # error, not the batch's).
         self.raw_text = False
 
     def __enter__(self) -> LegacyDatabase:
@@ -1445,7 +1448,7 @@ class _database_errors:
 
 
 # ---------------------------------------------------------------------------
-# The plugin over urllib3 (health, namespaces, searches), and the one retry rule: REFERENCE §4
+# The plugin over urllib3 (health, namespaces, searches), and the one retry rule: contract §4
 # ---------------------------------------------------------------------------
 
 RETRY_STATUSES = (429, 502, 503, 504)
@@ -1527,7 +1530,7 @@ def parse_retry_after(value: bytes) -> Optional[float]:
     return min(max(0.0, when.timestamp() - time.time()), RETRY_AFTER_MAX)
 
 
-SEARCH_CAP = 100  # the plugin returns at most this many rows per search
+SEARCH_CAP = 100  # the plugin returns at most this many rows per search (contract §4)
 USER_AGENT = "%s/%s" % (PROG, __version__)
 
 
@@ -1710,7 +1713,7 @@ STORE_DOWN = re.compile(
 
 
 def store_unavailable(body: bytes) -> bool:
-    """Whether a 500's body says the plugin's database is unavailable (REFERENCE §4: the
+    """Whether a 500's body says the plugin's database is unavailable (contract §4: the
     `unavailable` code), rather than that the request failed."""
     data = _envelope(body)
     if data.get("code") == "unavailable":
@@ -2063,7 +2066,7 @@ HELD_RATE_WEIGHT = 0.3  # the held level's rate: a moving average of its windows
 
 class ConcurrencyLimit:
     """How many connections keep a request at the plugin: the plugin serves a connection's requests
-    one at a time (REFERENCE §4), so this is how many of ours it works on at once.
+    one at a time (contract §4), so this is how many of ours it works on at once.
 
     Pure: fed each answer (when it came, and when its request was sent), it measures the plugin's
     throughput at the current number of connections, counting only requests sent since that number
@@ -2431,7 +2434,7 @@ class WriteStream:
     """Requests, oldest first, pipelined over keep-alive connections by one loop.
 
     ConcurrencyLimit decides how many connections carry requests, never more than `ceiling`: the
-    plugin works on one request per connection at a time (REFERENCE §4), so that is how many it
+    plugin works on one request per connection at a time (contract §4), so that is how many it
     works on at once for this run.  Each connection pipelines up to PIPELINE_DEPTH, so that no round
     trip leaves it idle; with a ceiling of 1, strictly one request at a time.  A mode drives it with
     two callables: fill(room) submits up to `room` more jobs and returns False once it has no more;
@@ -3970,7 +3973,7 @@ class ApplyWrites:
     """-apply's side of the write stream: rows in (planned, numbered, their namespace upserted once
     per run before its first write), answers out (counted, the checkpoint advanced).  A 2xx whose
     body names another id than the one sent stops the run: that plugin ignores ids, so every re-run
-    would duplicate every row (REFERENCE §4)."""
+    would duplicate every row (contract §4)."""
 
     def __init__(
         self,
@@ -4591,7 +4594,7 @@ def format_rollback(report: RollbackReport) -> list[str]:
 
 
 def delete_request(address: PluginAddress, record_id: str, namespace: str) -> bytes:
-    """DELETE /v1/memories/{id}, from the namespace that holds it (REFERENCE §4)."""
+    """DELETE /v1/memories/{id}, from the namespace that holds it (contract §4)."""
     head = request_head(address, "DELETE", "/v1/memories/" + quote(record_id, safe=""))
     return with_body(
         head, JSON_ENCODER.encode({"requested_by_namespace": namespace}).encode("ascii")
@@ -4708,7 +4711,7 @@ class RollbackDeletes:
 
 def rollback(settings: Settings, log, progress: Progress) -> RollbackReport:
     """-rollback: for every row -apply would select, delete the plugin's record with that row's id,
-    wherever in the tenant it is (only those: REFERENCE §4 says a record with a legacy row's id was
+    wherever in the tenant it is (only those: contract §4 says a record with a legacy row's id was
     written by a backfill).  Without --yes, find them and delete nothing.
 
     With --yes, each group of rows is looked for (the namespaces it is written to read whole, and

@@ -1,4 +1,4 @@
-// A stand-in for the platform's memory plugin in Go, faithful to REFERENCE §4: net/http (keep-alive,
+// A stand-in for the platform's memory plugin in Go, faithful to contract §4: net/http (keep-alive,
 // pipelined requests answered in order, one at a time per connection), a PostgreSQL pool of at most 25
 // connections through lib/pq, one statement (one transaction) per write, upsert by id keeping the first
 // created_at, the stored content_tsv column with its GIN index and an index on namespace, no auto-created

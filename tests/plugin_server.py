@@ -1,4 +1,4 @@
-"""A stand-in for the memory plugin, faithful to REFERENCE §4 (test fixture only).
+"""A stand-in for the memory plugin, faithful to contract §4 (test fixture only).
 
 Same routes, validation, status codes and error envelope as the real plugin,
 including its awkward parts: namespaces are not auto-created (a write to one

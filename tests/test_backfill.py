@@ -182,7 +182,7 @@ def test_every_skip_reason_is_named_and_nothing_skipped_is_written(cli, legacy, 
 def test_the_platforms_mapping_for_lost_parents_cycles_and_the_delimiter_guard(
     cli, legacy, plugin, env
 ):
-    """REFERENCE §3: writing needs no parent chain; §5: GLOBAL content gets the guard."""
+    """contract §3: writing needs no parent chain; §5: GLOBAL content gets the guard."""
     legacy.create_schema()
     grandparent, parent = legacy.chain(1)
     orphan = legacy.workspace(parent=parent)

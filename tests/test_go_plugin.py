@@ -1,4 +1,4 @@
-"""The Go stand-in (tests/plugin.go): every mode against it, and its fidelity to REFERENCE §4 where
+"""The Go stand-in (tests/plugin.go): every mode against it, and its fidelity to contract §4 where
 the tool relies on it (the bench measures the tool on it)."""
 
 import json

@@ -166,7 +166,7 @@ def test_parse_embedding_pgvector_and_array_forms():
     assert mb.parse_embedding(None) is None
 
 
-# --- scope mapping: every row of REFERENCE §3 -------------------------------------
+# --- scope mapping: every row of contract §3 -------------------------------------
 
 ROOT, CHILD, GRANDCHILD = "r", "c", "g"
 ORPHAN, CYCLE_A, CYCLE_B = "o", "a", "b"  # o's parent row is gone; a and b are each other's parent
@@ -241,7 +241,7 @@ def test_a_row_of_a_root_reads_what_it_writes():
         assert mb.resolve_target(ROOT, scope, TREE).namespace in TREE.readable_namespaces(ROOT)
 
 
-# --- redaction: every label of REFERENCE §5 ---------------------------------------
+# --- redaction: every label of contract §5 ---------------------------------------
 
 SECRETS = {
     "API_KEY": "OPENAI_API_KEY=sk-abcdefghijklmnop1234",
