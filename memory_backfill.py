@@ -278,9 +278,8 @@ DEFAULT_VERIFY_SAMPLE = 50
 DEFAULT_SEED = 20261126
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_RETRIES = 8  # backoff 0.2 s doubling to at most 4 s: about 18 s before giving up
-DEFAULT_WRITE_CONNECTIONS = (
-    64  # connections to the plugin at most; the limiter finds the working point below
-)
+# connections to the plugin at most; the limiter finds the working point below
+DEFAULT_WRITE_CONNECTIONS = 64
 DEFAULT_SEARCHES = 8  # -verify's and -rollback's searches at once
 DEFAULT_MAX_CONSECUTIVE_FAILURES = 20
 SHOWN_PROBLEMS = 20  # per-row errors / problems listed in the text summary
@@ -743,9 +742,8 @@ class WorkspaceTree:
         if kind == "workspace":
             return workspace_id
         if kind == "team":
-            return (
-                self.parent[workspace_id] or workspace_id
-            )  # as it stands, even if that row is gone
+            # as it stands, even if that row is gone
+            return self.parent[workspace_id] or workspace_id
         return self.top(workspace_id)
 
     def reading_order(self) -> list[str]:
@@ -1321,8 +1319,8 @@ def _connect(config: DatabaseConfig):
         "statement_timeout": bound,
         "lock_timeout": bound,
         "default_transaction_read_only": "on",  # the session refuses writes
-        "client_encoding": "UTF8",
-    }  # a SQL_ASCII database would otherwise talk ASCII
+        "client_encoding": "UTF8",  # a SQL_ASCII database would otherwise talk ASCII
+    }
     unix_sock = None
     if config.host.startswith("/"):
         unix_sock = "%s/.s.PGSQL.%d" % (config.host, config.port)
@@ -1900,15 +1898,13 @@ class UntilCloseReader(BodyReader):
 
 class ChunkedReader(BodyReader):
     """Chunks, then the trailer section (RFC 9112 §7.1), read on from where the last call stopped:
-    `state` reads the next part, and returns True to go on, None for more bytes, or the whole body.
+    `_state` reads the next part, and returns True to go on, None for more bytes, or the whole body.
     """
 
     def __init__(self, head: ResponseHead):
-        self._state, self._left, self.body = (
-            self._size_line,
-            0,
-            bytearray(),
-        )  # left: of the current chunk
+        self._state = self._size_line
+        self._left = 0  # of the current chunk
+        self.body = bytearray()
         self._trailers, self._trailer_bytes = [], 0
 
     def read(self, buffer: ReceiveBuffer) -> Optional[bytes]:
@@ -2660,9 +2656,7 @@ class WriteStream:
                 return
             job = connection.in_flight.popleft()
             self._stats.answered(now, job.sent_at)
-            if (
-                response.head.status in OVERLOAD_STATUSES
-            ):  # a sign of overload, not a sample of its rate
+            if response.head.status in OVERLOAD_STATUSES:  # overload, not a sample of its rate
                 self.limit.overloaded(now)
             else:
                 self.limit.answered(now, job.sent_at)
@@ -2887,13 +2881,11 @@ class RecordFinder:
             self._every_namespace[n : n + NAMESPACES_PER_SEARCH]
             for n in range(0, len(self._every_namespace), NAMESPACES_PER_SEARCH)
         ]
-        self.expected = database.rows_per_namespace(
-            tree
-        )  # what the legacy rows make of each namespace
+        # what the legacy rows make of each namespace
+        self.expected = database.rows_per_namespace(tree)
         self._listings: dict[str, dict[str, dict]] = {}  # namespace read whole -> its records by id
-        self._crowded: dict[
-            str, dict[str, dict]
-        ] = {}  # namespace over the cap -> its newest records by id
+        # namespace over the cap -> its newest records by id
+        self._crowded: dict[str, dict[str, dict]] = {}
         self._users = Counter(name for workspace in workspaces for name in self._written(workspace))
         self.tenant: Optional[Reading] = None  # the tenant read whole, its misplaced records kept
 
@@ -3090,9 +3082,8 @@ class RecordFinder:
             _keep(seen, records, wanted)  # a refused one: its rows are searched for one by one
         whole_there: dict[str, bool] = {}
         unseen = [s for s in crowded if s.row.id not in seen]
-        for start in range(
-            0, len(unseen), SEARCH_BATCH
-        ):  # a row another's search found is not searched for
+        # a row another's search found is not searched for
+        for start in range(0, len(unseen), SEARCH_BATCH):
             batch = [s for s in unseen[start : start + SEARCH_BATCH] if s.row.id not in seen]
             for s, (records, whole, error) in zip(
                 batch,
@@ -3357,9 +3348,7 @@ class Progress:
             return
         self.stopped.set()
         self.thread.join()
-        if (
-            self._tty and self._drawn
-        ):  # the last redraw: clear what it overwrites, and keep the rows line
+        if self._tty and self._drawn:  # the last redraw: clear what it overwrites, keep the rows
             self.stream.write("\r\x1b[K" + (self.line() + "\n" if self.report is not None else ""))
             self.stream.flush()
 
@@ -3887,9 +3876,8 @@ def _lock_checkpoint(path: str) -> int:
 
 def _unlock_checkpoint(path: str, descriptor: int) -> None:
     with contextlib.suppress(OSError):
-        os.unlink(
-            path + ".lock"
-        )  # while still held: a run that opened it meanwhile sees it is gone
+        # while still held: a run that opened it meanwhile sees it is gone
+        os.unlink(path + ".lock")
     os.close(descriptor)
 
 
@@ -4013,9 +4001,7 @@ class ApplyWrites:
                 self.failures.record_row(outcome.row, reason=outcome.reason)
                 self._settle(number)
                 continue
-            if isinstance(
-                outcome, RowFailed
-            ):  # counted by planned_outcomes; a resume reads it again
+            if isinstance(outcome, RowFailed):  # counted already; a resume reads it again
                 self.failures.record_row(outcome.row, error=str(outcome))
                 self.mark.freeze()
                 continue
@@ -4174,9 +4160,8 @@ def _copy(
 # -verify
 # ===========================================================================
 
-DIFF_CONTEXT_CHARS = (
-    30  # (redacted) content shown on each side of a first difference, with --show-content
-)
+# (redacted) content shown on each side of a first difference, with --show-content
+DIFF_CONTEXT_CHARS = 30
 VERIFY_GROUP_ROWS = 250  # -verify reads, lists and searches this many rows at a time (its memory)
 
 
@@ -4193,13 +4178,13 @@ class VerifyClass(Word):
     UNREADABLE = "unreadable"  # not looked up: no write can carry it (its text is not UTF-8)
 
 
-PROBLEM_CLASSES = (
+PROBLEM_CLASSES = (  # what -apply repairs
     VerifyClass.MISSING,
     VerifyClass.WRONG_NAMESPACE,
     VerifyClass.CONTENT_DIFFERS,
     VerifyClass.UNREDACTED,
     VerifyClass.PROVENANCE,
-)  # what -apply repairs
+)
 
 
 @dataclass(frozen=True)
@@ -4619,9 +4604,8 @@ class RollbackDeletes:
         self.failures = failures
         self.stream = stream
         self._not_there: list[Sought] = []  # deleted where -apply writes them: 404
-        self.pending: Iterator[tuple[int, tuple[Sought, str, bool]]] = iter(
-            ()
-        )  # the deletes to send
+        # the deletes to send
+        self.pending: Iterator[tuple[int, tuple[Sought, str, bool]]] = iter(())
 
     def back_out(
         self, rows: list[LegacyRow], tree: WorkspaceTree, settings: Settings, finder: RecordFinder

@@ -83,9 +83,8 @@ CONTENT = (
 )
 SECRET = " The CI token is GITHUB_TOKEN=ghp_%s." % ("x" * 36)
 Run = namedtuple("Run", "wall cpu rss status out")  # seconds, CPU seconds, peak RSS MB
-Measured = namedtuple(
-    "Measured", "rate own machine plugin postgres probe seconds"
-)  # per row: µs, ms
+# rows/s; CPU per row: own µs, machine, plugin and postgres ms; the probe's median ms; wall s
+Measured = namedtuple("Measured", "rate own machine plugin postgres probe seconds")
 
 
 # --- setup -----------------------------------------------------------------------

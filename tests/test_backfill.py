@@ -348,9 +348,8 @@ def sql_ascii_legacy(cluster):
     admin.close()
     legacy = Legacy(cluster, name)
     legacy.db.close()
-    legacy.db = cluster.connect(
-        name, startup_params={"client_encoding": "UTF8"}
-    )  # as the platform talks
+    # as the platform talks
+    legacy.db = cluster.connect(name, startup_params={"client_encoding": "UTF8"})
     legacy.create_schema()
     yield legacy
     legacy.close()
@@ -836,9 +835,8 @@ def test_progress_line_on_a_terminal_and_none_with_quiet(legacy, tree, plugin, e
         r"--max-rate",
         seen,
     )
-    assert (
-        "\r\x1b[K300/300 rows (100%)" in seen
-    )  # the last refresh: everything done, the line cleared
+    # the last refresh: everything done, the line cleared
+    assert "\r\x1b[K300/300 rows (100%)" in seen
 
     plugin.reset()
     status, seen = _run_on_a_terminal(["-apply", "--max-rate", "200", "-q"], env)

@@ -87,10 +87,8 @@ def test_the_go_stand_in_answers_as_reference_4_says(go_plugin):
         )
     status, body = request(go_plugin, "POST", "/v1/search", {"namespaces": [name], "limit": 100})
     assert status == 200 and len(body["memories"]) == 100
-    assert [m["content"] for m in body["memories"][:2]] == [
-        "fact number 119",
-        "fact number 118",
-    ]  # newest
+    newest = [m["content"] for m in body["memories"][:2]]
+    assert newest == ["fact number 119", "fact number 118"]
     gone = {"requested_by_namespace": "team:elsewhere"}
     assert request(go_plugin, "DELETE", "/v1/memories/" + memory["id"], gone)[0] == 404
     assert request(

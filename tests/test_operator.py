@@ -56,9 +56,8 @@ def test_every_proper_prefix_of_every_option_is_refused_before_anything_is_read(
                 "memory-backfill: %s is not an option (options are taken only by their full names)"
                 % prefix
             ), err
-            assert err.count("\n") == 1 and not TARGET_LINE.match(
-                err
-            )  # refused before the target line
+            # refused before the target line
+            assert err.count("\n") == 1 and not TARGET_LINE.match(err)
             if prefix.strip("-"):
                 assert name in err.split("did you mean ", 1)[1], err
             tried += 1
@@ -139,9 +138,8 @@ def test_a_database_that_accepts_and_never_answers_is_given_up_on(plugin):
 
 def test_the_default_connect_bound_is_ten_seconds():
     assert mb.parse_database_url("postgres://u@h/d").connect_timeout == 10
-    assert (
-        mb.parse_database_url("postgres://u@h/d?connect_timeout=0").connect_timeout == 10
-    )  # bounded
+    # bounded
+    assert mb.parse_database_url("postgres://u@h/d?connect_timeout=0").connect_timeout == 10
     assert mb.parse_database_url("postgres://u@h/d?connect_timeout=3").connect_timeout == 3
 
 
@@ -191,9 +189,8 @@ def test_the_urls_connect_timeout_bounds_connecting_only(cluster, legacy, tree, 
     ids = legacy.many(tree["root"], 20)
     url = legacy.url + "&connect_timeout=1"
     with TableLock(cluster, legacy) as lock:
-        timer = lock.release_after(
-            2.5
-        )  # longer than connect_timeout, shorter than the statement bound
+        # longer than connect_timeout, shorter than the statement bound
+        timer = lock.release_after(2.5)
         done, seconds = timed("-apply", "-q", env={**env, "DATABASE_URL": url})
         timer.join()
     assert done.returncode == 0 and seconds >= 2.5, done.stderr
@@ -298,7 +295,7 @@ def test_a_password_asked_for_and_not_given_is_one_sentence(
 # --- a defect is never silent -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["-dry-run", "-verify"])
+@pytest.mark.parametrize("mode", ["-dry-run", "-verify", "-rollback"])
 @pytest.mark.parametrize("verbose", [False, True])
 def test_a_defect_is_one_sentence_and_v_shows_where(
     legacy, tree, plugin, env, capsys, monkeypatch, mode, verbose
@@ -320,6 +317,42 @@ def test_a_defect_is_one_sentence_and_v_shows_where(
         assert 'in defective\n    raise ZeroDivisionError("a defect of the tool")' in err
     else:
         assert err == sentence
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_a_defect_while_writing_stops_cleanly_keeps_the_checkpoint_and_v_shows_where(
+    legacy, tree, plugin, env, capsys, monkeypatch, tmp_path, verbose
+):
+    ids = legacy.many(tree["child"], 150)
+    checkpoint = tmp_path / "run.ckpt"
+    real_plan_row, planned = mb.plan_row, []
+
+    def defective(*args, **kwargs):
+        if len(planned) == 100:  # after the first rows' answers (64 are planned ahead)
+            raise ZeroDivisionError("a defect of the tool")
+        planned.append(real_plan_row(*args, **kwargs))
+        return planned[-1]
+
+    monkeypatch.setattr(mb, "plan_row", defective)
+    options = ["-apply", "--concurrency", "1", "--checkpoint", str(checkpoint)]
+    assert mb.main(options + (["-v"] if verbose else ["-q"])) == 3
+    err = said(capsys.readouterr().err)
+    sentence = (
+        "memory-backfill: -apply failed unexpectedly (ZeroDivisionError, a defect of "
+        "memory-backfill: re-run with -v to see where, and report it); stopped.\n"
+    )
+    assert err.endswith(sentence)
+    if verbose:
+        assert 'in defective\n    raise ZeroDivisionError("a defect of the tool")' in err
+        assert err.count("Traceback (most recent call last):\n") == 1
+    else:
+        assert "Traceback" not in err and err.count("\n") == 1
+    saved = json.loads(checkpoint.read_text())  # kept: never more than the plugin holds
+    assert 0 < saved["rows_done"] <= plugin.count() <= 100 and not saved["complete"]
+
+    monkeypatch.setattr(mb, "plan_row", real_plan_row)
+    assert mb.main(options + ["-q"]) == 0
+    assert sorted(plugin.records()) == sorted(ids)
 
 
 # --- the target, named first --------------------------------------------------------------
@@ -581,9 +614,8 @@ def test_json_is_one_object_on_every_exit(cli, legacy, tree, plugin, env, monkey
             assert result.said == "memory-backfill: %s\n" % report["error"]
         return report
 
-    assert one_object("-apply", "-limit", "0")["error"].startswith(
-        "-limit must be"
-    )  # 2, before the target
+    # 2, before the target
+    assert one_object("-apply", "-limit", "0")["error"].startswith("-limit must be")
     assert one_object("-rollback")["exit_status"] == 0  # nothing written yet: nothing to delete
     assert one_object("-apply")["error"] is None
     report = one_object("-rollback")  # records to delete, no --yes: 2
@@ -641,8 +673,7 @@ def test_retries_are_shown_while_they_happen_and_counted_at_the_end(cli, legacy,
 def test_the_last_progress_redraw_clears_what_it_overwrote(legacy, tree, plugin, env):
     legacy.many(tree["root"], 200)
     seen = on_a_terminal(["-apply", "--max-rate", "300"], env, 30)
-    redraws = [
-        text for text in seen.split("\r")[1:] if text != "\n"
-    ]  # the terminal's own CR LF aside
+    # the terminal's own CR LF aside
+    redraws = [text for text in seen.split("\r")[1:] if text != "\n"]
     assert redraws and all(redraw.startswith("\x1b[K") for redraw in redraws)
     assert redraws[-1].startswith("\x1b[K200/200 rows (100%)")

@@ -116,9 +116,8 @@ def test_with_yes_it_deletes_exactly_the_backfilled_records_wherever_they_are(
     status, out, err = rollback("--yes", "--failures", str(tmp_path / "f.jsonl"))
     assert status == 0, out + err
     assert out.rstrip().endswith(LAST % (181, 161, 20, 0))
-    assert (
-        "records deleted by namespace kind: org=1, team=11, workspace=149" in out
-    )  # the moved one: team
+    # the moved one: team
+    assert "records deleted by namespace kind: org=1, team=11, workspace=149" in out
     assert plugin.records() == live_before  # byte for byte, and nothing else is left
     assert plugin.namespaces() == namespaces_before
     assert (tmp_path / "f.jsonl").read_text() == ""

@@ -371,63 +371,90 @@ def found(record):
     return mb.Lookup(record, True, True, None)
 
 
-def test_classify_every_class():
-    planned = _planned("deploy key ghp_%s then Bearer tok9 at 5 pm" % ("Z" * 20))
-    assert mb.classify(planned, found(_copy(planned))).row_class == mb.VerifyClass.MATCH
-    missing = mb.classify(planned, found(None))
+SECRET_ROW = "deploy key ghp_%s then Bearer tok9 at 5 pm" % ("Z" * 20)
+
+
+def _changed(planned):
+    return {"content": planned.body["content"].replace("5", "6")}
+
+
+@pytest.mark.parametrize(
+    "changes, row_class, detail",
+    [
+        (lambda p: {}, mb.VerifyClass.MATCH, ""),
+        (
+            lambda p: {"namespace": "team:r"},
+            mb.VerifyClass.WRONG_NAMESPACE,
+            "expected in workspace:c, found in team:r",
+        ),
+        (
+            lambda p: {"content": p.row.content},
+            mb.VerifyClass.UNREDACTED,
+            "the plugin's copy holds secrets in clear (BEARER_TOKEN, GITHUB_PAT)",
+        ),
+        (
+            _changed,
+            mb.VerifyClass.CONTENT_DIFFERS,
+            "from character 66: expected 69 characters, found",
+        ),
+        (
+            lambda p: {"propagation": None},
+            mb.VerifyClass.PROVENANCE,
+            "propagation.legacy is missing",
+        ),
+        (lambda p: {"propagation": {}}, mb.VerifyClass.PROVENANCE, "propagation.legacy is missing"),
+        (
+            lambda p: {"propagation": {"legacy": {**p.row.legacy, "scope": "TEAM"}}},
+            mb.VerifyClass.PROVENANCE,
+            "propagation.legacy differs in scope",
+        ),
+    ],
+)
+def test_classify_a_found_copy(changes, row_class, detail):
+    planned = _planned(SECRET_ROW)
+    finding = mb.classify(planned, found(_copy(planned, **changes(planned))))
+    assert (finding.row_class, finding.detail[: len(detail)]) == (row_class, detail)
+    shown = repr((finding.line(), finding.to_json()))
+    assert "Z" * 20 not in shown and "tok9" not in shown
+
+
+def test_classify_a_copy_in_no_namespace():
+    missing = mb.classify(_planned(SECRET_ROW), found(None))
     assert (missing.row_class, missing.detail) == (
         mb.VerifyClass.MISSING,
         "in no namespace of the tenant; -apply writes it to workspace:c",
     )
+
+
+def test_a_copy_in_another_namespace_names_it():
+    planned = _planned(SECRET_ROW)
     moved = mb.classify(planned, found(_copy(planned, namespace="team:r")))
-    assert (moved.row_class, moved.detail, moved.found_in) == (
-        mb.VerifyClass.WRONG_NAMESPACE,
-        "expected in workspace:c, found in team:r",
-        "team:r",
-    )
+    assert moved.found_in == "team:r"
+
+
+def test_a_copy_in_clear_names_the_labels_it_holds():
+    planned = _planned(SECRET_ROW)
     clear = mb.classify(planned, found(_copy(planned, content=planned.row.content)))
-    assert (clear.row_class, clear.labels) == (
-        mb.VerifyClass.UNREDACTED,
-        ("BEARER_TOKEN", "GITHUB_PAT"),
-    )
-    assert clear.detail == "the plugin's copy holds secrets in clear (BEARER_TOKEN, GITHUB_PAT)"
-    changed = mb.classify(
-        planned, found(_copy(planned, content=planned.body["content"].replace("5", "6")))
-    )
-    assert changed.row_class == mb.VerifyClass.CONTENT_DIFFERS and "found" in changed.detail
-    for propagation, detail in [
-        (None, "propagation.legacy is missing"),
-        ({}, "propagation.legacy is missing"),
-        (
-            {"legacy": {**planned.row.legacy, "scope": "TEAM"}},
-            "propagation.legacy differs in scope",
-        ),
-    ]:
-        finding = mb.classify(planned, found(_copy(planned, propagation=propagation)))
-        assert (finding.row_class, finding.detail) == (mb.VerifyClass.PROVENANCE, detail)
-    shown = repr([(f.line(), f.to_json()) for f in (missing, moved, clear, changed)])
-    assert "Z" * 20 not in shown and "tok9" not in shown
+    assert clear.labels == ("BEARER_TOKEN", "GITHUB_PAT")
 
 
-def test_a_row_not_found_is_missing_only_when_a_whole_search_would_have_found_it():
+@pytest.mark.parametrize(
+    "record, complete, searchable, refused, row_class, detail",
+    [
+        (False, True, True, None, mb.VerifyClass.MISSING, "in no namespace"),
+        (False, False, True, None, mb.VerifyClass.UNVERIFIABLE, "matches too many records"),
+        (False, True, False, None, mb.VerifyClass.UNVERIFIABLE, "no searchable word"),
+        (False, True, True, "HTTP 400: no", mb.VerifyClass.UNVERIFIABLE, "refused a search"),
+        (True, False, False, "HTTP 400: no", mb.VerifyClass.MATCH, ""),
+    ],
+)
+def test_a_row_not_found_is_missing_only_when_a_whole_search_would_have_found_it(
+    record, complete, searchable, refused, row_class, detail
+):
     planned = _planned()
-    for lookup, row_class, detail in [
-        (mb.Lookup(None, True, True, None), mb.VerifyClass.MISSING, "in no namespace"),
-        (
-            mb.Lookup(None, False, True, None),
-            mb.VerifyClass.UNVERIFIABLE,
-            "matches too many records",
-        ),
-        (mb.Lookup(None, True, False, None), mb.VerifyClass.UNVERIFIABLE, "no searchable word"),
-        (
-            mb.Lookup(None, True, True, "HTTP 400: no"),
-            mb.VerifyClass.UNVERIFIABLE,
-            "refused a search for it",
-        ),
-        (mb.Lookup(_copy(planned), False, False, "HTTP 400: no"), mb.VerifyClass.MATCH, ""),
-    ]:
-        finding = mb.classify(planned, lookup)
-        assert finding.row_class == row_class and detail in finding.detail
+    lookup = mb.Lookup(_copy(planned) if record else None, complete, searchable, refused)
+    finding = mb.classify(planned, lookup)
+    assert finding.row_class == row_class and detail in finding.detail
 
 
 def test_a_global_copy_without_the_delimiter_guard_differs_and_one_in_clear_is_unredacted():
@@ -492,9 +519,8 @@ def test_fallback_queries_find_a_copy_changed_in_one_half_or_unredacted():
 def test_shared_word_searches_cover_unseen_rows_with_words_few_records_hold():
     common = " ".join(["rollout"] * 3)
     rows = [_planned("%s svc%d note%d" % (common, n % 3, n)) for n in range(12)]
-    rows += [
-        _planned("%s svc9 other%d" % (common, n)) for n in range(120)
-    ]  # svc9: too many holders
+    # svc9: too many holders
+    rows += [_planned("%s svc9 other%d" % (common, n)) for n in range(120)]
     unseen = rows[:6] + [rows[12], rows[13]]
     rows = [mb.Sought(p.row, p.body["content"], p.target.namespace) for p in rows]
     unseen = [mb.Sought(p.row, p.body["content"], p.target.namespace) for p in unseen]

@@ -105,9 +105,8 @@ def test_a_doctored_plugin_is_diagnosed_row_by_row_then_repaired(tenant, plugin,
     run = plugin.execute
     for row_id in (old[5], new[5]):
         run("DELETE FROM memories WHERE id = CAST(:id AS uuid)", id=row_id)
-    run(
-        "INSERT INTO namespaces (name, kind) VALUES (:ns, 'team')", ns="team:" + b
-    )  # listed by no row
+    # listed by no row
+    run("INSERT INTO namespaces (name, kind) VALUES (:ns, 'team')", ns="team:" + b)
     run(
         "UPDATE memories SET namespace = :ns WHERE id = CAST(:id AS uuid)",
         ns="team:" + b,
@@ -318,9 +317,8 @@ def test_an_absent_row_and_a_moved_record_cost_no_search_of_their_own(
     assert {classes[row_id]["found_namespace"] for row_id in moved} == {
         "workspace:" + workspaces[5]
     }
-    assert report["searches"] <= 0.1 * len(ids), report[
-        "searches"
-    ]  # the tenant read once, no row alone
+    # the tenant read once, no row alone
+    assert report["searches"] <= 0.1 * len(ids), report["searches"]
 
     import io
     import os

@@ -44,10 +44,11 @@ RESPONSES = [
         b"chunked\r\n\r\n00000000000000000001\r\nx\r\n0\r\nX-Folded: a\r\n\tb\r\n\r\n",
         (599, b"x", True),
     ),
+    # final, never interim
     (
         b"HTTP/1.1 099 Oops\r\nContent-Length: 3\r\n\r\nnot",
         (99, b"not", True),
-    ),  # final, never interim
+    ),
     (
         # until close
         b"HTTP/1.0 201 Created\r\nContent-Type: application/json\r\n\r\n{\"id\":\"c\"}",
@@ -399,12 +400,13 @@ def theirs(pieces):
         connection.send(h11.EndOfMessage())
 
     ask()
+    # waiting: in the middle of a response
     found, head, body, waiting = (
         [],
         None,
         bytearray(),
         False,
-    )  # waiting: in the middle of a response
+    )
     for piece in [piece for piece in pieces if piece] + [b""]:  # b"": the end of the stream
         if piece == b"" and not waiting and not connection.trailing_data[0]:
             return found, "clean"  # (h11 would fault the close of a connection we asked more of)
@@ -420,9 +422,8 @@ def theirs(pieces):
                 elif isinstance(event, h11.Data):
                     body += event.data
                 elif isinstance(event, h11.EndOfMessage):
-                    persistent = (
-                        connection.their_state is h11.DONE and piece != b""
-                    )  # not ended by the close
+                    # not ended by the close
+                    persistent = connection.their_state is h11.DONE and piece != b""
                     found.append((head.status_code, bytes(body), persistent))
                     waiting = False
                     if not persistent:
@@ -496,9 +497,8 @@ def test_the_limiter_doubles_while_doubling_pays_up_to_the_ceiling():
 
 def test_the_limiter_holds_the_knee_the_fewest_that_serve_about_the_most():
     sampled = drive(mb.ConcurrencyLimit(64), KNEE_AT_8, seconds=30)
-    assert (
-        share(sampled[100:], 8) > 0.9 and max(sampled) <= 16
-    )  # 16 gives 6.5 % more: not worth twice
+    # 16 gives 6.5 % more: not worth twice
+    assert share(sampled[100:], 8) > 0.9 and max(sampled) <= 16
     assert share(drive(mb.ConcurrencyLimit(64), FOUR_AT_ONCE, seconds=30)[100:], 4) > 0.9
 
 
@@ -605,12 +605,10 @@ def test_responses_arriving_byte_by_byte_and_chunked(scripted, legacy, rows, tmp
 
 
 def test_connection_close_after_k_of_n_pipelined_requests(scripted, legacy, rows, tmp_path):
-    server = scripted(
-        lambda w: Reply(close=w.index == 2)
-    )  # every connection closes after 3 answers
-    assert (
-        apply(server, legacy, rows, tmp_path, "--retries", "0") == 0
-    )  # an orderly close is no failure
+    # every connection closes after 3 answers
+    server = scripted(lambda w: Reply(close=w.index == 2))
+    # an orderly close is no failure
+    assert apply(server, legacy, rows, tmp_path, "--retries", "0") == 0
     assert_each_row_once(server.records, legacy, rows)
     assert max(server.acks.values()) == 1 and server.connections >= 1 + 40 // 3
 
@@ -656,9 +654,8 @@ def test_a_400_for_one_row_fails_that_row_only(scripted, legacy, rows, tmp_path,
     assert out.rstrip().endswith("copied=39 skipped=0 errors=1")
     assert sorted(server.records) == sorted(set(rows) - {rows[10]})
     checkpoint = json.loads((tmp_path / "cp.json").read_text())
-    assert (
-        rows.index(checkpoint["position"]["id"]) < 10 and not checkpoint["complete"]
-    )  # a resume retries it
+    # a resume retries it
+    assert rows.index(checkpoint["position"]["id"]) < 10 and not checkpoint["complete"]
 
 
 def test_garbage_instead_of_a_status_line_stops_the_run(scripted, legacy, rows, tmp_path, capsys):
@@ -710,9 +707,8 @@ def test_a_plugin_that_serves_a_connection_one_request_at_a_time_gets_more_conne
 ):
     legacy.many(root, 300)
     order = legacy.ids_in_read_order()
-    server = scripted(
-        lambda w: time.sleep(0.01) or Reply()
-    )  # 10 ms each, one at a time per connection
+    # 10 ms each, one at a time per connection
+    server = scripted(lambda w: time.sleep(0.01) or Reply())
     assert apply(server, legacy, order, tmp_path) == 0
     assert_each_row_once(server.records, legacy, order)
     writers = {write.connection for write in server.log}
@@ -739,9 +735,8 @@ def test_concurrency_1_is_one_request_at_a_time(scripted, legacy, rows, tmp_path
     server = scripted(lambda w: time.sleep(0.002) or Reply())
     assert apply(server, legacy, rows, tmp_path, "--concurrency", "1") == 0
     assert_each_row_once(server.records, legacy, rows)
-    assert (
-        server.busy_most == 1 and server.connections == 2
-    )  # the health check's, and one for the writes
+    # the health check's, and one for the writes
+    assert server.busy_most == 1 and server.connections == 2
 
 
 def test_a_plugin_that_ignores_ids_stops_the_run_at_the_first_answer(
@@ -758,9 +753,8 @@ def test_a_plugin_that_ignores_ids_stops_the_run_at_the_first_answer(
             r"was stored as ",
             err,
         )
-        assert (
-            named and named.group(1) == server.url and named.group(2) in rows[:32]
-        )  # one in flight
+        # one in flight
+        assert named and named.group(1) == server.url and named.group(2) in rows[:32]
         assert err.endswith(
             ", so every run would duplicate every row; stopped. Do not run -apply again until the "
             "plugin is upgraded to one with idempotent upsert by id; then delete the records it "
