@@ -306,9 +306,8 @@ class Settings:
     json_output: bool = False
     verbose: bool = False
     quiet: bool = False
-    show_content: bool = (
-        False  # -verify: windows of the memories' (redacted) text around a difference
-    )
+    # -verify: windows of the memories' (redacted) text around a difference
+    show_content: bool = False
 
     @property
     def workspaces(self) -> Optional[list[str]]:
@@ -2078,13 +2077,11 @@ class ConcurrencyLimit:
     def __init__(self, ceiling: int):
         self.ceiling = ceiling
         self.connections = min(START_CONNECTIONS, ceiling)
-        self._rates: dict[
-            int, float
-        ] = {}  # answers per second measured at each number of connections
+        # answers per second measured at each number of connections
+        self._rates: dict[int, float] = {}
         self._climbing = True  # doubling until a doubling does not pay
-        self._trying: Optional[int] = (
-            None  # a probe's level is being measured; back to this one otherwise
-        )
+        # a probe's level is being measured; back to this one otherwise
+        self._trying: Optional[int] = None
         self._held_since = 0.0
         self._probe_after = PROBE_FIRST_SECONDS
         self._restart(0.0)
