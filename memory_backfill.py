@@ -2048,7 +2048,7 @@ HEALTH_RECHECK_SECONDS = 1.0  # a 500 asks /v1/health again at most this often
 # The limiter's hill climb: a window of at least LIMIT_WINDOW_SECONDS and LIMIT_WINDOW_ANSWERS
 # answers per connection measures the plugin's throughput at one number of connections; twice as
 # many must give THROUGHPUT_GAIN more to be kept.
-LIMIT_WINDOW_SECONDS = 0.15
+LIMIT_WINDOW_SECONDS = 0.3
 LIMIT_WINDOW_ANSWERS = 8
 THROUGHPUT_GAIN = 0.10
 START_CONNECTIONS = 8  # where the climb starts

@@ -499,7 +499,7 @@ def test_the_limiter_holds_the_knee_the_fewest_that_serve_about_the_most():
     sampled = drive(mb.ConcurrencyLimit(64), KNEE_AT_8, seconds=30)
     # 16 gives 6.5 % more: not worth twice
     assert share(sampled[100:], 8) > 0.9 and max(sampled) <= 16
-    assert share(drive(mb.ConcurrencyLimit(64), FOUR_AT_ONCE, seconds=30)[100:], 4) > 0.9
+    assert share(drive(mb.ConcurrencyLimit(64), FOUR_AT_ONCE, seconds=30)[300:], 4) > 0.9
 
 
 def test_the_limiter_probes_now_and_then_and_comes_back():
@@ -507,7 +507,7 @@ def test_the_limiter_probes_now_and_then_and_comes_back():
     tries = [
         level for n, level in enumerate(sampled) if n and level != sampled[n - 1] and level != 8
     ]
-    assert set(tries) >= {4, 16} and 4 <= len(tries) <= 30 and sampled[-1] == 8
+    assert set(tries) >= {4, 16} and 4 <= len(tries) <= 30 and share(sampled[-1000:], 8) > 0.9
 
 
 def test_a_plugin_serving_more_later_is_climbed_to_and_one_serving_as_much_with_fewer_is_left():
