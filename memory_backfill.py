@@ -3447,6 +3447,19 @@ def check_plugin(plugin: PluginClient, progress: Progress) -> str:
     return plugin.check_health()
 
 
+def open_write_stream(settings: Settings, plugin: PluginClient) -> WriteStream:
+    """-apply's and -rollback's stream to the plugin, under the plugin client's retry rule."""
+    return WriteStream(
+        settings.plugin,
+        settings.write_connections,
+        settings.timeout,
+        plugin.retry,
+        settings.max_rate,
+        threading.Event(),
+        plugin.health_problem,
+    )
+
+
 def open_database(settings: Settings, progress: Progress) -> LegacyDatabase:
     progress.doing("connecting to the legacy database %s" % settings.database.describe())
     return LegacyDatabase(settings.database)
@@ -4120,15 +4133,7 @@ def _copy(
             return report
     plugin = PluginClient(settings.plugin, settings.timeout, settings.retries)
     report.plugin_status = "ok (version %s)" % check_plugin(plugin, progress)
-    stream = WriteStream(
-        settings.plugin,
-        settings.write_connections,
-        settings.timeout,
-        plugin.retry,
-        settings.max_rate,
-        threading.Event(),
-        plugin.health_problem,
-    )
+    stream = open_write_stream(settings, plugin)
     with open_database(settings, progress) as database:  # a refusal here comes before any write
         after = checkpoint.position if checkpoint else None
         tree = read_tree(database, settings, progress)
@@ -4704,15 +4709,7 @@ def rollback(settings: Settings, log, progress: Progress) -> RollbackReport:
         settings.plugin, settings.timeout, settings.retries, connections=settings.searches
     )
     report.plugin_status = "ok (version %s)" % check_plugin(plugin, progress)
-    stream = WriteStream(
-        settings.plugin,
-        settings.write_connections,
-        settings.timeout,
-        plugin.retry,
-        settings.max_rate,
-        threading.Event(),
-        plugin.health_problem,
-    )
+    stream = open_write_stream(settings, plugin)
     with (
         open_database(settings, progress) as database,
         ThreadPoolExecutor(settings.searches, thread_name_prefix="search") as pool,

@@ -330,14 +330,7 @@ class Bench:
         from plugin_server import GoPlugin
 
         self.stop()
-        store = dict(
-            user=self.cluster.user,
-            password=self.cluster.password,
-            host=self.cluster.host,
-            port=self.cluster.port,
-            database="bench_plugin",
-        )
-        self.plugin = GoPlugin(self.binary, store, **shape)
+        self.plugin = GoPlugin(self.binary, self.cluster.login("bench_plugin"), **shape)
         with Probe(self.plugin.url) as alone:
             time.sleep(3)
         return alone.median()

@@ -240,15 +240,7 @@ def assert_each_row_once(records: dict, legacy: Legacy, ids, count: int = None) 
 @pytest.fixture(scope="session")
 def plugin_server(cluster):
     name = create_database(cluster, "plugin")
-    server = PluginServer(
-        dict(
-            user=cluster.user,
-            password=cluster.password,
-            host=cluster.host,
-            port=cluster.port,
-            database=name,
-        )
-    ).start()
+    server = PluginServer(cluster.login(name)).start()
     yield server
     server.stop()
 
@@ -265,16 +257,7 @@ def go_plugin_server(cluster, tmp_path_factory):
     """The Go stand-in (tests/plugin.go), built once for the session, on a database of its own."""
     name = create_database(cluster, "go_plugin")
     binary = build_go_plugin(str(tmp_path_factory.mktemp("go")))
-    server = GoPlugin(
-        binary,
-        dict(
-            user=cluster.user,
-            password=cluster.password,
-            host=cluster.host,
-            port=cluster.port,
-            database=name,
-        ),
-    )
+    server = GoPlugin(binary, cluster.login(name))
     yield server
     server.stop()
 

@@ -69,15 +69,7 @@ def main() -> int:
                 n=len(ROWS) - n,
             )
         db.close()
-        plugin = PluginServer(
-            dict(
-                user=cluster.user,
-                password=cluster.password,
-                host=cluster.host,
-                port=cluster.port,
-                database=cluster.create_database("demo_plugin"),
-            )
-        )
+        plugin = PluginServer(cluster.login(cluster.create_database("demo_plugin")))
         plugin.start()
         os.environ["DATABASE_URL"] = cluster.url(legacy)
         os.environ["MEMORY_PLUGIN_URL"] = plugin.url

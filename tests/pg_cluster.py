@@ -75,15 +75,18 @@ class Cluster:
     workdir: Path = None  # None: a server we did not start
     options: str = ""  # the server's command-line options, to start it again
 
-    def connect(self, database: str = "postgres", **kwargs) -> pg8000.native.Connection:
-        return pg8000.native.Connection(
+    def login(self, database: str = "postgres") -> dict:
+        """How to reach `database` as the superuser (what the plugin stand-ins are given)."""
+        return dict(
             user=self.user,
             password=self.password,
             host=self.host,
             port=self.port,
             database=database,
-            **kwargs,
         )
+
+    def connect(self, database: str = "postgres", **kwargs) -> pg8000.native.Connection:
+        return pg8000.native.Connection(**self.login(database), **kwargs)
 
     def url(
         self,
@@ -108,37 +111,19 @@ class Cluster:
         admin.close()
         return name
 
-    def pg_ctl(self, *args: str) -> None:
+    def pg_ctl(self, *args: str, check: bool = True) -> None:
         """pg_ctl on this cluster (`stop -m fast`, `start`, `restart`), waiting until it is done."""
         if args[0] in ("start", "restart"):  # the server's output to its log, not to this pipe
             args += ("-o", self.options, "-l", str(self.workdir / "log"))
-        command = [
-            str(pg_bindir() / "pg_ctl"),
-            "-D",
-            str(self.workdir / "data"),
-            "-w",
-            "-t",
-            "60",
-            *args,
-        ]
-        subprocess.run(command, check=True, capture_output=True, cwd=self.workdir, **_run_as())
+        command = [str(pg_bindir() / "pg_ctl"), "-D", str(self.workdir / "data"), "-w", "-t", "60"]
+        subprocess.run(
+            command + list(args), check=check, capture_output=True, cwd=self.workdir, **_run_as()
+        )
 
     def stop(self) -> None:
         if self.workdir is None:
             return
-        subprocess.run(
-            [
-                str(pg_bindir() / "pg_ctl"),
-                "-D",
-                str(self.workdir / "data"),
-                "-m",
-                "immediate",
-                "stop",
-            ],
-            capture_output=True,
-            cwd=self.workdir,
-            **_run_as(),
-        )
+        self.pg_ctl("stop", "-m", "immediate", check=False)
         # A test session leaves a gigabyte of databases: removed in the background, not waited for.
         subprocess.Popen(
             ["rm", "-rf", str(self.workdir)],

@@ -181,16 +181,7 @@ def restartable_plugin():
     store = start_cluster()
     try:
         name = store.create_database("plugin_store")
-        server = PluginServer(
-            dict(
-                user=store.user,
-                password=store.password,
-                host=store.host,
-                port=store.port,
-                database=name,
-            ),
-            connections=4,
-        ).start()
+        server = PluginServer(store.login(name), connections=4).start()
         server.store = store
         yield server
         server.stop()

@@ -286,6 +286,22 @@ def verify_json(tmp_path, *options):
     return status, json.loads(output.splitlines()[0]), classes
 
 
+def rollback_json() -> dict:
+    """-rollback --yes --json, which must exit 0: its report."""
+    import io
+    import os
+
+    out = io.StringIO()
+    status = mb.run(
+        ["-rollback", "--yes", "-q", "--json"],
+        environ=dict(os.environ),
+        stdout=out,
+        stderr=io.StringIO(),
+    )
+    assert status == 0, out.getvalue()
+    return json.loads(out.getvalue())
+
+
 def test_namespaces_read_whole_cost_a_few_searches_not_one_per_row(
     small_namespaces, plugin, tmp_path
 ):
@@ -320,33 +336,12 @@ def test_an_absent_row_and_a_moved_record_cost_no_search_of_their_own(
     # the tenant read once, no row alone
     assert report["searches"] <= 0.1 * len(ids), report["searches"]
 
-    import io
-    import os
-
-    out = io.StringIO()
-    assert (
-        mb.run(
-            ["-rollback", "--yes", "-q", "--json"],
-            environ=dict(os.environ),
-            stdout=out,
-            stderr=io.StringIO(),
-        )
-        == 0
-    )
-    report = json.loads(out.getvalue())
+    report = rollback_json()
     assert (report["deleted"], report["absent"]) == (len(ids) - 3, 3) and plugin.count() == 0
     assert report["searches"] <= 0.1 * len(ids), report["searches"]
-    out = io.StringIO()  # and again, on a plugin that holds none of them: reading, no row alone
-    assert (
-        mb.run(
-            ["-rollback", "--yes", "-q", "--json"],
-            environ=dict(os.environ),
-            stdout=out,
-            stderr=io.StringIO(),
-        )
-        == 0
-    )
-    report = json.loads(out.getvalue())
+    report = (
+        rollback_json()
+    )  # and again, on a plugin that holds none of them: reading, no row alone
     assert (report["deleted"], report["absent"], report["stream"]["answered"]) == (0, len(ids), 0)
     assert report["searches"] <= 0.1 * len(ids), report["searches"]
 
