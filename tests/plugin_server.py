@@ -163,6 +163,7 @@ class PluginServer:
         self.delay = 0.0  # seconds before each answer
         self.down = False  # every connection is closed at once, unanswered
         self.refuse_searches = False  # every search answers 400
+        self.lose_namespaces: set = set()  # a PUT of one of these answers 200 and stores nothing
         self.request_count = 0
         self.connection_count = 0
 
@@ -227,16 +228,18 @@ class PluginServer:
         with self.lock:
             self.namespace_puts[name] += 1
         with self.connection() as db:
-            db.run(
-                "INSERT INTO namespaces (name, kind, expires_at, metadata) VALUES (:name, :kind, "
-                "CAST(:expires_at AS timestamptz), CAST(:metadata AS jsonb)) ON CONFLICT (name) DO "
-                "UPDATE SET kind = excluded.kind, expires_at = excluded.expires_at, metadata = "
-                "excluded.metadata, updated_at = clock_timestamp()",
-                name=name,
-                kind=body["kind"],
-                expires_at=expires_at,
-                metadata=None if metadata is None else json.dumps(metadata),
-            )
+            if name not in self.lose_namespaces:  # lost: as if deleted right after the PUT
+                db.run(
+                    "INSERT INTO namespaces (name, kind, expires_at, metadata) VALUES (:name, "
+                    ":kind, CAST(:expires_at AS timestamptz), CAST(:metadata AS jsonb)) ON "
+                    "CONFLICT (name) DO UPDATE SET kind = excluded.kind, expires_at = "
+                    "excluded.expires_at, metadata = excluded.metadata, updated_at = "
+                    "clock_timestamp()",
+                    name=name,
+                    kind=body["kind"],
+                    expires_at=expires_at,
+                    metadata=None if metadata is None else json.dumps(metadata),
+                )
         return 200, {
             "name": name,
             "kind": body["kind"],

@@ -329,6 +329,27 @@ def test_too_many_refused_rows_in_a_row_stop_the_run(legacy, root, plugin, env, 
     assert {line["error"] for line in lines} == {"HTTP 400: rejected by the test"}
 
 
+def test_a_500_for_a_namespace_that_does_not_exist_is_that_rows_error_not_retried(
+    legacy, tree, plugin, env, capsys, tmp_path
+):
+    lost = legacy.many(tree["child"], 3)
+    kept = legacy.many(tree["root"], 5)
+    plugin.lose_namespaces.add("workspace:" + tree["child"])
+    failures = tmp_path / "failures.jsonl"
+
+    status = mb.main(["-apply", "-q", "--json", "--failures", str(failures)])
+
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert status == 1 and report["retries"] == 0 and report["errors"] == 3
+    assert sorted(plugin.records()) == sorted(kept)
+    lines = [json.loads(line) for line in failures.read_text().splitlines()]
+    assert sorted(line["id"] for line in lines) == sorted(lost)
+    assert {line["status"] for line in lines} == {500}
+    assert all("foreign key" in line["error"] for line in lines), lines
+    assert plugin.requests["health"] >= 2  # asked again before the rows were blamed
+
+
 def test_an_unexpected_error_while_writing_stops_the_run(
     legacy, root, plugin, env, capsys, monkeypatch, tmp_path
 ):

@@ -657,3 +657,37 @@ def test_redaction_prefilter_never_changes_the_result(text):
         if n:
             counts[label] += n
     assert mb.redact(text) == (full, counts)
+
+
+# --- a 500 that says the plugin's own database is down (contract §4) -------------------------
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"code":"unavailable","message":"store unavailable"}',
+        b'{"code":"internal","message":"pq: the database system is starting up"}',
+        b'{"code":"internal","message":"ERROR: terminating connection (SQLSTATE 57P01)"}',
+        b'{"code":"internal","message":"dial tcp 127.0.0.1:5432: connect: connection refused"}',
+        b'{"code":"internal","message":"driver: bad connection"}',
+        b'{"code":"internal","message":"store write failed: SQLSTATE 08006"}',
+        b'{"code":"internal","message":"pq: sorry, too many clients already (53300)"}',
+        b"upstream: server closed the connection unexpectedly",  # not the envelope
+    ],
+)
+def test_a_500_that_says_the_plugins_database_is_down_is_the_stores_not_the_rows(body):
+    assert mb.store_unavailable(body)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"code":"internal","message":"store write failed: insert or update on table '
+        b'\\"memories\\" violates foreign key constraint (SQLSTATE 23503)"}',
+        b'{"code":"internal","message":"value too long for type character varying(50)"}',
+        b"",
+        b"\xff\xfe not even text",
+    ],
+)
+def test_any_other_500_is_not_said_to_be_the_stores(body):
+    assert not mb.store_unavailable(body)
