@@ -2071,7 +2071,8 @@ class ConcurrencyLimit:
     the most the plugin serves, and so the least queue for the live tenant's requests behind ours.
     Held there PROBE_SECONDS, it tries half as many (kept if the plugin serves about as much:
     gentler for the same rate) and then twice as many (kept if it serves more: the plugin may have
-    been busy elsewhere).  An overload answer (429, 503) or a lost connection halves it at once.
+    been busy elsewhere).  A step down on a measurement (a doubling that did not pay, fewer kept)
+    rests on two windows.  An overload answer (429, 503) or a lost connection halves it at once.
     Never above `ceiling`, never below 1."""
 
     def __init__(self, ceiling: int):
@@ -2084,6 +2085,7 @@ class ConcurrencyLimit:
         self._trying: Optional[int] = None
         self._held_since = 0.0
         self._probe_after = PROBE_FIRST_SECONDS
+        self._doubt: Optional[float] = None  # a first window that says to go down, to confirm
         self._restart(0.0)
 
     def _restart(self, now: float) -> None:
@@ -2092,7 +2094,17 @@ class ConcurrencyLimit:
 
     def _set(self, connections: int, now: float) -> None:
         self.connections = max(1, min(self.ceiling, connections))
+        self._doubt = None
         self._restart(now)
+
+    def _confirmed(self, rate: float, now: float) -> Optional[float]:
+        """A step down rests on two windows: None after the first (measure again), then the mean of
+        both (a single window can mislead by more than THROUGHPUT_GAIN)."""
+        if self._doubt is None:
+            self._doubt = rate
+            self._restart(now)
+            return None
+        return (self._doubt + rate) / 2
 
     def answered(self, now: float, sent_at: float) -> None:
         if sent_at < self.since:
@@ -2119,6 +2131,11 @@ class ConcurrencyLimit:
         elif self._climbing:
             below = self._rates.get(level // 2)
             if below is not None and level > 1 and rate < below * (1 + THROUGHPUT_GAIN):
+                rate = self._confirmed(rate, now)
+                if rate is None:
+                    return
+                self._rates[level] = rate
+            if below is not None and level > 1 and rate < below * (1 + THROUGHPUT_GAIN):
                 self._hold(level // 2, now)  # the doubling did not pay: the knee is below
             elif level >= self.ceiling:
                 self._hold(level, now)
@@ -2137,7 +2154,12 @@ class ConcurrencyLimit:
         """A probe's window, from the level held (`trying`): keep fewer if they serve as much
         (within a third of the gain: a halving gives up less than a doubling must win), or more if
         they serve THROUGHPUT_GAIN more; after fewer did not, try more; else go back."""
-        held, self._trying = self._trying, None
+        held = self._trying
+        if level < held and rate >= self._rates[held] * (1 - THROUGHPUT_GAIN / 3):
+            rate = self._confirmed(rate, now)
+            if rate is None:
+                return
+        self._trying = None
         if level < held and rate >= self._rates[held] * (1 - THROUGHPUT_GAIN / 3):
             self._hold(level, now)
         elif level > held and rate >= self._rates[held] * (1 + THROUGHPUT_GAIN):

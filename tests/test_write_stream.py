@@ -521,6 +521,37 @@ def test_a_plugin_serving_more_later_is_climbed_to_and_one_serving_as_much_with_
     assert drive(limit, lambda c: curve["now"](c), seconds=60, start=35)[-1] == 4
 
 
+@pytest.mark.parametrize(
+    "second_window, level_after",
+    [(1350.0, 32), (1060.0, 8)],  # the mean pays (1200 >= 1100): climb on; it does not: go back
+)
+def test_a_doubling_is_given_up_only_after_two_windows(second_window, level_after):
+    limit = mb.ConcurrencyLimit(64)
+    limit.decide(1000.0, 1.0)  # 8 connections
+    assert limit.connections == 16
+    limit.decide(1040.0, 1.3)  # one window says 16 does not pay: measured again
+    assert limit.connections == 16
+    limit.decide(second_window, 1.6)
+    assert limit.connections == level_after
+
+
+@pytest.mark.parametrize(
+    "second_window, level_after",
+    [(1180.0, 8), (900.0, 32)],  # the mean serves as much: keep fewer; it does not: try more
+)
+def test_fewer_connections_are_kept_only_after_two_windows(second_window, level_after):
+    limit = mb.ConcurrencyLimit(64)
+    for now, rate in [(1.0, 1000.0), (1.3, 1200.0), (1.6, 1210.0), (1.9, 1190.0)]:
+        limit.decide(rate, now)  # 8, 16, 32 (no better, twice): held at 16
+    assert limit.connections == 16
+    limit.decide(1200.0, 1.9 + mb.PROBE_FIRST_SECONDS)  # held long enough: probe half
+    assert limit.connections == 8
+    limit.decide(1200.0, 4.3)  # one window says 8 serves as much: measured again
+    assert limit.connections == 8
+    limit.decide(second_window, 4.6)
+    assert limit.connections == level_after
+
+
 def test_overload_and_a_stall_halve_at_once_never_below_one_nor_above_the_ceiling():
     limit = mb.ConcurrencyLimit(64)
     drive(limit, WAITING, seconds=6)
