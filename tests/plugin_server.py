@@ -78,6 +78,12 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128  # the default 5 refuses bursts of concurrent connects
 
+    def handle_error(self, request, client_address) -> None:
+        """A client that hangs up mid-request (as a stopped run does) is no server error; anything
+        else is printed as socketserver prints it."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
 
 class PluginServer:
     """Serve the plugin API on 127.0.0.1:<free port>, storing into PostgreSQL."""

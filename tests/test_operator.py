@@ -344,7 +344,7 @@ def test_a_defect_while_writing_stops_cleanly_keeps_the_checkpoint_and_v_shows_w
     assert err.endswith(sentence)
     if verbose:
         assert 'in defective\n    raise ZeroDivisionError("a defect of the tool")' in err
-        assert err.count("Traceback (most recent call last):\n") == 1
+        assert err.count("Traceback (most recent call last):\n") == 1, err[-3000:]
     else:
         assert "Traceback" not in err and err.count("\n") == 1
     saved = json.loads(checkpoint.read_text())  # kept: never more than the plugin holds
