@@ -2951,11 +2951,12 @@ class RecordFinder:
             batches = halves
         return reading
 
-    def _read_written(self, namespaces: set) -> None:
-        """The namespaces rows are written to, read once while a workspace still needs them."""
+    def _read_written(self, namespaces: set) -> dict[str, str]:
+        """The namespaces rows are written to, read once while a workspace still needs them; returns
+        those whose search the plugin refused (and what it said), to be read again next time."""
         unread = sorted(namespaces - set(self._listings) - set(self._crowded))
         if not unread:
-            return
+            return {}
         found: dict[str, dict[str, dict]] = {namespace: {} for namespace in unread}
 
         def keep(records: list[dict]) -> None:
@@ -2970,7 +2971,7 @@ class RecordFinder:
                 self._listings[namespace] = found[namespace]
             elif namespace in reading.over_cap:
                 self._crowded[namespace] = found[namespace]
-        self._refused_namespaces = reading.refused
+        return reading.refused
 
     def misplaced(self) -> Reading:
         """The whole tenant read once: of its records, those a backfill wrote (their id is a legacy
@@ -3004,8 +3005,7 @@ class RecordFinder:
         (-rollback deletes them where -apply writes them), and returns those it proved are not
         there: the rows it took and did not return get no Lookup."""
         wanted = {s.row.id for s in sought}
-        self._refused_namespaces: dict = {}
-        self._read_written({s.namespace for s in sought if s.namespace})
+        refused_namespaces = self._read_written({s.namespace for s in sought if s.namespace})
         seen: dict[str, dict] = {}
         for s in sought:
             record = (self._listings.get(s.namespace) or self._crowded.get(s.namespace) or {}).get(
@@ -3014,9 +3014,9 @@ class RecordFinder:
             if record is not None:
                 seen[s.row.id] = record
         refused = {
-            s.row.id: self._refused_namespaces[s.namespace]
+            s.row.id: refused_namespaces[s.namespace]
             for s in sought
-            if s.namespace in self._refused_namespaces
+            if s.namespace in refused_namespaces
         }
         crowded = [s for s in sought if s.namespace in self._crowded and s.row.id not in seen]
         if crowded and not_at_home is not None:
