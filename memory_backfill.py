@@ -2130,12 +2130,14 @@ class ConcurrencyLimit:
             self._probed(level, rate, now)
         elif self._climbing:
             below = self._rates.get(level // 2)
-            if below is not None and level > 1 and rate < below * (1 + THROUGHPUT_GAIN):
+            unpaid = below is not None and level > 1 and rate < below * (1 + THROUGHPUT_GAIN)
+            if unpaid:
                 rate = self._confirmed(rate, now)
                 if rate is None:
                     return
                 self._rates[level] = rate
-            if below is not None and level > 1 and rate < below * (1 + THROUGHPUT_GAIN):
+                unpaid = rate < below * (1 + THROUGHPUT_GAIN)
+            if unpaid:
                 self._hold(level // 2, now)  # the doubling did not pay: the knee is below
             elif level >= self.ceiling:
                 self._hold(level, now)
@@ -2155,12 +2157,14 @@ class ConcurrencyLimit:
         (within a third of the gain: a halving gives up less than a doubling must win), or more if
         they serve THROUGHPUT_GAIN more; after fewer did not, try more; else go back."""
         held = self._trying
-        if level < held and rate >= self._rates[held] * (1 - THROUGHPUT_GAIN / 3):
+        as_much = level < held and rate >= self._rates[held] * (1 - THROUGHPUT_GAIN / 3)
+        if as_much:
             rate = self._confirmed(rate, now)
             if rate is None:
                 return
+            as_much = rate >= self._rates[held] * (1 - THROUGHPUT_GAIN / 3)
         self._trying = None
-        if level < held and rate >= self._rates[held] * (1 - THROUGHPUT_GAIN / 3):
+        if as_much:
             self._hold(level, now)
         elif level > held and rate >= self._rates[held] * (1 + THROUGHPUT_GAIN):
             self._climbing = True
